@@ -1,0 +1,35 @@
+"""Error types. Every user-facing error is one line that names the file, row or key and says what to do.
+
+The CLI prints `error: <message>` for any `RlhfError` and exits with the error's `exit_code`, without a
+traceback. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class RlhfError(Exception):
+    """Base class for errors caused by user input (config, data, model dirs, launch environment)."""
+
+    exit_code = 2
+
+
+class ConfigError(RlhfError):
+    """Invalid pipeline config: unknown key, wrong type, out-of-range value, missing section."""
+
+
+class DataError(RlhfError):
+    """Unreadable or invalid data. The message starts with `file:line:` (or `file:`) when known."""
+
+
+class ModelError(RlhfError):
+    """A model dir or hub id that cannot be used for the requested role."""
+
+
+class ArtifactError(RlhfError):
+    """A stage input (output of an earlier stage) that is missing, incomplete or of the wrong kind."""
+
+
+class TrainingError(RlhfError):
+    """Training stopped on purpose: non-finite loss or reward, exploding KL, failed save."""
+
+    exit_code = 3
