@@ -1,0 +1,586 @@
+"""One typed schema for a pipeline file.
+
+A pipeline file is YAML with the sections `run`, `model`, `data`, `sft`, `reward`, `final_stage`,
+`ppo`, `dpo`, `orpo`, `deepspeed` and `logging`. Every section is a dataclass below; loading checks
+types and ranges and rejects unknown keys with the closest valid key. `--set a.b=value` overrides are
+merged before validation, so they get the same checks.
+
+This module imports only the standard library and PyYAML.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from rlhf.errors import ConfigError
+
+STAGE_ORDER = ("sft", "reward", "ppo", "dpo", "orpo")
+FINAL_STAGES = ("ppo", "dpo", "orpo")
+
+
+class _FieldError(Exception):
+    """Raised inside `__post_init__`; the loader adds the file and section to the message."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+        self.message = message
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise _FieldError(key, message)
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass
+class RunCfg:
+    name: str = "default"
+    """Run name: outputs go to `<output_dir>/<name>/<stage>/`."""
+    output_dir: str = "runs"
+    """Parent directory of all runs (relative paths are relative to the working directory)."""
+    seed: int = 42
+    """Seed for data shuffling, splits, initialisation and sampling."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """`auto` uses CUDA when available, else CPU (fp32 only on CPU)."""
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name.strip()) and "/" not in self.name, "name", "must be a non-empty name without '/'")
+
+
+@dataclass
+class LoraCfg:
+    enabled: bool = False
+    """Train LoRA adapters instead of all weights (the saved model is merged)."""
+    r: int = 16
+    """Adapter rank."""
+    alpha: int = 32
+    """LoRA scaling numerator (scale = alpha / r)."""
+    dropout: float = 0.0
+    """Dropout on the adapter input. Kept at 0 for PPO so the first ratio is exactly 1."""
+    target_modules: str | list[str] = "all-linear"
+    """Module names to adapt, or `all-linear`."""
+
+    def __post_init__(self) -> None:
+        _require(self.r > 0, "r", "must be > 0")
+        _require(self.alpha > 0, "alpha", "must be > 0")
+        _require(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
+
+
+@dataclass
+class ModelCfg:
+    name_or_path: str = "smollm2-135m-instruct"
+    """Base model: an alias (`smollm2-135m-instruct`, `tiny-random`), a local HF dir, or a hub id."""
+    tokenizer: str | None = None
+    """Tokenizer dir or id; defaults to the model's own."""
+    chat_template: str | None = None
+    """None keeps the tokenizer's template (ChatML if it has none); `chatml`; or a path to a .jinja file."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Weight dtype. On CPU only float32 is sensible (bf16 matmul is hundreds of times slower)."""
+    trust_remote_code: bool = False
+    """Allow model repos to run their own Python code. Off unless you trust the source."""
+    allow_pickle: bool = False
+    """Allow pickle-based weight files (.bin/.pt). Off: pickle can execute arbitrary code."""
+    lora: LoraCfg = field(default_factory=LoraCfg)
+    """LoRA settings, shared by every trainable stage."""
+
+
+@dataclass
+class DataCfg:
+    sft: str | None = None
+    """SFT data: prompt/completion, chat `messages`, or a preference set (its chosen side is used)."""
+    preference: str | None = None
+    """Preference pairs (prompt, chosen, rejected; plain, chat, implicit-prompt or HH-RLHF) for reward/DPO/ORPO."""
+    prompts: str | None = None
+    """Prompts for PPO rollouts; defaults to the prompts of `preference`."""
+    sft_eval: str | None = None
+    """Held-out SFT data; when unset, `eval_fraction` of `sft` is held out."""
+    preference_eval: str | None = None
+    """Held-out preference pairs; when unset, `eval_fraction` of `preference` is held out."""
+    prompts_eval: str | None = None
+    """Held-out prompts for evaluation; when unset, `eval_fraction` of the prompts is held out."""
+    split: str = "train"
+    """Split to read from save_to_disk dirs and hub datasets."""
+    eval_fraction: float = 0.1
+    """Share of rows held out for evaluation when no eval file is given (0 disables)."""
+    bad_rows: Literal["error", "skip"] = "error"
+    """What to do with an invalid row: stop with `file:line: reason`, or skip it and report the count."""
+    max_length: int = 512
+    """Maximum tokens of prompt + response."""
+    max_prompt_length: int = 256
+    """Maximum prompt tokens (PPO rollouts, ORPO); longer prompts keep their end."""
+
+    def __post_init__(self) -> None:
+        _require(0.0 <= self.eval_fraction < 1.0, "eval_fraction", "must be in [0, 1)")
+        _require(self.max_length > 0, "max_length", "must be > 0")
+        _require(0 < self.max_prompt_length <= self.max_length, "max_prompt_length", "must be in (0, max_length]")
+
+
+@dataclass
+class TrainCfg:
+    """Optimisation settings shared by the Trainer-based stages (SFT, reward, DPO, ORPO)."""
+
+    learning_rate: float = 1e-5
+    """Peak learning rate."""
+    epochs: float = 1.0
+    """Passes over the training data (ignored when max_steps > 0)."""
+    max_steps: int = -1
+    """Optimizer steps to run; -1 uses `epochs`."""
+    batch_size: int = 8
+    """Micro-batch per device."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    eval_batch_size: int = 8
+    """Batch per device for evaluation."""
+    warmup_ratio: float = 0.0
+    """Share of steps with linear warm-up."""
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    """Learning-rate schedule after warm-up."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0 disables)."""
+    logging_steps: int = 1
+    """Log metrics every N optimizer steps."""
+    save_steps: int = 50
+    """Checkpoint every N optimizer steps (the run resumes from the latest)."""
+    save_total_limit: int = 2
+    """Checkpoints kept on disk."""
+    eval_steps: int = 0
+    """Evaluate every N steps; 0 evaluates once at the end."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+
+    def __post_init__(self) -> None:
+        _require(self.learning_rate > 0, "learning_rate", "must be > 0")
+        _require(self.epochs > 0, "epochs", "must be > 0")
+        _require(self.max_steps == -1 or self.max_steps > 0, "max_steps", "must be > 0, or -1 to use epochs")
+        for key in ("batch_size", "grad_accum", "eval_batch_size", "logging_steps", "save_steps"):
+            _require(getattr(self, key) > 0, key, "must be > 0")
+        _require(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", "must be in [0, 1)")
+        _require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        _require(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0")
+        _require(self.save_total_limit > 0, "save_total_limit", "must be > 0")
+        _require(self.eval_steps >= 0, "eval_steps", "must be >= 0")
+
+
+@dataclass
+class SFTCfg(TrainCfg):
+    learning_rate: float = 2e-5
+    """Peak learning rate."""
+    packing: bool = False
+    """Pack several examples into each sequence (faster on short data; loss stays on completions)."""
+    completion_only_loss: bool = True
+    """Loss on the response tokens only; False trains on the prompt too."""
+
+
+@dataclass
+class RewardCfg(TrainCfg):
+    learning_rate: float = 1e-5
+    """Peak learning rate."""
+    base_model: str | None = None
+    """Model to put the score head on. Default: the SFT output when the file has an `sft` section, else `model.name_or_path`."""
+    margin: bool = False
+    """Use a per-pair `margin` column in the Bradley-Terry loss (rows without it use 0)."""
+    center_rewards_coefficient: float = 0.0
+    """Penalty on the mean reward, keeping scores centred near 0 (0 disables)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.center_rewards_coefficient >= 0, "center_rewards_coefficient", "must be >= 0")
+
+
+@dataclass
+class ZeroRoleCfg:
+    """DeepSpeed settings for one PPO model; unset fields inherit from the `deepspeed` section."""
+
+    zero_stage: int | None = None
+    """ZeRO stage 0-3."""
+    offload_param: bool | None = None
+    """Keep parameters in CPU memory (ZeRO-3 only)."""
+    offload_optimizer: bool | None = None
+    """Keep optimizer state in CPU memory (ZeRO-1/2/3; trained models only)."""
+
+    def __post_init__(self) -> None:
+        _require(self.zero_stage is None or self.zero_stage in (0, 1, 2, 3), "zero_stage", "must be 0, 1, 2 or 3")
+
+
+@dataclass
+class PPOCfg:
+    steps: int = 100
+    """PPO iterations; each samples `rollout_batch_size` prompts per rank, then updates."""
+    rollout_batch_size: int = 16
+    """Prompts per rollout per rank."""
+    mini_batch_size: int = 4
+    """Rows per optimizer step per rank (with grad_accum micro-batches of mini_batch_size / grad_accum)."""
+    grad_accum: int = 1
+    """Micro-batches per minibatch."""
+    ppo_epochs: int = 1
+    """Passes over each rollout."""
+    learning_rate: float = 1e-6
+    """Actor learning rate."""
+    critic_learning_rate: float = 5e-6
+    """Critic learning rate."""
+    max_new_tokens: int = 64
+    """Response length limit."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold."""
+    top_k: int = 0
+    """Top-k sampling (0 disables)."""
+    gamma: float = 1.0
+    """GAE discount."""
+    lam: float = 0.95
+    """GAE lambda."""
+    clip_range: float = 0.2
+    """Policy ratio clip epsilon."""
+    clip_range_value: float = 0.2
+    """Value clip range around the rollout values."""
+    kl_coef: float = 0.05
+    """KL penalty coefficient beta (initial value when adaptive)."""
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    """Per-token KL estimator (http://joschu.net/blog/kl-approx.html)."""
+    adaptive_kl: bool = False
+    """Adapt kl_coef towards `target_kl` (Ziegler et al. 2019)."""
+    target_kl: float = 6.0
+    """Target KL per response for the adaptive controller."""
+    kl_horizon: int = 10000
+    """Adaptive controller horizon."""
+    kl_ceiling: float | None = None
+    """Stop the run when mean KL per response exceeds this (None disables)."""
+    whiten_advantages: bool = True
+    """Normalise advantages to mean 0, std 1 over the rollout."""
+    normalize_reward: bool = True
+    """Standardise scores with the reward model's stored mean and std."""
+    missing_eos_penalty: float | None = 1.0
+    """Subtracted from the score of responses that never emit EOS (None disables)."""
+    critic_init: Literal["reward", "sft"] = "reward"
+    """Initialise the critic from the reward model or from the SFT model."""
+    reward_fn: str | None = None
+    """`module:function(prompts, responses) -> scores` used instead of the reward model."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm for actor and critic (0 disables)."""
+    save_steps: int = 20
+    """Checkpoint every N PPO steps."""
+    sample_every: int = 10
+    """Log a few sample generations every N steps."""
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "rollout_batch_size", "mini_batch_size", "grad_accum", "ppo_epochs",
+                    "max_new_tokens", "save_steps", "sample_every"):
+            _require(getattr(self, key) > 0, key, "must be > 0")
+        _require(self.learning_rate > 0, "learning_rate", "must be > 0")
+        _require(self.critic_learning_rate > 0, "critic_learning_rate", "must be > 0")
+        _require(self.rollout_batch_size % self.mini_batch_size == 0, "mini_batch_size",
+                 f"must divide rollout_batch_size ({self.rollout_batch_size})")
+        _require(self.mini_batch_size % self.grad_accum == 0, "grad_accum",
+                 f"must divide mini_batch_size ({self.mini_batch_size})")
+        _require(self.temperature > 0, "temperature", "must be > 0")
+        _require(0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]")
+        _require(self.top_k >= 0, "top_k", "must be >= 0")
+        _require(0.0 <= self.gamma <= 1.0, "gamma", "must be in [0, 1]")
+        _require(0.0 <= self.lam <= 1.0, "lam", "must be in [0, 1]")
+        _require(0.0 < self.clip_range < 1.0, "clip_range", "must be in (0, 1)")
+        _require(self.clip_range_value > 0, "clip_range_value", "must be > 0")
+        _require(self.kl_coef >= 0, "kl_coef", "must be >= 0")
+        _require(self.target_kl > 0, "target_kl", "must be > 0")
+        _require(self.kl_horizon > 0, "kl_horizon", "must be > 0")
+        _require(self.kl_ceiling is None or self.kl_ceiling > 0, "kl_ceiling", "must be > 0 or null")
+        _require(self.reward_fn is None or ":" in self.reward_fn, "reward_fn", "must look like 'module:function'")
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.mini_batch_size // self.grad_accum
+
+
+@dataclass
+class DPOCfg(TrainCfg):
+    learning_rate: float = 5e-7
+    """Peak learning rate (DPO wants small ones)."""
+    beta: float = 0.1
+    """Strength of the implicit KL constraint."""
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    """DPO loss variant."""
+    precompute_ref_log_probs: bool = False
+    """Score the reference once before training instead of keeping it in memory."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.beta > 0, "beta", "must be > 0")
+
+
+@dataclass
+class ORPOCfg(TrainCfg):
+    learning_rate: float = 8e-6
+    """Peak learning rate."""
+    beta: float = 0.1
+    """Weight lambda of the odds-ratio term (Hong et al. 2024)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.beta > 0, "beta", "must be > 0")
+
+
+@dataclass
+class DeepSpeedCfg:
+    enabled: bool | None = None
+    """None: use DeepSpeed when started by a launcher (deepspeed, torchrun); True/False forces it."""
+    zero_stage: int = 2
+    """ZeRO stage 0-3 for every model unless a role below overrides it."""
+    offload_optimizer: bool = False
+    """Optimizer state in CPU memory."""
+    offload_param: bool = False
+    """Parameters in CPU memory (ZeRO-3 only)."""
+    torch_adam: bool | None = None
+    """Use torch's AdamW instead of DeepSpeed's compiled one; None: only when no CUDA is present."""
+    config_file: str | None = None
+    """A DeepSpeed JSON used as-is for the Trainer-based stages (overrides the keys above)."""
+    actor: ZeroRoleCfg = field(default_factory=ZeroRoleCfg)
+    """PPO actor overrides."""
+    critic: ZeroRoleCfg = field(default_factory=ZeroRoleCfg)
+    """PPO critic overrides."""
+    ref: ZeroRoleCfg = field(default_factory=ZeroRoleCfg)
+    """PPO frozen reference overrides (inference only)."""
+    reward: ZeroRoleCfg = field(default_factory=ZeroRoleCfg)
+    """PPO frozen reward model overrides (inference only)."""
+
+    def __post_init__(self) -> None:
+        _require(self.zero_stage in (0, 1, 2, 3), "zero_stage", "must be 0, 1, 2 or 3")
+        _require(not self.offload_param or self.zero_stage == 3, "offload_param", "needs zero_stage 3")
+
+    def role(self, name: str) -> ZeroRoleCfg:
+        """Settings for one PPO role with inherited values filled in."""
+        own = getattr(self, name)
+        return ZeroRoleCfg(
+            zero_stage=self.zero_stage if own.zero_stage is None else own.zero_stage,
+            offload_param=self.offload_param if own.offload_param is None else own.offload_param,
+            offload_optimizer=self.offload_optimizer if own.offload_optimizer is None else own.offload_optimizer,
+        )
+
+
+@dataclass
+class LoggingCfg:
+    tensorboard: bool = True
+    """Write TensorBoard event files under each stage's `logs/`."""
+    jsonl: bool = True
+    """Write metrics to `metrics.jsonl` in each stage dir."""
+    progress: bool = True
+    """Show progress bars."""
+    plots: bool = True
+    """Write PNG plots of training curves at the end of each stage."""
+
+
+@dataclass
+class PipelineConfig:
+    run: RunCfg = field(default_factory=RunCfg)
+    model: ModelCfg = field(default_factory=ModelCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    sft: SFTCfg = field(default_factory=SFTCfg)
+    reward: RewardCfg = field(default_factory=RewardCfg)
+    final_stage: Literal["ppo", "dpo", "orpo"] | None = None
+    ppo: PPOCfg = field(default_factory=PPOCfg)
+    dpo: DPOCfg = field(default_factory=DPOCfg)
+    orpo: ORPOCfg = field(default_factory=ORPOCfg)
+    deepspeed: DeepSpeedCfg = field(default_factory=DeepSpeedCfg)
+    logging: LoggingCfg = field(default_factory=LoggingCfg)
+
+    # Not config keys: where the config came from and which sections the file spelled out.
+    source: str = field(default="<defaults>", repr=False, compare=False, metadata={"internal": True})
+    present: tuple[str, ...] = field(default=(), repr=False, compare=False, metadata={"internal": True})
+
+    @property
+    def stages(self) -> list[str]:
+        """Stages this file runs, in order.
+
+        `final_stage: ppo` runs sft, reward, ppo; `dpo` runs sft, dpo; `orpo` runs orpo alone (it trains
+        from the base model). Without `final_stage`, the `sft` and `reward` sections present run, which is
+        how a reward-model-only file says what it wants.
+        """
+        if self.final_stage == "ppo":
+            return ["sft", "reward", "ppo"]
+        if self.final_stage == "dpo":
+            return ["sft", "dpo"]
+        if self.final_stage == "orpo":
+            return ["orpo"]
+        return [s for s in ("sft", "reward") if s in self.present]
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.run.dir / stage
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: _dump(getattr(self, f.name)) for f in dataclasses.fields(self) if not f.metadata.get("internal")}
+
+    def hash(self, sections: tuple[str, ...] | None = None) -> str:
+        """Short content hash of the given sections (all when None), for stage manifests."""
+        full = self.to_dict()
+        picked = full if sections is None else {k: full[k] for k in sections}
+        return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _dump(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {f.name: _dump(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    return value
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
+    """Read, merge `--set` overrides into, and validate a pipeline YAML file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not valid UTF-8; save the config as UTF-8") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    return config_from_dict(raw, source=str(path), overrides=overrides)
+
+
+def config_from_dict(raw: dict, source: str = "<dict>", overrides: list[str] | None = None) -> PipelineConfig:
+    """Validate a config mapping (as read from YAML) into a `PipelineConfig`."""
+    raw = json.loads(json.dumps(raw, default=str))  # deep copy, plain types only
+    present = tuple(k for k in raw if isinstance(k, str))
+    for item in overrides or []:
+        _apply_override(raw, item)
+    cfg = _build(PipelineConfig, raw, prefix="", source=source)
+    cfg.source = source
+    cfg.present = present
+    return cfg
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"--set {item}: expected key=value, e.g. --set sft.learning_rate=1e-5")
+    key, _, text = item.partition("=")
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"--set {key}: '{part}' is not a section")
+        node = nxt
+    try:
+        node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        node[parts[-1]] = text
+
+
+def _closest(name: str, options: list[str], prefix: str = "") -> str:
+    match = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
+    return f" (did you mean '{prefix}{match[0]}'?)" if match else f"; valid keys: {', '.join(options)}"
+
+
+def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
+    where = prefix.rstrip(".") or "top level"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: {where}: expected a mapping of keys, got {_type_name(raw)}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in fields:
+            raise ConfigError(f"{source}: unknown key '{prefix}{key}'{_closest(str(key), list(fields), prefix)}")
+        kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}", source)
+    try:
+        return cls(**kwargs)
+    except _FieldError as err:
+        shown = kwargs.get(err.key, getattr(cls, err.key, None))
+        raise ConfigError(f"{source}: {prefix}{err.key}: {err.message} (got {shown!r})") from None
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
+    """Check `value` against type hint `tp`; convert where YAML is ambiguous (`1e-5` reads as a string)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return _coerce(option, value, key, source)
+            except ConfigError as err:
+                errors.append(err)
+        raise errors[0]
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            shown = ", ".join(repr(a) for a in allowed)
+            raise ConfigError(f"{source}: {key}: must be one of {shown} (got {value!r})")
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: {key}: expected a list, got {_type_name(value)}")
+        return [_coerce(item_tp, v, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, prefix=f"{key}.", source=source)
+    return _coerce_scalar(tp, value, key, source)
+
+
+def _coerce_scalar(tp: type, value: Any, key: str, source: str) -> Any:
+    bad = ConfigError(f"{source}: {key}: expected {tp.__name__}, got {_type_name(value)} {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise bad
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise bad
+    raise ConfigError(f"{source}: {key}: unsupported type {tp!r}")
+
+
+def save_resolved(cfg: PipelineConfig, path: str | Path) -> None:
+    """Write the fully resolved config (every default filled in) as YAML."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+    tmp.replace(path)
