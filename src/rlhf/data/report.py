@@ -1,0 +1,253 @@
+"""`rlhf data inspect`: what a data source holds and what might be wrong with it.
+
+The report covers the detected format and the kinds it serves, row and bad-row counts (every bad row
+up to a cap, without stopping at the first), example rows, length statistics, duplicates and, for
+preference data, verbosity bias: a reward model trained on pairs where the chosen response is nearly
+always the longer one tends to learn "longer is better" (Singhal et al. 2023,
+https://arxiv.org/abs/2310.03716).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from rlhf.data.formats import FORMAT_KINDS
+from rlhf.data.validate import RowScanner
+from rlhf.errors import DataError
+
+MAX_BAD_ROWS = 20
+EXAMPLE_CHARS = 160
+VERBOSITY_THRESHOLD = 0.75
+RESPONSE_KEYS = ("completion", "chosen", "rejected")
+
+
+@dataclass
+class LengthStats:
+    """Summary of a list of lengths."""
+
+    min: float
+    mean: float
+    p50: float
+    p95: float
+    max: float
+
+    @classmethod
+    def of(cls, values: list[int]) -> LengthStats:
+        """Stats of a non-empty list; percentiles interpolate linearly between ranks."""
+        ordered = sorted(values)
+        return cls(
+            ordered[0],
+            sum(ordered) / len(ordered),
+            _percentile(ordered, 0.5),
+            _percentile(ordered, 0.95),
+            ordered[-1],
+        )
+
+
+def _percentile(ordered: list[int], q: float) -> float:
+    """The q-quantile of sorted values (linear interpolation, as numpy's default)."""
+    pos = q * (len(ordered) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+@dataclass
+class InspectReport:
+    """What `inspect` found in one source."""
+
+    source: str
+    format: str
+    """Detected format, or "unknown" when no row could be recognized."""
+    kinds: tuple[str, ...]
+    """Kinds of stage data this format can serve ("sft", "preference", "prompt")."""
+    n_rows: int
+    """Valid rows."""
+    n_read: int
+    """Rows read, bad ones included."""
+    n_bad: int
+    bad_rows: list[str]
+    """The first `MAX_BAD_ROWS` bad rows as `location: reason`."""
+    examples: list[dict]
+    """The first few normalized rows, long texts truncated."""
+    length_unit: str
+    """"tokens" (content only, no chat template) or "words" (whitespace-separated)."""
+    lengths: dict[str, LengthStats]
+    """Per field: "prompt" and "completion", or "prompt", "chosen" and "rejected"."""
+    n_duplicates: int
+    """Rows identical to an earlier row after normalization."""
+    n_duplicate_prompts: int
+    """Rows whose prompt appeared in an earlier row."""
+    chosen_longer_share: float | None = None
+    """Preference data: share of pairs where chosen is longer than rejected."""
+    mean_length_ratio: float | None = None
+    """Preference data: mean of len(chosen) / len(rejected)."""
+    warnings: list[str] = field(default_factory=list)
+
+
+def _truncate(row: dict) -> dict:
+    """A copy of a normalized row with each message's content cut to `EXAMPLE_CHARS`."""
+
+    def cut(text: str) -> str:
+        return text if len(text) <= EXAMPLE_CHARS else text[: EXAMPLE_CHARS - 3] + "..."
+
+    return {
+        key: [{"role": m["role"], "content": cut(m["content"])} for m in msgs] for key, msgs in row.items()
+    }
+
+
+def _measure(tokenizer: Any) -> Callable[[list[dict]], int]:
+    """A function from a message list to its length in tokens (content only) or words."""
+    if tokenizer is None:
+        return lambda msgs: sum(len(m["content"].split()) for m in msgs)
+    return lambda msgs: sum(len(tokenizer(m["content"], add_special_tokens=False)["input_ids"]) for m in msgs)
+
+
+def _verbosity(chosen: list[int], rejected: list[int]) -> tuple[float, float]:
+    """(share of pairs where chosen is strictly longer, mean length ratio chosen/rejected)."""
+    longer = sum(c > r for c, r in zip(chosen, rejected, strict=True))
+    ratio = sum(c / max(r, 1) for c, r in zip(chosen, rejected, strict=True))
+    return longer / len(chosen), ratio / len(chosen)
+
+
+def _warnings(report: InspectReport) -> list[str]:
+    """Plain-language warnings for the numbers in a report."""
+    out = []
+    if report.n_bad:
+        out.append(f"{report.n_bad} bad rows (first: {report.bad_rows[0]}); fix them or set bad_rows: skip")
+    if report.n_rows == 0:
+        out.append("no valid rows; nothing in this source can be trained on")
+    share = report.chosen_longer_share
+    if share is not None and share >= VERBOSITY_THRESHOLD:
+        out.append(
+            f"verbosity bias: chosen is longer in {share:.0%} of pairs (mean length ratio "
+            f"{report.mean_length_ratio:.1f}); a reward model trained on this may learn 'longer is better' "
+            f"(warned at >= {VERBOSITY_THRESHOLD:.0%})"
+        )
+    if report.n_duplicates:
+        out.append(f"{report.n_duplicates} duplicate rows (identical after normalization); deduplicate them")
+    return out
+
+
+@dataclass
+class _Tally:
+    """Running counts while `inspect` reads a source."""
+
+    measure: Callable[[list[dict]], int]
+    n_examples: int
+    n_rows: int = 0
+    n_bad: int = 0
+    n_duplicates: int = 0
+    n_duplicate_prompts: int = 0
+    bad: list[str] = field(default_factory=list)
+    examples: list[dict] = field(default_factory=list)
+    lengths: dict[str, list[int]] = field(default_factory=dict)
+    seen_rows: set[str] = field(default_factory=set)
+    seen_prompts: set[str] = field(default_factory=set)
+
+    def add(self, row: dict | DataError) -> None:
+        """Count one normalized row or one bad row."""
+        if isinstance(row, DataError):
+            self.n_bad += 1
+            if len(self.bad) < MAX_BAD_ROWS:
+                self.bad.append(str(row))
+            return
+        self.n_rows += 1
+        if len(self.examples) < self.n_examples:
+            self.examples.append(_truncate(row))
+        for key, msgs in row.items():
+            self.lengths.setdefault(key, []).append(self.measure(msgs))
+        row_key, prompt_key = json.dumps(row, sort_keys=True), json.dumps(row["prompt"])
+        self.n_duplicates += row_key in self.seen_rows
+        self.n_duplicate_prompts += prompt_key in self.seen_prompts
+        self.seen_rows.add(row_key)
+        self.seen_prompts.add(prompt_key)
+
+
+def inspect(
+    source: str, *, split: str = "train", tokenizer: Any = None, n_examples: int = 3, limit: int | None = None
+) -> InspectReport:
+    """Read a whole source (or its first `limit` rows) and report on it without stopping at bad rows.
+
+    Whole-source problems (missing or empty file, a JSON array in a .jsonl file) still raise DataError.
+    """
+    scanner = RowScanner(source, None, split)
+    tally = _Tally(measure=_measure(tokenizer), n_examples=n_examples)
+    for _location, row in scanner:
+        tally.add(row)
+        if limit is not None and scanner.n_read >= limit:
+            break
+    fmt = scanner.format or "unknown"
+    report = InspectReport(
+        source=str(source),
+        format=fmt,
+        kinds=FORMAT_KINDS.get(fmt, ()),
+        n_rows=tally.n_rows,
+        n_read=scanner.n_read,
+        n_bad=tally.n_bad,
+        bad_rows=tally.bad,
+        examples=tally.examples,
+        length_unit="tokens" if tokenizer is not None else "words",
+        lengths={key: LengthStats.of(values) for key, values in tally.lengths.items()},
+        n_duplicates=tally.n_duplicates,
+        n_duplicate_prompts=tally.n_duplicate_prompts,
+    )
+    if "chosen" in tally.lengths:
+        report.chosen_longer_share, report.mean_length_ratio = _verbosity(
+            tally.lengths["chosen"], tally.lengths["rejected"]
+        )
+    report.warnings = _warnings(report)
+    return report
+
+
+def _stats_lines(report: InspectReport) -> list[str]:
+    """The length table of a report."""
+    unit = "tokens, content only" if report.length_unit == "tokens" else "whitespace-separated words"
+    lines = [f"lengths ({unit}):", f"  {'':<12}{'min':>8}{'mean':>8}{'p50':>8}{'p95':>8}{'max':>8}"]
+    for key, s in report.lengths.items():
+        lines.append(f"  {key:<12}{s.min:>8.0f}{s.mean:>8.1f}{s.p50:>8.1f}{s.p95:>8.1f}{s.max:>8.0f}")
+    return lines
+
+
+def _example_line(i: int, row: dict) -> str:
+    """One example row on one line: `[i] prompt: user: ... | chosen: ...`."""
+    parts = []
+    for key, msgs in row.items():
+        text = " / ".join(f"{m['role']}: {m['content']}" for m in msgs) or "(empty)"
+        parts.append(f"{key}: {text}".replace("\n", "\\n"))
+    return f"  [{i}] " + " | ".join(parts)
+
+
+def format_report(report: InspectReport) -> str:
+    """The report as plain text for the terminal."""
+    kinds = ", ".join(report.kinds) or "none"
+    lines = [
+        f"source: {report.source}",
+        f"format: {report.format} (serves: {kinds})",
+        f"rows: {report.n_rows} valid of {report.n_read} read, {report.n_bad} bad",
+    ]
+    if report.lengths:
+        lines += _stats_lines(report)
+    lines.append(
+        f"duplicates: {report.n_duplicates} identical rows, {report.n_duplicate_prompts} repeated prompts"
+    )
+    if report.chosen_longer_share is not None:
+        lines.append(
+            f"verbosity: chosen longer in {report.chosen_longer_share:.0%} of pairs, "
+            f"mean length ratio chosen/rejected {report.mean_length_ratio:.2f}"
+        )
+    if report.bad_rows:
+        more = report.n_bad - len(report.bad_rows)
+        lines += (
+            ["bad rows:"]
+            + [f"  {msg}" for msg in report.bad_rows]
+            + ([f"  ... and {more} more"] if more else [])
+        )
+    if report.examples:
+        lines += ["examples:"] + [_example_line(i, row) for i, row in enumerate(report.examples, start=1)]
+    if report.warnings:
+        lines += ["warnings:"] + [f"  - {w}" for w in report.warnings]
+    return "\n".join(lines)

@@ -1,0 +1,128 @@
+"""inspect(): counts, bad rows without stopping, lengths, duplicates, verbosity bias; format_report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from rlhf.data import format_report, inspect
+from rlhf.errors import DataError
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "data" / "tiny"
+BAD = ROOT / "tests" / "data" / "bad"
+
+
+def _write_jsonl(path: Path, rows: list) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+def _verbose_pairs(n: int, n_chosen_shorter: int) -> list[dict]:
+    """n pairs; chosen has 6 words vs 3, except `n_chosen_shorter` pairs where it has 2."""
+    rows = []
+    for i in range(n):
+        chosen = "sure glad to help you today" if i >= n_chosen_shorter else "glad to"
+        rows.append({"prompt": f"question {i}", "chosen": chosen, "rejected": "no thanks bye"})
+    return rows
+
+
+def test_verbosity_bias_warning(tmp_path):
+    path = _write_jsonl(tmp_path / "v.jsonl", _verbose_pairs(20, 1))
+    report = inspect(path)
+    assert report.chosen_longer_share == pytest.approx(0.95)
+    # ratios: 19 pairs at 6/3 = 2.0 and one at 2/3
+    assert report.mean_length_ratio == pytest.approx((19 * 2.0 + 2 / 3) / 20)
+    bias = [w for w in report.warnings if w.startswith("verbosity bias")]
+    assert bias == [
+        "verbosity bias: chosen is longer in 95% of pairs (mean length ratio 1.9); a reward model trained "
+        "on this may learn 'longer is better' (warned at >= 75%)"
+    ]
+
+
+def test_no_verbosity_warning_below_threshold(tmp_path):
+    report = inspect(_write_jsonl(tmp_path / "v.jsonl", _verbose_pairs(20, 6)))  # 70% longer
+    assert report.chosen_longer_share == pytest.approx(0.7)
+    assert not any(w.startswith("verbosity bias") for w in report.warnings)
+
+
+def test_tiny_preference_report_is_clean():
+    report = inspect(str(TINY / "preference.jsonl"))
+    assert (report.format, report.n_rows, report.n_bad, report.n_read) == ("preference", 128, 0, 128)
+    assert report.kinds == ("sft", "preference", "prompt")
+    assert report.chosen_longer_share < 0.5
+    assert report.mean_length_ratio == pytest.approx(1.0, abs=0.1)
+    assert report.warnings == []
+    assert report.length_unit == "words"
+    assert set(report.lengths) == {"prompt", "chosen", "rejected"}
+    assert (report.n_duplicates, report.n_duplicate_prompts) == (0, 0)
+
+
+def test_bad_rows_collected_without_stopping(tmp_path):
+    good = {"prompt": "q", "chosen": "yes", "rejected": "no"}
+    rows = [good] + [{"prompt": "q", "chosen": None, "rejected": "no"}] * 25 + [good]
+    path = _write_jsonl(tmp_path / "b.jsonl", rows)
+    report = inspect(path)
+    assert (report.n_rows, report.n_bad, len(report.bad_rows)) == (2, 25, 20)
+    assert report.bad_rows[0] == f"{path}:2: field 'chosen' is null; give it a value or drop the row"
+    assert report.bad_rows[19].startswith(f"{path}:21: ")
+    assert report.warnings[0].startswith(f"25 bad rows (first: {path}:2: field 'chosen' is null")
+    text = format_report(report)
+    assert "  ... and 5 more" in text
+
+
+def test_mixed_unreadable_lines_are_all_reported():
+    report = inspect(str(BAD / "truncated.jsonl"))
+    assert (report.n_rows, report.n_bad) == (2, 1)
+    assert report.bad_rows[0].startswith(f"{BAD / 'truncated.jsonl'}:3: not valid JSON")
+
+
+def test_whole_file_problems_still_raise():
+    with pytest.raises(DataError, match="looks like a JSON array"):
+        inspect(str(BAD / "array.jsonl"))
+    with pytest.raises(DataError, match="no rows; the file is empty"):
+        inspect(str(BAD / "empty.jsonl"))
+
+
+def test_duplicates_lengths_and_examples(tmp_path):
+    rows = [
+        {"prompt": "a b", "completion": "one"},
+        {"prompt": "a b", "completion": "one"},
+        {"prompt": "a b", "completion": "one two three"},
+        {"prompt": "c", "completion": "x" * 500},
+    ]
+    report = inspect(_write_jsonl(tmp_path / "s.jsonl", rows), n_examples=2)
+    assert (report.format, report.n_duplicates, report.n_duplicate_prompts) == ("prompt_completion", 1, 2)
+    assert any(w.startswith("1 duplicate rows") for w in report.warnings)
+    stats = report.lengths["completion"]
+    assert (stats.min, stats.max, stats.mean, stats.p50) == (1, 3, 1.5, 1.0)
+    assert stats.p95 == pytest.approx(2.7)  # between 1 (rank 2) and 3 (rank 3): 1 + 2 * 0.85
+    assert len(report.examples) == 2
+    long = inspect(_write_jsonl(tmp_path / "l.jsonl", rows[3:])).examples[0]["completion"][0]["content"]
+    assert len(long) == 160 and long.endswith("...")
+    assert report.chosen_longer_share is None
+
+
+def test_no_valid_rows_gives_unknown_format(tmp_path):
+    report = inspect(_write_jsonl(tmp_path / "u.jsonl", [{"text": "a"}, {"text": "b"}]))
+    assert (report.format, report.kinds, report.n_rows, report.n_bad) == ("unknown", (), 0, 2)
+    assert "no valid rows; nothing in this source can be trained on" in report.warnings
+    format_report(report)
+
+
+def test_format_report_text():
+    text = format_report(inspect(str(TINY / "preference.jsonl"), n_examples=1))
+    lines = text.splitlines()
+    assert lines[0] == f"source: {TINY / 'preference.jsonl'}"
+    assert lines[1] == "format: preference (serves: sft, preference, prompt)"
+    assert lines[2] == "rows: 128 valid of 128 read, 0 bad"
+    assert "lengths (whitespace-separated words):" in lines
+    assert any(line.startswith("verbosity: chosen longer in") for line in lines)
+    assert any(line.startswith("  [1] prompt: user: ") for line in lines)
+    assert "warnings:" not in lines
+
+
+def test_limit_reads_only_the_first_rows():
+    assert inspect(str(TINY / "sft.jsonl"), limit=5).n_read == 5
