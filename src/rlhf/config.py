@@ -123,13 +123,15 @@ class DataCfg:
     """What to do with an invalid row: stop with `file:line: reason`, or skip it and report the count."""
     max_length: int = 512
     """Maximum tokens of prompt + response."""
-    max_prompt_length: int = 256
-    """Maximum prompt tokens (PPO rollouts, ORPO); longer prompts keep their end."""
+    max_prompt_length: int | None = None
+    """Maximum prompt tokens (PPO rollouts); longer prompts keep their end. Default: half of max_length."""
 
     def __post_init__(self) -> None:
         _require(0.0 <= self.eval_fraction < 1.0, "eval_fraction", "must be in [0, 1)")
         _require(self.max_length > 0, "max_length", "must be > 0")
-        _require(0 < self.max_prompt_length <= self.max_length, "max_prompt_length", "must be in (0, max_length]")
+        if self.max_prompt_length is None:
+            self.max_prompt_length = self.max_length // 2
+        _require(0 < self.max_prompt_length < self.max_length, "max_prompt_length", "must be in (0, max_length)")
 
 
 @dataclass

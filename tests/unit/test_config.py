@@ -1,0 +1,101 @@
+"""Config schema: types, ranges, unknown keys with suggestions, --set overrides, shipped files."""
+
+from pathlib import Path
+
+import pytest
+
+from rlhf.config import PipelineConfig, config_from_dict, load_config, save_resolved
+from rlhf.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in (ROOT / "configs").rglob("*.yaml")))
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert cfg.stages, f"{path} runs no stage"
+
+
+def test_stage_scripts_point_at_existing_configs():
+    for script in (ROOT / "stages").glob("*.sh"):
+        for token in script.read_text().split():
+            token = token.strip("\"'${}:-")
+            if token.startswith("configs/") and token.endswith(".yaml"):
+                assert (ROOT / token).is_file(), f"{script.name} names missing {token}"
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"sft": {"learnig_rate": 1e-5}}, "unknown key 'sft.learnig_rate' (did you mean 'sft.learning_rate'?)"),
+    ({"modle": {}}, "unknown key 'modle' (did you mean 'model'?)"),
+    ({"dpo": {"beta": -0.1}}, "dpo.beta: must be > 0"),
+    ({"orpo": {"beta": 0}}, "orpo.beta: must be > 0"),
+    ({"sft": {"learning_rate": 0}}, "sft.learning_rate: must be > 0"),
+    ({"ppo": {"clip_range": 1.5}}, "ppo.clip_range: must be in (0, 1)"),
+    ({"ppo": {"mini_batch_size": 3}}, "ppo.mini_batch_size: must divide rollout_batch_size (16)"),
+    ({"sft": {"batch_size": "eight"}}, "sft.batch_size: expected int, got str 'eight'"),
+    ({"sft": {"batch_size": 2.5}}, "sft.batch_size: expected int"),
+    ({"final_stage": "rlaif"}, "final_stage: must be one of 'ppo', 'dpo', 'orpo'"),
+    ({"deepspeed": {"actor": {"zero_stage": 4}}}, "deepspeed.actor.zero_stage: must be 0, 1, 2 or 3"),
+    ({"deepspeed": {"offload_param": True, "zero_stage": 2}}, "deepspeed.offload_param: needs zero_stage 3"),
+    ({"data": {"bad_rows": "ignore"}}, "data.bad_rows: must be one of 'error', 'skip'"),
+    ({"model": "gpt2"}, "model: expected a mapping of keys, got str"),
+    ({"logging": {"tensorboard": "yes please"}}, "logging.tensorboard: expected bool"),
+])
+def test_bad_values_name_file_and_key(raw, message):
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(raw, source="my.yaml")
+    text = str(err.value)
+    assert text.startswith("my.yaml: ") and message in text and "\n" not in text
+
+
+def test_yaml_scientific_notation_without_dot_is_a_float(tmp_path):
+    # YAML 1.1 reads `1e-5` as a string; the schema converts it for float fields.
+    path = tmp_path / "c.yaml"
+    path.write_text("sft:\n  learning_rate: 1e-5\n")
+    assert load_config(path).sft.learning_rate == pytest.approx(1e-5)
+
+
+def test_overrides_are_typed_and_validated(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("final_stage: dpo\n")
+    cfg = load_config(path, ["dpo.beta=0.5", "run.name=x", "deepspeed.actor.offload_param=true", "data.sft=a.jsonl"])
+    assert cfg.dpo.beta == 0.5 and cfg.run.name == "x" and cfg.deepspeed.actor.offload_param is True
+    assert cfg.data.sft == "a.jsonl"
+    with pytest.raises(ConfigError, match="dpo.beta: must be > 0"):
+        load_config(path, ["dpo.beta=-1"])
+    with pytest.raises(ConfigError, match="unknown key 'dpo.bta'"):
+        load_config(path, ["dpo.bta=1"])
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config(path, ["dpo.beta"])
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sft:\n  lr: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:\d+: not valid YAML"):
+        load_config(bad)
+
+
+def test_stages_follow_final_stage():
+    assert config_from_dict({"final_stage": "ppo"}).stages == ["sft", "reward", "ppo"]
+    assert config_from_dict({"final_stage": "dpo"}).stages == ["sft", "dpo"]
+    assert config_from_dict({"final_stage": "orpo"}).stages == ["orpo"]
+    # reward-model-only: only the sections present run
+    assert config_from_dict({"model": {}, "data": {}, "reward": {}}).stages == ["reward"]
+    assert config_from_dict({"sft": {}, "reward": {}}).stages == ["sft", "reward"]
+
+
+def test_deepspeed_roles_inherit_unless_set():
+    cfg = config_from_dict({"deepspeed": {"zero_stage": 3, "offload_optimizer": True, "ref": {"zero_stage": 0}}})
+    assert cfg.deepspeed.role("actor").zero_stage == 3 and cfg.deepspeed.role("actor").offload_optimizer
+    assert cfg.deepspeed.role("ref").zero_stage == 0
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = config_from_dict({"final_stage": "ppo", "ppo": {"kl_coef": 0.2}})
+    save_resolved(cfg, tmp_path / "r.yaml")
+    again = load_config(tmp_path / "r.yaml")
+    assert again.to_dict() == cfg.to_dict()
+    assert again.hash() == cfg.hash() != PipelineConfig().hash()
