@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,8 @@ def barrier() -> None:
 
 def cleanup() -> None:
     """Barrier, then destroy the process group. Without it, exits race into SIGABRT on some ranks."""
+    if "torch.distributed" not in sys.modules:
+        return
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
@@ -166,7 +169,7 @@ def trainer_kwargs(cfg: PipelineConfig, train: TrainCfg) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         "bf16": cfg.model.dtype == "bfloat16" and not on_cpu,
         "fp16": cfg.model.dtype == "float16" and not on_cpu,
-        "ddp_backend": "gloo" if on_cpu else None,
+        "ddp_backend": "gloo" if on_cpu and launched() else None,
         "seed": cfg.run.seed,
         "data_seed": cfg.run.seed,
     }
@@ -203,3 +206,193 @@ def initialize(model, ds_cfg: dict[str, Any], optimizer=None, lr_scheduler=None)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=lr_scheduler,
                                       config=ds_cfg, dist_init_required=False)
     return engine
+
+
+# --------------------------------------------------------------------------- PPO engines (own loop)
+
+
+class PlainEngine:
+    """The plain-torch stand-in for a DeepSpeed engine, with the surface the PPO loop uses.
+
+    `backward(loss)` accumulates gradients; `step()` counts micro-batches and, at every `grad_accum`-th
+    one (the accumulation boundary), clips the gradient norm, steps optimizer and scheduler and zeroes
+    the gradients, as DeepSpeed does.
+    """
+
+    def __init__(self, model, optimizer=None, lr_scheduler=None, *, grad_accum: int = 1, max_grad_norm: float = 0.0):
+        self.module, self.optimizer, self.lr_scheduler = model, optimizer, lr_scheduler
+        self.grad_accum, self.max_grad_norm = grad_accum, max_grad_norm
+        self.micro_steps, self.grad_norm = 0, None
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def train(self, mode: bool = True) -> None:
+        self.module.train(mode)
+
+    def eval(self) -> None:
+        self.module.eval()
+
+    def zero_optimization_stage(self) -> int:
+        return 0
+
+    def is_gradient_accumulation_boundary(self) -> bool:
+        return (self.micro_steps + 1) % self.grad_accum == 0
+
+    def backward(self, loss, scale_wrt_gas: bool = True) -> None:
+        """As DeepSpeed's: the loss is divided by `grad_accum` unless `scale_wrt_gas=False`."""
+        (loss / self.grad_accum if scale_wrt_gas else loss).backward()
+
+    def step(self) -> None:
+        import torch
+
+        if self.optimizer is None:
+            raise RuntimeError("step() on an inference engine (no optimizer)")
+        if self.is_gradient_accumulation_boundary():
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            if self.max_grad_norm > 0:
+                self.grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))
+            self.optimizer.step()
+            if self.lr_scheduler is not None:
+                self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.micro_steps += 1
+
+
+def wrap(model, ds: DeepSpeedCfg, role: str, *, optimizer=None, lr_scheduler=None, micro_batch: int = 1,
+         grad_accum: int = 1, max_grad_norm: float = 0.0, dtype: str = "float32"):
+    """One PPO model as an engine: DeepSpeed with the role's own ZeRO settings when DeepSpeed is on,
+    else a `PlainEngine`. Without `optimizer` the model is inference-only (no optimizer state).
+
+    Both expose `.module`, `.backward(loss)`, `.step()`, `.train()`, `.eval()` and
+    `.zero_optimization_stage()`, so the loop has one code path.
+    """
+    if not use_deepspeed(ds):
+        return PlainEngine(model, optimizer, lr_scheduler, grad_accum=grad_accum, max_grad_norm=max_grad_norm)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not cuda_available() else "cuda")
+    role_cfg = ds.role(role)
+    train = optimizer is not None
+    if not train:  # ZeRO-1/2 shard only optimizer state and gradients: without an optimizer, stage 0
+        role_cfg = ZeroRoleCfg(zero_stage=3 if role_cfg.zero_stage == 3 else 0,
+                               offload_param=role_cfg.offload_param, offload_optimizer=False)
+    conf = ds_config(ds, role_cfg, train=train, micro_batch=micro_batch, grad_accum=grad_accum,
+                     max_grad_norm=max_grad_norm, dtype=dtype, with_optimizer=False)
+    if not train:
+        conf["train_batch_size"] = micro_batch * world_size()
+        conf["gradient_accumulation_steps"] = 1
+    return initialize(model, conf, optimizer=optimizer, lr_scheduler=lr_scheduler)
+
+
+def grad_norm(eng) -> float | None:
+    """Gradient norm of the last optimizer step, before clipping (None when unknown)."""
+    if isinstance(eng, PlainEngine):
+        return eng.grad_norm
+    value = eng.get_global_grad_norm()
+    return None if value is None else float(value)
+
+
+def is_zero3(eng) -> bool:
+    return eng.zero_optimization_stage() == 3
+
+
+def gathered_for_generation(eng):
+    """Context manager: under ZeRO-3, gather all of a trained engine's parameters once and lift the
+    per-layer fetch/release hooks for the whole block (a rollout), instead of gathering layer by
+    layer for every generated token. Elsewhere it does nothing. Collective: every rank enters it.
+    """
+    import contextlib
+
+    if not is_zero3(eng) or eng.optimizer is None:
+        return contextlib.nullcontext(eng.module)
+    from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
+
+    @contextlib.contextmanager
+    def gathered():
+        with unwrap_model_for_generation(eng) as unwrapped:
+            yield unwrapped.module
+
+    return gathered()
+
+
+def full_state_dict(eng) -> dict | None:
+    """The module's full state dict as CPU tensors on the main rank (None elsewhere). Collective under ZeRO-3."""
+    import contextlib
+
+    gathered = contextlib.nullcontext()
+    if is_zero3(eng):
+        import deepspeed
+
+        gathered = deepspeed.zero.GatheredParameters(list(eng.module.parameters()), modifier_rank=None)
+    with gathered:
+        if not is_main():
+            return None
+        return {k: v.detach().cpu().clone() for k, v in eng.module.state_dict().items()}
+
+
+def local_numel(eng) -> dict[str, int]:
+    """Model-state elements this rank holds: parameters (its ZeRO-3 shard, else all) and optimizer state."""
+    import torch
+
+    params = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in eng.module.parameters())
+    inner = eng.optimizer
+    while inner is not None and not isinstance(inner, torch.optim.Optimizer) and hasattr(inner, "optimizer"):
+        inner = inner.optimizer
+    optim = 0
+    if isinstance(inner, torch.optim.Optimizer):
+        optim = sum(t.numel() for state in inner.state.values() for t in state.values()
+                    if torch.is_tensor(t) and t.dim() > 0)
+    return {"params": int(params), "optimizer_state": int(optim)}
+
+
+def all_reduce_sum(tensor):
+    """Sum a tensor over ranks in place (no-op in a single process). Returns it."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def any_rank(flag: bool) -> bool:
+    """True when `flag` is set on any rank (e.g. a SIGTERM that reached only some ranks)."""
+    import torch
+
+    return bool(all_reduce_sum(torch.tensor([1.0 if flag else 0.0])).item() > 0)
+
+
+def save_engine(eng, path: Path) -> None:
+    """Weights, optimizer and scheduler of a trained engine under `path` (collective under DeepSpeed).
+
+    Plain: model.safetensors, optimizer.pt and scheduler.pt (tensors and plain types only, so they load
+    with `weights_only=True`). DeepSpeed: its own sharded checkpoint layout, tag `state`.
+    """
+    import torch
+    from safetensors.torch import save_model
+
+    path = Path(path)
+    if not isinstance(eng, PlainEngine):
+        eng.save_checkpoint(str(path), tag="state", save_latest=False)
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    save_model(eng.module, str(path / "model.safetensors"))
+    torch.save(eng.optimizer.state_dict(), path / "optimizer.pt")
+    if eng.lr_scheduler is not None:
+        torch.save(eng.lr_scheduler.state_dict(), path / "scheduler.pt")
+
+
+def load_engine(eng, path: Path) -> None:
+    """Restore what `save_engine` wrote."""
+    import torch
+    from safetensors.torch import load_model
+
+    path = Path(path)
+    if not isinstance(eng, PlainEngine):
+        loaded, _ = eng.load_checkpoint(str(path), tag="state", load_optimizer_states=True,
+                                        load_lr_scheduler_states=True)
+        if loaded is None:
+            raise ConfigError(f"{path}: not a readable DeepSpeed checkpoint")
+        return
+    load_model(eng.module, str(path / "model.safetensors"))
+    eng.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    if eng.lr_scheduler is not None and (path / "scheduler.pt").exists():
+        eng.lr_scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))

@@ -98,6 +98,8 @@ def _check_inputs(cfg: PipelineConfig, stage: str, planned: list[str]) -> list[B
     needed = list(STAGE_INPUTS[stage])
     if stage == "reward" and cfg.reward.base_model is None and "sft" in cfg.present:
         needed.append("sft")
+    if stage == "ppo" and cfg.ppo.reward_fn and cfg.ppo.critic_init == "sft":
+        needed.remove("reward")  # a Python reward and an SFT-initialised critic need no reward model
     for earlier in needed:
         if earlier in planned:
             continue

@@ -1,0 +1,194 @@
+"""Stage 3: PPO in its classic form (DESIGN.md), with four models each on its own DeepSpeed settings.
+
+actor   <- SFT output, trained (own AdamW)           ref    <- SFT output, frozen (or the LoRA actor
+critic  <- reward model (default) or SFT, trained               with adapters disabled)
+reward  <- reward stage output, frozen (or `ppo.reward_fn`, a Python function)
+
+`rollout` generates, `experience` scores and builds advantages, `loop` updates, checkpoints and resumes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+
+from rlhf import artifacts, engine, models
+from rlhf.config import PipelineConfig, save_resolved
+from rlhf.errors import ConfigError
+from rlhf.stages.common import StageResult, StageRun
+from rlhf.stages.ppo.experience import Scorer, same_tokenizer
+from rlhf.stages.ppo.loop import PPOContext, load_checkpoint, reset_samples, save_checkpoint, train
+from rlhf.stages.ppo.rollout import PromptSampler
+
+__all__ = ["run", "save_checkpoint"]
+log = logging.getLogger("rlhf")
+PLOT_KEYS = ["objective/score_mean", "objective/score_raw_mean", "objective/kl", "objective/entropy",
+             "policy/loss", "value/loss"]
+
+
+def disable_dropout(model) -> None:
+    """Dropout off everywhere: nn.Dropout modules, and float `*dropout*` attributes that modules and
+    configs read at forward time (Llama attention copies `attention_dropout` from its config). With
+    dropout off, the rollout and update forwards agree and the first PPO ratio is exactly 1."""
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if "dropout" in name and isinstance(value, float):
+                setattr(module, name, 0.0)
+        config = getattr(module, "config", None)
+        for name, value in (list(vars(config).items()) if hasattr(config, "to_dict") else ()):
+            if "dropout" in name and isinstance(value, float):
+                setattr(config, name, 0.0)
+
+
+def _trained(model, ds, role: str, lr: float, ppo, dtype: str):
+    """A trained engine: AdamW on the trainable parameters and a constant schedule (both checkpointed)."""
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, eps=1e-5)
+    scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+    return engine.wrap(model, ds, role, optimizer=optimizer, lr_scheduler=scheduler,
+                       micro_batch=ppo.micro_batch_size, grad_accum=ppo.grad_accum,
+                       max_grad_norm=ppo.max_grad_norm, dtype=dtype)
+
+
+def _reward_fn(spec: str):
+    module, _, name = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        raise ConfigError(f"ppo.reward_fn: cannot import '{spec}' ({err})") from None
+
+
+def build_models(cfg: PipelineConfig, sft_dir: str, reward_dir: str | None, tokenizer) -> dict:
+    """actor, ref (None for a LoRA actor), critic, scorer and reward stats, each wrapped by `engine.wrap`."""
+    m, ppo, ds = cfg.model, cfg.ppo, cfg.deepspeed
+    common = {"trust_remote_code": m.trust_remote_code, "allow_pickle": m.allow_pickle, "dtype": m.dtype}
+    lora = models.lora_dict(m.lora)
+    actor = models.load_causal_lm(sft_dir, tokenizer=tokenizer, lora=lora, **common)
+    ref = None if lora else models.load_causal_lm(sft_dir, tokenizer=tokenizer, **common).requires_grad_(False)
+    reward_tok, reward_model, stats = tokenizer, None, None
+    if ppo.reward_fn is None:
+        reward_tok = models.load_tokenizer(reward_dir, trust_remote_code=m.trust_remote_code)
+        reward_model = models.load_scalar_model(reward_dir, tokenizer=reward_tok, require_head=True, **common)
+        stats = models.load_reward_stats(reward_dir) if ppo.normalize_reward else None
+        if ppo.normalize_reward and stats is None:
+            log.warning("%s: no reward_stats.json; scores are used unnormalized", reward_dir)
+    same = ppo.reward_fn is not None or same_tokenizer(tokenizer, reward_tok)
+    if ppo.critic_init == "reward" and not same:
+        raise ConfigError(f"{reward_dir}: the reward model's tokenizer differs from the policy's, so a critic "
+                          "initialised from it cannot read policy tokens; set ppo.critic_init: sft")
+    critic_src = sft_dir if ppo.critic_init == "sft" else reward_dir
+    critic = models.load_scalar_model(critic_src, tokenizer=tokenizer, require_head=False, **common)
+    for model in (actor, ref, critic, reward_model):
+        if model is not None:
+            disable_dropout(model)
+    out = {"actor": _trained(actor, ds, "actor", ppo.learning_rate, ppo, m.dtype),
+           "critic": _trained(critic, ds, "critic", ppo.critic_learning_rate, ppo, m.dtype),
+           "ref": None if ref is None else engine.wrap(ref.eval(), ds, "ref", micro_batch=ppo.micro_batch_size),
+           "reward_stats": stats}
+    if reward_model is None:
+        out["scorer"] = Scorer(fn=_reward_fn(ppo.reward_fn))
+    else:
+        reward = engine.wrap(reward_model.requires_grad_(False).eval(), ds, "reward", micro_batch=ppo.micro_batch_size)
+        out["scorer"] = Scorer(engine=reward, tokenizer=reward_tok, same_tokenizer=same,
+                               batch_size=ppo.micro_batch_size)
+    return out
+
+
+def write_memory_report(ctx: PPOContext) -> None:
+    """<run>/ppo/memory.json: model-state elements this rank holds per role (ZeRO-3 shards vs full)."""
+    roles = {"actor": ctx.actor, "critic": ctx.critic, "ref": ctx.ref, "reward": ctx.scorer.engine}
+    report = {name: {**engine.local_numel(eng), "zero_stage": eng.zero_optimization_stage()}
+              for name, eng in roles.items() if eng is not None}
+    total = sum(r["params"] + r["optimizer_state"] for r in report.values())
+    if engine.is_main():
+        artifacts.write_json_atomic(ctx.stage.dir / "memory.json", {
+            "world_size": engine.world_size(), "rank": engine.rank(), "roles": report,
+            "total_model_state_numel": total})
+
+
+def save_final(ctx: PPOContext, sft_dir: str) -> Path:
+    """The actor as a plain HF causal LM (merged when LoRA) in final/, renamed into place. Collective:
+    under ZeRO-3 every rank takes part in gathering the weights, the main rank writes."""
+    cfg, stage = ctx.cfg, ctx.stage
+    state = engine.full_state_dict(ctx.actor) if engine.is_zero3(ctx.actor) else None
+    if engine.is_main():
+        model = ctx.actor.module
+        if state is not None:  # rebuild unsharded, then load the gathered weights
+            model = models.load_causal_lm(sft_dir, tokenizer=ctx.tokenizer, lora=models.lora_dict(cfg.model.lora),
+                                          dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
+            model.load_state_dict(state)
+        tmp = stage.dir / "final.tmp"
+        models.save_pretrained_atomic(model, ctx.tokenizer, tmp)
+        save_resolved(cfg, tmp / "config.resolved.yaml")
+        if stage.final_dir.exists():
+            shutil.rmtree(stage.final_dir)
+        os.replace(tmp, stage.final_dir)
+    engine.barrier()
+    return stage.final_dir
+
+
+def _seed(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def run(cfg: PipelineConfig, *, restart: bool = False, on_step=None) -> StageResult:
+    """`rlhf ppo`: PPO from the SFT (and reward) stage outputs to <run>/ppo/final.
+
+    `on_step(ctx, stats)` is called after every step (tests use it to watch or interrupt a run).
+    """
+    from rlhf.advantages import AdaptiveKLController, FixedKLController
+    from rlhf.stages.sft import load_rows
+
+    sft_dir = str(artifacts.stage_output(cfg.stage_dir("sft"), "sft", needed_by="the ppo stage",
+                                         config_path=cfg.source))
+    reward_dir = None
+    if cfg.ppo.reward_fn is None or cfg.ppo.critic_init == "reward":
+        reward_dir = str(artifacts.stage_output(cfg.stage_dir("reward"), "reward", needed_by="the ppo stage",
+                                                config_path=cfg.source))
+    stage = StageRun(cfg, "ppo", restart=restart)
+    _seed(cfg.run.seed + engine.rank())
+    tokenizer = models.load_tokenizer(sft_dir, trust_remote_code=cfg.model.trust_remote_code, padding_side="left")
+    rows, _, data_path = load_rows(cfg, "ppo", "prompt")
+    built = build_models(cfg, sft_dir, reward_dir, tokenizer)
+    ppo = cfg.ppo
+    kl_ctl = (AdaptiveKLController(ppo.kl_coef, ppo.target_kl, ppo.kl_horizon) if ppo.adaptive_kl
+              else FixedKLController(ppo.kl_coef))
+    ctx = PPOContext(cfg=cfg, stage=stage, tokenizer=tokenizer, actor=built["actor"], critic=built["critic"],
+                     ref=built["ref"], scorer=built["scorer"], kl_ctl=kl_ctl, rows=rows,
+                     sampler=PromptSampler(len(rows), cfg.run.seed), reward_stats=built["reward_stats"])
+    if stage.resume is not None:
+        load_checkpoint(ctx, stage.resume)
+    reset_samples(stage)
+
+    def after_step(ctx_: PPOContext, stats: dict) -> None:
+        if len(ctx_.history) == 1:
+            write_memory_report(ctx_)
+        if on_step is not None:
+            on_step(ctx_, stats)
+
+    train(ctx, on_step=after_step)
+    save_final(ctx, sft_dir)
+    if cfg.logging.plots and cfg.logging.jsonl and engine.is_main():
+        from rlhf.plots import plot_curves
+
+        plot_curves(stage.dir / "metrics.jsonl", stage.dir / "curves.png", PLOT_KEYS, "PPO")
+    last = ctx.history[-1] if ctx.history else {}
+    metrics = {"global_step": ctx.step, "prompts": len(rows), **{k: v for k, v in last.items()
+                                                                  if k.startswith("objective/")}}
+    inputs = {"sft": sft_dir, "data": str(data_path), "reward": reward_dir or f"fn:{ppo.reward_fn}"}
+    return stage.complete(metrics, inputs, ctx.step)

@@ -1,0 +1,206 @@
+"""PPO experience: from a rollout, the actor and reference log-probs, critic values, reward scores,
+shaped per-token rewards, GAE advantages and returns.
+
+Shapes: B = rows, P = padded prompt length, R = response length, T = P + R, V = vocabulary.
+Every forward here and in the update reads positions from the attention mask (`position_ids`), runs
+in chunks of the update's micro-batch size over the same [B, T] tensors, with dropout off, so that
+the update's first log-probs equal these bit for bit (ratio exactly 1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor
+
+from rlhf.advantages import gae, last_token_index, per_token_rewards
+from rlhf.losses import entropy_from_logits, logprobs_from_logits, masked_mean, masked_whiten
+from rlhf.stages.ppo.rollout import Rollout, position_ids
+
+log = logging.getLogger("rlhf")
+
+
+@dataclass
+class Experience:
+    """Everything the PPO update needs for one rollout. Row-aligned, so `select` cuts minibatches."""
+
+    input_ids: Tensor  # [B, T] prompt (left-padded) + response (pad after EOS)
+    attention_mask: Tensor  # [B, T]
+    position_ids: Tensor  # [B, T]
+    response_ids: Tensor  # [B, R]
+    mask: Tensor  # [B, R] float, 1 on counted response tokens
+    logprobs: Tensor  # [B, R] actor log-probs at rollout time
+    ref_logprobs: Tensor  # [B, R]
+    values: Tensor  # [B, R] critic values at rollout time
+    raw_scores: Tensor  # [B] reward before normalisation and EOS penalty
+    scores: Tensor  # [B] reward after normalisation and EOS penalty
+    kl: Tensor  # [B, R] per-token KL estimate, 0 outside the mask
+    rewards: Tensor  # [B, R] shaped rewards
+    advantages: Tensor  # [B, R] (whitened when configured)
+    returns: Tensor  # [B, R]
+
+    @property
+    def prompt_len(self) -> int:
+        return self.input_ids.shape[1] - self.response_ids.shape[1]
+
+    def select(self, idx: Tensor) -> Experience:
+        return Experience(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
+
+
+# ------------------------------------------------------------------------------------------ forwards
+
+
+def policy_logits(model, input_ids: Tensor, attention_mask: Tensor, pos: Tensor, prompt_len: int,
+                  temperature: float) -> Tensor:
+    """[B, R, V] logits that predict each response token, divided by the sampling temperature (so
+    log-probs are those of the distribution the tokens were drawn from)."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=False)
+    return out.logits[:, prompt_len - 1:-1].float() / temperature
+
+
+def scalar_outputs(model, input_ids: Tensor, attention_mask: Tensor, pos: Tensor) -> Tensor:
+    """[B, T] per-position output of a 1-label sequence-classification model (critic or reward model).
+
+    The backbone and head are called directly (as the classifier's own forward does before it pools),
+    so the caller picks the positions: every response token for values, the EOS for scores.
+    """
+    backbone = getattr(model, model.base_model_prefix)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos,
+                      use_cache=False).last_hidden_state
+    head = model.score if hasattr(model, "score") else model.classifier
+    return head(hidden).squeeze(-1).float()
+
+
+def values_of(model, input_ids: Tensor, attention_mask: Tensor, pos: Tensor, prompt_len: int) -> Tensor:
+    """[B, R] value of the state before each response token (read at the position that predicts it)."""
+    return scalar_outputs(model, input_ids, attention_mask, pos)[:, prompt_len - 1:-1]
+
+
+def score_at_eos(model, input_ids: Tensor, attention_mask: Tensor, pos: Tensor, mask: Tensor) -> Tensor:
+    """[B] reward read at each row's last counted response token: its EOS, never the padding after it
+    (the last response token when there is no EOS)."""
+    out = scalar_outputs(model, input_ids, attention_mask, pos)
+    at = input_ids.shape[1] - mask.shape[1] + last_token_index(mask)
+    return out.gather(1, at.unsqueeze(1)).squeeze(1)
+
+
+# ------------------------------------------------------------------------------------------ scoring
+
+
+class Scorer:
+    """Raw scores [B] for a rollout from one of three sources:
+
+    - a reward engine sharing the policy's tokenizer: scored on the rollout's own ids at the EOS;
+    - a reward engine with another tokenizer: responses are decoded and re-tokenized the canonical way
+      (`rlhf.encoding`, as the reward stage trained it) and scored by `rlhf.scoring.score`;
+    - a Python function `fn(prompts, responses) -> list[float]`.
+    """
+
+    def __init__(self, *, engine=None, tokenizer=None, same_tokenizer: bool = True, fn=None, batch_size: int = 8):
+        self.engine, self.tokenizer, self.same_tokenizer = engine, tokenizer, same_tokenizer
+        self.fn, self.batch_size = fn, batch_size
+
+    @torch.no_grad()
+    def __call__(self, rollout: Rollout, chunks: list[tuple[Tensor, Tensor, Tensor, Tensor]]) -> Tensor:
+        if self.fn is not None:
+            values = self.fn(rollout.prompts, rollout.responses)
+            return torch.tensor([float(v) for v in values], dtype=torch.float32)
+        module = self.engine.module
+        if self.same_tokenizer:
+            return torch.cat([score_at_eos(module, ids, attn, pos, m) for ids, attn, pos, m in chunks])
+        from rlhf.scoring import score
+
+        return torch.tensor(score(module, self.tokenizer, rollout.prompts, rollout.responses,
+                                  batch_size=self.batch_size), dtype=torch.float32)
+
+
+def same_tokenizer(a, b) -> bool:
+    """Whether token ids mean the same to both tokenizers (so no re-tokenizing is needed)."""
+    return (a.get_vocab() == b.get_vocab() and a.eos_token_id == b.eos_token_id
+            and a.chat_template == b.chat_template)
+
+
+# ------------------------------------------------------------------------------------------ experience
+
+
+def normalize_scores(raw: Tensor, has_eos: Tensor, stats: dict | None, missing_eos_penalty: float | None) -> Tensor:
+    """(raw - mean) / std with the reward model's stored stats (when given), minus the penalty for
+    responses that never emitted EOS."""
+    scores = raw.float()
+    if stats is not None:
+        scores = (scores - stats["mean"]) / max(stats["std"], 1e-6)
+    if missing_eos_penalty is not None:
+        scores = torch.where(has_eos, scores, scores - missing_eos_penalty)
+    return scores
+
+
+@torch.no_grad()
+def forward_all(rollout: Rollout, actor, ref, critic, scorer: Scorer, *, micro_batch: int,
+                temperature: float) -> dict[str, Tensor]:
+    """One no-grad pass of each model over the rollout, in micro-batch chunks.
+
+    `ref=None` means a LoRA actor: the reference is the same module with its adapters disabled.
+    Returns logprobs, ref_logprobs, values [B, R], entropy [B, R] and raw_scores [B].
+    """
+    ids, attn = rollout.input_ids, rollout.attention_mask
+    pos = position_ids(attn)
+    prompt_len = rollout.prompt_ids.shape[1]
+    out: dict[str, list[Tensor]] = {"logprobs": [], "ref_logprobs": [], "values": [], "entropy": []}
+    chunks = []
+    for start in range(0, ids.shape[0], micro_batch):
+        sl = slice(start, start + micro_batch)
+        chunk = (ids[sl], attn[sl], pos[sl], rollout.mask[sl])
+        chunks.append(chunk)
+        labels = rollout.response_ids[sl]
+        logits = policy_logits(actor.module, *chunk[:3], prompt_len, temperature)
+        out["logprobs"].append(logprobs_from_logits(logits, labels))
+        out["entropy"].append(entropy_from_logits(logits))
+        del logits
+        ref_module = actor.module if ref is None else ref.module
+        adapters_off = actor.module.disable_adapter() if ref is None else contextlib.nullcontext()
+        with adapters_off:
+            ref_logits = policy_logits(ref_module, *chunk[:3], prompt_len, temperature)
+        out["ref_logprobs"].append(logprobs_from_logits(ref_logits, labels))
+        del ref_logits
+        out["values"].append(values_of(critic.module, *chunk[:3], prompt_len))
+    result = {k: torch.cat(v) for k, v in out.items()}
+    result["raw_scores"] = scorer(rollout, chunks)
+    return result
+
+
+@torch.no_grad()
+def make_experience(rollout: Rollout, fwd: dict[str, Tensor], ppo, *, kl_coef: float,
+                    reward_stats: dict | None) -> Experience:
+    """Scores -> shaped per-token rewards (score at EOS, -kl_coef * KL on every token) -> GAE."""
+    mask = rollout.mask
+    scores = normalize_scores(fwd["raw_scores"], rollout.has_eos, reward_stats, ppo.missing_eos_penalty)
+    rewards, kl = per_token_rewards(scores, fwd["logprobs"], fwd["ref_logprobs"], mask, kl_coef, ppo.kl_estimator)
+    values = torch.where(mask.bool(), fwd["values"], 0.0)
+    advantages, returns = gae(rewards, values, mask, ppo.gamma, ppo.lam)
+    if ppo.whiten_advantages:
+        advantages = masked_whiten(advantages, mask)
+    attn = rollout.attention_mask
+    return Experience(input_ids=rollout.input_ids, attention_mask=attn, position_ids=position_ids(attn),
+                      response_ids=rollout.response_ids, mask=mask, logprobs=fwd["logprobs"],
+                      ref_logprobs=fwd["ref_logprobs"], values=values, raw_scores=fwd["raw_scores"].float(),
+                      scores=scores, kl=kl, rewards=rewards, advantages=advantages, returns=returns)
+
+
+def experience_stats(exp: Experience, entropy: Tensor, has_eos: Tensor, kl_coef: float) -> dict[str, float]:
+    """Per-rank rollout statistics under `objective/` and `rollout/`."""
+    kl_per_row = exp.kl.sum(dim=1)
+    return {
+        "objective/score_raw_mean": exp.raw_scores.mean().item(),
+        "objective/score_raw_std": exp.raw_scores.std(unbiased=False).item(),
+        "objective/score_mean": exp.scores.mean().item(),
+        "objective/score_std": exp.scores.std(unbiased=False).item(),
+        "objective/kl": kl_per_row.mean().item(),
+        "objective/kl_coef": kl_coef,
+        "objective/non_score_reward": (-kl_coef * kl_per_row).mean().item(),
+        "objective/entropy": masked_mean(entropy, exp.mask).item(),
+        "rollout/response_length": exp.mask.sum(dim=1).mean().item(),
+        "rollout/eos_share": has_eos.float().mean().item(),
+    }

@@ -1,0 +1,323 @@
+"""The PPO loop: one step = rollout -> experience -> update; checkpoints, resume, guards, logging.
+
+Shapes as in `experience`: B = rows per rank, R = response length.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from rlhf import artifacts, engine
+from rlhf.config import PipelineConfig
+from rlhf.errors import StopRequested, TrainingError
+from rlhf.losses import logprobs_from_logits, ppo_policy_loss, ppo_value_loss
+from rlhf.stages.common import StageRun
+from rlhf.stages.ppo.experience import (
+    Experience,
+    Scorer,
+    experience_stats,
+    forward_all,
+    make_experience,
+    policy_logits,
+    values_of,
+)
+from rlhf.stages.ppo.rollout import PromptSampler, generate
+
+log = logging.getLogger("rlhf")
+KEEP_CHECKPOINTS = 2
+N_SAMPLES = 3
+
+
+@dataclass
+class PPOContext:
+    """The live objects of one PPO run."""
+
+    cfg: PipelineConfig
+    stage: StageRun
+    tokenizer: Any
+    actor: Any  # engine (DeepSpeed or engine.PlainEngine) with optimizer
+    critic: Any  # engine with optimizer
+    ref: Any  # inference engine, or None: LoRA actor with adapters disabled
+    scorer: Scorer
+    kl_ctl: Any  # advantages.FixedKLController | AdaptiveKLController
+    rows: list[dict]
+    sampler: PromptSampler
+    reward_stats: dict | None
+    step: int = 0
+    stop_requested: bool = False
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------ update
+
+
+def _train_micro(ctx: PPOContext, mb: Experience, num_tokens: Tensor) -> dict[str, float]:
+    """Forward, loss and backward of one micro-batch for actor then critic; `step()` applies the update
+    at the end of the minibatch (the engines count accumulation boundaries). Losses are not scaled by
+    1/grad_accum: they are already divided by the token count of the whole minibatch."""
+    ppo = ctx.cfg.ppo
+    logits = policy_logits(ctx.actor, mb.input_ids, mb.attention_mask, mb.position_ids, mb.prompt_len,
+                           ppo.temperature)
+    logprobs = logprobs_from_logits(logits, mb.response_ids)
+    del logits
+    pg_loss, pg_stats = ppo_policy_loss(logprobs, mb.logprobs, mb.advantages, mb.mask, ppo.clip_range,
+                                        num_tokens=num_tokens)
+    _check_finite(ctx, "policy loss", pg_loss)
+    ctx.actor.backward(pg_loss, scale_wrt_gas=False)
+    ctx.actor.step()
+    values = values_of(ctx.critic.module, mb.input_ids, mb.attention_mask, mb.position_ids, mb.prompt_len)
+    vf_loss, vf_stats = ppo_value_loss(values, mb.values, mb.returns, mb.mask, ppo.clip_range_value,
+                                       num_tokens=num_tokens)
+    _check_finite(ctx, "value loss", vf_loss)
+    ctx.critic.backward(vf_loss, scale_wrt_gas=False)
+    ctx.critic.step()
+    out = {k: v.item() for k, v in {**pg_stats, **vf_stats}.items()}
+    out.update({"policy/loss": pg_loss.item(), "value/loss": vf_loss.item()})
+    log_ratio = torch.where(mb.mask.bool(), logprobs.detach() - mb.logprobs, 0.0)
+    out["policy/log_ratio_absmax"] = log_ratio.abs().max().item()
+    return out
+
+
+def ppo_update(ctx: PPOContext, exp: Experience) -> dict[str, float]:
+    """`ppo_epochs` passes over shuffled minibatches; each minibatch is one optimizer step made of
+    micro-batches whose losses are divided by the token count of the whole minibatch (over all ranks),
+    so the step optimizes the minibatch's token mean however it is split.
+
+    Also returns policy/ratio_first (token-mean ratio of the first minibatch of the first epoch) and
+    policy/log_ratio_first_absmax (its largest |log ratio|): 1 and 0 when rollout and update agree.
+    """
+    ppo = ctx.cfg.ppo
+    ctx.actor.train()
+    ctx.critic.train()
+    totals: dict[str, float] = {}
+    weight_sum = 0.0
+    first_ratio = None
+    for _epoch in range(ppo.ppo_epochs):
+        order = torch.randperm(exp.input_ids.shape[0])
+        for start in range(0, len(order), ppo.mini_batch_size):
+            mb_idx = order[start:start + ppo.mini_batch_size]
+            tokens = engine.all_reduce_sum(exp.mask[mb_idx].sum().reshape(1).clone())
+            num_tokens = tokens.clamp_min(1.0) / engine.world_size()  # DeepSpeed averages grads over ranks
+            mb_ratio, mb_weight, mb_dev = 0.0, 0.0, 0.0
+            for micro_idx in mb_idx.split(ppo.micro_batch_size):
+                mb = exp.select(micro_idx)
+                weight = float(mb.mask.sum())
+                stats = _train_micro(ctx, mb, num_tokens)
+                mb_dev = max(mb_dev, stats.pop("policy/log_ratio_absmax"))
+                for key, value in stats.items():
+                    # losses are already shares of the minibatch mean: sum them; stats are token means
+                    totals[key] = totals.get(key, 0.0) + (value if key.endswith("/loss") else value * weight)
+                mb_ratio += stats["policy/ratio_mean"] * weight
+                mb_weight += weight
+                weight_sum += weight
+            if first_ratio is None:
+                first_ratio = (mb_ratio / max(mb_weight, 1.0), mb_dev)
+    n_minibatches = ppo.ppo_epochs * math.ceil(exp.input_ids.shape[0] / ppo.mini_batch_size)
+    out = {k: (v / n_minibatches if k.endswith("/loss") else v / max(weight_sum, 1.0)) for k, v in totals.items()}
+    out["policy/ratio_first"], out["policy/log_ratio_first_absmax"] = first_ratio
+    norm = engine.grad_norm(ctx.actor)
+    if norm is not None:
+        out["policy/grad_norm"] = norm
+    return out
+
+
+# ------------------------------------------------------------------------------------------ one step
+
+
+def _check_finite(ctx: PPOContext, what: str, value) -> None:
+    value = torch.as_tensor(value)
+    if not bool(torch.isfinite(value).all()):
+        raise TrainingError(f"ppo: {what} is not finite ({value.flatten()[:4].tolist()}) at step {ctx.step}; "
+                            f"stopping. The last good checkpoint in {ctx.stage.ckpt_dir} is kept; lower the "
+                            "learning rates or kl_coef and re-run to resume")
+
+
+def rollout_step(ctx: PPOContext):
+    """Sample prompts, generate, score: (Rollout, Experience, stats)."""
+    cfg, ppo = ctx.cfg, ctx.cfg.ppo
+    b = ppo.rollout_batch_size
+    picked = ctx.sampler.take(b * engine.world_size())[engine.rank() * b:(engine.rank() + 1) * b]
+    prompts = [ctx.rows[i]["prompt"] for i in picked]
+    ctx.actor.eval()
+    synced = engine.world_size() > 1 and engine.is_zero3(ctx.actor)
+    with engine.gathered_for_generation(ctx.actor) as module:
+        rollout = generate(module, ctx.tokenizer, prompts, ppo, cfg.data.max_prompt_length, synced_gpus=synced)
+    fwd = forward_all(rollout, ctx.actor, ctx.ref, ctx.critic, ctx.scorer, micro_batch=ppo.micro_batch_size,
+                      temperature=ppo.temperature)
+    _check_finite(ctx, "reward score", fwd["raw_scores"])
+    exp = make_experience(rollout, fwd, ppo, kl_coef=ctx.kl_ctl.value, reward_stats=ctx.reward_stats)
+    _check_finite(ctx, "KL", exp.kl)
+    return rollout, exp, experience_stats(exp, fwd["entropy"], rollout.has_eos, ctx.kl_ctl.value)
+
+
+def _mean_over_ranks(stats: dict[str, float]) -> dict[str, float]:
+    keys = sorted(stats)
+    values = engine.all_reduce_sum(torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64))
+    return {k: float(v) / engine.world_size() for k, v in zip(keys, values, strict=True)}
+
+
+def train_step(ctx: PPOContext) -> tuple[dict[str, float], Any]:
+    """One PPO iteration; returns (stats averaged over ranks, the rollout)."""
+    start = time.perf_counter()
+    rollout, exp, stats = rollout_step(ctx)
+    stats.update(ppo_update(ctx, exp))
+    stats = _mean_over_ranks(stats)
+    kl_ceiling = ctx.cfg.ppo.kl_ceiling
+    if kl_ceiling is not None and stats["objective/kl"] > kl_ceiling:
+        raise TrainingError(f"ppo: mean KL {stats['objective/kl']:.3f} exceeds ppo.kl_ceiling={kl_ceiling} at step "
+                            f"{ctx.step}; the last good checkpoint in {ctx.stage.ckpt_dir} is kept; raise kl_coef "
+                            "or lower the learning rate")
+    n_samples = ctx.cfg.ppo.rollout_batch_size * engine.world_size()
+    ctx.kl_ctl.update(stats["objective/kl"], n_samples)
+    elapsed = time.perf_counter() - start
+    tokens = float(exp.mask.sum()) * engine.world_size()
+    stats.update({"perf/step_time": elapsed, "perf/samples_per_s": n_samples / elapsed,
+                  "perf/tokens_per_s": tokens / elapsed})
+    return stats, (rollout, exp)
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+
+def _rng_state() -> tuple[dict, dict[str, Tensor]]:
+    py = random.getstate()
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    plain = {"python": [py[0], list(py[1]), py[2]],
+             "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)]}
+    return plain, {"torch": torch.get_rng_state()}
+
+
+def _set_rng_state(plain: dict, tensors: dict[str, Tensor]) -> None:
+    version, state, gauss = plain["python"]
+    random.setstate((version, tuple(state), gauss))
+    kind, keys, pos, has_gauss, cached = plain["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["torch"])
+
+
+def save_checkpoint(ctx: PPOContext) -> Path:
+    """checkpoint-<step>/: actor/ and critic/ (weights, optimizer, scheduler), trainer_state.json
+    (step, KL controller, reward stats, sampler position) and per-rank RNG states; then the
+    completion marker, and only the last KEEP_CHECKPOINTS are kept. Collective."""
+    from safetensors.torch import save_file
+
+    path = ctx.stage.ckpt_dir / f"checkpoint-{ctx.step}"
+    if engine.is_main() and path.exists():
+        shutil.rmtree(path)
+    engine.barrier()
+    engine.save_engine(ctx.actor, path / "actor")
+    engine.save_engine(ctx.critic, path / "critic")
+    plain, tensors = _rng_state()
+    rank = engine.rank()
+    artifacts.write_json_atomic(path / f"rng-{rank}.json", plain)
+    save_file(tensors, str(path / f"rng-{rank}.safetensors"))
+    if engine.is_main():
+        artifacts.write_json_atomic(path / "trainer_state.json", {
+            "step": ctx.step, "kl_controller": ctx.kl_ctl.state_dict(), "reward_stats": ctx.reward_stats,
+            "sampler": ctx.sampler.state_dict(), "world_size": engine.world_size()})
+    engine.barrier()
+    if engine.is_main():
+        artifacts.mark_checkpoint_complete(path, ctx.step)
+        for old in artifacts.list_checkpoints(ctx.stage.ckpt_dir)[:-KEEP_CHECKPOINTS]:
+            shutil.rmtree(old, ignore_errors=True)
+    engine.barrier()
+    return path
+
+
+def load_checkpoint(ctx: PPOContext, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    engine.load_engine(ctx.actor, path / "actor")
+    engine.load_engine(ctx.critic, path / "critic")
+    state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    ctx.step = int(state["step"])
+    ctx.kl_ctl.load_state_dict(state["kl_controller"])
+    ctx.sampler.load_state_dict(state["sampler"])
+    if state.get("reward_stats") is not None:
+        ctx.reward_stats = state["reward_stats"]
+    rng = path / f"rng-{engine.rank()}.json"
+    if rng.is_file():  # absent when resuming with more ranks than saved: those start from the seed
+        _set_rng_state(json.loads(rng.read_text(encoding="utf-8")), load_file(str(rng.with_suffix(".safetensors"))))
+
+
+# ------------------------------------------------------------------------------------------ run loop
+
+
+def _log_samples(ctx: PPOContext, rollout, exp: Experience) -> None:
+    if not engine.is_main():
+        return
+    rows = []
+    for i in range(min(N_SAMPLES, len(rollout.responses))):
+        prompt = rollout.prompts[i]
+        text = prompt if isinstance(prompt, str) else prompt[-1]["content"]
+        rows.append({"step": ctx.step, "prompt": text, "response": rollout.responses[i],
+                     "score": float(exp.scores[i])})
+    with open(ctx.stage.dir / "samples.jsonl", "a", encoding="utf-8") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in rows)
+    md = "\n\n".join(f"**prompt:** {r['prompt']}  \n**response:** {r['response']}  \n**score:** {r['score']:.3f}"
+                     for r in rows)
+    ctx.stage.metrics.text(ctx.step, "samples", md)
+
+
+def reset_samples(stage: StageRun) -> None:
+    """Drop sample lines written after the checkpoint a run resumes from (all of them on a fresh start)."""
+    path = stage.dir / "samples.jsonl"
+    if not engine.is_main() or not path.exists():
+        return
+    keep = stage.resume_step or 0
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if json.loads(line)["step"] <= keep]
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+
+
+def _on_sigterm(ctx: PPOContext):
+    def handler(signum, frame):  # Slurm and Kubernetes send SIGTERM before preemption
+        ctx.stop_requested = True
+
+    return handler
+
+
+def train(ctx: PPOContext, on_step=None) -> None:
+    """Steps from the resume point to `ppo.steps`, with checkpoints, SIGTERM stop and a progress bar.
+
+    `on_step(ctx, stats)` is called after each step (tests use it to watch or interrupt the run).
+    """
+    from tqdm.auto import tqdm
+
+    ppo = ctx.cfg.ppo
+    previous = signal.signal(signal.SIGTERM, _on_sigterm(ctx))
+    bar = tqdm(total=ppo.steps, initial=ctx.step, desc="ppo", dynamic_ncols=True,
+               disable=not (engine.is_main() and ctx.cfg.logging.progress))
+    try:
+        while ctx.step < ppo.steps:
+            ctx.step += 1
+            stats, (rollout, exp) = train_step(ctx)
+            ctx.stage.metrics.log(ctx.step, stats)
+            ctx.history.append(stats)
+            if ctx.step % ppo.sample_every == 0 or ctx.step == 1:
+                _log_samples(ctx, rollout, exp)
+            bar.update(1)
+            bar.set_postfix(score=f"{stats['objective/score_mean']:.3f}", kl=f"{stats['objective/kl']:.3f}")
+            if on_step is not None:
+                on_step(ctx, stats)
+            stop = engine.any_rank(ctx.stop_requested)
+            if stop or ctx.step % ppo.save_steps == 0 or ctx.step == ppo.steps:
+                save_checkpoint(ctx)
+            if stop:
+                raise StopRequested(f"ppo: stopped on SIGTERM at step {ctx.step} after saving a checkpoint in "
+                                    f"{ctx.stage.ckpt_dir}; resume with the same command")
+    finally:
+        bar.close()
+        signal.signal(signal.SIGTERM, previous)

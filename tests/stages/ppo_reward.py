@@ -1,0 +1,26 @@
+"""Programmatic PPO rewards for tests, named in config as `ppo.reward_fn: ppo_reward:<name>`.
+
+Each takes (prompts, responses) and returns one float per response.
+"""
+
+from __future__ import annotations
+
+TARGET = "e"
+
+
+def target_share(prompts: list, responses: list[str]) -> list[float]:
+    """Share of the response's non-space characters that are the letter `e` (0 for an empty response).
+
+    A byte-level BPE policy can raise it by sampling the many tokens made of or rich in `e`, so a random
+    tiny model starts near the corpus rate (~0.1) and PPO has a dense signal to climb.
+    """
+    out = []
+    for text in responses:
+        chars = [c for c in text if not c.isspace()]
+        out.append(sum(c == TARGET for c in chars) / len(chars) if chars else 0.0)
+    return out
+
+
+def nan_reward(prompts: list, responses: list[str]) -> list[float]:
+    """A broken reward function: NaN for every response (the stage must stop with a TrainingError)."""
+    return [float("nan")] * len(responses)
