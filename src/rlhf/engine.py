@@ -9,6 +9,7 @@ run in a plain process never load it. Two consumers:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -81,6 +82,26 @@ def init_distributed() -> None:
     dist.init_process_group(backend=backend())
 
 
+@contextlib.contextmanager
+def single_process_loading():
+    """Load a full, unsharded model on one rank while a ZeRO-3 Trainer is alive.
+
+    transformers partitions every model built while a ZeRO-3 config is registered (zero.Init), which is a
+    collective: a load on rank 0 alone would wait forever for the other ranks.
+    """
+    try:
+        from transformers.integrations import deepspeed as hf_ds
+    except ImportError:
+        yield
+        return
+    saved = hf_ds._hf_deepspeed_config_weak_ref
+    hf_ds._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_ds._hf_deepspeed_config_weak_ref = saved
+
+
 def barrier() -> None:
     import torch.distributed as dist
 
@@ -88,15 +109,19 @@ def barrier() -> None:
         dist.barrier()
 
 
-def cleanup() -> None:
-    """Barrier, then destroy the process group. Without it, exits race into SIGABRT on some ranks."""
+def cleanup(wait_for_others: bool = True) -> None:
+    """Barrier, then destroy the process group. Without it, exits race into SIGABRT on some ranks.
+
+    After a failure on this rank, skip the barrier: the launcher stops the other ranks.
+    """
     if "torch.distributed" not in sys.modules:
         return
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         try:
-            dist.barrier()
+            if wait_for_others:
+                dist.barrier()
         finally:
             dist.destroy_process_group()
 

@@ -33,3 +33,9 @@ class TrainingError(RlhfError):
     """Training stopped on purpose: non-finite loss or reward, exploding KL, failed save."""
 
     exit_code = 3
+
+
+class StopRequested(RlhfError):
+    """The run was asked to stop (SIGTERM) and saved a checkpoint; re-running the command resumes it."""
+
+    exit_code = 0

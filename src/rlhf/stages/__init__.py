@@ -1,0 +1,62 @@
+"""Stages: each module exposes `run(cfg, restart=False) -> StageResult`.
+
+`run_stage` checks preflight blockers for one stage started on its own; `run_pipeline` runs the stages
+the config needs in order, skipping complete ones (their `stage.json` exists) and resuming the rest
+from their last checkpoint.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+
+from rlhf import artifacts, engine, preflight
+from rlhf.config import PipelineConfig
+
+log = logging.getLogger("rlhf")
+
+MODULES = {"sft": "rlhf.stages.sft", "reward": "rlhf.stages.reward", "ppo": "rlhf.stages.ppo",
+           "dpo": "rlhf.stages.dpo", "orpo": "rlhf.stages.orpo"}
+
+
+def _module(stage: str):
+    try:
+        return importlib.import_module(MODULES[stage])
+    except ModuleNotFoundError as err:
+        if err.name == MODULES[stage]:
+            from rlhf.errors import ConfigError
+
+            raise ConfigError(f"the {stage} stage is not available in this version of rlhf") from None
+        raise
+
+
+def run_stage(stage: str, cfg: PipelineConfig, *, restart: bool = False, config_path: str | None = None,
+              standalone: bool = True):
+    """Run one stage after its preflight checks. Returns its StageResult."""
+    preflight.check_or_raise(cfg, [stage], standalone=standalone)
+    _materialize_aliases(cfg)
+    engine.init_distributed()
+    return _module(stage).run(cfg, restart=restart)
+
+
+def _materialize_aliases(cfg: PipelineConfig) -> None:
+    """Build alias caches before the process group exists: once it does, transformers writes model files
+    from global rank 0 only, so a build on another rank (or another node's local cache) would be empty."""
+    from rlhf import models
+
+    for name in (cfg.model.name_or_path, cfg.model.tokenizer, cfg.reward.base_model):
+        if name in models.ALIASES:
+            models.resolve_model(name)
+
+
+def run_pipeline(cfg: PipelineConfig, *, restart: bool = False, config_path: str | None = None) -> list:
+    """All stages of the file, in order; complete ones are skipped unless restart is set."""
+    preflight.check_or_raise(cfg, cfg.stages, standalone=False)
+    results = []
+    for stage in cfg.stages:
+        if not restart and artifacts.is_complete(cfg.stage_dir(stage)):
+            log.info("%s: complete (%s exists), skipping", stage, cfg.stage_dir(stage) / artifacts.MANIFEST)
+            continue
+        log.info("%s: starting", stage)
+        results.append(run_stage(stage, cfg, restart=restart, standalone=True))
+    return results

@@ -1,0 +1,179 @@
+"""`rlhf <command> --config FILE [--set key.sub=value ...]`.
+
+Every training command also runs under a launcher:
+  deepspeed --num_gpus 2 --module rlhf.cli reward --config FILE
+  torchrun --nproc_per_node 2 -m rlhf.cli sft --config FILE
+Heavy imports happen inside the command functions, so `rlhf --help` and `rlhf preflight` stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+import traceback
+
+from rlhf.errors import RlhfError
+
+TRAIN_COMMANDS = ("sft", "reward", "ppo", "dpo", "orpo")
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="pipeline YAML file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set sft.learning_rate=1e-5 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlhf", description="The classic RLHF pipeline: SFT -> reward -> PPO | DPO | ORPO.")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in TRAIN_COMMANDS:
+        p = sub.add_parser(name, help=f"run the {name} stage")
+        _add_config_args(p)
+        p.add_argument("--restart", action="store_true", help="ignore existing checkpoints and start over")
+        p.set_defaults(func=_cmd_stage, stage=name)
+    p = sub.add_parser("pipeline", help="run every stage the config needs, skipping complete ones")
+    _add_config_args(p)
+    p.add_argument("--restart", action="store_true", help="re-run every stage from scratch")
+    p.add_argument("--stages", action="store_true", help="print the stages this config runs and exit")
+    p.add_argument("--pending", action="store_true", help="print the stages not yet complete and exit")
+    p.set_defaults(func=_cmd_pipeline)
+    p = sub.add_parser("preflight", help="check config, data, models and environment; exit 2 on any blocker")
+    _add_config_args(p)
+    p.add_argument("--stage", choices=TRAIN_COMMANDS, help="check one stage as if started on its own")
+    p.set_defaults(func=_cmd_preflight)
+    p = sub.add_parser("data", help="data tools")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    q = dsub.add_parser("inspect", help="report format, lengths, duplicates, bad rows and verbosity bias")
+    q.add_argument("path", help="data file, save_to_disk dir or hub dataset name")
+    q.add_argument("--split", default="train")
+    q.add_argument("--tokenizer", help="tokenizer dir/alias for token lengths (default: word counts)")
+    q.add_argument("-n", "--examples", type=int, default=3, help="example rows to print")
+    q.set_defaults(func=_cmd_data_inspect)
+    p = sub.add_parser("score", help="score prompt/response rows with a reward model (JSONL out)")
+    p.add_argument("--model", required=True, help="reward model dir")
+    p.add_argument("--data", required=True, help="rows with prompt+completion (or prompt/chosen/rejected)")
+    p.add_argument("--out", help="output JSONL (default: stdout)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=1024)
+    p.set_defaults(func=_cmd_score)
+    p = sub.add_parser("eval", help="compare the run's final models on held-out prompts (table, eval.json, chart)")
+    _add_config_args(p)
+    p.add_argument("--models", nargs="+", metavar="MODEL",
+                   help="base, sft, ppo, dpo, orpo or model dirs (default: base + every completed stage)")
+    p.add_argument("--prompts", type=int, metavar="N", help="evaluate on the first N held-out prompts")
+    p.add_argument("--judge", metavar="MODULE:FUNCTION", help="gold judge fn(prompts, responses) -> scores")
+    p.add_argument("--sample", action="store_true", help="sample with the ppo section's settings (default greedy)")
+    p.add_argument("--max-new-tokens", type=int, help="response length limit (default ppo.max_new_tokens)")
+    p.set_defaults(func=_cmd_eval)
+    return parser
+
+
+def _load(args):
+    from rlhf.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def _cmd_stage(args) -> int:
+    from rlhf.stages import run_stage
+
+    result = run_stage(args.stage, _load(args), restart=args.restart, config_path=args.config)
+    return 0 if result is not None else 1
+
+
+def _cmd_pipeline(args) -> int:
+    cfg = _load(args)
+    if args.stages or args.pending:
+        from rlhf import artifacts
+
+        stages = cfg.stages if args.stages or args.restart else [
+            s for s in cfg.stages if not artifacts.is_complete(cfg.stage_dir(s))]
+        print(" ".join(stages))
+        return 0
+    from rlhf.stages import run_pipeline
+
+    run_pipeline(cfg, restart=args.restart, config_path=args.config)
+    return 0
+
+
+def _cmd_preflight(args) -> int:
+    from rlhf import preflight
+
+    cfg = _load(args)
+    stages = [args.stage] if args.stage else cfg.stages
+    blockers = preflight.check(cfg, stages, standalone=bool(args.stage))
+    if blockers:
+        print(preflight.format_blockers(blockers), file=sys.stderr)
+        return 2
+    print(f"preflight ok: {cfg.source}: stages {', '.join(stages)}")
+    return 0
+
+
+def _cmd_data_inspect(args) -> int:
+    from rlhf import data
+
+    tokenizer = None
+    if args.tokenizer:
+        from rlhf import models
+
+        tokenizer = models.load_tokenizer(models.resolve_model(args.tokenizer))
+    report = data.inspect(args.path, split=args.split, tokenizer=tokenizer, n_examples=args.examples)
+    print(data.format_report(report))
+    return 0
+
+
+def _cmd_score(args) -> int:
+    from rlhf.scoring import score_file
+
+    score_file(args.model, args.data, out=args.out, batch_size=args.batch_size, max_length=args.max_length)
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from rlhf.evaluation import run_eval
+
+    run_eval(_load(args), model_names=args.models, n_prompts=args.prompts, judge=args.judge, sample=args.sample,
+             max_new_tokens=args.max_new_tokens)
+    return 0
+
+
+def _setup_logging() -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s rlhf %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("transformers", "datasets", "DeepSpeed", "torch.distributed", "accelerate"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if rank == 0 else logging.ERROR)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if shutil.which("nvidia-smi") is None:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed otherwise probes for GPUs and warns
+    _setup_logging()
+    ok = False
+    try:
+        code = int(args.func(args) or 0)
+        ok = True
+        return code
+    except RlhfError as err:
+        if os.environ.get("RLHF_DEBUG"):
+            traceback.print_exc()
+        print(f"error: {err}", file=sys.stderr)
+        ok = err.exit_code == 0
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("interrupted; re-run the same command to resume from the last checkpoint", file=sys.stderr)
+        return 130
+    finally:
+        from rlhf import engine
+
+        # After a failure the other ranks are elsewhere: a barrier would wait forever.
+        engine.cleanup(wait_for_others=ok)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

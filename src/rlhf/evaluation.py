@@ -1,0 +1,344 @@
+"""`rlhf eval`: the final models of a run, side by side on the same held-out prompts.
+
+For every model (default: the base model and every completed sft/ppo/dpo/orpo stage of the run) one
+response per prompt is generated, greedy by default (`--sample` samples with the ppo section's settings),
+at most `ppo.max_new_tokens` tokens. Then, per model:
+
+- reward: mean score of the run's reward model (`<run>/reward/final`), when that stage is complete;
+- judge: mean score of an optional programmatic judge, `--judge module:function(prompts, responses) -> scores`;
+- kl: mean over responses of sum_t [log pi(y_t) - log ref(y_t)] on the model's own responses, with the
+  SFT model (or the base model when the run has none) as reference. On sampled responses this is the usual
+  Monte-Carlo KL(pi || ref) estimate; on greedy responses it is the log-ratio at the policy's mode, a
+  deterministic proxy that is 0 for the reference itself;
+- length: mean response length in tokens (EOS not counted);
+- win_rate: share of prompts where the model's response scores higher than the baseline's (the SFT
+  model, else the base model) by the judge when given, else by the reward model; ties count half.
+
+Writes `<run>/eval/eval.json`, `responses.jsonl` and `eval.png` (reward versus KL per model, and bars of
+the judge/reward scores), and prints a table. Single process; models are loaded one at a time next to
+the reference and the reward model.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rlhf import artifacts, encoding, models
+from rlhf.config import PipelineConfig
+from rlhf.errors import ConfigError
+
+log = logging.getLogger("rlhf")
+STAGES = ("sft", "ppo", "dpo", "orpo")
+
+
+# --------------------------------------------------------------------------------------------- log-probs
+
+
+def encode_responses(tokenizer, prompts: list[list[dict]], responses: list[str]) -> list[tuple[list[int], int]]:
+    """(ids, prompt length) per pair, the package's one encoding: chat prompt + response + EOS."""
+    return [encoding.encode(tokenizer, p, r) for p, r in zip(prompts, responses, strict=True)]
+
+
+def sequence_logprobs(model, seqs: list[tuple[list[int], int]], pad_id: int, batch_size: int = 8) -> list:
+    """Log-probs of the response tokens (ids[n:]) of each (ids, n) sequence: a float32 [len(ids) - n] tensor each.
+
+    Right-padded batches; no gradient. The model should be in eval mode (dropout off).
+    """
+    import torch
+
+    from rlhf.losses import logprobs_from_logits
+
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(seqs), batch_size):
+        batch = seqs[start:start + batch_size]
+        width = max(len(ids) for ids, _ in batch)
+        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        attention = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, (ids, _) in enumerate(batch):
+            input_ids[i, :len(ids)] = torch.tensor(ids)
+            attention[i, :len(ids)] = 1
+        with torch.no_grad():
+            logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
+        token_logps = logprobs_from_logits(logits[:, :-1], input_ids[:, 1:].to(device)).cpu()
+        # token t is predicted at position t - 1
+        out.extend(token_logps[i, n - 1:len(ids) - 1] for i, (ids, n) in enumerate(batch))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- models
+
+
+@dataclass
+class Candidate:
+    name: str
+    path: str
+    prompt_ids: list[list[int]] = field(default_factory=list)
+    response_ids: list[list[int]] = field(default_factory=list)
+    responses: list[str] = field(default_factory=list)
+    rewards: list[float] | None = None
+    judge: list[float] | None = None
+    kl: list[float] | None = None
+    eos_id: int | None = None
+
+
+def default_models(cfg: PipelineConfig) -> list[str]:
+    return ["base"] + [s for s in STAGES if artifacts.is_complete(cfg.stage_dir(s))]
+
+
+def resolve(cfg: PipelineConfig, name: str) -> tuple[str, str]:
+    """(display name, model dir or id) for `base`, a stage name of the run, or a model dir/alias/hub id."""
+    if name == "base":
+        return "base", models.resolve_model(cfg.model.name_or_path)
+    if name in STAGES:
+        return name, str(artifacts.stage_output(cfg.stage_dir(name), name, needed_by="`rlhf eval`",
+                                                config_path=cfg.source))
+    return Path(name).name or name, models.resolve_model(name)
+
+
+def baseline(cfg: PipelineConfig) -> tuple[str, str]:
+    """The reference for KL and the opponent for win rates: the SFT model, else the base model."""
+    return resolve(cfg, "sft") if artifacts.is_complete(cfg.stage_dir("sft")) else resolve(cfg, "base")
+
+
+def load_judge(spec: str | None):
+    if spec is None:
+        return None
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise ConfigError(f"--judge {spec}: expected module:function")
+    if os.getcwd() not in sys.path:  # judges usually live next to the config, not in an installed package
+        sys.path.insert(0, os.getcwd())
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        raise ConfigError(f"--judge {spec}: cannot import it ({err})") from None
+
+
+def eval_prompts(cfg: PipelineConfig, limit: int | None) -> list[list[dict]]:
+    """Held-out prompts: data.prompts_eval, else the eval split of the prompt data (as PPO splits it)."""
+    from rlhf import data
+    from rlhf.stages.sft import load_rows
+
+    if cfg.data.prompts_eval:
+        rows = data.load(cfg.data.prompts_eval, "prompt", split=cfg.data.split, bad_rows=cfg.data.bad_rows).rows
+    else:
+        train, rows, path = load_rows(cfg, "ppo", "prompt")
+        if not rows:
+            log.warning("%s: no held-out prompts (data.eval_fraction is 0 and data.prompts_eval unset); "
+                        "evaluating on the training prompts", path)
+            rows = train
+    prompts = [r["prompt"] for r in rows]
+    return prompts[:limit] if limit else prompts
+
+
+# ------------------------------------------------------------------------------------------- generation
+
+
+@dataclass
+class GenSettings:
+    max_new_tokens: int
+    max_prompt_length: int
+    sample: bool
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int
+    batch_size: int = 8
+
+
+def generate(model, tokenizer, prompts: list[list[dict]], gen: GenSettings, cand: Candidate) -> None:
+    """Fill `cand` with prompt ids, response ids (up to and including EOS) and decoded responses."""
+    import torch
+    from transformers import GenerationConfig
+
+    from rlhf.stages.ppo.rollout import encode_prompts
+
+    config = GenerationConfig(do_sample=gen.sample, max_new_tokens=gen.max_new_tokens,
+                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                              **({"temperature": gen.temperature, "top_p": gen.top_p, "top_k": gen.top_k}
+                                 if gen.sample else {}))
+    torch.manual_seed(gen.seed)
+    for start in range(0, len(prompts), gen.batch_size):
+        ids, mask = encode_prompts(tokenizer, prompts[start:start + gen.batch_size], gen.max_prompt_length)
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+        for row in out[:, ids.shape[1]:].tolist():
+            # rows that emitted EOS are padded after it; rows that did not ran to max_new_tokens
+            response = row[:row.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in row else row
+            cand.response_ids.append(response)
+            cand.responses.append(tokenizer.decode(response, skip_special_tokens=True))
+        for row, row_mask in zip(ids.tolist(), mask.tolist(), strict=True):
+            cand.prompt_ids.append([t for t, m in zip(row, row_mask, strict=True) if m])
+
+
+def response_kl(policy, ref, pad_id: int, cand: Candidate) -> list[float]:
+    """Per response: sum over its tokens of log pi - log ref, on the ids the policy generated."""
+    seqs = [(p + r, len(p)) for p, r in zip(cand.prompt_ids, cand.response_ids, strict=True)]
+    pol = sequence_logprobs(policy, seqs, pad_id)
+    rf = sequence_logprobs(ref, seqs, pad_id)
+    return [float((a - b).sum()) for a, b in zip(pol, rf, strict=True)]
+
+
+# ------------------------------------------------------------------------------------------------ run
+
+
+def _mean(values: list[float] | None) -> float | None:
+    return None if not values else float(sum(values) / len(values))
+
+
+def win_rate(scores: list[float] | None, base: list[float] | None) -> float | None:
+    """Share of prompts where `scores` beats `base`; ties count half."""
+    if scores is None or base is None:
+        return None
+    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, base, strict=True))
+    return wins / len(scores)
+
+
+def summarize(cands: list[Candidate], base: Candidate) -> list[dict[str, Any]]:
+    key = "judge" if base.judge is not None else "rewards"
+    rows = []
+    for c in cands:
+        lengths = [len(r) - (1 if r and r[-1] == c.eos_id else 0) for r in c.response_ids]
+        rows.append({"model": c.name, "path": c.path, "reward": _mean(c.rewards), "judge": _mean(c.judge),
+                     "kl": _mean(c.kl), "length": _mean([float(n) for n in lengths]),
+                     "win_rate": win_rate(getattr(c, key), getattr(base, key)),
+                     "eos_rate": _mean([1.0 if r and r[-1] == c.eos_id else 0.0 for r in c.response_ids])})
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]], baseline_name: str) -> str:
+    cols = [("model", "model", "{}"), ("reward", "RM score", "{:.3f}"), ("judge", "judge", "{:.3f}"),
+            ("kl", "KL(ref)", "{:.3f}"), ("length", "length", "{:.1f}"), ("win_rate", f"win vs {baseline_name}",
+                                                                           "{:.3f}")]
+    cells = [[h for _, h, _ in cols]] + [[("-" if r[k] is None else f.format(r[k])) for k, _, f in cols]
+                                         for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+             for row in cells]
+    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
+
+
+def run_eval(cfg: PipelineConfig, *, model_names: list[str] | None = None, n_prompts: int | None = None,
+             judge: str | None = None, sample: bool = False, max_new_tokens: int | None = None) -> dict[str, Any]:
+    """Generate, score and compare; returns what eval.json holds."""
+    from tqdm.auto import tqdm
+
+    judge_fn = load_judge(judge)
+    prompts = eval_prompts(cfg, n_prompts)
+    if not prompts:
+        raise ConfigError(f"{cfg.source}: no prompts to evaluate on")
+    gen = GenSettings(max_new_tokens=max_new_tokens or cfg.ppo.max_new_tokens,
+                      max_prompt_length=cfg.data.max_prompt_length, sample=sample, temperature=cfg.ppo.temperature,
+                      top_p=cfg.ppo.top_p, top_k=cfg.ppo.top_k, seed=cfg.run.seed)
+    ref_name, ref_path = baseline(cfg)
+    specs = [resolve(cfg, n) for n in (model_names or default_models(cfg))]
+    if ref_name not in [n for n, _ in specs]:
+        specs.append((ref_name, ref_path))  # win rates need the baseline's responses
+    ref_tok = models.load_tokenizer(ref_path)
+    ref = models.load_causal_lm(ref_path, tokenizer=ref_tok).eval()
+    scorer = _reward_model(cfg)
+    cands = []
+    for name, path in tqdm(specs, desc="eval", unit="model", disable=not cfg.logging.progress):
+        cands.append(_evaluate_one(name, path, prompts, gen, ref, ref_tok, scorer, judge_fn))
+        log.info("eval: %s done (%d responses)", name, len(prompts))
+    base = next(c for c in cands if c.name == ref_name)
+    rows = summarize(cands, base)
+    result = {"prompts": len(prompts), "baseline": ref_name, "reference": ref_path,
+              "reward_model": scorer[2] if scorer else None, "judge": judge,
+              "win_rate_by": "judge" if judge_fn else ("reward" if scorer else None),
+              "generation": vars(gen), "models": rows}
+    _write(cfg, result, cands, prompts)
+    print(format_table(rows, ref_name))
+    return result
+
+
+def _reward_model(cfg: PipelineConfig):
+    """(model, tokenizer, dir) of the run's reward model, or None when the reward stage is not complete."""
+    if not artifacts.is_complete(cfg.stage_dir("reward")):
+        return None
+    path = str(artifacts.stage_output(cfg.stage_dir("reward"), "reward", needed_by="`rlhf eval`"))
+    tok = models.load_tokenizer(path)
+    return models.load_scalar_model(path, tokenizer=tok, require_head=True).eval(), tok, path
+
+
+def _evaluate_one(name, path, prompts, gen: GenSettings, ref, ref_tok, scorer, judge_fn) -> Candidate:
+    from rlhf.scoring import score
+    from rlhf.stages.ppo.experience import same_tokenizer
+
+    tok = models.load_tokenizer(path, padding_side="left")
+    model = models.load_causal_lm(path, tokenizer=tok).eval()
+    cand = Candidate(name, path, eos_id=tok.eos_token_id)
+    generate(model, tok, prompts, gen, cand)
+    if same_tokenizer(tok, ref_tok):
+        cand.kl = response_kl(model, ref, tok.pad_token_id, cand)
+    else:
+        log.warning("eval: %s has another tokenizer than the reference; its KL is not computed", name)
+    if scorer is not None:
+        cand.rewards = score(scorer[0], scorer[1], prompts, cand.responses)
+    if judge_fn is not None:
+        cand.judge = [float(v) for v in judge_fn(prompts, cand.responses)]
+    del model
+    return cand
+
+
+def _write(cfg: PipelineConfig, result: dict, cands: list[Candidate], prompts: list) -> None:
+    out = cfg.run.dir / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    artifacts.write_json_atomic(out / "eval.json", result)
+    with open(out / "responses.jsonl", "w", encoding="utf-8") as fh:
+        for c in cands:
+            for i, (prompt, response) in enumerate(zip(prompts, c.responses, strict=True)):
+                rec = {"model": c.name, "prompt": prompt, "response": response,
+                       "reward": c.rewards[i] if c.rewards else None, "judge": c.judge[i] if c.judge else None,
+                       "kl": c.kl[i] if c.kl else None}
+                fh.write(json.dumps(rec) + "\n")
+    plot(result, out / "eval.png")
+    log.info("eval: wrote %s, responses.jsonl and eval.png", out / "eval.json")
+
+
+def plot(result: dict, out_png: Path) -> Path:
+    """Left: score (reward, else judge) versus KL to the reference, one point per model. Right: score bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["models"]
+    metrics = [k for k in ("reward", "judge") if any(r[k] is not None for r in rows)]
+    y_key = metrics[0] if metrics else "length"
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    points: dict[tuple[float, float], list[str]] = {}  # models at the same point share one label
+    for r in rows:
+        if r["kl"] is not None and r[y_key] is not None:
+            points.setdefault((r["kl"], r[y_key]), []).append(r["model"])
+    for (x, y), names in points.items():
+        ax1.scatter(x, y)
+        ax1.annotate(", ".join(names), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax1.set_xlabel(f"KL to reference ({result['baseline']}), nats per response")
+    ax1.set_ylabel({"reward": "reward-model score", "judge": "judge score"}.get(y_key, "length (tokens)"))
+    ax1.set_title(f"{ax1.get_ylabel()} vs KL", fontsize=9)
+    ax1.grid(alpha=0.3)
+    names = [r["model"] for r in rows]
+    shown = metrics or ["length"]
+    width = 0.8 / len(shown)
+    for j, key in enumerate(shown):
+        values = [r[key] if r[key] is not None else math.nan for r in rows]
+        ax2.bar([i + j * width for i in range(len(rows))], values, width, label=key)
+    ax2.set_xticks([i + width * (len(shown) - 1) / 2 for i in range(len(rows))], names, fontsize=8)
+    ax2.set_title("mean score per model", fontsize=9)
+    ax2.legend(fontsize=8)
+    ax2.grid(alpha=0.3, axis="y")
+    fig.suptitle(f"rlhf eval: {result['prompts']} held-out prompts", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png

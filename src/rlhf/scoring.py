@@ -1,0 +1,96 @@
+"""Score (prompt, response) pairs with a reward model, the same way the reward stage trained it.
+
+Sequences are built by `rlhf.encoding` (prompt rendered for generation + response + EOS) and right-padded
+with a pad token distinct from EOS, so the sequence-classification head reads the score at the EOS token.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+from rlhf import encoding
+
+log = logging.getLogger("rlhf")
+
+
+def score(model, tokenizer, prompts: list[list[dict]], responses: list[str], *, batch_size: int = 8,
+          max_length: int | None = None) -> list[float]:
+    """One scalar reward per (prompt, response). Over-long prompts keep their end so every row gets a score."""
+    import torch
+
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id
+    scores: list[float] = []
+    for start in range(0, len(prompts), batch_size):
+        batch = []
+        for prompt, response in zip(prompts[start:start + batch_size], responses[start:start + batch_size]):
+            ids, _ = encoding.encode(tokenizer, prompt, response)
+            if max_length is not None and len(ids) > max_length:
+                ids = ids[-max_length:]
+            batch.append(ids)
+        width = max(len(ids) for ids in batch)
+        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, ids in enumerate(batch):
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            attention[i, : len(ids)] = 1
+        with torch.no_grad():
+            logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
+        scores.extend(logits[:, 0].float().cpu().tolist())
+    return scores
+
+
+def score_preferences(model, tokenizer, rows: list[dict], *, batch_size: int = 8) -> tuple[list[float], list[float]]:
+    """Rewards of the chosen and the rejected side of internal-schema preference rows."""
+    prompts = [r["prompt"] for r in rows]
+    chosen = score(model, tokenizer, prompts, [encoding.content(r["chosen"]) for r in rows], batch_size=batch_size)
+    rejected = score(model, tokenizer, prompts, [encoding.content(r["rejected"]) for r in rows], batch_size=batch_size)
+    return chosen, rejected
+
+
+def score_file(model_dir: str, data_path: str, *, out: str | None = None, batch_size: int = 8,
+               max_length: int = 1024) -> int:
+    """`rlhf score`: a JSONL line per row with its reward(s). Returns the number of rows scored."""
+    from rlhf import data, models
+
+    path = models.resolve_model(model_dir)
+    tokenizer = models.load_tokenizer(path)
+    model = models.load_scalar_model(path, tokenizer=tokenizer, require_head=True).eval()
+    kind = "preference" if _is_pairs(data_path) else "sft"
+    rows = data.load(data_path, kind).rows
+    sink = open(out, "w", encoding="utf-8") if out else sys.stdout
+    try:
+        if kind == "preference":
+            chosen, rejected = score_preferences(model, tokenizer, rows, batch_size=batch_size)
+            for row, c, r in zip(rows, chosen, rejected):
+                sink.write(json.dumps({"prompt": row["prompt"], "chosen": encoding.content(row["chosen"]),
+                                       "rejected": encoding.content(row["rejected"]),
+                                       "chosen_reward": c, "rejected_reward": r}) + "\n")
+        else:
+            rewards = score(model, tokenizer, [r["prompt"] for r in rows],
+                            [encoding.content(r["completion"]) for r in rows], batch_size=batch_size,
+                            max_length=max_length)
+            for row, value in zip(rows, rewards):
+                sink.write(json.dumps({"prompt": row["prompt"], "response": encoding.content(row["completion"]),
+                                       "reward": value}) + "\n")
+    finally:
+        if out:
+            sink.close()
+    if out:
+        log.info("scored %d rows -> %s", len(rows), Path(out))
+    return len(rows)
+
+
+def _is_pairs(data_path: str) -> bool:
+    """True when the file holds preference pairs (both sides get scored)."""
+    from rlhf import data
+    from rlhf.errors import DataError
+
+    try:
+        data.check_source(data_path, "preference")
+        return True
+    except DataError:
+        return False

@@ -1,0 +1,186 @@
+"""What every stage shares: its directory, resume point, Trainer arguments, callbacks and final save."""
+
+from __future__ import annotations
+
+import logging
+import random
+import shutil
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rlhf import artifacts, engine
+from rlhf.config import PipelineConfig, TrainCfg, save_resolved
+from rlhf.errors import StopRequested, TrainingError
+from rlhf.tracking import MetricsLogger
+
+log = logging.getLogger("rlhf")
+
+
+@dataclass
+class StageResult:
+    stage: str
+    final_dir: Path
+    metrics: dict[str, Any] = field(default_factory=dict)
+    skipped: bool = False
+
+
+class StageRun:
+    """Directory layout and resume state of one stage run.
+
+    <run>/<stage>/checkpoints/checkpoint-N  (complete only with its marker file)
+    <run>/<stage>/final                     (renamed into place when fully written)
+    <run>/<stage>/stage.json                (last)
+    """
+
+    def __init__(self, cfg: PipelineConfig, stage: str, *, restart: bool = False):
+        self.cfg = cfg
+        self.stage = stage
+        self.dir = cfg.stage_dir(stage)
+        self.ckpt_dir = self.dir / "checkpoints"
+        self.final_dir = self.dir / "final"
+        if engine.is_main():
+            self.dir.mkdir(parents=True, exist_ok=True)
+            if restart:
+                for path in (self.ckpt_dir, self.final_dir, self.dir / artifacts.MANIFEST):
+                    _remove(path)
+            (self.dir / artifacts.MANIFEST).unlink(missing_ok=True)
+            for path in artifacts.remove_incomplete_checkpoints(self.ckpt_dir):
+                log.warning("%s: removed an incomplete checkpoint (the run was stopped while saving it)", path)
+        engine.barrier()
+        self.resume = artifacts.latest_checkpoint(self.ckpt_dir)
+        self.resume_step = artifacts.checkpoint_step(self.resume) if self.resume else None
+        if self.resume is not None:
+            log.info("%s: resuming from %s (step %d)", stage, self.resume, self.resume_step)
+        self.metrics = MetricsLogger(self.dir, jsonl=cfg.logging.jsonl, tensorboard=cfg.logging.tensorboard,
+                                     enabled=engine.is_main(), resume_step=self.resume_step)
+
+    def trainer_args(self, train: TrainCfg) -> dict[str, Any]:
+        """TrainingArguments keys common to the Trainer-based stages."""
+        return {
+            "output_dir": str(self.ckpt_dir),
+            "learning_rate": train.learning_rate,
+            "num_train_epochs": train.epochs,
+            "max_steps": train.max_steps,
+            "per_device_train_batch_size": train.batch_size,
+            "per_device_eval_batch_size": train.eval_batch_size,
+            "gradient_accumulation_steps": train.grad_accum,
+            "warmup_steps": float(train.warmup_ratio),  # a float in [0, 1) is a share of all steps
+            "lr_scheduler_type": train.lr_scheduler,
+            "weight_decay": train.weight_decay,
+            "max_grad_norm": train.max_grad_norm,
+            "logging_steps": train.logging_steps,
+            "save_strategy": "steps",
+            "save_steps": train.save_steps,
+            "save_total_limit": train.save_total_limit,
+            "eval_strategy": "steps" if train.eval_steps else "no",
+            "eval_steps": train.eval_steps or None,
+            **({"gradient_checkpointing": True} if train.gradient_checkpointing else {}),
+            "report_to": "none",
+            "disable_tqdm": not self.cfg.logging.progress,
+            "dataloader_num_workers": 0,
+            **engine.trainer_kwargs(self.cfg, train),
+        }
+
+    def callbacks(self) -> list:
+        self._callback = _make_callback(self)
+        return [self._callback]
+
+    def check_stopped(self, trainer) -> None:
+        """After `trainer.train()`: a SIGTERM stop saved a checkpoint; end the command cleanly (exit 0)."""
+        if getattr(self, "_callback", None) is not None and self._callback.stop_requested:
+            self.metrics.close()
+            raise StopRequested(f"{self.stage}: stopped on SIGTERM at step {trainer.state.global_step} after saving a "
+                                f"checkpoint in {self.ckpt_dir}; resume with the same command")
+
+    def save_final(self, trainer, tokenizer, *, merge_base: str | None = None,
+                   extra_files: dict[str, str] | None = None) -> Path:
+        """Write `final/` atomically: every rank takes part (ZeRO-3 gathers weights to rank 0)."""
+        tmp = self.dir / "final.tmp"
+        if engine.is_main():
+            _remove(tmp)
+        engine.barrier()
+        trainer.save_model(str(tmp))
+        if engine.is_main():
+            from rlhf import models
+
+            if merge_base is not None and (tmp / "adapter_config.json").exists():
+                models.merge_adapter_dir(tmp, merge_base)
+            tokenizer.save_pretrained(str(tmp))
+            (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; final/ holds safetensors and text only
+            save_resolved(self.cfg, tmp / "config.resolved.yaml")
+            for name, text in (extra_files or {}).items():
+                (tmp / name).write_text(text, encoding="utf-8")
+            _remove(self.final_dir)
+            tmp.replace(self.final_dir)
+        engine.barrier()
+        return self.final_dir
+
+    def complete(self, metrics: dict[str, Any], inputs: dict[str, str], global_step: int) -> StageResult:
+        """Write the manifest last: from here on the stage counts as done."""
+        if engine.is_main():
+            save_resolved(self.cfg, self.dir / "config.resolved.yaml")
+            artifacts.write_manifest(self.dir, self.stage, inputs=inputs, config_hash=self.cfg.hash(),
+                                     metrics=metrics, global_step=global_step)
+            log.info("%s: done -> %s", self.stage, self.final_dir)
+        engine.barrier()
+        self.metrics.close()
+        return StageResult(self.stage, self.final_dir, metrics)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def _make_callback(run: StageRun):
+    """A TrainerCallback: metrics to JSONL/TensorBoard, checkpoint completion markers, NaN guard, SIGTERM."""
+    import math
+
+    from transformers import TrainerCallback
+
+    class RunCallback(TrainerCallback):
+        def __init__(self):
+            self.stop_requested = False
+            signal.signal(signal.SIGTERM, self._on_sigterm)
+
+        def _on_sigterm(self, signum, frame):  # Slurm sends SIGTERM before preemption
+            self.stop_requested = True
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = dict(logs or {})
+            loss = logs.get("loss")
+            if isinstance(loss, float) and not math.isfinite(loss):
+                raise TrainingError(f"{run.stage}: loss is {loss} at step {state.global_step}; stopping. The last "
+                                    f"good checkpoint in {run.ckpt_dir} is kept; lower the learning rate and re-run")
+            run.metrics.log(state.global_step, logs)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.stop_requested:
+                control.should_save = True
+                control.should_training_stop = True
+            return control
+
+        def on_save(self, args, state, control, **kwargs):
+            engine.barrier()  # every rank has written its shard
+            if engine.is_main():
+                path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                if path.is_dir():
+                    artifacts.mark_checkpoint_complete(path, state.global_step)
+            engine.barrier()
+
+    return RunCallback()
+
+
+def split_rows(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Deterministic train/eval split; at least one eval row when fraction > 0 and there are 2+ rows."""
+    if fraction <= 0 or len(rows) < 2:
+        return rows, []
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, int(round(len(rows) * fraction)))
+    eval_idx = set(order[:n_eval])
+    return [r for i, r in enumerate(rows) if i not in eval_idx], [r for i, r in enumerate(rows) if i in eval_idx]

@@ -1,0 +1,130 @@
+"""Final stage, DPO: TRL's DPOTrainer on the SFT output (Rafailov et al. 2023, https://arxiv.org/abs/2305.18290).
+
+The reference is the SFT model: TRL loads a frozen copy of it (`ref_model=None`), or, with LoRA, uses the
+actor with its adapters disabled. `dpo.precompute_ref_log_probs` scores the reference once before training
+instead; the pairs are then read from a dataset saved under `<run>/dpo/data/`, because TRL caches the
+reference log-probs next to the dataset's files and every rank must find the same cache (CPU-FACTS 2).
+
+Pairs go to TRL in the conversational explicit-prompt form (prompt messages, one assistant message per
+side). TRL logs the implicit rewards beta * (log pi - log ref) of both sides, their accuracy and margin.
+After saving, the reloaded model is scored against the SFT model on the held-out pairs with this
+package's own encoding (`rlhf.encoding`) and `losses.dpo_loss`'s statistics: a check independent of TRL.
+
+Note: TRL's `ipo` divides each side's log-ratio by its token count before the loss (as the IPO authors'
+code does), while `losses.ipo_loss` uses whole-sequence log-probs (the paper's formula).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+from rlhf import artifacts, engine, models
+from rlhf.config import PipelineConfig
+from rlhf.stages.common import StageResult, StageRun
+from rlhf.stages.sft import load_rows
+
+log = logging.getLogger("rlhf")
+PLOT_KEYS = ["loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected"]
+
+
+def sft_output(cfg: PipelineConfig) -> str:
+    return str(artifacts.stage_output(cfg.stage_dir("sft"), "sft", needed_by="the dpo stage", config_path=cfg.source))
+
+
+def trl_rows(rows: list[dict]) -> list[dict]:
+    """Internal-schema pairs -> TRL's conversational explicit-prompt form (extra columns dropped)."""
+    return [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows]
+
+
+def build_dataset(rows: list[dict], where: Path | None):
+    """An in-memory Dataset, or (with `where`) one saved there by the main rank and loaded by every rank."""
+    from datasets import Dataset, load_from_disk
+
+    if where is None:
+        return Dataset.from_list(rows)
+    if engine.is_main():
+        if where.exists():
+            shutil.rmtree(where)
+        Dataset.from_list(rows).save_to_disk(str(where))
+    engine.barrier()
+    return load_from_disk(str(where))
+
+
+def run(cfg: PipelineConfig, *, restart: bool = False) -> StageResult:
+    from trl import DPOConfig, DPOTrainer
+
+    sft_dir = sft_output(cfg)  # before any work: a missing SFT output is a one-line error
+    stage = StageRun(cfg, "dpo", restart=restart)
+    tokenizer = models.load_tokenizer(sft_dir, trust_remote_code=cfg.model.trust_remote_code)
+    train_rows, eval_rows, path = load_rows(cfg, "dpo", "preference")
+    on_disk = cfg.dpo.precompute_ref_log_probs
+    train_ds = build_dataset(trl_rows(train_rows), stage.dir / "data" / "train" if on_disk else None)
+    eval_ds = build_dataset(trl_rows(eval_rows), stage.dir / "data" / "eval" if on_disk else None) if eval_rows else None
+    model = models.load_causal_lm(sft_dir, tokenizer=tokenizer, trust_remote_code=cfg.model.trust_remote_code,
+                                  allow_pickle=cfg.model.allow_pickle, dtype=cfg.model.dtype)
+    peft_config = models.lora_config(cfg.model.lora, task_type="CAUSAL_LM")
+    kwargs = stage.trainer_args(cfg.dpo)
+    # TRL configs default `gradient_checkpointing` to True; the new name wins over the deprecated one.
+    kwargs["activation_checkpointing"] = cfg.dpo.gradient_checkpointing
+    args = DPOConfig(**kwargs, beta=cfg.dpo.beta, loss_type=[cfg.dpo.loss_type], max_length=cfg.data.max_length,
+                     precompute_ref_log_probs=cfg.dpo.precompute_ref_log_probs, disable_dropout=True,
+                     dataset_num_proc=None)
+    trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                         processing_class=tokenizer, callbacks=stage.callbacks(), peft_config=peft_config)
+    trainer.train(resume_from_checkpoint=str(stage.resume) if stage.resume else None)
+    stage.check_stopped(trainer)
+    report = {"train_pairs": len(train_ds), "eval_pairs": len(eval_rows), "global_step": trainer.state.global_step,
+              "beta": cfg.dpo.beta, "loss_type": cfg.dpo.loss_type}
+    if eval_ds is not None:
+        ev = trainer.evaluate()
+        report.update({f"trl_{k}": v for k, v in ev.items() if k.startswith("eval_rewards/")})
+    final = stage.save_final(trainer, tokenizer, merge_base=sft_dir if peft_config is not None else None)
+    if engine.is_main():
+        with engine.single_process_loading():
+            report.update(heldout_report(final, sft_dir, eval_rows or train_rows, cfg.dpo.beta))
+        stage.metrics.log(trainer.state.global_step, {f"eval/{k}": v for k, v in report.items()
+                                                      if isinstance(v, float)})
+        _plot(cfg, stage)
+    return stage.complete(report, {"model": sft_dir, "data": str(path)}, trainer.state.global_step)
+
+
+def implicit_rewards(policy, ref, tokenizer, rows: list[dict], beta: float) -> dict[str, float]:
+    """Held-out implicit-reward statistics of `policy` against `ref` (losses.dpo_loss's stats and loss).
+
+    rewards/accuracy counts pairs whose chosen implicit reward is strictly higher, so a policy equal to its
+    reference (every reward 0) scores 0.
+    """
+    import torch
+
+    from rlhf import encoding, losses
+    from rlhf.evaluation import encode_responses, sequence_logprobs
+
+    prompts = [r["prompt"] for r in rows]
+    sides = {}
+    for side in ("chosen", "rejected"):
+        seqs = encode_responses(tokenizer, prompts, [encoding.content(r[side]) for r in rows])
+        sides[side] = [torch.stack([lp.sum() for lp in sequence_logprobs(m, seqs, tokenizer.pad_token_id)])
+                       for m in (policy, ref)]
+    loss, stats = losses.dpo_loss(sides["chosen"][0], sides["rejected"][0], sides["chosen"][1],
+                                  sides["rejected"][1], beta)
+    return {"loss": float(loss), **{k: float(v) for k, v in stats.items()}}
+
+
+def heldout_report(final_dir: Path, ref_dir: str, rows: list[dict], beta: float) -> dict[str, float]:
+    """Reload the saved model and the SFT reference as a user would; implicit-reward stats on `rows`."""
+    tokenizer = models.load_tokenizer(str(final_dir))
+    policy = models.load_causal_lm(str(final_dir), tokenizer=tokenizer).eval()
+    ref = models.load_causal_lm(ref_dir, tokenizer=tokenizer).eval()
+    stats = implicit_rewards(policy, ref, tokenizer, rows, beta)
+    log.info("dpo: held-out implicit-reward accuracy %.3f, margin %.3f (%d pairs)",
+             stats["rewards/accuracy"], stats["rewards/margin"], len(rows))
+    return {f"heldout_{k}": v for k, v in stats.items()}
+
+
+def _plot(cfg: PipelineConfig, stage: StageRun) -> None:
+    if cfg.logging.plots and cfg.logging.jsonl:
+        from rlhf.plots import plot_curves
+
+        plot_curves(stage.dir / "metrics.jsonl", stage.dir / "curves.png", PLOT_KEYS, "DPO")

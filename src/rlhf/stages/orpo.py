@@ -1,0 +1,185 @@
+"""Final stage, ORPO (Hong et al. 2024, https://arxiv.org/abs/2403.07691): one stage from the base model,
+no SFT stage and no reference model.
+
+loss = NLL(chosen) + lambda * -log sigmoid(log odds(chosen) - log odds(rejected)), with odds(y) = p / (1 - p)
+and log p the mean token log-prob of the response (the paper's eq. 4-7); lambda is `orpo.beta`. The loss is
+`losses.orpo_loss`, driven by a small `transformers.Trainer` subclass, instead of TRL's experimental
+ORPOTrainer, because the latter (trl 1.16) takes the NLL over prompt and response together (the paper's
+NLL is over the response) and tokenizes the chat-rendered text a second time, appending EOS after the
+template's trailing newline. Here pairs are encoded as every other stage encodes them (`rlhf.encoding`:
+chat prompt with generation prompt, response, EOS), so ORPO trains exactly the sequences PPO samples and
+the reward model scores.
+
+Logged per step: orpo/nll, orpo/log_odds_ratio (mean log odds(chosen) - log odds(rejected)),
+orpo/log_odds_chosen, orpo/accuracy (share of pairs whose log odds ratio is > 0). Before training and after
+saving, the held-out log odds ratio is measured on the base model and on the reloaded final model.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+
+from rlhf import encoding, engine, models
+from rlhf.config import PipelineConfig
+from rlhf.stages.common import StageResult, StageRun
+from rlhf.stages.sft import load_rows
+
+log = logging.getLogger("rlhf")
+PLOT_KEYS = ["loss", "orpo/nll", "orpo/log_odds_ratio", "orpo/accuracy"]
+
+
+def encode_pairs(tokenizer, rows: list[dict], max_length: int, where: str) -> list[dict]:
+    """chosen/rejected ids with completion masks (1 on response tokens); over-long pairs are left out."""
+    out = []
+    for row in rows:
+        item = {}
+        for side in ("chosen", "rejected"):
+            enc = encoding.encode(tokenizer, row["prompt"], encoding.content(row[side]), max_length)
+            if enc is None:
+                break
+            ids, n_prompt = enc
+            item[f"{side}_ids"], item[f"{side}_mask"] = ids, [0] * n_prompt + [1] * (len(ids) - n_prompt)
+        else:
+            out.append(item)
+    if len(out) < len(rows):
+        log.warning("%s: %d of %d pairs are longer than data.max_length=%d tokens and were left out",
+                    where, len(rows) - len(out), len(rows), max_length)
+    return out
+
+
+def collate_pairs(pad_id: int):
+    """Features -> right-padded [2B, T] input_ids, attention_mask, completion_mask (chosen rows first)."""
+    import torch
+
+    def collate(features: list[dict]) -> dict:
+        seqs = [(f["chosen_ids"], f["chosen_mask"]) for f in features]
+        seqs += [(f["rejected_ids"], f["rejected_mask"]) for f in features]
+        width = max(len(ids) for ids, _ in seqs)
+        input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+        attention = torch.zeros((len(seqs), width), dtype=torch.long)
+        completion = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, (ids, mask) in enumerate(seqs):
+            input_ids[i, :len(ids)] = torch.tensor(ids)
+            attention[i, :len(ids)] = 1
+            completion[i, :len(ids)] = torch.tensor(mask)
+        return {"input_ids": input_ids, "attention_mask": attention, "completion_mask": completion}
+
+    return collate
+
+
+def mean_response_logps(model, batch: dict):
+    """Mean token log-prob of each row's response, [2B] (differentiable)."""
+    from rlhf.losses import logprobs_from_logits, masked_mean
+
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    token_logps = logprobs_from_logits(logits[:, :-1], batch["input_ids"][:, 1:])
+    return masked_mean(token_logps, batch["completion_mask"][:, 1:], dim=-1)
+
+
+def make_trainer(lam: float, **kwargs):
+    """A transformers Trainer whose loss is `losses.orpo_loss` on paired batches from `collate_pairs`."""
+    import torch
+    from transformers import Trainer
+
+    from rlhf import losses
+
+    class ORPOTrainer(Trainer):
+        loss_is_scaled_for_ga = False  # the loss is a per-micro-batch mean: let the Trainer divide by grad_accum
+
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            self._stats = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            chosen, rejected = mean_response_logps(model, inputs).chunk(2)
+            loss, stats = losses.orpo_loss(-chosen, chosen, rejected, lam)
+            stats["orpo/accuracy"] = (chosen > rejected).float().mean()  # log odds are monotone in log p
+            values = self.accelerator.gather(torch.stack(list(stats.values())).detach()[None])  # [ranks, k]
+            mode = "train" if model.training else "eval"
+            for key, value in zip(stats, values.mean(0).tolist(), strict=True):
+                self._stats[mode][key].append(value)
+            return (loss, {}) if return_outputs else loss
+
+        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+            inputs = self._prepare_inputs(inputs)
+            with torch.no_grad(), self.compute_loss_context_manager():
+                loss = self.compute_loss(model, inputs)
+            return loss.detach(), None, None
+
+        def log(self, logs: dict, start_time: float | None = None) -> None:
+            mode = "train" if self.model.training else "eval"
+            prefix = "eval_" if mode == "eval" else ""
+            logs.update({f"{prefix}{k}": sum(v) / len(v) for k, v in self._stats[mode].items() if v})
+            self._stats[mode].clear()
+            super().log(logs, start_time)
+
+    return ORPOTrainer(**kwargs)
+
+
+def run(cfg: PipelineConfig, *, restart: bool = False) -> StageResult:
+    from datasets import Dataset
+    from transformers import TrainingArguments
+
+    stage = StageRun(cfg, "orpo", restart=restart)
+    base = models.resolve_model(cfg.model.name_or_path)
+    tokenizer = models.load_tokenizer(models.resolve_model(cfg.model.tokenizer or base),
+                                      trust_remote_code=cfg.model.trust_remote_code,
+                                      chat_template=cfg.model.chat_template)
+    train_rows, eval_rows, path = load_rows(cfg, "orpo", "preference")
+    train_ds = Dataset.from_list(encode_pairs(tokenizer, train_rows, cfg.data.max_length, path))
+    eval_ds = Dataset.from_list(encode_pairs(tokenizer, eval_rows, cfg.data.max_length, path)) if eval_rows else None
+    lora = models.lora_dict(cfg.model.lora)  # new adapters start at zero: the model is still the base model
+    model = models.load_causal_lm(base, tokenizer=tokenizer, trust_remote_code=cfg.model.trust_remote_code,
+                                  allow_pickle=cfg.model.allow_pickle, dtype=cfg.model.dtype, lora=lora)
+    check_rows = eval_rows or train_rows
+    before = log_odds_report(model.eval(), tokenizer, check_rows) if engine.is_main() else {}
+    engine.barrier()
+    model.train()
+    args = TrainingArguments(**stage.trainer_args(cfg.orpo), remove_unused_columns=False)
+    trainer = make_trainer(cfg.orpo.beta, model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                           data_collator=collate_pairs(tokenizer.pad_token_id), processing_class=tokenizer,
+                           callbacks=stage.callbacks())
+    trainer.train(resume_from_checkpoint=str(stage.resume) if stage.resume else None)
+    stage.check_stopped(trainer)
+    report = {"train_pairs": len(train_ds), "eval_pairs": len(eval_rows), "global_step": trainer.state.global_step,
+              "lambda": cfg.orpo.beta, **{f"heldout_{k}_before": v for k, v in before.items()}}
+    if eval_ds is not None and len(eval_ds):
+        report.update({k: v for k, v in trainer.evaluate().items() if k.startswith("eval_")})
+    final = stage.save_final(trainer, tokenizer, merge_base=base if lora else None)
+    if engine.is_main():
+        with engine.single_process_loading():
+            after = log_odds_report(models.load_causal_lm(str(final), tokenizer=tokenizer).eval(), tokenizer,
+                                    check_rows)
+        report.update({f"heldout_{k}_after": v for k, v in after.items()})
+        log.info("orpo: held-out log odds ratio %.3f -> %.3f, accuracy %.3f -> %.3f (%d pairs)",
+                 before["log_odds_ratio"], after["log_odds_ratio"], before["accuracy"], after["accuracy"],
+                 len(check_rows))
+        stage.metrics.log(trainer.state.global_step, {f"eval/{k}": v for k, v in report.items()
+                                                      if isinstance(v, float)})
+        _plot(cfg, stage)
+    return stage.complete(report, {"model": base, "data": str(path)}, trainer.state.global_step)
+
+
+def log_odds_report(model, tokenizer, rows: list[dict]) -> dict[str, float]:
+    """Held-out ORPO statistics of a model: mean log odds ratio, accuracy (ratio > 0), chosen NLL, loss at lambda 1."""
+    import torch
+
+    from rlhf import losses
+    from rlhf.evaluation import encode_responses, sequence_logprobs
+
+    prompts = [r["prompt"] for r in rows]
+    means = {}
+    for side in ("chosen", "rejected"):
+        seqs = encode_responses(tokenizer, prompts, [encoding.content(r[side]) for r in rows])
+        means[side] = torch.stack([lp.mean() for lp in sequence_logprobs(model, seqs, tokenizer.pad_token_id)])
+    loss, stats = losses.orpo_loss(-means["chosen"], means["chosen"], means["rejected"], 1.0)
+    return {"log_odds_ratio": float(stats["orpo/log_odds_ratio"]), "nll": float(stats["orpo/nll"]),
+            "accuracy": float((means["chosen"] > means["rejected"]).float().mean()), "loss_lambda1": float(loss)}
+
+
+def _plot(cfg: PipelineConfig, stage: StageRun) -> None:
+    if cfg.logging.plots and cfg.logging.jsonl:
+        from rlhf.plots import plot_curves
+
+        plot_curves(stage.dir / "metrics.jsonl", stage.dir / "curves.png", PLOT_KEYS, "ORPO")

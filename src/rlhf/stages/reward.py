@@ -1,0 +1,128 @@
+"""Stage 2: a reward model (1-label sequence-classification head) trained with TRL's RewardTrainer.
+
+Works after SFT (the default base is the SFT output when the file has an `sft` section) and on its own
+from any base model ("reward-model-only training"). Pairs are tokenized with `rlhf.encoding`, so the
+score is read at the EOS token exactly as PPO will read it. After training, the saved model is reloaded
+in a plain process and scored on the held-out pairs: preference accuracy, margin, and the reward mean/std
+that PPO uses to normalise scores (stored as `reward_stats.json` next to the weights).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from rlhf import artifacts, encoding, engine, metrics, models, scoring
+from rlhf.config import PipelineConfig
+from rlhf.stages.common import StageResult, StageRun
+from rlhf.stages.sft import load_rows
+
+log = logging.getLogger("rlhf")
+
+
+def base_model(cfg: PipelineConfig) -> str:
+    """The model the score head goes on: reward.base_model, else the SFT output if the file has SFT, else the base."""
+    if cfg.reward.base_model:
+        return models.resolve_model(cfg.reward.base_model)
+    if "sft" in cfg.present:
+        return str(artifacts.stage_output(cfg.stage_dir("sft"), "sft", needed_by="the reward stage",
+                                          config_path=cfg.source))
+    return models.resolve_model(cfg.model.name_or_path)
+
+
+def encode_pairs(tokenizer, rows: list[dict], max_length: int, where: str, use_margin: bool) -> list[dict]:
+    """chosen_ids / rejected_ids (and margin) per pair; pairs with a side over max_length are left out."""
+    out = []
+    for row in rows:
+        chosen = encoding.encode(tokenizer, row["prompt"], encoding.content(row["chosen"]), max_length)
+        rejected = encoding.encode(tokenizer, row["prompt"], encoding.content(row["rejected"]), max_length)
+        if chosen is None or rejected is None:
+            continue
+        item = {"chosen_ids": chosen[0], "rejected_ids": rejected[0]}
+        if use_margin:
+            item["margin"] = float(row.get("margin") or 0.0)
+        out.append(item)
+    if len(out) < len(rows):
+        log.warning("%s: %d of %d pairs are longer than data.max_length=%d tokens and were left out",
+                    where, len(rows) - len(out), len(rows), max_length)
+    return out
+
+
+def run(cfg: PipelineConfig, *, restart: bool = False) -> StageResult:
+    from datasets import Dataset
+    from trl import RewardConfig, RewardTrainer
+
+    stage = StageRun(cfg, "reward", restart=restart)
+    base = base_model(cfg)
+    tokenizer = models.load_tokenizer(models.resolve_model(cfg.model.tokenizer) if cfg.model.tokenizer else base,
+                                      trust_remote_code=cfg.model.trust_remote_code,
+                                      chat_template=cfg.model.chat_template)
+    train_rows, eval_rows, path = load_rows(cfg, "reward", "preference")
+    train_ds = Dataset.from_list(encode_pairs(tokenizer, train_rows, cfg.data.max_length, path, cfg.reward.margin))
+    eval_ds = None
+    if eval_rows:
+        eval_ds = Dataset.from_list(encode_pairs(tokenizer, eval_rows, cfg.data.max_length, path, cfg.reward.margin))
+    model = models.load_scalar_model(base, tokenizer=tokenizer, require_head=False,
+                                     trust_remote_code=cfg.model.trust_remote_code,
+                                     allow_pickle=cfg.model.allow_pickle, dtype=cfg.model.dtype)
+    args = RewardConfig(**stage.trainer_args(cfg.reward), max_length=cfg.data.max_length,
+                        center_rewards_coefficient=cfg.reward.center_rewards_coefficient or None,
+                        disable_dropout=True, dataset_num_proc=None)
+    peft_config = models.lora_config(cfg.model.lora, task_type="SEQ_CLS")
+    trainer = RewardTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                            processing_class=tokenizer, callbacks=stage.callbacks(), peft_config=peft_config)
+    trainer.train(resume_from_checkpoint=str(stage.resume) if stage.resume else None)
+    stage.check_stopped(trainer)
+    check_rows = (eval_rows or train_rows)[:16]
+    live = _live_scores(trainer, tokenizer, check_rows)  # all ranks: the model may be sharded
+    final = stage.save_final(trainer, tokenizer, merge_base=base if peft_config is not None else None)
+    report = {"train_pairs": len(train_ds), "eval_pairs": len(eval_rows), "global_step": trainer.state.global_step}
+    if engine.is_main():
+        with engine.single_process_loading():
+            report.update(evaluate_reward_model(final, eval_rows or train_rows, live=(check_rows, live)))
+        stage.metrics.log(trainer.state.global_step, {f"eval/{k}": v for k, v in report.items()})
+        _plot(cfg, stage)
+    return stage.complete(report, {"model": base, "data": str(path)}, trainer.state.global_step)
+
+
+def _live_scores(trainer, tokenizer, rows: list[dict]) -> list[float]:
+    """Scores from the in-memory (possibly ZeRO-3 sharded) model; every rank must call this."""
+    model = trainer.model
+    was_training = model.training
+    model.eval()
+    chosen, rejected = scoring.score_preferences(model, tokenizer, rows)
+    model.train(was_training)
+    return chosen + rejected
+
+
+def evaluate_reward_model(final_dir, rows: list[dict], live: tuple[list[dict], list[float]] | None = None
+                          ) -> dict[str, float]:
+    """Reload the saved model as any user would, score the pairs, and store reward stats with it.
+
+    With `live` (rows and the scores the trained model gave them before saving), also reports the largest
+    difference between live and reloaded scores: a check that saving (e.g. gathering ZeRO-3 shards) lost nothing.
+    """
+    tokenizer = models.load_tokenizer(str(final_dir))
+    model = models.load_scalar_model(str(final_dir), tokenizer=tokenizer, require_head=True).eval()
+    chosen, rejected = scoring.score_preferences(model, tokenizer, rows)
+    report = metrics.preference_report(chosen, rejected)
+    if live is not None:
+        check_rows, live_scores = live
+        again = scoring.score_preferences(model, tokenizer, check_rows)
+        diff = max(abs(a - b) for a, b in zip(again[0] + again[1], live_scores))
+        report["saved_vs_live_max_abs_diff"] = diff
+        if diff > 1e-3:
+            log.warning("reward: the saved model scores differ from the trained one by up to %.4g", diff)
+    stats = {"mean": report["reward_mean"], "std": report["reward_std"], "n": report["n"]}
+    artifacts.write_json_atomic(final_dir / "reward_stats.json", stats)
+    log.info("reward: held-out accuracy %.3f, margin %.3f, reward mean %.3f std %.3f (%d pairs)",
+             report["preference_accuracy"], report["reward_margin_mean"], stats["mean"], stats["std"], len(rows))
+    return {k: float(v) for k, v in report.items()}
+
+
+def _plot(cfg: PipelineConfig, stage: StageRun) -> None:
+    if cfg.logging.plots and cfg.logging.jsonl:
+        from rlhf.plots import plot_curves
+
+        plot_curves(stage.dir / "metrics.jsonl", stage.dir / "curves.png",
+                    ["loss", "accuracy", "margin", "mean_reward"], "Reward model")
+

@@ -1,0 +1,93 @@
+"""Stage 1: supervised fine-tuning with TRL's SFTTrainer on the project's data and model layers.
+
+Rows are tokenized here with `rlhf.encoding` (prompt rendered for generation, response, EOS), so the
+policy learns exactly the sequences it will later generate in PPO; the loss covers the response by
+default. Evaluation reports loss and perplexity on the held-out split.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+from rlhf import data, encoding, models, preflight
+from rlhf.config import PipelineConfig
+from rlhf.stages.common import StageResult, StageRun, split_rows
+
+log = logging.getLogger("rlhf")
+
+EVAL_KEY = {"sft": "sft_eval", "preference": "preference_eval", "prompt": "prompts_eval"}
+
+
+def load_rows(cfg: PipelineConfig, stage: str, kind: str) -> tuple[list[dict], list[dict], str]:
+    """Train and eval rows (internal schema) for a stage, with the configured bad-row policy."""
+    path, _, _ = preflight.data_source(cfg, stage)
+    result = data.load(path, kind, split=cfg.data.split, bad_rows=cfg.data.bad_rows)
+    if result.n_skipped:
+        log.warning("%s: skipped %d bad rows (data.bad_rows=skip); first: %s", path, result.n_skipped,
+                    result.skipped[0] if result.skipped else "")
+    eval_path = getattr(cfg.data, EVAL_KEY[kind])
+    if eval_path:
+        return result.rows, data.load(eval_path, kind, split=cfg.data.split, bad_rows=cfg.data.bad_rows).rows, path
+    train, held_out = split_rows(result.rows, cfg.data.eval_fraction, cfg.run.seed)
+    return train, held_out, path
+
+
+def encode_sft(tokenizer, rows: list[dict], max_length: int, where: str) -> list[dict]:
+    """input_ids + completion_mask per row; rows longer than max_length are dropped and counted."""
+    out = []
+    for row in rows:
+        enc = encoding.encode(tokenizer, row["prompt"], encoding.content(row["completion"]), max_length)
+        if enc is None:
+            continue
+        ids, n_prompt = enc
+        out.append({"input_ids": ids, "completion_mask": [0] * n_prompt + [1] * (len(ids) - n_prompt)})
+    if len(out) < len(rows):
+        log.warning("%s: %d of %d rows are longer than data.max_length=%d tokens and were left out",
+                    where, len(rows) - len(out), len(rows), max_length)
+    return out
+
+
+def run(cfg: PipelineConfig, *, restart: bool = False) -> StageResult:
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    stage = StageRun(cfg, "sft", restart=restart)
+    base = models.resolve_model(cfg.model.name_or_path)
+    tokenizer = models.load_tokenizer(models.resolve_model(cfg.model.tokenizer or base),
+                                      trust_remote_code=cfg.model.trust_remote_code,
+                                      chat_template=cfg.model.chat_template)
+    train_rows, eval_rows, path = load_rows(cfg, "sft", "sft")
+    train_ds = Dataset.from_list(encode_sft(tokenizer, train_rows, cfg.data.max_length, path))
+    eval_ds = Dataset.from_list(encode_sft(tokenizer, eval_rows, cfg.data.max_length, path)) if eval_rows else None
+    model = models.load_causal_lm(base, tokenizer=tokenizer, trust_remote_code=cfg.model.trust_remote_code,
+                                  allow_pickle=cfg.model.allow_pickle, dtype=cfg.model.dtype)
+    peft_config = models.lora_config(cfg.model.lora, task_type="CAUSAL_LM")
+    args = SFTConfig(**stage.trainer_args(cfg.sft), max_length=cfg.data.max_length, packing=cfg.sft.packing,
+                     completion_only_loss=cfg.sft.completion_only_loss, dataset_num_proc=None)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                         processing_class=tokenizer, callbacks=stage.callbacks(), peft_config=peft_config)
+    trainer.train(resume_from_checkpoint=str(stage.resume) if stage.resume else None)
+    stage.check_stopped(trainer)
+    metrics = {"train_rows": len(train_ds), "eval_rows": len(eval_ds) if eval_ds is not None else 0,
+               "global_step": trainer.state.global_step}
+    if eval_ds is not None and len(eval_ds):
+        ev = trainer.evaluate()
+        metrics["eval_loss"] = ev["eval_loss"]
+        metrics["eval_perplexity"] = math.exp(min(ev["eval_loss"], 50.0))
+        stage.metrics.log(trainer.state.global_step, {"eval/loss": metrics["eval_loss"],
+                                                      "eval/perplexity": metrics["eval_perplexity"]})
+    stage.save_final(trainer, tokenizer, merge_base=base if peft_config is not None else None)
+    _plot(cfg, stage.dir)
+    return stage.complete(metrics, {"model": base, "data": str(path)}, trainer.state.global_step)
+
+
+def _plot(cfg: PipelineConfig, stage_dir: Path) -> None:
+    if cfg.logging.plots and cfg.logging.jsonl:
+        from rlhf.engine import is_main
+        from rlhf.plots import plot_curves
+
+        if is_main():
+            plot_curves(stage_dir / "metrics.jsonl", stage_dir / "curves.png",
+                        ["loss", "mean_token_accuracy", "grad_norm", "learning_rate"], "SFT")

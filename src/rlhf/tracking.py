@@ -1,0 +1,91 @@
+"""Metrics: one JSONL line per log step plus TensorBoard scalars, written by the main rank only.
+
+Every stage (the Trainer-based ones through `MetricsCallback`, PPO directly) logs through `MetricsLogger`,
+so `metrics.jsonl` and `logs/` look the same everywhere. On resume from step N, lines past N (written
+after the checkpoint the run resumes from) are dropped, so a resumed run's curve has no duplicates.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+
+class MetricsLogger:
+    def __init__(self, stage_dir: str | Path, *, jsonl: bool = True, tensorboard: bool = True,
+                 enabled: bool = True, resume_step: int | None = None):
+        self.path = Path(stage_dir) / "metrics.jsonl"
+        self.enabled = enabled
+        self.jsonl = jsonl and enabled
+        self._tb = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.jsonl:
+            self._truncate(resume_step)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(Path(stage_dir) / "logs"), purge_step=resume_step)
+
+    def _truncate(self, resume_step: int | None) -> None:
+        if not self.path.exists():
+            return
+        if resume_step is None:
+            self.path.unlink()
+            return
+        kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and _step_of(line) <= resume_step]
+        self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self.jsonl:
+            record = {"step": step, "time": round(time.time(), 3), **{k: _clean(v) for k, v in metrics.items()}}
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for key, value in scalars.items():
+                if math.isfinite(value):
+                    self._tb.add_scalar(key, value, step)
+
+    def text(self, step: int, tag: str, value: str) -> None:
+        if self._tb is not None:
+            self._tb.add_text(tag, value, step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.flush()
+            self._tb.close()
+            self._tb = None
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def _step_of(line: str) -> int:
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (json.JSONDecodeError, TypeError, ValueError):
+        return 1 << 62  # unreadable (half-written) line: drop it
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
