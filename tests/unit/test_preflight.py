@@ -1,0 +1,109 @@
+"""`rlhf preflight`: exit 0 on the shipped tiny config; exit 2 with one clear line per blocker."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from rlhf import preflight
+from rlhf.config import config_from_dict
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "rlhf.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=120)
+
+
+def _tiny(tmp_path) -> dict:
+    raw = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+    raw["run"]["output_dir"] = str(tmp_path / "runs")
+    for key in ("sft", "preference", "prompts"):
+        raw["data"][key] = str(ROOT / raw["data"][key])
+    return raw
+
+
+def _write(tmp_path, raw) -> str:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def test_shipped_tiny_config_passes(tmp_path):
+    proc = _cli("preflight", "--config", "configs/tiny.yaml", "--set", f"run.output_dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr
+    assert "preflight ok" in proc.stdout and "sft, reward, ppo" in proc.stdout
+
+
+def test_typo_key_exits_2_with_suggestion(tmp_path):
+    raw = _tiny(tmp_path)
+    raw["sft"]["learnig_rate"] = 1e-4
+    proc = _cli("preflight", "--config", _write(tmp_path, raw))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "unknown key 'sft.learnig_rate' (did you mean 'sft.learning_rate'?)" in lines[0]
+    assert "cfg.yaml" in lines[0]
+
+
+def test_negative_beta_exits_2(tmp_path):
+    proc = _cli("preflight", "--config", _write(tmp_path, _tiny(tmp_path)), "--set", "dpo.beta=-0.1")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'cfg.yaml'}: dpo.beta: must be > 0 (got -0.1)"]
+
+
+def test_missing_data_file_exits_2(tmp_path):
+    raw = _tiny(tmp_path)
+    raw["data"]["preference"] = str(tmp_path / "nope.jsonl")
+    proc = _cli("preflight", "--config", _write(tmp_path, raw))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines and all(line.startswith("blocked: [data.invalid]") for line in lines)
+    assert "nope.jsonl: no such file" in lines[0]
+
+
+def test_reward_config_on_a_chosen_only_file_exits_2(tmp_path):
+    chosen_only = tmp_path / "chosen_only.jsonl"
+    chosen_only.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) + "\n" for i in range(3)))
+    raw = {"run": {"output_dir": str(tmp_path / "runs")}, "model": {"name_or_path": "tiny-random"},
+           "data": {"preference": str(chosen_only)}, "reward": {}}
+    proc = _cli("preflight", "--config", _write(tmp_path, raw))
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()
+    assert "chosen_only.jsonl" in line and "chosen/rejected" in line
+
+
+def test_blockers_are_typed_and_cover_stage_inputs_and_models(tmp_path):
+    raw = _tiny(tmp_path)
+    raw["model"]["name_or_path"] = str(tmp_path / "no_model_here")
+    cfg = config_from_dict(raw, source="cfg.yaml")
+    blockers = preflight.check(cfg, ["ppo"], standalone=True)
+    codes = {b.code for b in blockers}
+    assert {"model.unusable", "stage.input_missing"} <= codes
+    assert all("\n" not in str(b) for b in blockers)
+    # In a pipeline the SFT and reward outputs are produced on the way: not blockers.
+    assert "stage.input_missing" not in {b.code for b in preflight.check(cfg, standalone=False)}
+
+
+def test_unwritable_output_dir_is_a_blocker(tmp_path):
+    # A path below a regular file cannot be created, even by root.
+    (tmp_path / "a_file").write_text("x")
+    raw = _tiny(tmp_path)
+    raw["run"]["output_dir"] = str(tmp_path / "a_file" / "runs")
+    cfg = config_from_dict(raw, source="cfg.yaml")
+    blockers = preflight.check(cfg, ["sft"])
+    assert [b.code for b in blockers] == ["output.unwritable"]
+    assert "set run.output_dir" in blockers[0].message
+
+
+def test_data_inspect_cli_flags_verbosity_bias(tmp_path):
+    path = tmp_path / "long_wins.jsonl"
+    rows = [{"prompt": f"q{i}", "chosen": "a long and detailed answer " * 3, "rejected": "short"} for i in range(10)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = _cli("data", "inspect", str(path))
+    assert proc.returncode == 0, proc.stderr
+    assert "verbosity bias" in proc.stdout and "preference" in proc.stdout
