@@ -1,21 +1,36 @@
 # Shared by the stage scripts: pick the Python and the launcher from the environment.
-#   (default)          one plain process (CPU or one GPU)
-#   NUM_GPUS=N         deepspeed on this node with N ranks (on a machine without CUDA: N CPU ranks, gloo)
-#   LAUNCHER=torchrun  torchrun --nproc_per_node "${NUM_GPUS:-1}"
+#   (default)                one plain process (CPU or one GPU)
+#   NUM_GPUS=N               deepspeed on this node with N ranks (no CUDA: N CPU ranks with gloo)
+#   HOSTFILE=path            deepspeed over the hosts in a hostfile (pdsh/ssh), NUM_GPUS per host
+#   NNODES=M NODE_RANK=r MASTER_ADDR=host [MASTER_PORT=29500]
+#                            deepspeed --no_ssh: run the same command on every node with its NODE_RANK
+#   LAUNCHER=torchrun        torchrun --nproc_per_node NUM_GPUS (with NNODES/NODE_RANK/MASTER_ADDR if set)
 # Logs go to "$LOG_DIR/<command>.log" (default runs/logs) as well as the terminal.
 PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 LOG_DIR=${LOG_DIR:-runs/logs}
+
+rlhf_launcher() {
+  local port=${MASTER_PORT:-29500}
+  if [ "${LAUNCHER:-}" = torchrun ]; then
+    LAUNCH=("$PY" -m torch.distributed.run --nproc_per_node "${NUM_GPUS:-1}" --nnodes "${NNODES:-1}" \
+      --node_rank "${NODE_RANK:-0}" --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "$port" -m rlhf.cli)
+  elif [ -n "${NNODES:-}" ]; then
+    LAUNCH=("$PY" -m deepspeed.launcher.runner --no_ssh --num_nodes "$NNODES" --node_rank "${NODE_RANK:?set NODE_RANK}" \
+      --master_addr "${MASTER_ADDR:?set MASTER_ADDR}" --master_port "$port" --num_gpus "${NUM_GPUS:-1}" --module rlhf.cli)
+  elif [ -n "${HOSTFILE:-}" ]; then
+    LAUNCH=("$PY" -m deepspeed.launcher.runner --hostfile "$HOSTFILE" --master_port "$port" --module rlhf.cli)
+  elif [ -n "${NUM_GPUS:-}" ]; then
+    LAUNCH=("$PY" -m deepspeed.launcher.runner --num_gpus "$NUM_GPUS" --master_port "$port" --module rlhf.cli)
+  else
+    LAUNCH=("$PY" -m rlhf.cli)
+  fi
+}
 
 rlhf_run() {
   local cmd=$1; shift
   mkdir -p "$LOG_DIR"
   if ! command -v nvidia-smi >/dev/null 2>&1; then export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}; fi
-  local launch=("$PY" -m rlhf.cli)
-  if [ "${LAUNCHER:-}" = torchrun ]; then
-    launch=("$PY" -m torch.distributed.run --nproc_per_node "${NUM_GPUS:-1}" -m rlhf.cli)
-  elif [ -n "${NUM_GPUS:-}" ]; then
-    launch=("$(dirname "$PY")/deepspeed" --num_gpus "$NUM_GPUS" --master_port "${MASTER_PORT:-29500}" --module rlhf.cli)
-  fi
-  "${launch[@]}" "$cmd" "$@" 2>&1 | tee -a "$LOG_DIR/$cmd.log"
+  rlhf_launcher
+  "${LAUNCH[@]}" "$cmd" "$@" 2>&1 | tee -a "$LOG_DIR/$cmd.log"
   return "${PIPESTATUS[0]}"
 }

@@ -1,5 +1,5 @@
-"""DPO and ORPO under `deepspeed --num_gpus 2` on CPU with ZeRO-3: train, checkpoint, save, and the saved
-model loads in a single process with full (gathered) weights."""
+"""DPO and ORPO under `deepspeed --num_gpus 2` on CPU with ZeRO-3 (and ORPO with ZeRO-2): train, checkpoint,
+save, and the saved model loads in a single process with full (gathered) weights."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _config(tmp_path: Path, final_stage: str, model: str, section: dict) -> Path:
+def _config(tmp_path: Path, final_stage: str, model: str, section: dict, zero_stage: int = 3) -> Path:
     raw = {"run": {"name": "t", "output_dir": str(tmp_path / "runs"), "seed": 0, "device": "cpu"},
            "model": {"name_or_path": model},
            "data": {"preference": str(ROOT / "data/tiny/preference.jsonl"), "eval_fraction": 0.1,
@@ -27,7 +27,7 @@ def _config(tmp_path: Path, final_stage: str, model: str, section: dict) -> Path
            "final_stage": final_stage,
            final_stage: {"learning_rate": 1e-3, "max_steps": 2, "batch_size": 2, "grad_accum": 2,
                          "eval_batch_size": 4, "save_steps": 2, **section},
-           "deepspeed": {"enabled": True, "zero_stage": 3},
+           "deepspeed": {"enabled": True, "zero_stage": zero_stage},
            "logging": {"progress": False, "tensorboard": False, "plots": False}}
     path = tmp_path / f"{final_stage}.yaml"
     path.write_text(yaml.safe_dump(raw), encoding="utf-8")
@@ -46,19 +46,23 @@ def _check_saved(stage_dir: Path) -> dict:
     return manifest["metrics"]
 
 
-def test_dpo_zero3_two_ranks_with_precomputed_reference(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("precompute", [True, False], ids=["precomputed_ref", "ref_engine"])
+def test_dpo_zero3_two_ranks(tmp_path, tiny_model_dir, precompute):
+    # precomputed: the pairs are file-backed so both ranks read rank 0's reference cache (CPU-FACTS 2);
+    # otherwise TRL's frozen reference copy is a ZeRO-3 inference engine of its own.
     sft = tmp_path / "runs" / "t" / "sft"
     shutil.copytree(tiny_model_dir, sft / "final")
     artifacts.write_manifest(sft, "sft", inputs={}, config_hash="test", metrics={})
-    config = _config(tmp_path, "dpo", str(tiny_model_dir), {"precompute_ref_log_probs": True, "beta": 0.1})
+    config = _config(tmp_path, "dpo", str(tiny_model_dir), {"precompute_ref_log_probs": precompute, "beta": 0.1})
     proc = deepspeed_cli(["dpo", "--config", str(config)])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     metrics = _check_saved(tmp_path / "runs" / "t" / "dpo")
     assert 0.0 <= metrics["heldout_rewards/accuracy"] <= 1.0
 
 
-def test_orpo_zero3_two_ranks(tmp_path, tiny_model_dir):
-    config = _config(tmp_path, "orpo", str(tiny_model_dir), {"beta": 0.1})
+@pytest.mark.parametrize("zero_stage", [3, 2])
+def test_orpo_zero_two_ranks(tmp_path, tiny_model_dir, zero_stage):
+    config = _config(tmp_path, "orpo", str(tiny_model_dir), {"beta": 0.1}, zero_stage=zero_stage)
     proc = deepspeed_cli(["orpo", "--config", str(config)])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     metrics = _check_saved(tmp_path / "runs" / "t" / "orpo")

@@ -76,7 +76,7 @@ class StageRun:
             "save_total_limit": train.save_total_limit,
             "eval_strategy": "steps" if train.eval_steps else "no",
             "eval_steps": train.eval_steps or None,
-            **({"gradient_checkpointing": True} if train.gradient_checkpointing else {}),
+            "activation_checkpointing": train.gradient_checkpointing,  # TRL configs default it to True
             "report_to": "none",
             "disable_tqdm": not self.cfg.logging.progress,
             "dataloader_num_workers": 0,

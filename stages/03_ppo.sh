@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Stage: ppo (final stage). Usage: bash stages/03_ppo.sh CONFIG [--set key=value ...] [--restart]
+# Launch mode from the environment (see stages/README.md): NUM_GPUS=2 for two ranks under deepspeed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CONFIG=${1:?usage: $0 CONFIG [--set key=value ...]}; shift
+source stages/lib.sh
+rlhf_run ppo --config "$CONFIG" "$@"
