@@ -23,7 +23,7 @@ def plot_curves(metrics_path: str | Path, out_png: str | Path, keys: list[str], 
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(series), figsize=(4.2 * len(series), 3.2), squeeze=False)
-    for ax, (key, pts) in zip(axes[0], series.items()):
+    for ax, (key, pts) in zip(axes[0], series.items(), strict=True):
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 40 else None)
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("step")

@@ -26,7 +26,7 @@ def score(model, tokenizer, prompts: list[list[dict]], responses: list[str], *, 
     scores: list[float] = []
     for start in range(0, len(prompts), batch_size):
         batch = []
-        for prompt, response in zip(prompts[start:start + batch_size], responses[start:start + batch_size]):
+        for prompt, response in zip(prompts[start:start + batch_size], responses[start:start + batch_size], strict=True):
             ids, _ = encoding.encode(tokenizer, prompt, response)
             if max_length is not None and len(ids) > max_length:
                 ids = ids[-max_length:]
@@ -65,7 +65,7 @@ def score_file(model_dir: str, data_path: str, *, out: str | None = None, batch_
     try:
         if kind == "preference":
             chosen, rejected = score_preferences(model, tokenizer, rows, batch_size=batch_size)
-            for row, c, r in zip(rows, chosen, rejected):
+            for row, c, r in zip(rows, chosen, rejected, strict=True):
                 sink.write(json.dumps({"prompt": row["prompt"], "chosen": encoding.content(row["chosen"]),
                                        "rejected": encoding.content(row["rejected"]),
                                        "chosen_reward": c, "rejected_reward": r}) + "\n")
@@ -73,7 +73,7 @@ def score_file(model_dir: str, data_path: str, *, out: str | None = None, batch_
             rewards = score(model, tokenizer, [r["prompt"] for r in rows],
                             [encoding.content(r["completion"]) for r in rows], batch_size=batch_size,
                             max_length=max_length)
-            for row, value in zip(rows, rewards):
+            for row, value in zip(rows, rewards, strict=True):
                 sink.write(json.dumps({"prompt": row["prompt"], "response": encoding.content(row["completion"]),
                                        "reward": value}) + "\n")
     finally:

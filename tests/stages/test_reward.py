@@ -6,12 +6,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers import ROOT, cli_env, run_cli, tiny_cfg
 
 from rlhf import artifacts, models
 from rlhf.errors import RlhfError
 from rlhf.stages import run_stage
-
-from helpers import ROOT, cli_env, run_cli, tiny_cfg
 
 pytestmark = pytest.mark.slow
 

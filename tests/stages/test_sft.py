@@ -11,13 +11,12 @@ import time
 
 import pytest
 import torch
+from helpers import ROOT, cli_env, tiny_cfg, tiny_raw, write_cfg
 from safetensors.torch import load_file
 
 from rlhf import artifacts, models
 from rlhf.stages import run_stage
 from rlhf.tracking import read_metrics
-
-from helpers import ROOT, cli_env, tiny_raw, write_cfg, tiny_cfg
 
 pytestmark = pytest.mark.slow
 

@@ -8,8 +8,8 @@ Importing this package imports neither torch, transformers nor datasets; tokeniz
 """
 
 from rlhf.data.formats import FORMAT_KINDS, FORMATS, KINDS, detect_format, normalize_row
-from rlhf.data.report import InspectReport, LengthStats, format_report, inspect
 from rlhf.data.loaders import iter_rows
+from rlhf.data.report import InspectReport, LengthStats, format_report, inspect
 from rlhf.data.validate import LoadResult, check_source, load, token_length
 
 __all__ = [

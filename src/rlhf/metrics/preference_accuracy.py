@@ -19,5 +19,5 @@ class PreferenceAccuracy(evaluate.Metric):
 
     def _compute(self, predictions, references):
         n = len(predictions)
-        wins = sum(1 for c, r in zip(predictions, references) if c > r)
+        wins = sum(1 for c, r in zip(predictions, references, strict=True) if c > r)
         return {"preference_accuracy": wins / n if n else float("nan")}

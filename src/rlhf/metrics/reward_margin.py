@@ -17,7 +17,7 @@ class RewardMargin(evaluate.Metric):
         )
 
     def _compute(self, predictions, references):
-        margins = [c - r for c, r in zip(predictions, references)]
+        margins = [c - r for c, r in zip(predictions, references, strict=True)]
         n = len(margins)
         if n == 0:
             return {"reward_margin_mean": float("nan"), "reward_margin_std": float("nan")}

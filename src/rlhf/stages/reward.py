@@ -108,7 +108,7 @@ def evaluate_reward_model(final_dir, rows: list[dict], live: tuple[list[dict], l
     if live is not None:
         check_rows, live_scores = live
         again = scoring.score_preferences(model, tokenizer, check_rows)
-        diff = max(abs(a - b) for a, b in zip(again[0] + again[1], live_scores))
+        diff = max(abs(a - b) for a, b in zip(again[0] + again[1], live_scores, strict=True))
         report["saved_vs_live_max_abs_diff"] = diff
         if diff > 1e-3:
             log.warning("reward: the saved model scores differ from the trained one by up to %.4g", diff)
