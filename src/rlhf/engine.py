@@ -178,7 +178,7 @@ def trainer_ds_config(cfg: PipelineConfig) -> dict[str, Any]:
     if ds.config_file:
         path = Path(ds.config_file)
         try:
-            return json.loads(path.read_text(encoding="utf-8"))
+            return _fit_to_machine(json.loads(path.read_text(encoding="utf-8")), ds)
         except FileNotFoundError:
             raise ConfigError(f"{cfg.source}: deepspeed.config_file: {path} does not exist") from None
         except json.JSONDecodeError as exc:
@@ -186,6 +186,20 @@ def trainer_ds_config(cfg: PipelineConfig) -> dict[str, Any]:
     role = ZeroRoleCfg(zero_stage=ds.zero_stage, offload_param=ds.offload_param,
                        offload_optimizer=ds.offload_optimizer)
     return ds_config(ds, role, train=True, micro_batch="auto", grad_accum="auto", dtype=cfg.model.dtype)
+
+
+def _fit_to_machine(ds_json: dict[str, Any], ds: DeepSpeedCfg) -> dict[str, Any]:
+    """Without CUDA: torch's AdamW instead of a compiled kernel, and no pinned memory."""
+    if cuda_available():
+        return ds_json
+    optimizer = ds_json.get("optimizer")
+    if isinstance(optimizer, dict) and _torch_adam(ds):
+        optimizer.setdefault("params", {})["torch_adam"] = True
+    for key in ("offload_optimizer", "offload_param"):
+        section = ds_json.get("zero_optimization", {}).get(key)
+        if isinstance(section, dict):
+            section["pin_memory"] = False
+    return ds_json
 
 
 def trainer_kwargs(cfg: PipelineConfig, train: TrainCfg) -> dict[str, Any]:
