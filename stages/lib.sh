@@ -5,9 +5,16 @@
 #   NNODES=M NODE_RANK=r MASTER_ADDR=host [MASTER_PORT=29500]
 #                            deepspeed --no_ssh: run the same command on every node with its NODE_RANK
 #   LAUNCHER=torchrun        torchrun --nproc_per_node NUM_GPUS (with NNODES/NODE_RANK/MASTER_ADDR if set)
-# Logs go to "$LOG_DIR/<command>.log" (default runs/logs) as well as the terminal.
+# Logs go to "<run dir>/logs/<command>.log" (<command>.node<NODE_RANK>.log with NNODES; LOG_DIR overrides
+# the dir) as well as the terminal.
 PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
-LOG_DIR=${LOG_DIR:-runs/logs}
+
+rlhf_log_dir() {  # ARGS: --config FILE [--set k=v ...] -> the run dir's logs/ (runs/logs if the config is bad)
+  [ -n "${LOG_DIR:-}" ] && { echo "$LOG_DIR"; return; }
+  "$PY" -c 'import sys; from rlhf.config import load_config
+a = sys.argv[1:]; sets = [a[i + 1] for i, x in enumerate(a[:-1]) if x == "--set"]
+print(load_config(a[a.index("--config") + 1], sets).run.dir / "logs")' "$@" 2>/dev/null || echo runs/logs
+}
 
 rlhf_launcher() {
   local port=${MASTER_PORT:-29500}
@@ -15,10 +22,17 @@ rlhf_launcher() {
     LAUNCH=("$PY" -m torch.distributed.run --nproc_per_node "${NUM_GPUS:-1}" --nnodes "${NNODES:-1}" \
       --node_rank "${NODE_RANK:-0}" --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "$port" -m rlhf.cli)
   elif [ -n "${NNODES:-}" ]; then
-    LAUNCH=("$PY" -m deepspeed.launcher.runner --no_ssh --num_nodes "$NNODES" --node_rank "${NODE_RANK:?set NODE_RANK}" \
-      --master_addr "${MASTER_ADDR:?set MASTER_ADDR}" --master_port "$port" --num_gpus "${NUM_GPUS:-1}" --module rlhf.cli)
+    local hosts=${HOSTFILE:-}
+    if [ -z "$hosts" ]; then  # --no_ssh still takes the world layout from a hostfile; the names need not resolve
+      hosts=$(mktemp "${TMPDIR:-/tmp}/rlhf-hostfile.XXXXXX")
+      for ((i = 0; i < NNODES; i++)); do echo "node$i slots=${NUM_GPUS:-1}"; done > "$hosts"
+    fi
+    LAUNCH=("$PY" -m deepspeed.launcher.runner --no_ssh --hostfile "$hosts" --num_nodes "$NNODES" \
+      --node_rank "${NODE_RANK:?set NODE_RANK}" --master_addr "${MASTER_ADDR:?set MASTER_ADDR}" \
+      --master_port "$port" --num_gpus "${NUM_GPUS:-1}" --module rlhf.cli)
   elif [ -n "${HOSTFILE:-}" ]; then
-    LAUNCH=("$PY" -m deepspeed.launcher.runner --hostfile "$HOSTFILE" --master_port "$port" --module rlhf.cli)
+    LAUNCH=("$PY" -m deepspeed.launcher.runner --hostfile "$HOSTFILE" --master_port "$port" \
+      ${NUM_GPUS:+--num_gpus "$NUM_GPUS"} --module rlhf.cli)
   elif [ -n "${NUM_GPUS:-}" ]; then
     LAUNCH=("$PY" -m deepspeed.launcher.runner --num_gpus "$NUM_GPUS" --master_port "$port" --module rlhf.cli)
   else
@@ -28,9 +42,10 @@ rlhf_launcher() {
 
 rlhf_run() {
   local cmd=$1; shift
-  mkdir -p "$LOG_DIR"
+  local log_dir; log_dir=$(rlhf_log_dir "$@")
+  mkdir -p "$log_dir"
   if ! command -v nvidia-smi >/dev/null 2>&1; then export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}; fi
   rlhf_launcher
-  "${LAUNCH[@]}" "$cmd" "$@" 2>&1 | tee -a "$LOG_DIR/$cmd.log"
+  "${LAUNCH[@]}" "$cmd" "$@" 2>&1 | tee -a "$log_dir/$cmd${NNODES:+.node${NODE_RANK:-0}}.log"
   return "${PIPESTATUS[0]}"
 }

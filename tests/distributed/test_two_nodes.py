@@ -1,0 +1,101 @@
+"""Two "nodes" on loopback, one CPU rank each, started the multi-node way: each node runs the same stage
+script with NNODES=2, its own NODE_RANK and MASTER_ADDR=127.0.0.1, so stages/lib.sh launches
+`deepspeed --no_ssh --num_nodes 2 --node_rank r --num_gpus 1`. Both nodes share one run dir (the
+documented layout, stages/README.md "Filesystems"). The reward stage, then one PPO step, run with
+ZeRO-3 for every model; the PPO memory report is then checked against `rlhf plan`'s estimate."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rlhf import artifacts, plan
+from rlhf.config import load_config
+
+sys.path.insert(0, str(Path(__file__).parent))
+from launch import free_port  # noqa: E402
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _config(tmp_path: Path, policy: Path) -> Path:
+    run_dir = tmp_path / "runs" / "two"
+    shutil.copytree(policy, run_dir / "sft" / "final")  # a finished SFT stage: reward and PPO start from it
+    artifacts.write_manifest(run_dir / "sft", "sft", inputs={}, config_hash="test", metrics={})
+    cfg = {"run": {"name": "two", "output_dir": str(tmp_path / "runs"), "seed": 0, "device": "cpu"},
+           "model": {"name_or_path": str(policy)},
+           "data": {"preference": str(ROOT / "data/tiny/preference.jsonl"), "eval_fraction": 0.1,
+                    "max_length": 96, "max_prompt_length": 32},
+           "sft": {"max_steps": 1},
+           "reward": {"learning_rate": 1e-3, "max_steps": 2, "batch_size": 4, "save_steps": 1, "logging_steps": 1},
+           "final_stage": "ppo",
+           "ppo": {"steps": 1, "rollout_batch_size": 4, "mini_batch_size": 2, "grad_accum": 1, "ppo_epochs": 1,
+                   "learning_rate": 1e-4, "critic_learning_rate": 1e-4, "max_new_tokens": 8, "save_steps": 1,
+                   "sample_every": 1},
+           "deepspeed": {"enabled": True, "zero_stage": 3},
+           "logging": {"progress": False, "tensorboard": False, "plots": False}}
+    path = tmp_path / "two.yaml"
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    return path
+
+
+def _two_nodes(script: str, config: Path, timeout: int = 240) -> None:
+    """Start the stage script as node 0 and node 1 at once; both must exit 0."""
+    port = free_port()
+    procs = []
+    for node in (0, 1):
+        env = {**os.environ, "NNODES": "2", "NODE_RANK": str(node), "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port), "NUM_GPUS": "1", "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "",
+               "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+               "PY": sys.executable}
+        procs.append(subprocess.Popen(["bash", str(ROOT / "stages" / script), str(config)], env=env, cwd=ROOT,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = []
+    try:
+        for proc in procs:
+            outs.append(proc.communicate(timeout=timeout)[0])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    for node, (proc, out) in enumerate(zip(procs, outs, strict=True)):
+        assert proc.returncode == 0, f"node {node} of {script} failed:\n{out[-4000:]}"
+        assert "--no_ssh" in out or "node_rank" in out or proc.returncode == 0
+
+
+def test_reward_and_one_ppo_step_on_two_loopback_nodes(tmp_path, tiny_model_dir):
+    config = _config(tmp_path, tiny_model_dir)
+    run_dir = tmp_path / "runs" / "two"
+    _two_nodes("02_reward.sh", config)
+    assert artifacts.is_complete(run_dir / "reward")
+    assert (run_dir / "reward" / "final" / "model.safetensors").is_file()
+    _two_nodes("03_ppo.sh", config)
+    manifest = json.loads((run_dir / "ppo" / "stage.json").read_text())
+    assert manifest["global_step"] == 1
+    for stage in ("reward", "ppo"):  # one log per node in the run dir
+        for node in (0, 1):
+            assert (run_dir / "logs" / f"{stage}.node{node}.log").is_file()
+
+    # Estimate vs measurement: model-state elements per rank (parameters this rank holds, ZeRO-3 shards,
+    # plus Adam m and v of the trained models), as counted by <run>/ppo/memory.json on rank 0.
+    report = json.loads((run_dir / "ppo" / "memory.json").read_text())
+    assert report["world_size"] == 2
+    assert all(role["zero_stage"] == 3 for role in report["roles"].values())
+    est = plan.estimate(load_config(config), gpus=1, nodes=2)
+    by_role = {m.role: m for m in est.models}
+    estimated = sum(m.local_param_numel + m.local_optim_numel for m in est.models)
+    measured = report["total_model_state_numel"]
+    print(f"model-state elements per rank: plan {estimated:.0f}, measured {measured}, "
+          f"ratio {estimated / measured:.3f}")
+    assert abs(estimated - measured) <= 0.25 * measured
+    for name, role in report["roles"].items():
+        mine = by_role[name].local_param_numel + by_role[name].local_optim_numel
+        assert abs(mine - (role["params"] + role["optimizer_state"])) <= 0.25 * mine, name

@@ -1,0 +1,70 @@
+"""Shell stages: valid bash, thin (<= 30 lines), strict mode, and the launcher command lib.sh builds for
+every launch mode (checked by sourcing lib.sh, nothing is launched)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPTS = sorted([*ROOT.glob("stages/**/*.sh"), *ROOT.glob("stages/slurm/*.sbatch")])
+STAGE_SCRIPTS = sorted([*ROOT.glob("stages/0*.sh"), ROOT / "stages" / "pipeline.sh"])
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_bash_syntax(script):
+    proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("script", STAGE_SCRIPTS, ids=lambda p: p.name)
+def test_stage_scripts_are_thin_and_strict(script):
+    text = script.read_text()
+    assert len(text.splitlines()) <= 30, f"{script.name}: more than 30 lines"
+    assert "set -euo pipefail" in text and "source stages/lib.sh" in text
+
+
+def test_slurm_script_starts_every_node_in_no_ssh_mode():
+    text = (ROOT / "stages/slurm/stage.sbatch").read_text()
+    assert "srun" in text and "NODE_RANK=$SLURM_NODEID" in text
+    for var in ("NNODES", "MASTER_ADDR", "MASTER_PORT", "NUM_GPUS"):
+        assert f"export {var}" in text or var in text.split("export", 1)[1]
+
+
+def _launch(env: dict[str, str]) -> list[str]:
+    clean = {k: v for k, v in os.environ.items()
+             if k not in ("NUM_GPUS", "NNODES", "NODE_RANK", "HOSTFILE", "LAUNCHER", "MASTER_ADDR", "MASTER_PORT")}
+    cmd = 'source stages/lib.sh && rlhf_launcher && printf "%s\\n" "${LAUNCH[@]}"'
+    proc = subprocess.run(["bash", "-c", cmd], cwd=ROOT, env={**clean, "PY": "py", **env},
+                          capture_output=True, text=True, check=True)
+    return proc.stdout.split()
+
+
+def test_launch_modes():
+    assert _launch({}) == ["py", "-m", "rlhf.cli"]
+    cmd = _launch({"NUM_GPUS": "2"})
+    assert cmd[:3] == ["py", "-m", "deepspeed.launcher.runner"] and cmd[cmd.index("--num_gpus") + 1] == "2"
+    cmd = _launch({"HOSTFILE": "hosts", "NUM_GPUS": "8"})
+    assert cmd[cmd.index("--hostfile") + 1] == "hosts" and "--no_ssh" not in cmd and "--num_gpus" in cmd
+    cmd = _launch({"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "1234"})
+    assert "--no_ssh" in cmd and cmd[cmd.index("--node_rank") + 1] == "1"
+    assert cmd[cmd.index("--master_addr") + 1] == "10.0.0.1" and cmd[cmd.index("--master_port") + 1] == "1234"
+    hostfile = Path(cmd[cmd.index("--hostfile") + 1])  # the world layout --no_ssh reads
+    assert hostfile.read_text().splitlines() == ["node0 slots=1", "node1 slots=1"]
+    hostfile.unlink()
+    cmd = _launch({"LAUNCHER": "torchrun", "NUM_GPUS": "4", "NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "h"})
+    assert cmd[:3] == ["py", "-m", "torch.distributed.run"] and cmd[cmd.index("--nnodes") + 1] == "2"
+    assert cmd[cmd.index("--nproc_per_node") + 1] == "4" and cmd[-2:] == ["-m", "rlhf.cli"]
+
+
+def test_logs_go_to_the_run_dir(tmp_path):
+    import sys
+
+    cmd = 'source stages/lib.sh && rlhf_log_dir --config configs/tiny.yaml --set "run.output_dir=$OUT" --set run.name=x'
+    env = {**os.environ, "PY": sys.executable, "OUT": str(tmp_path)}
+    env.pop("LOG_DIR", None)
+    out = subprocess.run(["bash", "-c", cmd], cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == str(tmp_path / "x" / "logs")
