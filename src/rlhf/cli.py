@@ -26,6 +26,24 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                    help="override a config key, e.g. --set sft.learning_rate=1e-5 (repeatable)")
 
 
+def _add_synth_parser(dsub) -> None:
+    q = dsub.add_parser("synth", help="SFT and preference sets from the base model's samples, labeled by a judge")
+    _add_config_args(q)
+    q.add_argument("--out", required=True, help="output dir (JSONL sets + manifest.json)")
+    q.add_argument("--k", type=int, default=4, help="samples per prompt; best and worst become a pair")
+    q.add_argument("--judge", default="rlhf.judges:positivity", metavar="MODULE:FUNCTION",
+                   help="judge fn(prompts, responses) -> scores")
+    q.add_argument("--prompts", metavar="FILE", help="prompt file (default: the built-in quickstart prompts)")
+    q.add_argument("--n-prompts", type=int, metavar="N", help="use the first N training prompts")
+    q.add_argument("--n-eval-prompts", type=int, metavar="N", help="use the first N held-out prompts")
+    q.add_argument("--max-new-tokens", type=int, default=48, help="sample length limit (unfinished samples are dropped)")
+    q.add_argument("--temperature", type=float, help="sampling temperature (default ppo.temperature)")
+    q.add_argument("--batch-size", type=int, default=64, help="sequences per generate() call")
+    q.add_argument("--min-gap", type=float, default=0.0, help="pairs need best - worst score > this")
+    q.add_argument("--seed", type=int, help="prompt split and sampling seed (default run.seed)")
+    q.set_defaults(func=_cmd_data_synth)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf", description="The classic RLHF pipeline: SFT -> reward -> PPO | DPO | ORPO.")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -53,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--tokenizer", help="tokenizer dir/alias for token lengths (default: word counts)")
     q.add_argument("-n", "--examples", type=int, default=3, help="example rows to print")
     q.set_defaults(func=_cmd_data_inspect)
+    _add_synth_parser(dsub)
     p = sub.add_parser("score", help="score prompt/response rows with a reward model (JSONL out)")
     p.add_argument("--model", required=True, help="reward model dir")
     p.add_argument("--data", required=True, help="rows with prompt+completion (or prompt/chosen/rejected)")
@@ -69,7 +88,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample", action="store_true", help="sample with the ppo section's settings (default greedy)")
     p.add_argument("--max-new-tokens", type=int, help="response length limit (default ppo.max_new_tokens)")
     p.set_defaults(func=_cmd_eval)
+    _add_plan_parser(sub)
     return parser
+
+
+def _add_plan_parser(sub) -> None:
+    p = sub.add_parser("plan", help="per-GPU memory of each model of the final stage; cheapest ZeRO settings that fit")
+    _add_config_args(p)
+    p.add_argument("--gpus", type=int, default=int(os.environ.get("NUM_GPUS") or 1), help="GPUs per node")
+    p.add_argument("--nodes", type=int, default=int(os.environ.get("NNODES") or 1), help="nodes")
+    p.add_argument("--gpu-mem", type=float, default=float(os.environ.get("RLHF_GPU_MEM_GIB") or 0) or None,
+                   metavar="GiB", help="memory per GPU; enables the fit check and the suggestion")
+    p.add_argument("--stage", choices=TRAIN_COMMANDS, help="plan this stage instead of the config's last one")
+    p.add_argument("--json", action="store_true", help="print the estimate as JSON instead of a table")
+    p.set_defaults(func=_cmd_plan)
 
 
 def _load(args):
@@ -126,6 +158,37 @@ def _cmd_data_inspect(args) -> int:
     return 0
 
 
+def _cmd_data_synth(args) -> int:
+    from rlhf.synth import SynthSettings, run_synth
+
+    cfg = _load(args)
+    settings = SynthSettings(k=args.k, max_new_tokens=args.max_new_tokens,
+                             temperature=args.temperature if args.temperature is not None else cfg.ppo.temperature,
+                             top_p=cfg.ppo.top_p, top_k=cfg.ppo.top_k, batch_size=args.batch_size,
+                             min_gap=args.min_gap, seed=cfg.run.seed if args.seed is None else args.seed)
+    run_synth(cfg, args.out, settings=settings, judge=args.judge, n_prompts=args.n_prompts,
+              n_eval_prompts=args.n_eval_prompts, prompts_file=args.prompts,
+              command=_synth_command(args, settings))
+    return 0
+
+
+def _synth_command(args, s) -> str:
+    """The command with every setting spelled out, for the manifest (regenerates the same sets)."""
+    import shlex
+
+    parts = ["rlhf", "data", "synth", "--config", args.config]
+    for item in args.overrides:
+        parts += ["--set", item]
+    parts += ["--out", args.out, "--k", str(s.k), "--judge", args.judge]
+    for flag, value in (("--prompts", args.prompts), ("--n-prompts", args.n_prompts),
+                        ("--n-eval-prompts", args.n_eval_prompts)):
+        if value is not None:
+            parts += [flag, str(value)]
+    parts += ["--max-new-tokens", str(s.max_new_tokens), "--temperature", str(s.temperature),
+              "--batch-size", str(s.batch_size), "--min-gap", str(s.min_gap), "--seed", str(s.seed)]
+    return shlex.join(parts)
+
+
 def _cmd_score(args) -> int:
     from rlhf.scoring import score_file
 
@@ -139,6 +202,25 @@ def _cmd_eval(args) -> int:
     run_eval(_load(args), model_names=args.models, n_prompts=args.prompts, judge=args.judge, sample=args.sample,
              max_new_tokens=args.max_new_tokens)
     return 0
+
+
+def _cmd_plan(args) -> int:
+    """Table (or JSON) of the memory estimate; exit 2 when --gpu-mem is given and the configured settings do not fit."""
+    import json
+
+    from rlhf import plan
+    from rlhf.errors import ConfigError
+
+    cfg = _load(args)
+    if args.gpus < 1 or args.nodes < 1:
+        raise ConfigError("--gpus and --nodes must be >= 1")
+    if args.json:
+        est = plan.estimate(cfg, gpus=args.gpus, nodes=args.nodes, stage=args.stage)
+        print(json.dumps(est.to_json(), indent=2))
+        return 0 if args.gpu_mem is None or est.fits(args.gpu_mem) else 2
+    text, ok = plan.report(cfg, gpus=args.gpus, nodes=args.nodes, gpu_mem_gib=args.gpu_mem, stage=args.stage)
+    print(text)
+    return 0 if ok else 2
 
 
 def _setup_logging() -> None:
@@ -162,8 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     except RlhfError as err:
         if os.environ.get("RLHF_DEBUG"):
             traceback.print_exc()
-        print(f"error: {err}", file=sys.stderr)
         ok = err.exit_code == 0
+        print(str(err) if ok else f"error: {err}", file=sys.stderr)  # a requested stop is not an error
         return err.exit_code
     except KeyboardInterrupt:
         print("interrupted; re-run the same command to resume from the last checkpoint", file=sys.stderr)

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import os
+import platform
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +71,10 @@ def check(cfg: PipelineConfig, stages: list[str] | None = None, *, standalone: b
     blockers += _check_models(cfg, stages)
     blockers += _check_packages(cfg, stages)
     blockers += _check_output(cfg)
+    if not blockers:
+        blockers += check_fit(cfg, os.environ)
+    if launch_env(os.environ) and "LOCAL_RANK" not in os.environ:  # before a launch, not inside one
+        blockers += check_launch(os.environ, run_dir=cfg.run.dir)
     return blockers
 
 
@@ -182,3 +189,155 @@ class PreflightError(RlhfError):
 
 def writable(path: str | Path) -> bool:
     return os.access(Path(path), os.W_OK)
+
+
+# --------------------------------------------------------------------------- launches (stages/lib.sh modes)
+
+LAUNCH_VARS = ("NNODES", "HOSTFILE", "NUM_GPUS", "LAUNCHER", "MASTER_ADDR")
+VERSION_PACKAGES = ("rlhf", "torch", "transformers", "trl", "deepspeed", "accelerate", "peft", "datasets")
+
+
+def launch_env(env) -> bool:
+    """True when stages/lib.sh would start a launcher (any of its variables is set)."""
+    return any(env.get(k) for k in LAUNCH_VARS)
+
+
+def check_fit(cfg: PipelineConfig, env) -> list[Blocker]:
+    """Blocks a launch whose estimated peak (rlhf.plan) exceeds `RLHF_GPU_MEM_GIB`. Without it (CPU runs,
+    or unknown GPUs) nothing is checked. Ranks: NUM_GPUS x NNODES, or WORLD_SIZE inside a launcher."""
+    gib = env.get("RLHF_GPU_MEM_GIB")
+    if not gib or not cfg.stages:
+        return []
+    from rlhf import plan
+
+    gpus, nodes = int(env.get("NUM_GPUS") or 1), int(env.get("NNODES") or 1)
+    if "WORLD_SIZE" in env:
+        gpus, nodes = int(env["WORLD_SIZE"]), 1
+    try:
+        problem = plan.fit_problem(cfg, gpus=gpus, nodes=nodes, gpu_mem_gib=float(gib))
+    except (RlhfError, ValueError, OSError) as err:  # unknown architecture: the model check reports it
+        return [Blocker("plan.unknown", f"RLHF_GPU_MEM_GIB is set but the memory plan failed: {err}")]
+    return [Blocker("plan.no_fit", problem)] if problem else []
+
+
+def check_launch(env, *, run_dir: str | Path | None = None) -> list[Blocker]:
+    """Multi-node checks, run on each node before it launches (`rlhf preflight` with the launch env).
+
+    - HOSTFILE: the file exists and every host in it resolves.
+    - MASTER_ADDR/MASTER_PORT (NNODES, torchrun, HOSTFILE, NUM_GPUS): on the master node (NODE_RANK 0, or a
+      single-node launch) the port must be free to bind; on the other nodes MASTER_ADDR must resolve and
+      answer on the port or refuse it (a refusal proves the host is reachable; rank 0 may not be up yet);
+      a timeout or "no route" blocks.
+    - NNODES: package versions equal on every node, see `check_versions`.
+    """
+    out: list[Blocker] = []
+    hostfile = env.get("HOSTFILE")
+    if hostfile:
+        out += _check_hostfile(Path(hostfile))
+    port = int(env.get("MASTER_PORT") or 29500)
+    addr = env.get("MASTER_ADDR") or "127.0.0.1"
+    node_rank = int(env.get("NODE_RANK") or 0)
+    if node_rank == 0:
+        out += _check_port_free(port)
+    else:
+        out += _check_reachable(addr, port)
+    if env.get("NNODES") and int(env["NNODES"]) > 1:
+        where = env.get("RLHF_VERSIONS_DIR") or (Path(run_dir) / "launch" if run_dir else None)
+        out += check_versions(where, node_rank, int(env["NNODES"]), reference=env.get("RLHF_VERSIONS_FILE"))
+    return out
+
+
+def _check_hostfile(path: Path) -> list[Blocker]:
+    if not path.is_file():
+        return [Blocker("launch.hostfile", f"HOSTFILE={path}: no such file")]
+    out = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        host = line.split("#", 1)[0].split()
+        if not host:
+            continue
+        try:
+            socket.getaddrinfo(host[0], None)
+        except OSError as err:
+            out.append(Blocker("launch.host_unresolvable", f"{path}:{lineno}: host '{host[0]}' does not resolve "
+                               f"({err}); fix /etc/hosts or DNS, or use the node's IP"))
+    return out
+
+
+def _check_port_free(port: int) -> list[Blocker]:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("0.0.0.0", port))
+        except OSError as err:
+            return [Blocker("launch.port_busy", f"MASTER_PORT={port} is in use on this (master) node ({err.strerror}); "
+                            "pick another with MASTER_PORT=<free port> on every node")]
+    return []
+
+
+def _check_reachable(addr: str, port: int, timeout: float = 3.0) -> list[Blocker]:
+    try:
+        infos = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM)
+    except OSError as err:
+        return [Blocker("launch.master_unresolvable", f"MASTER_ADDR={addr} does not resolve on this node ({err})")]
+    family, kind, proto, _, sockaddr = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(sockaddr)
+        except ConnectionRefusedError:
+            return []  # the host answered; rank 0 has not opened the port yet
+        except OSError as err:
+            return [Blocker("launch.master_unreachable", f"MASTER_ADDR={addr}:{port} is not reachable from this node "
+                            f"({err.strerror or err}); check the network/firewall between the nodes")]
+    return []
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages every node must agree on, plus Python's."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": platform.python_version()}
+    for name in VERSION_PACKAGES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "missing"
+    return found
+
+
+def check_versions(where: str | Path | None, node_rank: int, nnodes: int, *,
+                   reference: str | None = None) -> list[Blocker]:
+    """Same package versions on every node.
+
+    Each node writes `<where>/versions-node<NODE_RANK>.json` (default `where`: `<run dir>/launch/`, so on a
+    shared filesystem every node sees the others) and compares itself with every file already there; the
+    last node to start catches a difference (files of node ranks >= NNODES, left by a larger earlier
+    launch, are ignored). Without a shared filesystem, copy one node's file to the
+    others and name it with RLHF_VERSIONS_FILE (checked as well).
+    """
+    mine = package_versions()
+    others: list[tuple[str, dict]] = []
+    if reference:
+        try:
+            others.append((reference, json.loads(Path(reference).read_text(encoding="utf-8"))))
+        except (OSError, json.JSONDecodeError) as err:
+            return [Blocker("launch.versions", f"RLHF_VERSIONS_FILE={reference}: unreadable ({err})")]
+    if where is not None:
+        where = Path(where)
+        own = where / f"versions-node{node_rank}.json"
+        try:
+            artifacts.write_json_atomic(own, {**mine, "host": socket.gethostname()})
+        except OSError as err:
+            return [Blocker("launch.versions", f"{own}: cannot write this node's versions ({err})")]
+        for rank in range(nnodes):
+            path = where / f"versions-node{rank}.json"
+            if rank != node_rank and path.is_file():
+                others.append((str(path), json.loads(path.read_text(encoding="utf-8"))))
+    out = []
+    for source, theirs in others:
+        diff = [f"{k} {mine[k]} here vs {theirs.get(k)}" for k in mine if theirs.get(k, mine[k]) != mine[k]]
+        if diff:
+            host = theirs.get("host", "?")
+            out.append(Blocker("launch.version_mismatch", f"node{node_rank} ({socket.gethostname()}) and {source} "
+                               f"(host {host}) differ: {'; '.join(diff)}; install the same versions everywhere "
+                               "(the Docker image pins them)"))
+    return out
