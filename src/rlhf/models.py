@@ -310,6 +310,9 @@ def check_resolvable(name_or_path: str, *, allow_pickle: bool = False) -> str | 
 def _load_error(name: str, what: str, err: BaseException) -> ModelError:
     """One line for a failed from_pretrained: local dir -> the reason; hub id -> offline/unknown + what to do."""
     reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+    if "custom code" in reason or "trust_remote_code" in reason:
+        return ModelError(f"{name}: the {what} needs the Python code shipped with it (auto_map), which is not run "
+                          "by default; read that code, and only if you trust it set model.trust_remote_code: true")
     if Path(name).expanduser().is_dir():
         return ModelError(f"{name}: cannot load the {what} ({reason}); check that the dir is complete")
     if "connect" in reason or "offline" in reason.lower():

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import shutil
 import signal
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,6 +73,7 @@ class StageRun:
             "weight_decay": train.weight_decay,
             "max_grad_norm": train.max_grad_norm,
             "logging_steps": train.logging_steps,
+            "logging_nan_inf_filter": False,  # the default hides NaN/inf losses from the logs and so from the guard
             "save_strategy": "steps",
             "save_steps": train.save_steps,
             "save_total_limit": train.save_total_limit,
@@ -87,6 +90,35 @@ class StageRun:
         self._callback = _make_callback(self)
         return [self._callback]
 
+    def train(self, trainer) -> None:
+        """`trainer.train()` from the resume point. SIGTERM saves a checkpoint and ends with `StopRequested`;
+        a checkpoint save that fails on I/O (disk full, file-size limit, permissions) ends with a one-line
+        `TrainingError` and leaves the previous complete checkpoint as the resume point."""
+        save = trainer._save_checkpoint  # the Trainer's checkpoint writer; the guard only adds error handling
+
+        def guarded_save(*args, **kwargs):
+            path = self.ckpt_dir / f"checkpoint-{trainer.state.global_step}"
+            try:
+                return save(*args, **kwargs)
+            except Exception as err:
+                failure = save_failed(path, "the checkpoint", err, artifacts.latest_checkpoint(self.ckpt_dir))
+                if failure is None:
+                    raise
+                raise failure from err
+
+        trainer._save_checkpoint = guarded_save
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, self._callback.on_sigterm) if in_main_thread else None
+        try:
+            trainer.train(resume_from_checkpoint=str(self.resume) if self.resume else None)
+        except _TrainingDone:
+            trainer.is_in_train = False  # what the Trainer's own end of training would reset
+            log.info("%s: %s is at the last step; nothing left to train", self.stage, self.resume)
+        finally:
+            if in_main_thread:
+                signal.signal(signal.SIGTERM, previous)
+        self.check_stopped(trainer)
+
     def check_stopped(self, trainer) -> None:
         """After `trainer.train()`: a SIGTERM stop saved a checkpoint; end the command cleanly (exit 0)."""
         if getattr(self, "_callback", None) is not None and self._callback.stop_requested:
@@ -101,21 +133,30 @@ class StageRun:
         if engine.is_main():
             _remove(tmp)
         engine.barrier()
-        trainer.save_model(str(tmp))
-        if engine.is_main():
-            from rlhf import models
-
-            if merge_base is not None and (tmp / "adapter_config.json").exists():
-                models.merge_adapter_dir(tmp, merge_base)
-            tokenizer.save_pretrained(str(tmp))
-            (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; final/ holds safetensors and text only
-            save_resolved(self.cfg, tmp / "config.resolved.yaml")
-            for name, text in (extra_files or {}).items():
-                (tmp / name).write_text(text, encoding="utf-8")
-            _remove(self.final_dir)
-            tmp.replace(self.final_dir)
+        try:
+            trainer.save_model(str(tmp))
+            if engine.is_main():
+                self._finish_final(tmp, tokenizer, merge_base, extra_files)
+        except Exception as err:
+            failure = save_failed(tmp, "the final model", err, artifacts.latest_checkpoint(self.ckpt_dir))
+            if failure is None:
+                raise
+            raise failure from err
         engine.barrier()
         return self.final_dir
+
+    def _finish_final(self, tmp: Path, tokenizer, merge_base: str | None, extra_files: dict[str, str] | None) -> None:
+        from rlhf import models
+
+        if merge_base is not None and (tmp / "adapter_config.json").exists():
+            models.merge_adapter_dir(tmp, merge_base)
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; final/ holds safetensors and text only
+        save_resolved(self.cfg, tmp / "config.resolved.yaml")
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
+        _remove(self.final_dir)
+        tmp.replace(self.final_dir)
 
     def complete(self, metrics: dict[str, Any], inputs: dict[str, str], global_step: int) -> StageResult:
         """Write the manifest last: from here on the stage counts as done."""
@@ -129,6 +170,33 @@ class StageRun:
         return StageResult(self.stage, self.final_dir, metrics)
 
 
+# How an I/O failure reads once a library has wrapped it (safetensors: "I/O error: ... (os error 27)";
+# torch.save: "file write failed").
+_IO_FAILURE = re.compile(r"I/O error|os error \d+|\[Errno \d+\]|file write failed|No space left|File too large|"
+                         r"Permission denied|Read-only file system|Disk quota", re.IGNORECASE)
+
+
+def save_failed(path: Path, what: str, err: BaseException, resume_from: Path | None) -> TrainingError | None:
+    """A failed save (disk full, file-size limit, read-only or unwritable dir) as a one-line TrainingError, or
+    None when `err` is not an I/O failure. A half-written checkpoint dir is removed (it has no completion
+    marker, so it would never be loaded; removing it frees the space it took)."""
+    if isinstance(err, OSError):
+        reason = err.strerror or str(err)
+    elif _IO_FAILURE.search(str(err)):
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+    else:
+        return None
+    if engine.is_main() and artifacts.checkpoint_step(path) is not None and not (path / artifacts.COMPLETE_MARKER).exists():
+        shutil.rmtree(path, ignore_errors=True)
+    start = f"resume from {resume_from}" if resume_from is not None else "start over (no complete checkpoint yet)"
+    return TrainingError(f"{path}: saving {what} failed ({reason}); free disk space or fix permissions, then re-run "
+                         f"the same command to {start}")
+
+
+class _TrainingDone(Exception):
+    """Raised by the callback instead of a step past max_steps; `StageRun.train` treats it as the end."""
+
+
 def _remove(path: Path) -> None:
     if path.is_dir():
         shutil.rmtree(path)
@@ -138,41 +206,72 @@ def _remove(path: Path) -> None:
 
 def _make_callback(run: StageRun):
     """A TrainerCallback: metrics to JSONL/TensorBoard, checkpoint completion markers, NaN guard, SIGTERM."""
-    import math
-
     from transformers import TrainerCallback
 
     class RunCallback(TrainerCallback):
         def __init__(self):
             self.stop_requested = False
-            signal.signal(signal.SIGTERM, self._on_sigterm)
+            self.last_logged = run.resume_step or 0
 
-        def _on_sigterm(self, signum, frame):  # Slurm sends SIGTERM before preemption
+        def on_sigterm(self, signum, frame):  # Slurm sends SIGTERM before preemption; StageRun.train installs it
             self.stop_requested = True
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = dict(logs or {})
-            loss = logs.get("loss")
-            if isinstance(loss, float) and not math.isfinite(loss):
-                raise TrainingError(f"{run.stage}: loss is {loss} at step {state.global_step}; stopping. The last "
-                                    f"good checkpoint in {run.ckpt_dir} is kept; lower the learning rate and re-run")
+            _check_finite(run, logs, self.last_logged, state.global_step)
+            if "loss" in logs:
+                self.last_logged = state.global_step
             run.metrics.log(state.global_step, logs)
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            # Resumed from a checkpoint at the last step, the Trainer would run one step more than max_steps.
+            if state.max_steps > 0 and state.global_step >= state.max_steps:
+                raise _TrainingDone
 
         def on_step_end(self, args, state, control, **kwargs):
             if self.stop_requested:
                 control.should_save = True
                 control.should_training_stop = True
+            if control.should_save:
+                control.should_log = True  # check the loss of every step since the last log before saving
             return control
 
         def on_save(self, args, state, control, **kwargs):
             engine.barrier()  # every rank has written its shard
             if engine.is_main():
-                path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-                if path.is_dir():
-                    artifacts.mark_checkpoint_complete(path, state.global_step)
+                _mark_complete(run, Path(args.output_dir) / f"checkpoint-{state.global_step}", state.global_step)
             engine.barrier()
 
     return RunCallback()
+
+
+def _mark_complete(run: StageRun, path: Path, step: int) -> None:
+    if not path.is_dir():
+        return
+    try:
+        artifacts.mark_checkpoint_complete(path, step)
+    except OSError as err:
+        raise save_failed(path, "the checkpoint", err, artifacts.latest_checkpoint(run.ckpt_dir)) from err
+
+
+def _check_finite(run: StageRun, logs: dict, last_logged: int, step: int) -> None:
+    """NaN/inf guard on the logged training loss and gradient norm (the logged loss covers every step since
+    the previous log, and a log is forced before every save, so a bad step never reaches a checkpoint)."""
+    import math
+
+    for key in ("loss", "grad_norm"):
+        value = logs.get(key)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise _non_finite(run, key, value, last_logged, step)
+
+
+def _non_finite(run: StageRun, key: str, value: float, last_logged: int, step: int) -> TrainingError:
+    window = "" if step - last_logged <= 1 else f" (logged over steps {last_logged + 1}-{step})"
+    kept = artifacts.latest_checkpoint(run.ckpt_dir)
+    kept_text = f"the last good checkpoint {kept} is kept" if kept is not None else "no checkpoint was saved yet"
+    return TrainingError(f"{run.stage}: {key} is {value} at step {step}{window}; stopped before saving: "
+                         f"{kept_text}. Lower {run.stage}.learning_rate or check the model weights and data, then "
+                         "re-run the same command")
 
 
 def split_rows(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:

@@ -73,8 +73,7 @@ def run(cfg: PipelineConfig, *, restart: bool = False) -> StageResult:
                      dataset_num_proc=None)
     trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, callbacks=stage.callbacks(), peft_config=peft_config)
-    trainer.train(resume_from_checkpoint=str(stage.resume) if stage.resume else None)
-    stage.check_stopped(trainer)
+    stage.train(trainer)  # resume, SIGTERM stop, one-line save failures
     report = {"train_pairs": len(train_ds), "eval_pairs": len(eval_rows), "global_step": trainer.state.global_step,
               "beta": cfg.dpo.beta, "loss_type": cfg.dpo.loss_type}
     if eval_ds is not None:

@@ -22,6 +22,7 @@ from collections import defaultdict
 
 from rlhf import encoding, engine, models
 from rlhf.config import PipelineConfig
+from rlhf.errors import DataError
 from rlhf.stages.common import StageResult, StageRun
 from rlhf.stages.sft import load_rows
 
@@ -42,6 +43,9 @@ def encode_pairs(tokenizer, rows: list[dict], max_length: int, where: str) -> li
             item[f"{side}_ids"], item[f"{side}_mask"] = ids, [0] * n_prompt + [1] * (len(ids) - n_prompt)
         else:
             out.append(item)
+    if rows and not out:
+        raise DataError(f"{where}: all {len(rows)} pairs are longer than data.max_length={max_length} tokens, "
+                        "so nothing is left to train on; raise data.max_length or shorten the data")
     if len(out) < len(rows):
         log.warning("%s: %d of %d pairs are longer than data.max_length=%d tokens and were left out",
                     where, len(rows) - len(out), len(rows), max_length)
@@ -140,8 +144,7 @@ def run(cfg: PipelineConfig, *, restart: bool = False) -> StageResult:
     trainer = make_trainer(cfg.orpo.beta, model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                            data_collator=collate_pairs(tokenizer.pad_token_id), processing_class=tokenizer,
                            callbacks=stage.callbacks())
-    trainer.train(resume_from_checkpoint=str(stage.resume) if stage.resume else None)
-    stage.check_stopped(trainer)
+    stage.train(trainer)  # resume, SIGTERM stop, one-line save failures
     report = {"train_pairs": len(train_ds), "eval_pairs": len(eval_rows), "global_step": trainer.state.global_step,
               "lambda": cfg.orpo.beta, **{f"heldout_{k}_before": v for k, v in before.items()}}
     if eval_ds is not None and len(eval_ds):

@@ -13,6 +13,7 @@ import logging
 
 from rlhf import artifacts, encoding, engine, metrics, models, scoring
 from rlhf.config import PipelineConfig
+from rlhf.errors import DataError
 from rlhf.stages.common import StageResult, StageRun
 from rlhf.stages.sft import load_rows
 
@@ -41,6 +42,9 @@ def encode_pairs(tokenizer, rows: list[dict], max_length: int, where: str, use_m
         if use_margin:
             item["margin"] = float(row.get("margin") or 0.0)
         out.append(item)
+    if rows and not out:
+        raise DataError(f"{where}: all {len(rows)} pairs are longer than data.max_length={max_length} tokens, "
+                        "so nothing is left to train on; raise data.max_length or shorten the data")
     if len(out) < len(rows):
         log.warning("%s: %d of %d pairs are longer than data.max_length=%d tokens and were left out",
                     where, len(rows) - len(out), len(rows), max_length)
@@ -49,6 +53,7 @@ def encode_pairs(tokenizer, rows: list[dict], max_length: int, where: str, use_m
 
 def run(cfg: PipelineConfig, *, restart: bool = False) -> StageResult:
     from datasets import Dataset
+    from transformers import set_seed
     from trl import RewardConfig, RewardTrainer
 
     stage = StageRun(cfg, "reward", restart=restart)
@@ -61,6 +66,7 @@ def run(cfg: PipelineConfig, *, restart: bool = False) -> StageResult:
     eval_ds = None
     if eval_rows:
         eval_ds = Dataset.from_list(encode_pairs(tokenizer, eval_rows, cfg.data.max_length, path, cfg.reward.margin))
+    set_seed(cfg.run.seed)  # a new score head is initialised randomly: make it follow run.seed
     model = models.load_scalar_model(base, tokenizer=tokenizer, require_head=False,
                                      trust_remote_code=cfg.model.trust_remote_code,
                                      allow_pickle=cfg.model.allow_pickle, dtype=cfg.model.dtype)
@@ -70,8 +76,7 @@ def run(cfg: PipelineConfig, *, restart: bool = False) -> StageResult:
     peft_config = models.lora_config(cfg.model.lora, task_type="SEQ_CLS")
     trainer = RewardTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                             processing_class=tokenizer, callbacks=stage.callbacks(), peft_config=peft_config)
-    trainer.train(resume_from_checkpoint=str(stage.resume) if stage.resume else None)
-    stage.check_stopped(trainer)
+    stage.train(trainer)  # resume, SIGTERM stop, one-line save failures
     check_rows = (eval_rows or train_rows)[:16]
     live = _live_scores(trainer, tokenizer, check_rows)  # all ranks: the model may be sharded
     final = stage.save_final(trainer, tokenizer, merge_base=base if peft_config is not None else None)

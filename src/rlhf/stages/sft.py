@@ -13,6 +13,7 @@ from pathlib import Path
 
 from rlhf import data, encoding, models, preflight
 from rlhf.config import PipelineConfig
+from rlhf.errors import DataError
 from rlhf.stages.common import StageResult, StageRun, split_rows
 
 log = logging.getLogger("rlhf")
@@ -43,6 +44,9 @@ def encode_sft(tokenizer, rows: list[dict], max_length: int, where: str) -> list
             continue
         ids, n_prompt = enc
         out.append({"input_ids": ids, "completion_mask": [0] * n_prompt + [1] * (len(ids) - n_prompt)})
+    if rows and not out:
+        raise DataError(f"{where}: all {len(rows)} rows are longer than data.max_length={max_length} tokens, "
+                        "so nothing is left to train on; raise data.max_length or shorten the data")
     if len(out) < len(rows):
         log.warning("%s: %d of %d rows are longer than data.max_length=%d tokens and were left out",
                     where, len(rows) - len(out), len(rows), max_length)
@@ -68,8 +72,7 @@ def run(cfg: PipelineConfig, *, restart: bool = False) -> StageResult:
                      completion_only_loss=cfg.sft.completion_only_loss, dataset_num_proc=None)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, callbacks=stage.callbacks(), peft_config=peft_config)
-    trainer.train(resume_from_checkpoint=str(stage.resume) if stage.resume else None)
-    stage.check_stopped(trainer)
+    stage.train(trainer)  # resume, SIGTERM stop, one-line save failures
     metrics = {"train_rows": len(train_ds), "eval_rows": len(eval_ds) if eval_ds is not None else 0,
                "global_step": trainer.state.global_step}
     if eval_ds is not None and len(eval_ds):

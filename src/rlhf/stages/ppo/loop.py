@@ -24,7 +24,7 @@ from rlhf import artifacts, engine
 from rlhf.config import PipelineConfig
 from rlhf.errors import StopRequested, TrainingError
 from rlhf.losses import logprobs_from_logits, ppo_policy_loss, ppo_value_loss
-from rlhf.stages.common import StageRun
+from rlhf.stages.common import StageRun, save_failed
 from rlhf.stages.ppo.experience import (
     Experience,
     Scorer,
@@ -218,19 +218,26 @@ def save_checkpoint(ctx: PPOContext) -> Path:
     if engine.is_main() and path.exists():
         shutil.rmtree(path)
     engine.barrier()
-    engine.save_engine(ctx.actor, path / "actor")
-    engine.save_engine(ctx.critic, path / "critic")
-    plain, tensors = _rng_state()
-    rank = engine.rank()
-    artifacts.write_json_atomic(path / f"rng-{rank}.json", plain)
-    save_file(tensors, str(path / f"rng-{rank}.safetensors"))
+    try:
+        engine.save_engine(ctx.actor, path / "actor")
+        engine.save_engine(ctx.critic, path / "critic")
+        plain, tensors = _rng_state()
+        rank = engine.rank()
+        artifacts.write_json_atomic(path / f"rng-{rank}.json", plain)
+        save_file(tensors, str(path / f"rng-{rank}.safetensors"))
+        if engine.is_main():
+            artifacts.write_json_atomic(path / "trainer_state.json", {
+                "step": ctx.step, "kl_controller": ctx.kl_ctl.state_dict(), "reward_stats": ctx.reward_stats,
+                "sampler": ctx.sampler.state_dict(), "world_size": engine.world_size()})
+        engine.barrier()
+        if engine.is_main():
+            artifacts.mark_checkpoint_complete(path, ctx.step)
+    except Exception as err:  # disk full, file-size limit, unwritable dir: one line, previous checkpoint kept
+        failure = save_failed(path, "the checkpoint", err, artifacts.latest_checkpoint(ctx.stage.ckpt_dir))
+        if failure is None:
+            raise
+        raise failure from err
     if engine.is_main():
-        artifacts.write_json_atomic(path / "trainer_state.json", {
-            "step": ctx.step, "kl_controller": ctx.kl_ctl.state_dict(), "reward_stats": ctx.reward_stats,
-            "sampler": ctx.sampler.state_dict(), "world_size": engine.world_size()})
-    engine.barrier()
-    if engine.is_main():
-        artifacts.mark_checkpoint_complete(path, ctx.step)
         for old in artifacts.list_checkpoints(ctx.stage.ckpt_dir)[:-KEEP_CHECKPOINTS]:
             shutil.rmtree(old, ignore_errors=True)
     engine.barrier()

@@ -1,0 +1,115 @@
+"""`python tests/faults/faulty_cli.py <rlhf arguments>`: the rlhf CLI with one fault injected at an exact point.
+
+The fault is named by the environment variable RLHF_FAULT; the process kills itself with SIGKILL there, so
+nothing (no `finally`, no atexit, no flush) runs after it, exactly as when a node dies:
+
+  kill_in_step:N           inside optimizer step N: after the backward pass, before the weights change
+  kill_before_marker:N     checkpoint-N is fully written but its completion marker is not (a kill mid-save)
+  kill_before_manifest:S   stage S has renamed final/ into place but not written stage.json
+  kill_after_stage:S       right after stage S wrote stage.json (between two stages of a pipeline)
+  term_in_step:N           SIGTERM (not SIGKILL) at the start of optimizer step N, as Slurm sends before preemption
+
+Without RLHF_FAULT it is the plain CLI.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+
+def _die() -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _kill_in_step(step: int) -> None:
+    from transformers import TrainerCallback
+
+    from rlhf.stages import common
+    from rlhf.stages.ppo import loop
+
+    class KillInStep(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            if state.global_step + 1 == step:  # global_step counts finished steps
+                _die()
+
+    callbacks = common.StageRun.callbacks
+    common.StageRun.callbacks = lambda self: callbacks(self) + [KillInStep()]
+    ppo_update = loop.ppo_update
+
+    def ppo_update_then_die(ctx, exp):  # the rollout of step N is done, its update not applied
+        if ctx.step == step:
+            _die()
+        return ppo_update(ctx, exp)
+
+    loop.ppo_update = ppo_update_then_die
+
+
+def _term_in_step(step: int) -> None:
+    from transformers import TrainerCallback
+
+    from rlhf.stages import common
+
+    class TermInStep(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step + 1 == step:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    callbacks = common.StageRun.callbacks
+    common.StageRun.callbacks = lambda self: callbacks(self) + [TermInStep()]
+
+
+def _kill_before_marker(step: int) -> None:
+    from rlhf import artifacts
+
+    mark = artifacts.mark_checkpoint_complete
+
+    def mark_or_die(path, at_step):
+        if at_step == step:
+            _die()
+        mark(path, at_step)
+
+    artifacts.mark_checkpoint_complete = mark_or_die
+
+
+def _kill_around_manifest(stage: str, *, before: bool) -> None:
+    from rlhf import artifacts
+
+    write = artifacts.write_manifest
+
+    def write_and_die(stage_dir, name, **kwargs):
+        if name == stage and before:
+            _die()
+        path = write(stage_dir, name, **kwargs)
+        if name == stage:
+            _die()
+        return path
+
+    artifacts.write_manifest = write_and_die
+
+
+def install(fault: str) -> None:
+    kind, _, arg = fault.partition(":")
+    if kind == "kill_in_step":
+        _kill_in_step(int(arg))
+    elif kind == "term_in_step":
+        _term_in_step(int(arg))
+    elif kind == "kill_before_marker":
+        _kill_before_marker(int(arg))
+    elif kind == "kill_before_manifest":
+        _kill_around_manifest(arg, before=True)
+    elif kind == "kill_after_stage":
+        _kill_around_manifest(arg, before=False)
+    else:
+        raise SystemExit(f"faulty_cli: unknown RLHF_FAULT {fault!r}")
+
+
+if __name__ == "__main__":
+    if os.environ.get("RLHF_FAULT"):
+        install(os.environ["RLHF_FAULT"])
+    from rlhf.cli import main
+
+    sys.exit(main(sys.argv[1:]))
