@@ -1,0 +1,262 @@
+"""`rlhf data synth`: SFT and preference sets from the base model's own samples, labeled by a judge.
+
+For every prompt the base model samples k responses; a judge (`module:function(prompts, responses)`,
+e.g. `rlhf.judges:positivity`) scores them. The best and the worst of the k become a chosen/rejected
+pair (prompts whose best and worst scores are within `min_gap` are skipped: they carry no preference),
+and the best response of each training prompt becomes an SFT example. This is best-of-k rejection
+sampling for SFT plus AI-feedback preference labels (Bai et al. 2022, "Constitutional AI"; here the
+feedback is a program, so the gold judge of the quickstart stays independent of the reward model).
+
+Only responses that end with EOS within `max_new_tokens` are used: a cut-off reply would teach SFT to
+stop mid-sentence and the reward model that "finished" means "good".
+
+Prompts are the built-in quickstart prompts (question templates x everyday topics, split by topic so
+that held-out prompts name topics never seen in training) or a prompt file. Outputs in `--out`:
+
+  prompts.jsonl, prompts_eval.jsonl     training / held-out prompts ({"prompt"})
+  sft.jsonl                             best response per training prompt ({"prompt", "completion", "score"})
+  preference.jsonl                      best vs worst per training prompt ({"prompt", "chosen", "rejected", ...})
+  preference_eval.jsonl                 the same on held-out prompts (reward-model accuracy on unseen topics)
+  samples.jsonl                         every sample with its judge score and whether it finished
+  manifest.json                         the command, model, judge, generation settings and counts
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("rlhf")
+
+DEFAULT_JUDGE = "rlhf.judges:positivity"
+
+# Each asks for one short sentence so that replies fit in ~32 tokens on a 2-core CPU.
+TEMPLATES = (
+    "Write one short sentence about {}.",
+    "In one sentence, how do you feel about {}?",
+    "Describe {} in one short sentence.",
+    "Give a one-sentence opinion on {}.",
+)
+# Everyday topics, many of them ones people grumble about, so that a small instruct model's replies
+# range from negative to positive and there is room to become more upbeat.
+TOPICS = (
+    "Monday mornings", "rainy weather", "traffic jams", "a cup of coffee", "public libraries", "homework",
+    "waiting in line", "the dentist", "winter", "city buses", "spreadsheets", "cats", "airports",
+    "doing laundry", "old smartphones", "math exams", "alarm clocks", "tax forms", "crowded trains",
+    "spam emails", "cold soup", "flat tires", "long meetings", "software updates", "noisy neighbors",
+    "mosquitoes", "job interviews", "power outages", "paperwork", "hospital food", "group projects",
+    "parking tickets", "slow internet", "burnt toast", "lost luggage", "dirty dishes", "tight shoes",
+    "rush hour", "cleaning the bathroom", "public speaking", "jet lag", "a broken umbrella", "snoring",
+    "unexpected bills", "standardized tests", "a stuck zipper", "gym memberships", "self-checkout machines",
+    "hiccups", "customer service calls", "a dead phone battery", "a sunburn", "cold showers",
+    "a leaky faucet", "reply-all emails", "pop-up ads", "grocery shopping", "vegetables", "running",
+    "the weekend", "birthday parties", "a new job", "moving house", "camping", "gardening", "teenagers",
+    "old movies", "board games", "the ocean", "mountains", "museums", "rain boots", "homemade bread",
+    "a quiet evening", "dogs", "bicycles", "learning a language", "chess", "the library card",
+    "snowstorms", "thunderstorms", "fog", "summer heat", "autumn leaves", "spring cleaning", "the news",
+    "social media", "video calls", "online shopping", "cooking dinner", "washing the car", "elevators",
+    "escalators", "office chairs", "printers", "passwords", "robocalls", "instruction manuals",
+    "waiting rooms", "road construction", "bus stops", "train delays", "potholes", "speed bumps",
+    "traffic lights", "street noise", "car alarms", "pigeons", "spiders", "wasps", "weeds", "mud",
+    "dust", "rainy weekends", "early flights", "red-eye flights", "hotel breakfasts", "small talk",
+    "queues at the bank", "overdue library books", "expired coupons", "decaf coffee", "tofu",
+    "brussels sprouts", "leftovers", "diet soda", "instant noodles",
+)
+N_EVAL_TOPICS = 25
+
+
+def quickstart_prompts(seed: int = 0, n_eval_topics: int = N_EVAL_TOPICS) -> tuple[list[str], list[str]]:
+    """(train, held-out) prompts: every template x topic, split by topic (held-out topics are unseen)."""
+    topics = sorted(set(TOPICS))
+    random.Random(seed).shuffle(topics)
+    eval_topics, train_topics = topics[:n_eval_topics], topics[n_eval_topics:]
+
+    def expand(names: list[str]) -> list[str]:
+        return [t.format(name) for name in names for t in TEMPLATES]
+
+    return expand(train_topics), expand(eval_topics)
+
+
+# ------------------------------------------------------------------------------------------ sampling
+
+
+@dataclass
+class SynthSettings:
+    k: int = 4
+    """Samples per prompt."""
+    max_new_tokens: int = 48
+    """Sample length limit; samples that do not end with EOS within it are not used."""
+    temperature: float = 0.7
+    top_p: float = 1.0
+    top_k: int = 0
+    batch_size: int = 64
+    """Sequences per generate() call (prompts x k); large batches amortize per-token overhead on CPU."""
+    min_gap: float = 0.0
+    """Pairs need best - worst > min_gap."""
+    seed: int = 0
+
+
+@dataclass
+class Sample:
+    prompt: str
+    text: str
+    finished: bool
+    score: float = 0.0
+
+
+def sample_responses(model, tokenizer, prompts: list[str], s: SynthSettings, max_prompt_length: int = 256,
+                     progress: bool = True) -> list[Sample]:
+    """k samples per prompt (prompt i's samples are at i*k .. i*k+k-1), batched, with a progress bar."""
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import GenerationConfig
+
+    from rlhf.stages.ppo.rollout import encode_prompts
+
+    # A complete config, so the model's own generation defaults (e.g. top_k=50) cannot leak in.
+    config = GenerationConfig(do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                              max_new_tokens=s.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(s.seed)
+    flat = [p for p in prompts for _ in range(s.k)]
+    out: list[Sample] = []
+    bar = tqdm(total=len(flat), desc="synth: sampling", unit="sample", disable=not progress)
+    for start in range(0, len(flat), s.batch_size):
+        batch = flat[start:start + s.batch_size]
+        ids, mask = encode_prompts(tokenizer, [[{"role": "user", "content": p}] for p in batch],
+                                   max_prompt_length)
+        with torch.no_grad():
+            gen = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+        for prompt, row in zip(batch, gen[:, ids.shape[1]:].tolist(), strict=True):
+            finished = tokenizer.eos_token_id in row
+            row = row[:row.index(tokenizer.eos_token_id)] if finished else row
+            out.append(Sample(prompt, tokenizer.decode(row, skip_special_tokens=True).strip(), finished))
+        bar.update(len(batch))
+    bar.close()
+    return out
+
+
+def select(samples: list[Sample], k: int, min_gap: float = 0.0) -> tuple[list[dict], list[dict], dict[str, int]]:
+    """(sft rows, preference rows, skip counts) from scored samples grouped k per prompt.
+
+    Per prompt: unfinished and empty samples are dropped, duplicates of a text kept once. The best sample
+    is the SFT completion; best vs worst is a pair when their scores differ by more than `min_gap`.
+    Ties in score are broken by order (the first sampled wins), so the result is deterministic.
+    """
+    sft, pairs = [], []
+    skipped = {"no_finished": 0, "one_distinct": 0, "within_gap": 0}
+    for start in range(0, len(samples), k):
+        group, seen = [], set()
+        for smp in samples[start:start + k]:
+            if smp.finished and smp.text and smp.text not in seen:
+                seen.add(smp.text)
+                group.append(smp)
+        if not group:
+            skipped["no_finished"] += 1
+            continue
+        best = max(group, key=lambda x: x.score)
+        worst = min(group, key=lambda x: x.score)
+        sft.append({"prompt": best.prompt, "completion": best.text, "score": round(best.score, 4)})
+        if len(group) < 2:
+            skipped["one_distinct"] += 1
+        elif best.score - worst.score <= min_gap:
+            skipped["within_gap"] += 1
+        else:
+            pairs.append({"prompt": best.prompt, "chosen": best.text, "rejected": worst.text,
+                          "chosen_score": round(best.score, 4), "rejected_score": round(worst.score, 4),
+                          "margin": round(best.score - worst.score, 4)})
+    return sft, pairs, skipped
+
+
+# ---------------------------------------------------------------------------------------------- run
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+
+
+def _read_prompts(path: str, eval_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Plain-string single-turn prompts of a prompt file, split into train / held-out."""
+    from rlhf import data
+    from rlhf.errors import DataError
+    from rlhf.stages.common import split_rows
+
+    rows = data.load(path, "prompt").rows
+    prompts = []
+    for i, row in enumerate(rows):
+        msgs = row["prompt"]
+        if len(msgs) != 1 or msgs[0]["role"] != "user":
+            raise DataError(f"{path}: row {i + 1}: synth takes single-turn user prompts")
+        prompts.append(msgs[0]["content"])
+    train, held = split_rows([{"p": p} for p in prompts], eval_fraction, seed)
+    return [r["p"] for r in train], [r["p"] for r in held]
+
+
+def _mean(values: list[float]) -> float | None:
+    return round(sum(values) / len(values), 4) if values else None
+
+
+def run_synth(cfg, out_dir: str | Path, *, settings: SynthSettings | None = None, judge: str = DEFAULT_JUDGE,
+              n_prompts: int | None = None, n_eval_prompts: int | None = None, prompts_file: str | None = None,
+              command: str = "") -> dict[str, Any]:
+    """Sample, judge, select and write the sets (see the module docstring). Returns the manifest."""
+    from rlhf import models
+    from rlhf.evaluation import load_judge
+
+    s = settings or SynthSettings()
+    judge_fn = load_judge(judge)
+    if prompts_file:
+        train, held = _read_prompts(prompts_file, cfg.data.eval_fraction or 0.2, s.seed)
+    else:
+        train, held = quickstart_prompts(s.seed)
+    train, held = train[:n_prompts] if n_prompts else train, held[:n_eval_prompts] if n_eval_prompts else held
+    path = models.resolve_model(cfg.model.name_or_path)
+    tokenizer = models.load_tokenizer(models.resolve_model(cfg.model.tokenizer) if cfg.model.tokenizer else path,
+                                      chat_template=cfg.model.chat_template, padding_side="left")
+    model = models.load_causal_lm(path, tokenizer=tokenizer, dtype=cfg.model.dtype).eval()
+    started = time.time()
+    samples = sample_responses(model, tokenizer, train + held, s, cfg.data.max_prompt_length,
+                               progress=cfg.logging.progress)
+    gen_seconds = time.time() - started
+    scores = judge_fn([[{"role": "user", "content": x.prompt}] for x in samples], [x.text for x in samples])
+    for smp, score in zip(samples, scores, strict=True):
+        smp.score = float(score)
+    n_train = len(train) * s.k
+    sft, pairs, skipped = select(samples[:n_train], s.k, s.min_gap)
+    _, eval_pairs, eval_skipped = select(samples[n_train:], s.k, s.min_gap)
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_jsonl(out / "prompts.jsonl", [{"prompt": p} for p in train])
+    _write_jsonl(out / "prompts_eval.jsonl", [{"prompt": p} for p in held])
+    _write_jsonl(out / "sft.jsonl", sft)
+    _write_jsonl(out / "preference.jsonl", pairs)
+    _write_jsonl(out / "preference_eval.jsonl", eval_pairs)
+    _write_jsonl(out / "samples.jsonl", [{**asdict(x), "score": round(x.score, 4), "split": "train" if i < n_train
+                                          else "eval"} for i, x in enumerate(samples)])
+    finished = [x.score for x in samples if x.finished]
+    manifest = {
+        "command": command, "model": cfg.model.name_or_path, "chat_template": cfg.model.chat_template,
+        "judge": judge, "settings": asdict(s), "prompts_source": prompts_file or "built-in quickstart prompts",
+        "counts": {"train_prompts": len(train), "eval_prompts": len(held), "samples": len(samples),
+                   "finished_samples": len(finished), "sft": len(sft), "preference": len(pairs),
+                   "preference_eval": len(eval_pairs), "skipped_train": skipped, "skipped_eval": eval_skipped},
+        "judge_means": {"all_samples": _mean([x.score for x in samples]), "finished_samples": _mean(finished),
+                        "sft_completions": _mean([r["score"] for r in sft]),
+                        "chosen": _mean([r["chosen_score"] for r in pairs]),
+                        "rejected": _mean([r["rejected_score"] for r in pairs])},
+        "generation_seconds": round(gen_seconds, 1),
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    log.info("synth: %d prompts x %d samples in %.0f s; %d SFT rows, %d pairs, %d held-out pairs -> %s",
+             len(train) + len(held), s.k, gen_seconds, len(sft), len(pairs), len(eval_pairs), out)
+    return manifest
