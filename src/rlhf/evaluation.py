@@ -152,7 +152,7 @@ class GenSettings:
     top_p: float
     top_k: int
     seed: int
-    batch_size: int = 8
+    batch_size: int = 32
 
 
 def generate(model, tokenizer, prompts: list[list[dict]], gen: GenSettings, cand: Candidate) -> None:
@@ -248,7 +248,8 @@ def run_eval(cfg: PipelineConfig, *, model_names: list[str] | None = None, n_pro
     scorer = _reward_model(cfg)
     cands = []
     for name, path in tqdm(specs, desc="eval", unit="model", disable=not cfg.logging.progress):
-        cands.append(_evaluate_one(name, path, prompts, gen, ref, ref_tok, scorer, judge_fn))
+        cands.append(_evaluate_one(name, path, prompts, gen, ref, ref_tok, scorer, judge_fn,
+                                   chat_template=cfg.model.chat_template))
         log.info("eval: %s done (%d responses)", name, len(prompts))
     base = next(c for c in cands if c.name == ref_name)
     rows = summarize(cands, base)
@@ -270,11 +271,14 @@ def _reward_model(cfg: PipelineConfig):
     return models.load_scalar_model(path, tokenizer=tok, require_head=True).eval(), tok, path
 
 
-def _evaluate_one(name, path, prompts, gen: GenSettings, ref, ref_tok, scorer, judge_fn) -> Candidate:
+def _evaluate_one(name, path, prompts, gen: GenSettings, ref, ref_tok, scorer, judge_fn, *,
+                  chat_template: str | None = None) -> Candidate:
     from rlhf.scoring import score
     from rlhf.stages.ppo.experience import same_tokenizer
 
-    tok = models.load_tokenizer(path, padding_side="left")
+    # Every model is prompted with the config's template (the base model's own may differ, e.g. inject a
+    # system prompt), so all rows of the table answer the same token sequences.
+    tok = models.load_tokenizer(path, padding_side="left", chat_template=chat_template)
     model = models.load_causal_lm(path, tokenizer=tok).eval()
     cand = Candidate(name, path, eos_id=tok.eos_token_id)
     generate(model, tok, prompts, gen, cand)
