@@ -1,0 +1,106 @@
+"""One timed run of rlhf's own PPO (`rlhf.stages.ppo.run`), driven by bench/ppo_throughput.py.
+
+The work dir holds policy/ (also the reference), reward/ (also the critic's init) and prompts.jsonl. They
+are installed as completed sft and reward stage outputs of a throwaway run, then `ppo.run(cfg)` is called
+with plain-torch engines. Timing: the interval between consecutive `on_step` callbacks (the first step
+is timed from just before `run` and is excluded by the caller as warm-up, with loading).
+
+Equal work: the sampling config gets `min_new_tokens = max_new_tokens`, so no row stops at EOS and every
+response is exactly `--response-length` tokens (checked on every rollout).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    for name in ("--work", "--out"):
+        p.add_argument(name, required=True)
+    for name in ("--steps", "--batch", "--response-length", "--ppo-epochs", "--mini-batches", "--micro-batch",
+                 "--seed"):
+        p.add_argument(name, type=int, required=True)
+    args = p.parse_args()
+
+    import torch
+
+    from rlhf import artifacts
+    from rlhf.config import config_from_dict
+    from rlhf.stages import ppo
+    from rlhf.stages.ppo import loop, rollout
+
+    work = Path(args.work)
+    run_dir = work / "ours_run"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    for stage, src in (("sft", work / "policy"), ("reward", work / "reward")):
+        shutil.copytree(src, run_dir / "b" / stage / "final")
+        artifacts.write_manifest(run_dir / "b" / stage, stage, inputs={}, config_hash="bench", metrics={})
+
+    mini = args.batch // args.mini_batches
+    settings = {"steps": args.steps, "rollout_batch_size": args.batch, "mini_batch_size": mini,
+                "grad_accum": mini // args.micro_batch, "ppo_epochs": args.ppo_epochs,
+                "max_new_tokens": args.response_length, "temperature": 1.0, "top_p": 1.0, "top_k": 0,
+                "learning_rate": 1e-6, "critic_learning_rate": 1e-6, "kl_coef": 0.05, "kl_estimator": "k1",
+                "gamma": 1.0, "lam": 0.95, "clip_range": 0.2, "clip_range_value": 0.2,
+                "missing_eos_penalty": 1.0, "critic_init": "reward",
+                "max_grad_norm": 0.0,  # TRL's PPO loop does not clip gradients
+                "save_steps": 10**6, "sample_every": 10**6}
+    cfg = config_from_dict({
+        "run": {"name": "b", "output_dir": str(run_dir), "seed": args.seed, "device": "cpu"},
+        "model": {"name_or_path": str(work / "policy"), "dtype": "float32"},
+        "data": {"prompts": str(work / "prompts.jsonl"), "eval_fraction": 0.0, "max_length": 1024,
+                 "max_prompt_length": 512},
+        "final_stage": "ppo", "ppo": settings, "deepspeed": {"enabled": False},
+        "logging": {"progress": False, "tensorboard": False, "plots": False},
+    }, source="bench")
+
+    # no early stop at EOS: every response has exactly max_new_tokens tokens
+    base_config = rollout.generation_config
+
+    def fixed_length_config(tokenizer, ppo_cfg, eos_ids):
+        gen = base_config(tokenizer, ppo_cfg, eos_ids)
+        gen.min_new_tokens = ppo_cfg.max_new_tokens
+        return gen
+
+    rollout.generation_config = fixed_length_config
+    lengths: list[int] = []
+    base_generate = loop.generate
+
+    def recording_generate(*a, **kw):
+        out = base_generate(*a, **kw)
+        lengths.append(int(out.response_ids.shape[1]))
+        return out
+
+    loop.generate = recording_generate
+
+    stamps: list[float] = []
+    stats_seen: list[dict] = []
+
+    def on_step(ctx, stats):
+        stamps.append(time.perf_counter())
+        stats_seen.append(stats)
+
+    start = time.perf_counter()
+    ppo.run(cfg, on_step=on_step)
+    times = [b - a for a, b in zip([start, *stamps[:-1]], stamps, strict=True)]
+    if any(n != args.response_length for n in lengths):
+        raise SystemExit(f"response lengths {lengths} != {args.response_length}")
+    opt_steps = args.ppo_epochs * args.mini_batches
+    Path(args.out).write_text(json.dumps({
+        "impl": "rlhf (own PPO loop, plain torch engines)",
+        "step_times": times, "response_lengths": lengths,
+        "response_tokens": [args.batch * n for n in lengths],
+        "counted_tokens": [s["rollout/response_length"] * args.batch for s in stats_seen],
+        "threads": torch.get_num_threads(), "optimizer_steps_per_rollout": opt_steps,
+        "ratio_first": [s.get("policy/ratio_first") for s in stats_seen],
+    }))
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,229 @@
+#!/usr/bin/env python
+"""PPO throughput: rlhf's own PPO loop against TRL 1.12.0's PPOTrainer, on the same inputs.
+
+    python bench/ppo_throughput.py --model tiny|smollm2 [--rounds 3] [--steps 4] [--batch 8]
+        [--response-length 32] [--ppo-epochs 2] [--mini-batches 1] [--micro-batch B]
+
+What both sides get (built once per model under runs/bench_ppo/<model>/ and reused):
+- the same policy dir (weights + the tokenizer exactly as rlhf loads it: pad <|endoftext|> != eos);
+  the frozen reference is a second copy of it on both sides;
+- the same 1-label reward model dir (tiny: `build_tiny_reward`; smollm2: SmolLM2 backbone with a seeded
+  random `score` head); the critic is initialised from it on both sides;
+- the same prompt token ids: rendered by `rlhf.encoding.prompt_ids` (chat template + generation prompt)
+  and all of one length, so every left-padded batch has the same shape P on both sides;
+- the same response length R on every row: neither side stops at EOS (TRL: `stop_token=None`; ours:
+  `min_new_tokens = max_new_tokens` in the sampling config), checked on every rollout;
+- the same batch per update, PPO epochs, minibatches and micro-batch; fp32, no eval generations, no
+  checkpoints inside the timed steps.
+
+Each implementation runs in its own subprocess (ours with this venv's python, TRL with a virtualenv of its
+own at bench/.venv-trl112, created on first use), alternating ours/TRL for --rounds rounds. A driver times
+the PPO iterations only (the interval between consecutive step-end callbacks; step 1 is warm-up and is
+excluded, as is loading). The last line is `ratio ours/trl: X.XX` (median ours / median TRL samples/s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+PEER_VENV = BENCH / ".venv-trl112"
+PEER_PINS = ["torch==2.13.0", "trl==1.12.0", "transformers==5.23.0", "accelerate==1.15.0", "datasets==5.2.0"]
+OURS_PY = Path(sys.executable)
+SEED = 1234
+
+_ADJ = ("bright", "heavy", "gentle", "strange", "ancient", "modern", "fragile", "golden", "hollow", "narrow",
+        "polite", "rapid", "silent", "tiny", "enormous", "careful", "honest", "clever")
+_NOUN = ("apple", "banana", "cherry", "dolphin", "elephant", "falcon", "guitar", "harbour", "island", "jacket",
+         "kettle", "lantern", "meadow", "notebook", "orchestra", "pepper", "rabbit", "saddle", "tomato", "violin",
+         "window", "zebra", "anchor", "blanket", "candle", "desert", "engine", "forest", "glacier", "hammer")
+_TASK = ("Write a short story about", "Describe", "Explain how to draw", "Give three facts about",
+         "Write a poem about", "Tell me a joke about")
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------ peer venv
+
+
+def ensure_peer_venv() -> Path:
+    """bench/.venv-trl112 with TRL 1.12.0 (the last release with PPOTrainer); created once, then reused."""
+    py = PEER_VENV / "bin" / "python"
+    marker = PEER_VENV / ".bench-ok"
+    if marker.is_file() and marker.read_text() == "\n".join(PEER_PINS) and py.exists():
+        return py
+    log(f"creating {PEER_VENV} ({', '.join(PEER_PINS)}) ...")
+    base = Path(getattr(sys, "_base_executable", sys.executable))
+    subprocess.run([str(base), "-m", "venv", str(PEER_VENV)], check=True)
+    subprocess.run([str(py), "-m", "pip", "install", "-q", *PEER_PINS], check=True)
+    check = "import trl, transformers, torch; from trl.experimental.ppo import PPOTrainer; print(trl.__version__)"
+    out = subprocess.run([str(py), "-c", check], check=True, capture_output=True, text=True).stdout.strip()
+    if out != "1.12.0":
+        raise SystemExit(f"{PEER_VENV}: expected trl 1.12.0, got {out}")
+    marker.write_text("\n".join(PEER_PINS))
+    return py
+
+
+# ------------------------------------------------------------------------------------------ shared inputs
+
+
+def _prompts(tokenizer, n: int) -> tuple[list[dict], list[list[int]]]:
+    """n chat prompts whose rendered ids (chat template + generation prompt) all have the same length."""
+    from collections import defaultdict
+
+    from rlhf import encoding
+
+    by_len: dict[int, list] = defaultdict(list)
+    for task in _TASK:
+        for adj in _ADJ:
+            for noun in _NOUN:
+                messages = [{"role": "user", "content": f"{task} the {adj} {noun}."}]
+                ids = encoding.prompt_ids(tokenizer, messages)
+                by_len[len(ids)].append((messages, ids))
+    length, rows = max(by_len.items(), key=lambda kv: len(kv[1]))
+    if len(rows) < n:
+        raise SystemExit(f"only {len(rows)} prompts of length {length}; lower --steps or --batch")
+    return [{"prompt": m} for m, _ in rows[:n]], [ids for _, ids in rows[:n]]
+
+
+def prepare(model: str, n_prompts: int) -> Path:
+    """runs/bench_ppo/<model>/{policy,reward,prompts.jsonl,prompt_ids.json}; reused when present."""
+    import torch
+
+    from rlhf import models
+
+    work = ROOT / "runs" / "bench_ppo" / model
+    done = work / ".ready"
+    if done.is_file() and json.loads(done.read_text()).get("n_prompts", 0) >= n_prompts:
+        return work
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    t0 = time.perf_counter()
+    if model == "tiny":
+        from rlhf.tiny import build_tiny, build_tiny_reward
+
+        src_policy = build_tiny(work / "src_policy", seed=0)
+        src_reward = build_tiny_reward(work / "src_reward", seed=1)
+    else:
+        src_policy, src_reward = Path(models.resolve_model("smollm2-135m-instruct")), None
+    tok = models.load_tokenizer(str(src_policy), padding_side="left")
+    policy = models.load_causal_lm(str(src_policy), tokenizer=tok, dtype="float32")
+    models.save_pretrained_atomic(policy, tok, work / "policy")
+    if src_reward is None:  # SmolLM2 backbone + seeded random 1-label head: same weights for both sides
+        from transformers import AutoModelForSequenceClassification
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(SEED)
+            reward = AutoModelForSequenceClassification.from_pretrained(str(work / "policy"), num_labels=1,
+                                                                        dtype=torch.float32)
+        reward.config.pad_token_id = tok.pad_token_id
+    else:
+        reward = models.load_scalar_model(str(src_reward), tokenizer=tok, require_head=True, dtype="float32")
+    models.save_pretrained_atomic(reward, tok, work / "reward")
+    for d in ("src_policy", "src_reward"):
+        shutil.rmtree(work / d, ignore_errors=True)
+    rows, ids = _prompts(tok, n_prompts)
+    (work / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    (work / "prompt_ids.json").write_text(json.dumps(ids), encoding="utf-8")
+    done.write_text(json.dumps({"n_prompts": n_prompts, "prompt_len": len(ids[0])}))
+    log(f"prepared {work} in {time.perf_counter() - t0:.1f}s (prompt length {len(ids[0])})")
+    return work
+
+
+# ------------------------------------------------------------------------------------------ runs
+
+
+def run_driver(which: str, python: Path, work: Path, args, round_no: int) -> dict:
+    out = work / f"result-{which}-{round_no}.json"
+    out.unlink(missing_ok=True)
+    script = BENCH / ("ppo_driver_ours.py" if which == "ours" else "ppo_driver_trl.py")
+    cmd = [str(python), str(script), "--work", str(work), "--out", str(out), "--steps", str(args.steps),
+           "--batch", str(args.batch), "--response-length", str(args.response_length),
+           "--ppo-epochs", str(args.ppo_epochs), "--mini-batches", str(args.mini_batches),
+           "--micro-batch", str(args.micro_batch), "--seed", str(SEED + round_no)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRL_EXPERIMENTAL_SILENCE="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONUNBUFFERED="1")
+    if which == "ours":
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "src"), env.get("PYTHONPATH")) if p)
+    else:
+        env.pop("PYTHONPATH", None)
+        env.pop("VIRTUAL_ENV", None)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, cwd=str(work), capture_output=True, text=True)
+    if proc.returncode != 0 or not out.is_file():
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
+        raise SystemExit(f"{which} driver failed (rc {proc.returncode})")
+    result = json.loads(out.read_text())
+    result["wall_s"] = time.perf_counter() - t0
+    return result
+
+
+def summarize(res: dict, batch: int) -> tuple[float, float]:
+    """(samples/s, response tokens/s) over the timed steps (all but the first)."""
+    times = res["step_times"][1:]
+    total = sum(times)
+    return batch * len(times) / total, sum(res["response_tokens"][1:]) / total
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=4, help="PPO iterations per run; the first is warm-up")
+    p.add_argument("--batch", type=int, default=8, help="prompts (rollout rows) per PPO iteration")
+    p.add_argument("--response-length", type=int, default=32)
+    p.add_argument("--ppo-epochs", type=int, default=2)
+    p.add_argument("--mini-batches", type=int, default=1)
+    p.add_argument("--micro-batch", type=int, default=0, help="rows per forward/backward (0: the minibatch)")
+    args = p.parse_args()
+    if args.steps < 2:
+        p.error("--steps must be >= 2 (the first step is warm-up)")
+    if args.batch % args.mini_batches:
+        p.error("--mini-batches must divide --batch")
+    mini = args.batch // args.mini_batches
+    args.micro_batch = args.micro_batch or mini
+    if mini % args.micro_batch:
+        p.error("--micro-batch must divide the minibatch (batch / mini-batches)")
+
+    peer = ensure_peer_venv()
+    work = prepare(args.model, n_prompts=args.batch * args.steps * 2)
+    rows = []
+    for r in range(args.rounds):
+        for which, py in (("ours", OURS_PY), ("trl", peer)) if r % 2 == 0 else (("trl", peer), ("ours", OURS_PY)):
+            res = run_driver(which, py, work, args, r)
+            sps, tps = summarize(res, args.batch)
+            rows.append((r, which, sps, tps, res))
+            log(f"round {r + 1}/{args.rounds} {which}: {sps:.3f} samples/s, {tps:.1f} tokens/s "
+                f"(steps {[round(t, 3) for t in res['step_times']]}, wall {res['wall_s']:.0f}s)")
+    prompt_len = json.loads((work / ".ready").read_text())["prompt_len"]
+    info = {w: next(x[4] for x in rows if x[1] == w) for w in ("ours", "trl")}
+    print(f"PPO throughput, model={args.model} prompt_len={prompt_len} response_length={args.response_length} "
+          f"batch={args.batch} ppo_epochs={args.ppo_epochs} mini_batches={args.mini_batches} "
+          f"micro_batch={args.micro_batch} steps={args.steps} (first excluded) rounds={args.rounds}")
+    for w in ("ours", "trl"):
+        print(f"  {w}: {info[w]['impl']}, torch threads {info[w]['threads']}, "
+              f"optimizer steps per rollout {info[w]['optimizer_steps_per_rollout']}")
+    print(f"{'round':>5} {'impl':>5} {'samples/s':>10} {'tokens/s':>10}")
+    for r, which, sps, tps, _ in rows:
+        print(f"{r + 1:>5} {which:>5} {sps:>10.3f} {tps:>10.1f}")
+    med = {w: (statistics.median(x[2] for x in rows if x[1] == w), statistics.median(x[3] for x in rows if x[1] == w))
+           for w in ("ours", "trl")}
+    for w in ("ours", "trl"):
+        print(f"median {w:>4}: {med[w][0]:.3f} samples/s, {med[w][1]:.1f} tokens/s")
+    print(f"ratio ours/trl: {med['ours'][0] / med['trl'][0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
