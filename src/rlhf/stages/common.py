@@ -283,3 +283,24 @@ def split_rows(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict]
     n_eval = max(1, int(round(len(rows) * fraction)))
     eval_idx = set(order[:n_eval])
     return [r for i, r in enumerate(rows) if i not in eval_idx], [r for i, r in enumerate(rows) if i in eval_idx]
+
+
+def check_fitted(where: str, n_total: int, n_kept: int, max_length: int, unit: str = "rows") -> None:
+    """After dropping over-long examples: an error when nothing is left, a warning with the count otherwise."""
+    from rlhf.errors import DataError
+
+    if n_total and not n_kept:
+        raise DataError(f"{where}: all {n_total} {unit} are longer than data.max_length={max_length} tokens, "
+                        "so nothing is left to train on; raise data.max_length or shorten the data")
+    if n_kept < n_total:
+        log.warning("%s: %d of %d %s are longer than data.max_length=%d tokens and were left out",
+                    where, n_total - n_kept, n_total, unit, max_length)
+
+
+def stage_tokenizer(cfg: PipelineConfig, model_dir: str):
+    """The tokenizer a stage trains with: `model.tokenizer` when set, else the model's own."""
+    from rlhf import models
+
+    return models.load_tokenizer(models.resolve_model(cfg.model.tokenizer or model_dir),
+                                 trust_remote_code=cfg.model.trust_remote_code,
+                                 chat_template=cfg.model.chat_template)

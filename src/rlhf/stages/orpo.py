@@ -22,8 +22,7 @@ from collections import defaultdict
 
 from rlhf import encoding, engine, models
 from rlhf.config import PipelineConfig
-from rlhf.errors import DataError
-from rlhf.stages.common import StageResult, StageRun
+from rlhf.stages.common import StageResult, StageRun, check_fitted, stage_tokenizer
 from rlhf.stages.sft import load_rows
 
 log = logging.getLogger("rlhf")
@@ -43,12 +42,7 @@ def encode_pairs(tokenizer, rows: list[dict], max_length: int, where: str) -> li
             item[f"{side}_ids"], item[f"{side}_mask"] = ids, [0] * n_prompt + [1] * (len(ids) - n_prompt)
         else:
             out.append(item)
-    if rows and not out:
-        raise DataError(f"{where}: all {len(rows)} pairs are longer than data.max_length={max_length} tokens, "
-                        "so nothing is left to train on; raise data.max_length or shorten the data")
-    if len(out) < len(rows):
-        log.warning("%s: %d of %d pairs are longer than data.max_length=%d tokens and were left out",
-                    where, len(rows) - len(out), len(rows), max_length)
+    check_fitted(where, len(rows), len(out), max_length, "pairs")
     return out
 
 
@@ -127,9 +121,7 @@ def run(cfg: PipelineConfig, *, restart: bool = False) -> StageResult:
 
     stage = StageRun(cfg, "orpo", restart=restart)
     base = models.resolve_model(cfg.model.name_or_path)
-    tokenizer = models.load_tokenizer(models.resolve_model(cfg.model.tokenizer or base),
-                                      trust_remote_code=cfg.model.trust_remote_code,
-                                      chat_template=cfg.model.chat_template)
+    tokenizer = stage_tokenizer(cfg, base)
     train_rows, eval_rows, path = load_rows(cfg, "orpo", "preference")
     train_ds = Dataset.from_list(encode_pairs(tokenizer, train_rows, cfg.data.max_length, path))
     eval_ds = Dataset.from_list(encode_pairs(tokenizer, eval_rows, cfg.data.max_length, path)) if eval_rows else None

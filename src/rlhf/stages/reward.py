@@ -13,8 +13,7 @@ import logging
 
 from rlhf import artifacts, encoding, engine, metrics, models, scoring
 from rlhf.config import PipelineConfig
-from rlhf.errors import DataError
-from rlhf.stages.common import StageResult, StageRun
+from rlhf.stages.common import StageResult, StageRun, check_fitted, stage_tokenizer
 from rlhf.stages.sft import load_rows
 
 log = logging.getLogger("rlhf")
@@ -42,12 +41,7 @@ def encode_pairs(tokenizer, rows: list[dict], max_length: int, where: str, use_m
         if use_margin:
             item["margin"] = float(row.get("margin") or 0.0)
         out.append(item)
-    if rows and not out:
-        raise DataError(f"{where}: all {len(rows)} pairs are longer than data.max_length={max_length} tokens, "
-                        "so nothing is left to train on; raise data.max_length or shorten the data")
-    if len(out) < len(rows):
-        log.warning("%s: %d of %d pairs are longer than data.max_length=%d tokens and were left out",
-                    where, len(rows) - len(out), len(rows), max_length)
+    check_fitted(where, len(rows), len(out), max_length, "pairs")
     return out
 
 
@@ -58,9 +52,7 @@ def run(cfg: PipelineConfig, *, restart: bool = False) -> StageResult:
 
     stage = StageRun(cfg, "reward", restart=restart)
     base = base_model(cfg)
-    tokenizer = models.load_tokenizer(models.resolve_model(cfg.model.tokenizer) if cfg.model.tokenizer else base,
-                                      trust_remote_code=cfg.model.trust_remote_code,
-                                      chat_template=cfg.model.chat_template)
+    tokenizer = stage_tokenizer(cfg, base)
     train_rows, eval_rows, path = load_rows(cfg, "reward", "preference")
     train_ds = Dataset.from_list(encode_pairs(tokenizer, train_rows, cfg.data.max_length, path, cfg.reward.margin))
     eval_ds = None

@@ -13,8 +13,7 @@ from pathlib import Path
 
 from rlhf import data, encoding, models, preflight
 from rlhf.config import PipelineConfig
-from rlhf.errors import DataError
-from rlhf.stages.common import StageResult, StageRun, split_rows
+from rlhf.stages.common import StageResult, StageRun, check_fitted, split_rows, stage_tokenizer
 
 log = logging.getLogger("rlhf")
 
@@ -44,12 +43,7 @@ def encode_sft(tokenizer, rows: list[dict], max_length: int, where: str) -> list
             continue
         ids, n_prompt = enc
         out.append({"input_ids": ids, "completion_mask": [0] * n_prompt + [1] * (len(ids) - n_prompt)})
-    if rows and not out:
-        raise DataError(f"{where}: all {len(rows)} rows are longer than data.max_length={max_length} tokens, "
-                        "so nothing is left to train on; raise data.max_length or shorten the data")
-    if len(out) < len(rows):
-        log.warning("%s: %d of %d rows are longer than data.max_length=%d tokens and were left out",
-                    where, len(rows) - len(out), len(rows), max_length)
+    check_fitted(where, len(rows), len(out), max_length, "rows")
     return out
 
 
@@ -59,9 +53,7 @@ def run(cfg: PipelineConfig, *, restart: bool = False) -> StageResult:
 
     stage = StageRun(cfg, "sft", restart=restart)
     base = models.resolve_model(cfg.model.name_or_path)
-    tokenizer = models.load_tokenizer(models.resolve_model(cfg.model.tokenizer or base),
-                                      trust_remote_code=cfg.model.trust_remote_code,
-                                      chat_template=cfg.model.chat_template)
+    tokenizer = stage_tokenizer(cfg, base)
     train_rows, eval_rows, path = load_rows(cfg, "sft", "sft")
     train_ds = Dataset.from_list(encode_sft(tokenizer, train_rows, cfg.data.max_length, path))
     eval_ds = Dataset.from_list(encode_sft(tokenizer, eval_rows, cfg.data.max_length, path)) if eval_rows else None
