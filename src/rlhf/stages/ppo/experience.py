@@ -56,9 +56,15 @@ class Experience:
 def policy_logits(model, input_ids: Tensor, attention_mask: Tensor, pos: Tensor, prompt_len: int,
                   temperature: float) -> Tensor:
     """[B, R, V] logits that predict each response token, divided by the sampling temperature (so
-    log-probs are those of the distribution the tokens were drawn from)."""
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=False)
-    return out.logits[:, prompt_len - 1:-1].float() / temperature
+    log-probs are those of the distribution the tokens were drawn from).
+
+    Only the last R + 1 positions go through the LM head (`logits_to_keep`): the prompt positions'
+    vocabulary projections are never needed, and at short responses they are most of the head's cost.
+    """
+    keep = input_ids.shape[1] - prompt_len + 1
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=False,
+                logits_to_keep=keep)
+    return out.logits[:, -keep:-1].float() / temperature
 
 
 def scalar_outputs(model, input_ids: Tensor, attention_mask: Tensor, pos: Tensor) -> Tensor:
