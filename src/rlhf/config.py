@@ -55,6 +55,11 @@ class RunCfg:
     """Seed for data shuffling, splits, initialisation and sampling."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """`auto` uses CUDA when available, else CPU (fp32 only on CPU)."""
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    """A NaN/inf loss, gradient, reward or KL: `stop` the run (the last good checkpoint is kept), or `skip`
+    that optimizer step (PPO: that rollout) with a warning and go on."""
+    max_consecutive_skips: int = 5
+    """With `on_nonfinite: skip`, stop after this many skipped steps in a row (the fault is persistent)."""
 
     @property
     def dir(self) -> Path:
@@ -62,6 +67,7 @@ class RunCfg:
 
     def __post_init__(self) -> None:
         _require(bool(self.name.strip()) and "/" not in self.name, "name", "must be a non-empty name without '/'")
+        _require(self.max_consecutive_skips > 0, "max_consecutive_skips", "must be > 0")
 
 
 @dataclass

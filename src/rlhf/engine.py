@@ -322,6 +322,27 @@ def wrap(model, ds: DeepSpeedCfg, role: str, *, optimizer=None, lr_scheduler=Non
     return initialize(model, conf, optimizer=optimizer, lr_scheduler=lr_scheduler)
 
 
+def step_or_skip(eng, skip_nonfinite: bool = False) -> bool:
+    """`eng.step()`. With `skip_nonfinite`, an accumulation boundary whose gradients hold NaN/inf applies no
+    update; returns True when that happened. Where gradients live on the parameters (PlainEngine, ZeRO-0)
+    they are checked and discarded here (after DeepSpeed's all-reduce, so every rank agrees); under ZeRO 1-3
+    DeepSpeed's own check discards the step and counts it in `skipped_steps`."""
+    if not skip_nonfinite:
+        eng.step()
+        return False
+    from rlhf.guards import drop_grads, grads_finite
+
+    dropped = False
+    if eng.is_gradient_accumulation_boundary() and eng.zero_optimization_stage() == 0:
+        params = list(eng.module.parameters())
+        if not grads_finite(params):
+            drop_grads(params)
+            dropped = True
+    before = int(getattr(eng, "skipped_steps", 0))
+    eng.step()
+    return dropped or int(getattr(eng, "skipped_steps", 0)) > before
+
+
 def grad_norm(eng) -> float | None:
     """Gradient norm of the last optimizer step, before clipping (None when unknown)."""
     if isinstance(eng, PlainEngine):

@@ -10,13 +10,14 @@ import shutil
 
 import pytest
 import torch
-from faultkit import cfg_of, error_lines, extra_callback, fake_stage, tiny_raw, write_cfg
+from faultkit import PPO_STEPS, STEPS, cfg_of, error_lines, extra_callback, fake_stage, tiny_raw, write_cfg
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
 from rlhf import artifacts, cli
 from rlhf.errors import TrainingError
 from rlhf.stages import run_stage
+from rlhf.tracking import read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -116,7 +117,8 @@ def test_ppo_kl_ceiling_stops_and_keeps_the_last_checkpoint(tmp_path, rlhf_cache
 def test_ppo_nan_reward_mid_run_keeps_the_last_checkpoint(tmp_path, rlhf_cache, tiny_model_dir):
     cfg = _ppo_cfg(tmp_path, tiny_model_dir, reward_fn="test_bad_numbers:nan_after_two_steps")
     _CALLS["n"] = 0
-    with pytest.raises(TrainingError, match=r"^ppo: reward score is not finite \(\[nan, .*\) at step 3; stopping"):
+    with pytest.raises(TrainingError, match=r"^ppo: the reward score is nan at step 3; stopped before saving: the last "
+                       r"good checkpoint .*checkpoint-2 is kept\. Lower ppo\.learning_rate"):
         run_stage("ppo", cfg)
     ckpts = cfg.stage_dir("ppo") / "checkpoints"
     assert [p.name for p in artifacts.list_checkpoints(ckpts)] == ["checkpoint-1", "checkpoint-2"]
@@ -124,3 +126,110 @@ def test_ppo_nan_reward_mid_run_keeps_the_last_checkpoint(tmp_path, rlhf_cache, 
     assert state["step"] == 2
     actor = load_file(str(ckpts / "checkpoint-2" / "actor" / "model.safetensors"))
     assert all(math.isfinite(float(t.abs().max())) for t in actor.values())
+
+
+# ----------------------------------------------------------------------------- run.on_nonfinite: skip
+
+
+class _NanGradsAtSteps(TrainerCallback):
+    """From the start of step `first` to the end of step `last`, every gradient of one weight is NaN
+    (the weights themselves stay finite: only the updates of those steps are bad)."""
+
+    def __init__(self, first: int, last: int):
+        self.first, self.last, self.handle = first, last, None
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step + 1 == self.first:
+            weight = next(p for p in model.parameters() if p.requires_grad)
+            self.handle = weight.register_hook(lambda grad: torch.full_like(grad, float("nan")))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.last and self.handle is not None:
+            self.handle.remove()
+
+
+def _skip_raw(tmp_path, **run):
+    raw = tiny_raw(tmp_path, final_stage=None)
+    raw["run"].update({"on_nonfinite": "skip", **run})
+    raw["sft"].update({"save_steps": 1, "save_total_limit": 20})
+    return raw
+
+
+def test_skip_drops_only_the_bad_update_and_the_run_finishes(tmp_path, rlhf_cache, tiny_model_dir):
+    cfg = cfg_of(_skip_raw(tmp_path))
+    with extra_callback(_NanGradsAtSteps(3, 3)):
+        run_stage("sft", cfg)
+    assert _global_step(cfg, "sft") == STEPS["max_steps"]
+    ckpts = cfg.stage_dir("sft") / "checkpoints"
+    weights = {n: load_file(str(ckpts / f"checkpoint-{n}" / "model.safetensors")) for n in (1, 2, 3, 4)}
+    # Step 3 applied nothing at all (no moment update, no weight decay); steps 2 and 4 did train.
+    assert all(torch.equal(weights[2][k], weights[3][k]) for k in weights[2])
+    assert any(not torch.equal(weights[1][k], weights[2][k]) for k in weights[1])
+    assert any(not torch.equal(weights[3][k], weights[4][k]) for k in weights[3])
+    rows = {r["step"]: r for r in read_metrics(cfg.stage_dir("sft") / "metrics.jsonl") if "skipped_steps" in r}
+    assert rows[2]["skipped_steps"] == 0 and rows[3]["skipped_steps"] == 1 and rows[8]["skipped_steps"] == 1
+    assert "grad_norm" not in rows[3] and math.isfinite(rows[4]["grad_norm"])
+
+
+def test_skip_stops_after_max_consecutive_skips(tmp_path, rlhf_cache, tiny_model_dir):
+    cfg = cfg_of(_skip_raw(tmp_path, max_consecutive_skips=3))
+    with extra_callback(_NanGradsAtSteps(3, 100)), pytest.raises(TrainingError) as info:
+        run_stage("sft", cfg)
+    ckpts = cfg.stage_dir("sft") / "checkpoints"
+    assert str(info.value).startswith("sft: the gradient is nan at step 5 (3 steps in a row; "
+                                      "run.max_consecutive_skips=3); stopped before saving: the last good "
+                                      f"checkpoint {ckpts / 'checkpoint-4'} is kept")
+    assert artifacts.latest_checkpoint(ckpts).name == "checkpoint-4"
+
+
+def nan_on_third_call(prompts: list, responses: list) -> list[float]:
+    """A PPO reward that is NaN at its third call only."""
+    _CALLS["n"] += 1
+    return [float("nan") if _CALLS["n"] == 3 else 0.5] * len(responses)
+
+
+def test_ppo_skip_drops_a_nan_rollout_and_finishes(tmp_path, rlhf_cache, tiny_model_dir):
+    cfg = _ppo_cfg(tmp_path, tiny_model_dir, reward_fn="test_bad_numbers:nan_on_third_call")
+    cfg.run.on_nonfinite = "skip"
+    _CALLS["n"] = 0
+    run_stage("ppo", cfg)
+    assert _global_step(cfg, "ppo") == PPO_STEPS["steps"]
+    rows = {r["step"]: r for r in read_metrics(cfg.stage_dir("ppo") / "metrics.jsonl")}
+    assert rows[3]["guard/skipped_rollouts"] == 1 and "policy/loss" not in rows[3]
+    assert rows[2]["guard/skipped_steps"] == 0 and rows[6]["guard/skipped_steps"] == 1
+    assert math.isfinite(rows[4]["policy/loss"])
+
+
+def test_ppo_skip_drops_a_nan_actor_update_but_not_the_critic_update(tmp_path, rlhf_cache, tiny_model_dir):
+    cfg = _ppo_cfg(tmp_path, tiny_model_dir, reward_fn="test_bad_numbers:nan_on_third_call")
+    cfg.run.on_nonfinite = "skip"
+    _CALLS["n"] = -100  # a finite reward throughout
+    handles, snapshots = [], {}
+
+    def poison_step_2(ctx, stats):  # runs after each step: the hook makes every actor gradient of step 2 NaN
+        snapshots[ctx.step] = {role: {n: p.detach().clone() for n, p in eng.module.named_parameters()
+                                      if p.requires_grad} for role, eng in (("actor", ctx.actor), ("critic", ctx.critic))}
+        if ctx.step == 1:
+            weight = next(p for p in ctx.actor.module.parameters() if p.requires_grad)
+            handles.append(weight.register_hook(lambda grad: torch.full_like(grad, float("nan"))))
+        elif ctx.step == 2:
+            handles.pop().remove()
+
+    from rlhf.stages import ppo
+
+    ppo.run(cfg, on_step=poison_step_2)
+    assert _global_step(cfg, "ppo") == PPO_STEPS["steps"]
+    rows = {r["step"]: r for r in read_metrics(cfg.stage_dir("ppo") / "metrics.jsonl")}
+    assert rows[2]["guard/skipped_updates"] == 1 and rows[3]["guard/skipped_updates"] == 0
+    assert rows[4]["guard/skipped_steps"] == 1
+
+    def same(a, b, role):
+        return all(torch.equal(snapshots[a][role][k], snapshots[b][role][k]) for k in snapshots[a][role])
+
+    assert same(1, 2, "actor") and not same(2, 3, "actor")  # step 2 left the actor exactly as it was
+    assert not same(1, 2, "critic")  # the critic's finite update of step 2 was applied
+    assert all(bool(torch.isfinite(t).all()) for t in snapshots[6]["actor"].values())
+
+
+def _global_step(cfg, stage: str) -> int:
+    return json.loads((cfg.stage_dir(stage) / artifacts.MANIFEST).read_text())["global_step"]

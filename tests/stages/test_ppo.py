@@ -253,7 +253,7 @@ def test_lora_actor_uses_disabled_adapters_as_reference(tmp_path, tiny_model_dir
 
 def test_non_finite_reward_stops_with_training_error(tmp_path, tiny_model_dir):
     cfg = make_cfg(tmp_path, tiny_model_dir, None, reward_fn="ppo_reward:nan_reward", critic_init="sft")
-    with pytest.raises(TrainingError, match="reward score is not finite.*step 1"):
+    with pytest.raises(TrainingError, match="the reward score is nan at step 1"):
         run_ppo(cfg)
 
 

@@ -107,6 +107,7 @@ class StageRun:
                 raise failure from err
 
         trainer._save_checkpoint = guarded_save
+        self._callback.trainer = trainer
         in_main_thread = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGTERM, self._callback.on_sigterm) if in_main_thread else None
         try:
@@ -205,22 +206,63 @@ def _remove(path: Path) -> None:
 
 
 def _make_callback(run: StageRun):
-    """A TrainerCallback: metrics to JSONL/TensorBoard, checkpoint completion markers, NaN guard, SIGTERM."""
+    """A TrainerCallback: metrics to JSONL/TensorBoard, checkpoint completion markers, the non-finite guard
+    (`rlhf.guards`: stop, or skip the optimizer step), SIGTERM."""
     from transformers import TrainerCallback
+
+    from rlhf.guards import NonFiniteGuard, drop_grads, grads_finite, is_finite
 
     class RunCallback(TrainerCallback):
         def __init__(self):
             self.stop_requested = False
             self.last_logged = run.resume_step or 0
+            self.guard = NonFiniteGuard(run.stage, run.cfg.run.on_nonfinite, run.cfg.run.max_consecutive_skips,
+                                        run.ckpt_dir, f"Lower {run.stage}.learning_rate or check the model weights "
+                                        "and data")
+            self.trainer = None  # set by StageRun.train: the DeepSpeed engine's skip count lives there
+            self.skipped_since_log = 0
+            self._step_skipped = False
+            self._ds_skipped = 0
 
         def on_sigterm(self, signum, frame):  # Slurm sends SIGTERM before preemption; StageRun.train installs it
             self.stop_requested = True
 
+        def _ds_engine(self):
+            return getattr(self.trainer, "deepspeed", None) if self.trainer is not None else None
+
+        def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+            self._step_skipped = False
+            if not self.guard.skipping:
+                return
+            eng = self._ds_engine()
+            if eng is not None:  # DeepSpeed discards a non-finite step itself; on_optimizer_step reads its count
+                self._ds_skipped = int(getattr(eng, "skipped_steps", 0))
+                return
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            if not grads_finite(params):  # gradients are already averaged over ranks: all ranks agree
+                drop_grads(params)
+                self._step_skipped = True
+
+        def on_optimizer_step(self, args, state, control, **kwargs):
+            eng = self._ds_engine()
+            if self.guard.skipping and eng is not None:
+                self._step_skipped = int(getattr(eng, "skipped_steps", 0)) > self._ds_skipped
+
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = dict(logs or {})
-            _check_finite(run, logs, self.last_logged, state.global_step)
-            if "loss" in logs:
+            for key in ("loss", "grad_norm"):
+                value = logs.get(key)
+                if isinstance(value, float) and not is_finite(value):
+                    if not self.skipped_since_log:  # a non-finite value reached the weights: never go on
+                        window = "" if state.global_step - self.last_logged <= 1 else \
+                            f" (logged over steps {self.last_logged + 1}-{state.global_step})"
+                        raise self.guard.stop_error(key, value, state.global_step, window)
+                    del logs[key]  # that window held a skipped step: its mean is not a number to plot
+            if self.guard.skipping:
+                logs["skipped_steps"] = float(self.guard.total)
+            if "loss" in logs or "grad_norm" in logs or self.skipped_since_log:
                 self.last_logged = state.global_step
+                self.skipped_since_log = 0
             run.metrics.log(state.global_step, logs)
 
         def on_step_begin(self, args, state, control, **kwargs):
@@ -229,6 +271,13 @@ def _make_callback(run: StageRun):
                 raise _TrainingDone
 
         def on_step_end(self, args, state, control, **kwargs):
+            if self._step_skipped:
+                self._step_skipped = False
+                self.skipped_since_log += 1
+                self.guard.skipped("the gradient", float("nan"), state.global_step)
+                control.should_log = True  # log the window now, so later windows stay checkable
+            else:
+                self.guard.ok()
             if self.stop_requested:
                 control.should_save = True
                 control.should_training_stop = True
@@ -252,26 +301,6 @@ def _mark_complete(run: StageRun, path: Path, step: int) -> None:
         artifacts.mark_checkpoint_complete(path, step)
     except OSError as err:
         raise save_failed(path, "the checkpoint", err, artifacts.latest_checkpoint(run.ckpt_dir)) from err
-
-
-def _check_finite(run: StageRun, logs: dict, last_logged: int, step: int) -> None:
-    """NaN/inf guard on the logged training loss and gradient norm (the logged loss covers every step since
-    the previous log, and a log is forced before every save, so a bad step never reaches a checkpoint)."""
-    import math
-
-    for key in ("loss", "grad_norm"):
-        value = logs.get(key)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise _non_finite(run, key, value, last_logged, step)
-
-
-def _non_finite(run: StageRun, key: str, value: float, last_logged: int, step: int) -> TrainingError:
-    window = "" if step - last_logged <= 1 else f" (logged over steps {last_logged + 1}-{step})"
-    kept = artifacts.latest_checkpoint(run.ckpt_dir)
-    kept_text = f"the last good checkpoint {kept} is kept" if kept is not None else "no checkpoint was saved yet"
-    return TrainingError(f"{run.stage}: {key} is {value} at step {step}{window}; stopped before saving: "
-                         f"{kept_text}. Lower {run.stage}.learning_rate or check the model weights and data, then "
-                         "re-run the same command")
 
 
 def split_rows(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:

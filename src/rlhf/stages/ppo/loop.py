@@ -23,6 +23,7 @@ from torch import Tensor
 from rlhf import artifacts, engine
 from rlhf.config import PipelineConfig
 from rlhf.errors import StopRequested, TrainingError
+from rlhf.guards import NonFiniteGuard, is_finite
 from rlhf.losses import logprobs_from_logits, ppo_policy_loss, ppo_value_loss
 from rlhf.stages.common import StageRun, save_failed
 from rlhf.stages.ppo.experience import (
@@ -59,36 +60,48 @@ class PPOContext:
     step: int = 0
     stop_requested: bool = False
     history: list[dict[str, float]] = field(default_factory=list)
+    guard: Any = None  # rlhf.guards.NonFiniteGuard
+
+    def __post_init__(self) -> None:
+        if self.guard is None:
+            self.guard = make_guard(self.cfg, self.stage)
 
 
 # ------------------------------------------------------------------------------------------ update
 
 
-def _train_micro(ctx: PPOContext, mb: Experience, num_tokens: Tensor) -> dict[str, float]:
+def _train_micro(ctx: PPOContext, mb: Experience, num_tokens: Tensor) -> tuple[dict[str, float], dict[str, bool]]:
     """Forward, loss and backward of one micro-batch for actor then critic; `step()` applies the update
     at the end of the minibatch (the engines count accumulation boundaries). Losses are not scaled by
-    1/grad_accum: they are already divided by the token count of the whole minibatch."""
+    1/grad_accum: they are already divided by the token count of the whole minibatch.
+
+    Returns (stats, flags): flags say which loss was non-finite and which engine skipped its update."""
     ppo = ctx.cfg.ppo
+    skip = ctx.guard.skipping
     logits = policy_logits(ctx.actor, mb.input_ids, mb.attention_mask, mb.position_ids, mb.prompt_len,
                            ppo.temperature)
     logprobs = logprobs_from_logits(logits, mb.response_ids)
     del logits
     pg_loss, pg_stats = ppo_policy_loss(logprobs, mb.logprobs, mb.advantages, mb.mask, ppo.clip_range,
                                         num_tokens=num_tokens)
-    _check_finite(ctx, "policy loss", pg_loss)
+    flags = {"policy loss": not is_finite(pg_loss)}
+    if flags["policy loss"] and not skip:
+        raise ctx.guard.stop_error("the policy loss", pg_loss, ctx.step)
     ctx.actor.backward(pg_loss, scale_wrt_gas=False)
-    ctx.actor.step()
+    flags["actor skipped"] = engine.step_or_skip(ctx.actor, skip)
     values = values_of(ctx.critic.module, mb.input_ids, mb.attention_mask, mb.position_ids, mb.prompt_len)
     vf_loss, vf_stats = ppo_value_loss(values, mb.values, mb.returns, mb.mask, ppo.clip_range_value,
                                        num_tokens=num_tokens)
-    _check_finite(ctx, "value loss", vf_loss)
+    flags["value loss"] = not is_finite(vf_loss)
+    if flags["value loss"] and not skip:
+        raise ctx.guard.stop_error("the value loss", vf_loss, ctx.step)
     ctx.critic.backward(vf_loss, scale_wrt_gas=False)
-    ctx.critic.step()
+    flags["critic skipped"] = engine.step_or_skip(ctx.critic, skip)
     out = {k: v.item() for k, v in {**pg_stats, **vf_stats}.items()}
     out.update({"policy/loss": pg_loss.item(), "value/loss": vf_loss.item()})
     log_ratio = torch.where(mb.mask.bool(), logprobs.detach() - mb.logprobs, 0.0)
     out["policy/log_ratio_absmax"] = log_ratio.abs().max().item()
-    return out
+    return out, flags
 
 
 def ppo_update(ctx: PPOContext, exp: Experience) -> dict[str, float]:
@@ -98,6 +111,8 @@ def ppo_update(ctx: PPOContext, exp: Experience) -> dict[str, float]:
 
     Also returns policy/ratio_first (token-mean ratio of the first minibatch of the first epoch) and
     policy/log_ratio_first_absmax (its largest |log ratio|): 1 and 0 when rollout and update agree.
+    With `run.on_nonfinite: skip`, a minibatch with a non-finite loss applies no update (guard/skipped_updates
+    counts them) and its stats are left out of the means.
     """
     ppo = ctx.cfg.ppo
     ctx.actor.train()
@@ -105,6 +120,7 @@ def ppo_update(ctx: PPOContext, exp: Experience) -> dict[str, float]:
     totals: dict[str, float] = {}
     weight_sum = 0.0
     first_ratio = None
+    n_minibatches, skipped = 0, 0
     for _epoch in range(ppo.ppo_epochs):
         order = torch.randperm(exp.input_ids.shape[0])
         for start in range(0, len(order), ppo.mini_batch_size):
@@ -112,24 +128,40 @@ def ppo_update(ctx: PPOContext, exp: Experience) -> dict[str, float]:
             tokens = engine.all_reduce_sum(exp.mask[mb_idx].sum().reshape(1).clone())
             num_tokens = tokens.clamp_min(1.0) / engine.world_size()  # DeepSpeed averages grads over ranks
             mb_ratio, mb_weight, mb_dev = 0.0, 0.0, 0.0
+            mb_totals: dict[str, float] = {}
+            bad: dict[str, bool] = {}
             for micro_idx in mb_idx.split(ppo.micro_batch_size):
                 mb = exp.select(micro_idx)
                 weight = float(mb.mask.sum())
-                stats = _train_micro(ctx, mb, num_tokens)
+                stats, flags = _train_micro(ctx, mb, num_tokens)
+                bad = {k: bad.get(k, False) or v for k, v in flags.items()}
                 mb_dev = max(mb_dev, stats.pop("policy/log_ratio_absmax"))
                 for key, value in stats.items():
                     # losses are already shares of the minibatch mean: sum them; stats are token means
-                    totals[key] = totals.get(key, 0.0) + (value if key.endswith("/loss") else value * weight)
+                    mb_totals[key] = mb_totals.get(key, 0.0) + (value if key.endswith("/loss") else value * weight)
                 mb_ratio += stats["policy/ratio_mean"] * weight
                 mb_weight += weight
-                weight_sum += weight
+            for loss, skip_flag in (("policy loss", "actor skipped"), ("value loss", "critic skipped")):
+                if bad[loss] and not bad[skip_flag]:  # a non-finite loss whose update was applied anyway
+                    raise ctx.guard.stop_error(f"the {loss} (and its update was not skipped)", float("nan"), ctx.step)
+            if ctx.guard.skipping and (bad["actor skipped"] or bad["critic skipped"]
+                                       or not all(map(math.isfinite, mb_totals.values()))):
+                skipped += 1
+                continue
+            n_minibatches += 1
+            weight_sum += mb_weight
+            for key, value in mb_totals.items():
+                totals[key] = totals.get(key, 0.0) + value
             if first_ratio is None:
                 first_ratio = (mb_ratio / max(mb_weight, 1.0), mb_dev)
-    n_minibatches = ppo.ppo_epochs * math.ceil(exp.input_ids.shape[0] / ppo.mini_batch_size)
-    out = {k: (v / n_minibatches if k.endswith("/loss") else v / max(weight_sum, 1.0)) for k, v in totals.items()}
-    out["policy/ratio_first"], out["policy/log_ratio_first_absmax"] = first_ratio
+    out = {k: (v / max(n_minibatches, 1) if k.endswith("/loss") else v / max(weight_sum, 1.0))
+           for k, v in totals.items()}
+    if first_ratio is not None:
+        out["policy/ratio_first"], out["policy/log_ratio_first_absmax"] = first_ratio
+    if ctx.guard.skipping:
+        out["guard/skipped_updates"] = float(skipped)
     norm = engine.grad_norm(ctx.actor)
-    if norm is not None:
+    if norm is not None and math.isfinite(norm):
         out["policy/grad_norm"] = norm
     return out
 
@@ -137,16 +169,9 @@ def ppo_update(ctx: PPOContext, exp: Experience) -> dict[str, float]:
 # ------------------------------------------------------------------------------------------ one step
 
 
-def _check_finite(ctx: PPOContext, what: str, value) -> None:
-    value = torch.as_tensor(value)
-    if not bool(torch.isfinite(value).all()):
-        raise TrainingError(f"ppo: {what} is not finite ({value.flatten()[:4].tolist()}) at step {ctx.step}; "
-                            f"stopping. The last good checkpoint in {ctx.stage.ckpt_dir} is kept; lower the "
-                            "learning rates or kl_coef and re-run to resume")
-
-
 def rollout_step(ctx: PPOContext):
-    """Sample prompts, generate, score: (Rollout, Experience, stats)."""
+    """Sample prompts, generate, score: (Rollout, Experience, stats), or None when a reward score or the KL
+    is non-finite on any rank and `run.on_nonfinite` is `skip` (all ranks agree; with `stop` it raises)."""
     cfg, ppo = ctx.cfg, ctx.cfg.ppo
     b = ppo.rollout_batch_size
     picked = ctx.sampler.take(b * engine.world_size())[engine.rank() * b:(engine.rank() + 1) * b]
@@ -157,9 +182,13 @@ def rollout_step(ctx: PPOContext):
         rollout = generate(module, ctx.tokenizer, prompts, ppo, cfg.data.max_prompt_length, synced_gpus=synced)
     fwd = forward_all(rollout, ctx.actor, ctx.ref, ctx.critic, ctx.scorer, micro_batch=ppo.micro_batch_size,
                       temperature=ppo.temperature)
-    _check_finite(ctx, "reward score", fwd["raw_scores"])
     exp = make_experience(rollout, fwd, ppo, kl_coef=ctx.kl_ctl.value, reward_stats=ctx.reward_stats)
-    _check_finite(ctx, "KL", exp.kl)
+    for what, value in (("the reward score", fwd["raw_scores"]), ("the KL", exp.kl)):
+        if engine.any_rank(not is_finite(value)):  # every rank takes the same branch
+            if not ctx.guard.skipping:
+                raise ctx.guard.stop_error(what, value, ctx.step)
+            ctx.guard.skipped(what, value if not is_finite(value) else float("nan"), ctx.step)
+            return None
     return rollout, exp, experience_stats(exp, fwd["entropy"], rollout.has_eos, ctx.kl_ctl.value)
 
 
@@ -170,11 +199,19 @@ def _mean_over_ranks(stats: dict[str, float]) -> dict[str, float]:
 
 
 def train_step(ctx: PPOContext) -> tuple[dict[str, float], Any]:
-    """One PPO iteration; returns (stats averaged over ranks, the rollout)."""
+    """One PPO iteration; returns (stats averaged over ranks, (rollout, experience) or None if skipped)."""
     start = time.perf_counter()
-    rollout, exp, stats = rollout_step(ctx)
+    result = rollout_step(ctx)
+    if result is None:  # skipped: no update, the KL controller keeps its value, the prompts stay consumed
+        stats = {"guard/skipped_rollouts": 1.0, "perf/step_time": time.perf_counter() - start}
+        return stats, None
+    rollout, exp, stats = result
     stats.update(ppo_update(ctx, exp))
     stats = _mean_over_ranks(stats)
+    if stats.get("guard/skipped_updates", 0) > 0:
+        ctx.guard.skipped("the policy or value loss", float("nan"), ctx.step)
+    elif ctx.guard.skipping:
+        ctx.guard.ok()
     kl_ceiling = ctx.cfg.ppo.kl_ceiling
     if kl_ceiling is not None and stats["objective/kl"] > kl_ceiling:
         raise TrainingError(f"ppo: mean KL {stats['objective/kl']:.3f} exceeds ppo.kl_ceiling={kl_ceiling} at step "
@@ -289,6 +326,11 @@ def reset_samples(stage: StageRun) -> None:
     path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
 
 
+def make_guard(cfg: PipelineConfig, stage: StageRun) -> NonFiniteGuard:
+    return NonFiniteGuard("ppo", cfg.run.on_nonfinite, cfg.run.max_consecutive_skips, stage.ckpt_dir,
+                          "Lower ppo.learning_rate or raise ppo.kl_coef, or check the reward")
+
+
 def _on_sigterm(ctx: PPOContext):
     def handler(signum, frame):  # Slurm and Kubernetes send SIGTERM before preemption
         ctx.stop_requested = True
@@ -310,13 +352,16 @@ def train(ctx: PPOContext, on_step=None) -> None:
     try:
         while ctx.step < ppo.steps:
             ctx.step += 1
-            stats, (rollout, exp) = train_step(ctx)
+            stats, done = train_step(ctx)
+            if ctx.guard.skipping:
+                stats["guard/skipped_steps"] = float(ctx.guard.total)
             ctx.stage.metrics.log(ctx.step, stats)
             ctx.history.append(stats)
-            if ctx.step % ppo.sample_every == 0 or ctx.step == 1:
-                _log_samples(ctx, rollout, exp)
+            if done is not None and (ctx.step % ppo.sample_every == 0 or ctx.step == 1):
+                _log_samples(ctx, *done)
             bar.update(1)
-            bar.set_postfix(score=f"{stats['objective/score_mean']:.3f}", kl=f"{stats['objective/kl']:.3f}")
+            if done is not None:
+                bar.set_postfix(score=f"{stats['objective/score_mean']:.3f}", kl=f"{stats['objective/kl']:.3f}")
             if on_step is not None:
                 on_step(ctx, stats)
             stop = engine.any_rank(ctx.stop_requested)
