@@ -39,7 +39,11 @@ def _add_synth_parser(dsub) -> None:
     q.add_argument("--max-new-tokens", type=int, default=48, help="sample length limit (unfinished samples are dropped)")
     q.add_argument("--temperature", type=float, help="sampling temperature (default ppo.temperature)")
     q.add_argument("--batch-size", type=int, default=64, help="sequences per generate() call")
-    q.add_argument("--min-gap", type=float, default=0.0, help="pairs need best - worst score > this")
+    q.add_argument("--min-gap", type=float, default=0.0, help="pairs need chosen - rejected score > this")
+    q.add_argument("--pairs", choices=("best-worst", "all"), default="best-worst",
+                   help="best vs worst per prompt, or every two samples of a prompt (more pairs, same samples)")
+    q.add_argument("--from-samples", metavar="FILE",
+                   help="re-judge and re-select the samples.jsonl of an earlier run instead of sampling")
     q.add_argument("--seed", type=int, help="prompt split and sampling seed (default run.seed)")
     q.set_defaults(func=_cmd_data_synth)
 
@@ -165,9 +169,10 @@ def _cmd_data_synth(args) -> int:
     settings = SynthSettings(k=args.k, max_new_tokens=args.max_new_tokens,
                              temperature=args.temperature if args.temperature is not None else cfg.ppo.temperature,
                              top_p=cfg.ppo.top_p, top_k=cfg.ppo.top_k, batch_size=args.batch_size,
-                             min_gap=args.min_gap, seed=cfg.run.seed if args.seed is None else args.seed)
+                             min_gap=args.min_gap, pairs=args.pairs,
+                             seed=cfg.run.seed if args.seed is None else args.seed)
     run_synth(cfg, args.out, settings=settings, judge=args.judge, n_prompts=args.n_prompts,
-              n_eval_prompts=args.n_eval_prompts, prompts_file=args.prompts,
+              n_eval_prompts=args.n_eval_prompts, prompts_file=args.prompts, samples_file=args.from_samples,
               command=_synth_command(args, settings))
     return 0
 
@@ -181,11 +186,12 @@ def _synth_command(args, s) -> str:
         parts += ["--set", item]
     parts += ["--out", args.out, "--k", str(s.k), "--judge", args.judge]
     for flag, value in (("--prompts", args.prompts), ("--n-prompts", args.n_prompts),
-                        ("--n-eval-prompts", args.n_eval_prompts)):
+                        ("--n-eval-prompts", args.n_eval_prompts), ("--from-samples", args.from_samples)):
         if value is not None:
             parts += [flag, str(value)]
     parts += ["--max-new-tokens", str(s.max_new_tokens), "--temperature", str(s.temperature),
-              "--batch-size", str(s.batch_size), "--min-gap", str(s.min_gap), "--seed", str(s.seed)]
+              "--batch-size", str(s.batch_size), "--min-gap", str(s.min_gap), "--pairs", s.pairs,
+              "--seed", str(s.seed)]
     return shlex.join(parts)
 
 

@@ -2,8 +2,9 @@
 
 For every prompt the base model samples k responses; a judge (`module:function(prompts, responses)`,
 e.g. `rlhf.judges:positivity`) scores them. The best and the worst of the k become a chosen/rejected
-pair (prompts whose best and worst scores are within `min_gap` are skipped: they carry no preference),
-and the best response of each training prompt becomes an SFT example. This is best-of-k rejection
+pair (`--pairs all`: every two of them; pairs whose scores are within `min_gap` are skipped: they carry
+no preference), and the best response of each training prompt becomes an SFT example.
+`--from-samples` re-judges and re-selects the samples of an earlier run instead of sampling again. This is best-of-k rejection
 sampling for SFT plus AI-feedback preference labels (Bai et al. 2022, "Constitutional AI"; here the
 feedback is a program, so the gold judge of the quickstart stays independent of the reward model).
 
@@ -15,7 +16,7 @@ that held-out prompts name topics never seen in training) or a prompt file. Outp
 
   prompts.jsonl, prompts_eval.jsonl     training / held-out prompts ({"prompt"})
   sft.jsonl                             best response per training prompt ({"prompt", "completion", "score"})
-  preference.jsonl                      best vs worst per training prompt ({"prompt", "chosen", "rejected", ...})
+  preference.jsonl                      pairs of training prompts ({"prompt", "chosen", "rejected", ...})
   preference_eval.jsonl                 the same on held-out prompts (reward-model accuracy on unseen topics)
   samples.jsonl                         every sample with its judge score and whether it finished
   manifest.json                         the command, model, judge, generation settings and counts
@@ -97,8 +98,15 @@ class SynthSettings:
     batch_size: int = 64
     """Sequences per generate() call (prompts x k); large batches amortize per-token overhead on CPU."""
     min_gap: float = 0.0
-    """Pairs need best - worst > min_gap."""
+    """Pairs need chosen - rejected score > min_gap."""
+    pairs: str = "best-worst"
+    """`best-worst`: one pair per prompt; `all`: every two distinct finished samples of a prompt whose
+    scores differ by more than min_gap (up to k(k-1)/2 pairs per prompt from the same samples)."""
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.pairs not in ("best-worst", "all"):
+            raise ValueError(f"pairs must be 'best-worst' or 'all', not {self.pairs!r}")
 
 
 @dataclass
@@ -141,14 +149,17 @@ def sample_responses(model, tokenizer, prompts: list[str], s: SynthSettings, max
     return out
 
 
-def select(samples: list[Sample], k: int, min_gap: float = 0.0) -> tuple[list[dict], list[dict], dict[str, int]]:
+def select(samples: list[Sample], k: int, min_gap: float = 0.0, pairs: str = "best-worst",
+           ) -> tuple[list[dict], list[dict], dict[str, int]]:
     """(sft rows, preference rows, skip counts) from scored samples grouped k per prompt.
 
     Per prompt: unfinished and empty samples are dropped, duplicates of a text kept once. The best sample
-    is the SFT completion; best vs worst is a pair when their scores differ by more than `min_gap`.
-    Ties in score are broken by order (the first sampled wins), so the result is deterministic.
+    is the SFT completion. `pairs="best-worst"`: best vs worst is a pair when their scores differ by more
+    than `min_gap`; `pairs="all"`: every two samples whose scores differ by more than `min_gap`, in
+    sampling order. Ties in score are broken by order (the first sampled wins), so the result is
+    deterministic.
     """
-    sft, pairs = [], []
+    sft, out = [], []
     skipped = {"no_finished": 0, "one_distinct": 0, "within_gap": 0}
     for start in range(0, len(samples), k):
         group, seen = [], set()
@@ -160,17 +171,46 @@ def select(samples: list[Sample], k: int, min_gap: float = 0.0) -> tuple[list[di
             skipped["no_finished"] += 1
             continue
         best = max(group, key=lambda x: x.score)
-        worst = min(group, key=lambda x: x.score)
         sft.append({"prompt": best.prompt, "completion": best.text, "score": round(best.score, 4)})
         if len(group) < 2:
             skipped["one_distinct"] += 1
-        elif best.score - worst.score <= min_gap:
-            skipped["within_gap"] += 1
+            continue
+        if pairs == "all":
+            candidates = [(a, b) if a.score >= b.score else (b, a)
+                          for i, a in enumerate(group) for b in group[i + 1:]]
         else:
-            pairs.append({"prompt": best.prompt, "chosen": best.text, "rejected": worst.text,
-                          "chosen_score": round(best.score, 4), "rejected_score": round(worst.score, 4),
-                          "margin": round(best.score - worst.score, 4)})
-    return sft, pairs, skipped
+            candidates = [(best, min(group, key=lambda x: x.score))]
+        kept = [(hi, lo) for hi, lo in candidates if hi.score - lo.score > min_gap]
+        if not kept:
+            skipped["within_gap"] += 1
+        for hi, lo in kept:
+            out.append({"prompt": hi.prompt, "chosen": hi.text, "rejected": lo.text,
+                        "chosen_score": round(hi.score, 4), "rejected_score": round(lo.score, 4),
+                        "margin": round(hi.score - lo.score, 4)})
+    return sft, out, skipped
+
+
+def load_samples(path: str | Path) -> tuple[list[Sample], list[Sample], int]:
+    """(train samples, held-out samples, k) of a `samples.jsonl` written by an earlier run."""
+    from rlhf.errors import DataError
+
+    train: list[Sample] = []
+    held: list[Sample] = []
+    with open(path, encoding="utf-8") as fh:
+        for i, line in enumerate(fh, 1):
+            try:
+                row = json.loads(line)
+                smp = Sample(str(row["prompt"]), str(row["text"]), bool(row["finished"]))
+                (train if row["split"] == "train" else held).append(smp)
+            except (ValueError, KeyError, TypeError) as err:
+                raise DataError(f"{path}:{i}: not a samples.jsonl row of `rlhf data synth` ({err})") from err
+    both = train + held
+    k = next((i for i, smp in enumerate(both) if smp.prompt != both[0].prompt), len(both)) if both else 0
+    if not k or len(train) % k or len(held) % k or any(both[j].prompt != both[j - j % k].prompt
+                                                       for j in range(len(both))):
+        raise DataError(f"{path}: samples are not in groups of the same size per prompt; regenerate it "
+                        "with `rlhf data synth`")
+    return train, held, k
 
 
 # ---------------------------------------------------------------------------------------------- run
@@ -207,32 +247,41 @@ def _mean(values: list[float]) -> float | None:
 
 def run_synth(cfg, out_dir: str | Path, *, settings: SynthSettings | None = None, judge: str = DEFAULT_JUDGE,
               n_prompts: int | None = None, n_eval_prompts: int | None = None, prompts_file: str | None = None,
-              command: str = "") -> dict[str, Any]:
+              samples_file: str | None = None, command: str = "") -> dict[str, Any]:
     """Sample, judge, select and write the sets (see the module docstring). Returns the manifest."""
     from rlhf import models
     from rlhf.evaluation import load_judge
 
     s = settings or SynthSettings()
     judge_fn = load_judge(judge)
-    if prompts_file:
-        train, held = _read_prompts(prompts_file, cfg.data.eval_fraction or 0.2, s.seed)
-    else:
-        train, held = quickstart_prompts(s.seed)
-    train, held = train[:n_prompts] if n_prompts else train, held[:n_eval_prompts] if n_eval_prompts else held
-    path = models.resolve_model(cfg.model.name_or_path)
-    tokenizer = models.load_tokenizer(models.resolve_model(cfg.model.tokenizer) if cfg.model.tokenizer else path,
-                                      chat_template=cfg.model.chat_template, padding_side="left")
-    model = models.load_causal_lm(path, tokenizer=tokenizer, dtype=cfg.model.dtype).eval()
     started = time.time()
-    samples = sample_responses(model, tokenizer, train + held, s, cfg.data.max_prompt_length,
-                               progress=cfg.logging.progress)
+    if samples_file:  # re-judge and re-select earlier samples: no model, no sampling
+        train_samples, held_samples, k = load_samples(samples_file)
+        if k != s.k:
+            log.info("synth: %s holds %d samples per prompt; using k=%d", samples_file, k, k)
+            s.k = k
+        samples = train_samples + held_samples
+        train = list(dict.fromkeys(x.prompt for x in train_samples))
+        held = list(dict.fromkeys(x.prompt for x in held_samples))
+    else:
+        if prompts_file:
+            train, held = _read_prompts(prompts_file, cfg.data.eval_fraction or 0.2, s.seed)
+        else:
+            train, held = quickstart_prompts(s.seed)
+        train, held = train[:n_prompts] if n_prompts else train, held[:n_eval_prompts] if n_eval_prompts else held
+        path = models.resolve_model(cfg.model.name_or_path)
+        tokenizer = models.load_tokenizer(models.resolve_model(cfg.model.tokenizer) if cfg.model.tokenizer else path,
+                                          chat_template=cfg.model.chat_template, padding_side="left")
+        model = models.load_causal_lm(path, tokenizer=tokenizer, dtype=cfg.model.dtype).eval()
+        samples = sample_responses(model, tokenizer, train + held, s, cfg.data.max_prompt_length,
+                                   progress=cfg.logging.progress)
     gen_seconds = time.time() - started
     scores = judge_fn([[{"role": "user", "content": x.prompt}] for x in samples], [x.text for x in samples])
     for smp, score in zip(samples, scores, strict=True):
         smp.score = float(score)
     n_train = len(train) * s.k
-    sft, pairs, skipped = select(samples[:n_train], s.k, s.min_gap)
-    _, eval_pairs, eval_skipped = select(samples[n_train:], s.k, s.min_gap)
+    sft, pairs, skipped = select(samples[:n_train], s.k, s.min_gap, s.pairs)
+    _, eval_pairs, eval_skipped = select(samples[n_train:], s.k, s.min_gap, s.pairs)
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -246,7 +295,8 @@ def run_synth(cfg, out_dir: str | Path, *, settings: SynthSettings | None = None
     finished = [x.score for x in samples if x.finished]
     manifest = {
         "command": command, "model": cfg.model.name_or_path, "chat_template": cfg.model.chat_template,
-        "judge": judge, "settings": asdict(s), "prompts_source": prompts_file or "built-in quickstart prompts",
+        "judge": judge, "settings": asdict(s),
+        "prompts_source": (f"samples of {samples_file}" if samples_file else prompts_file or "built-in quickstart prompts"),
         "counts": {"train_prompts": len(train), "eval_prompts": len(held), "samples": len(samples),
                    "finished_samples": len(finished), "sft": len(sft), "preference": len(pairs),
                    "preference_eval": len(eval_pairs), "skipped_train": skipped, "skipped_eval": eval_skipped},

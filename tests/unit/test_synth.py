@@ -62,6 +62,31 @@ def test_select_skips_ties_duplicates_unfinished_and_small_gaps():
     assert skipped == {"no_finished": 1, "one_distinct": 1, "within_gap": 2}
 
 
+def test_select_all_pairs_of_a_prompt_above_the_gap():
+    samples = _group("p", [("mid", True, 0.5), ("top", True, 0.9), ("low", True, 0.45), ("cut", False, 1.0)])
+    sft, pairs, skipped = select(samples, k=4, min_gap=0.1, pairs="all")
+    assert sft == [{"prompt": "p", "completion": "top", "score": 0.9}]
+    # mid-low (0.05) is within the gap; the unfinished sample is in no pair
+    assert [(r["chosen"], r["rejected"], r["margin"]) for r in pairs] == [("top", "mid", 0.4), ("top", "low", 0.45)]
+    assert skipped == {"no_finished": 0, "one_distinct": 0, "within_gap": 0}
+    _, best_worst, _ = select(samples, k=4, min_gap=0.1)
+    assert [(r["chosen"], r["rejected"]) for r in best_worst] == [("top", "low")]
+
+
+def test_load_samples_rejects_ragged_groups(tmp_path):
+    from rlhf.errors import DataError
+
+    path = tmp_path / "samples.jsonl"
+    rows = [("a", "train"), ("a", "train"), ("b", "train"), ("c", "eval"), ("c", "eval")]
+    path.write_text("".join(json.dumps({"prompt": p, "text": "t", "finished": True, "split": sp}) + "\n"
+                            for p, sp in rows))
+    with pytest.raises(DataError, match="samples.jsonl: samples are not in groups of the same size"):
+        synth.load_samples(path)
+    path.write_text('{"prompt": "a"}\n')
+    with pytest.raises(DataError, match=r"samples.jsonl:1: not a samples.jsonl row"):
+        synth.load_samples(path)
+
+
 # ---------------------------------------------------------------------------------------- end to end
 
 
@@ -111,3 +136,21 @@ def test_cli_synth_with_builtin_prompts(tiny_model_dir, tmp_path):
     assert len(_read(out / "prompts_eval.jsonl")) == 2
     assert manifest["command"].startswith(f"rlhf data synth --config {cfg} --out {out} --k 2 ")
     assert "--temperature 1.0" in manifest["command"] and "--seed 42" in manifest["command"]
+
+
+def test_from_samples_reselects_without_a_model(tiny_cfg, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Tell me about topic {i}."}) + "\n" for i in range(10)))
+    first = tmp_path / "first"
+    synth.run_synth(tiny_cfg, first, settings=SynthSettings(k=3, max_new_tokens=6, temperature=1.0, batch_size=8),
+                    prompts_file=str(prompts))
+    again = tmp_path / "again"
+    tiny_cfg.model.name_or_path = str(tmp_path / "no-such-model")  # proves nothing is loaded or sampled
+    manifest = synth.run_synth(tiny_cfg, again, settings=SynthSettings(k=3, pairs="all"),
+                               samples_file=str(first / "samples.jsonl"))
+    assert _read(again / "samples.jsonl") == _read(first / "samples.jsonl")
+    assert _read(again / "sft.jsonl") == _read(first / "sft.jsonl")
+    assert _read(again / "prompts_eval.jsonl") == _read(first / "prompts_eval.jsonl")
+    best_worst = {(r["prompt"], r["chosen"], r["rejected"]) for r in _read(first / "preference.jsonl")}
+    every = {(r["prompt"], r["chosen"], r["rejected"]) for r in _read(again / "preference.jsonl")}
+    assert best_worst <= every and manifest["settings"]["pairs"] == "all"
