@@ -281,6 +281,9 @@ class PPOCfg:
     """Subtracted from the score of responses that never emit EOS (None disables)."""
     critic_init: Literal["reward", "sft"] = "reward"
     """Initialise the critic from the reward model or from the SFT model."""
+    critic_lora: bool | None = None
+    """Train the critic as LoRA adapters plus its value head; None: as `model.lora.enabled` (a LoRA run
+    then skips the full critic's weight gradients and optimizer state)."""
     reward_fn: str | None = None
     """`module:function(prompts, responses) -> scores` used instead of the reward model."""
     max_grad_norm: float = 1.0

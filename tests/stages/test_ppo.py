@@ -240,9 +240,16 @@ def test_lora_actor_uses_disabled_adapters_as_reference(tmp_path, tiny_model_dir
     cfg = make_cfg(tmp_path, tiny_model_dir, None, reward_fn="ppo_reward:target_share", critic_init="sft",
                    ppo_epochs=1, grad_accum=1)
     cfg.model.lora.enabled, cfg.model.lora.r = True, 4
-    refs = []
-    result, seen = run_ppo(cfg, on_step=lambda ctx, stats: refs.append(ctx.ref))
+    refs, critic_shares = [], []
+
+    def watch(ctx, stats):
+        refs.append(ctx.ref)
+        params = list(ctx.critic.module.parameters())
+        critic_shares.append(sum(p.numel() for p in params if p.requires_grad) / sum(p.numel() for p in params))
+
+    result, seen = run_ppo(cfg, on_step=watch)
     assert refs == [None, None]  # no second copy: ref = actor with adapters off
+    assert 0 < critic_shares[0] < 0.2  # the critic follows model.lora: adapters and value head only
     assert seen[0]["objective/kl"] == 0.0  # LoRA B starts at 0, so actor == ref
     assert seen[1]["objective/kl"] != 0.0
     assert not (result.final_dir / "adapter_config.json").exists()  # merged, plain HF causal LM

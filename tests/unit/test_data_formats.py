@@ -235,3 +235,26 @@ def test_row_errors_name_the_location(row, fmt, message):
 def test_empty_system_message_is_allowed_and_extra_message_keys_dropped():
     row = {"messages": [S(""), {"role": "user", "content": "q", "name": "x"}, A("a")]}
     assert normalize_row(row, "messages", "sft", "f:1") == {"prompt": [S(""), U("q")], "completion": [A("a")]}
+
+
+def test_preference_margin_is_kept_for_the_reward_loss(tmp_path):
+    row = {"prompt": "Q?", "chosen": "good", "rejected": "bad", "margin": 0.75}
+    out = normalize_row(row, detect_format(row), "preference", "f.jsonl:3")
+    assert out["margin"] == 0.75
+    assert "margin" not in normalize_row({k: v for k, v in row.items() if k != "margin"}, "preference",
+                                         "preference", "f.jsonl:3")
+    with pytest.raises(DataError, match=r"^f.jsonl:3: margin is string '0.5', not a number$"):
+        normalize_row({**row, "margin": "0.5"}, detect_format(row), "preference", "f.jsonl:3")
+
+
+def test_reward_encoding_carries_the_margin_of_a_loaded_file(tmp_path, tiny_model_dir):
+    from rlhf import models
+    from rlhf.stages.reward import encode_pairs
+
+    path = tmp_path / "pairs.jsonl"
+    path.write_text('{"prompt": "Q?", "chosen": "good", "rejected": "bad", "margin": 0.5}\n'
+                    '{"prompt": "R?", "chosen": "fine", "rejected": "poor"}\n')
+    rows = load(str(path), "preference").rows
+    tok = models.load_tokenizer(str(tiny_model_dir))
+    assert [r["margin"] for r in encode_pairs(tok, rows, 64, str(path), use_margin=True)] == [0.5, 0.0]
+    assert all("margin" not in r for r in encode_pairs(tok, rows, 64, str(path), use_margin=False))

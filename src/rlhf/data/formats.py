@@ -310,7 +310,13 @@ def normalize_row(row: dict, fmt: str, kind: str, location: str) -> dict:
     if fmt in PREFERENCE_FORMATS:
         prompt, chosen, rejected = parse_preference(row, fmt, location)
         if kind == "preference":
-            return {"prompt": prompt, "chosen": [chosen], "rejected": [rejected]}
+            out = {"prompt": prompt, "chosen": [chosen], "rejected": [rejected]}
+            if "margin" in row:  # a per-pair margin for the reward loss (`reward.margin`)
+                margin = row["margin"]
+                if isinstance(margin, bool) or not isinstance(margin, (int, float)) or margin != margin:
+                    raise DataError(f"{location}: margin is {json_type(margin)} {margin!r}, not a number")
+                out["margin"] = float(margin)
+            return out
         completion = chosen
     else:
         prompt, completion = _parse_sft(row, fmt, location)

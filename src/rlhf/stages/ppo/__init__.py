@@ -87,7 +87,9 @@ def build_models(cfg: PipelineConfig, sft_dir: str, reward_dir: str | None, toke
         raise ConfigError(f"{reward_dir}: the reward model's tokenizer differs from the policy's, so a critic "
                           "initialised from it cannot read policy tokens; set ppo.critic_init: sft")
     critic_src = sft_dir if ppo.critic_init == "sft" else reward_dir
-    critic = models.load_scalar_model(critic_src, tokenizer=tokenizer, require_head=False, **common)
+    critic_lora = models.lora_dict(m.lora) if ppo.critic_lora is None else (
+        {key: getattr(m.lora, key) for key in models.LORA_KEYS} if ppo.critic_lora else None)
+    critic = models.load_scalar_model(critic_src, tokenizer=tokenizer, require_head=False, lora=critic_lora, **common)
     for model in (actor, ref, critic, reward_model):
         if model is not None:
             disable_dropout(model)

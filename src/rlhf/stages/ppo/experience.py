@@ -73,6 +73,8 @@ def scalar_outputs(model, input_ids: Tensor, attention_mask: Tensor, pos: Tensor
     The backbone and head are called directly (as the classifier's own forward does before it pools),
     so the caller picks the positions: every response token for values, the EOS for scores.
     """
+    if hasattr(model, "get_base_model"):  # a peft model: its injected adapters stay active in the base model
+        model = model.get_base_model()
     backbone = getattr(model, model.base_model_prefix)
     hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos,
                       use_cache=False).last_hidden_state
