@@ -243,7 +243,7 @@ def test_preference_margin_is_kept_for_the_reward_loss(tmp_path):
     assert out["margin"] == 0.75
     assert "margin" not in normalize_row({k: v for k, v in row.items() if k != "margin"}, "preference",
                                          "preference", "f.jsonl:3")
-    with pytest.raises(DataError, match=r"^f.jsonl:3: margin is string '0.5', not a number$"):
+    with pytest.raises(DataError, match=r"^f.jsonl:3: margin is a string '0.5', not a number$"):
         normalize_row({**row, "margin": "0.5"}, detect_format(row), "preference", "f.jsonl:3")
 
 
