@@ -15,6 +15,7 @@ from typing import Any
 from rlhf import artifacts, engine
 from rlhf.config import PipelineConfig, TrainCfg, save_resolved
 from rlhf.errors import StopRequested, TrainingError
+from rlhf.replicate import agree_on_step, replicate
 from rlhf.tracking import MetricsLogger
 
 log = logging.getLogger("rlhf")
@@ -42,17 +43,23 @@ class StageRun:
         self.dir = cfg.stage_dir(stage)
         self.ckpt_dir = self.dir / "checkpoints"
         self.final_dir = self.dir / "final"
-        if engine.is_main():
-            self.dir.mkdir(parents=True, exist_ok=True)
-            if restart:
-                for path in (self.ckpt_dir, self.final_dir, self.dir / artifacts.MANIFEST):
-                    _remove(path)
-            (self.dir / artifacts.MANIFEST).unlink(missing_ok=True)
-            for path in artifacts.remove_incomplete_checkpoints(self.ckpt_dir):
-                log.warning("%s: removed an incomplete checkpoint (the run was stopped while saving it)", path)
+        if engine.local_rank() == 0:  # the first rank of every node: its disk may be its own (rlhf.replicate)
+            try:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                if restart:
+                    for path in (self.ckpt_dir, self.final_dir, self.dir / artifacts.MANIFEST):
+                        _remove(path)
+                (self.dir / artifacts.MANIFEST).unlink(missing_ok=True)
+                for path in artifacts.remove_incomplete_checkpoints(self.ckpt_dir):
+                    log.warning("%s: removed an incomplete checkpoint (the run was stopped while saving it)", path)
+            except OSError:
+                if engine.is_main():  # elsewhere: another node's first rank raced on a shared filesystem
+                    raise
         engine.barrier()
-        self.resume = artifacts.latest_checkpoint(self.ckpt_dir)
-        self.resume_step = artifacts.checkpoint_step(self.resume) if self.resume else None
+        # Every rank resumes from the newest checkpoint that all nodes hold complete.
+        latest = artifacts.latest_checkpoint(self.ckpt_dir)
+        self.resume_step = agree_on_step(artifacts.checkpoint_step(latest) if latest else None)
+        self.resume = self.ckpt_dir / f"checkpoint-{self.resume_step}" if self.resume_step else None
         if self.resume is not None:
             log.info("%s: resuming from %s (step %d)", stage, self.resume, self.resume_step)
         self.metrics = MetricsLogger(self.dir, jsonl=cfg.logging.jsonl, tensorboard=cfg.logging.tensorboard,
@@ -144,6 +151,7 @@ class StageRun:
                 raise
             raise failure from err
         engine.barrier()
+        replicate(self.cfg.run.dir, [self.final_dir], by_content=True)
         return self.final_dir
 
     def _finish_final(self, tmp: Path, tokenizer, merge_base: str | None, extra_files: dict[str, str] | None) -> None:
@@ -167,6 +175,7 @@ class StageRun:
                                      metrics=metrics, global_step=global_step)
             log.info("%s: done -> %s", self.stage, self.final_dir)
         engine.barrier()
+        replicate(self.cfg.run.dir, [self.dir / "config.resolved.yaml", self.dir / artifacts.MANIFEST], by_content=True)
         self.metrics.close()
         return StageResult(self.stage, self.final_dir, metrics)
 
@@ -210,7 +219,7 @@ def _make_callback(run: StageRun):
     (`rlhf.guards`: stop, or skip the optimizer step), SIGTERM."""
     from transformers import TrainerCallback
 
-    from rlhf.guards import NonFiniteGuard, drop_grads, grads_finite, is_finite
+    from rlhf.guards import NonFiniteGuard
 
     class RunCallback(TrainerCallback):
         def __init__(self):
@@ -232,16 +241,12 @@ def _make_callback(run: StageRun):
 
         def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
             self._step_skipped = False
-            if not self.guard.skipping:
-                return
-            eng = self._ds_engine()
-            if eng is not None:  # DeepSpeed discards a non-finite step itself; on_optimizer_step reads its count
-                self._ds_skipped = int(getattr(eng, "skipped_steps", 0))
-                return
-            params = [p for group in optimizer.param_groups for p in group["params"]]
-            if not grads_finite(params):  # gradients are already averaged over ranks: all ranks agree
-                drop_grads(params)
-                self._step_skipped = True
+            if self.guard.skipping:
+                eng = self._ds_engine()
+                if eng is not None:  # DeepSpeed discards a non-finite step itself; on_optimizer_step counts it
+                    self._ds_skipped = int(getattr(eng, "skipped_steps", 0))
+                else:
+                    self._step_skipped = _drop_nonfinite_grads(optimizer)
 
         def on_optimizer_step(self, args, state, control, **kwargs):
             eng = self._ds_engine()
@@ -249,17 +254,7 @@ def _make_callback(run: StageRun):
                 self._step_skipped = int(getattr(eng, "skipped_steps", 0)) > self._ds_skipped
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            logs = dict(logs or {})
-            for key in ("loss", "grad_norm"):
-                value = logs.get(key)
-                if isinstance(value, float) and not is_finite(value):
-                    if not self.skipped_since_log:  # a non-finite value reached the weights: never go on
-                        window = "" if state.global_step - self.last_logged <= 1 else \
-                            f" (logged over steps {self.last_logged + 1}-{state.global_step})"
-                        raise self.guard.stop_error(key, value, state.global_step, window)
-                    del logs[key]  # that window held a skipped step: its mean is not a number to plot
-            if self.guard.skipping:
-                logs["skipped_steps"] = float(self.guard.total)
+            logs = _checked_logs(self, dict(logs or {}), state.global_step)
             if "loss" in logs or "grad_norm" in logs or self.skipped_since_log:
                 self.last_logged = state.global_step
                 self.skipped_since_log = 0
@@ -271,27 +266,67 @@ def _make_callback(run: StageRun):
                 raise _TrainingDone
 
         def on_step_end(self, args, state, control, **kwargs):
-            if self._step_skipped:
-                self._step_skipped = False
-                self.skipped_since_log += 1
-                self.guard.skipped("the gradient", float("nan"), state.global_step)
-                control.should_log = True  # log the window now, so later windows stay checkable
-            else:
-                self.guard.ok()
-            if self.stop_requested:
-                control.should_save = True
-                control.should_training_stop = True
-            if control.should_save:
-                control.should_log = True  # check the loss of every step since the last log before saving
-            return control
+            return _after_step(self, state.global_step, control)
 
         def on_save(self, args, state, control, **kwargs):
-            engine.barrier()  # every rank has written its shard
-            if engine.is_main():
-                _mark_complete(run, Path(args.output_dir) / f"checkpoint-{state.global_step}", state.global_step)
-            engine.barrier()
+            _complete_checkpoint(run, Path(args.output_dir) / f"checkpoint-{state.global_step}", state.global_step)
 
     return RunCallback()
+
+
+def _after_step(cb, step: int, control):
+    """Count a skipped step, turn a SIGTERM into save-and-stop, and force a log before every save."""
+    if cb._step_skipped:
+        cb._step_skipped = False
+        cb.skipped_since_log += 1
+        cb.guard.skipped("the gradient", float("nan"), step)
+        control.should_log = True  # log the window now, so later windows stay checkable
+    else:
+        cb.guard.ok()
+    if cb.stop_requested:
+        control.should_save = True
+        control.should_training_stop = True
+    if control.should_save:
+        control.should_log = True  # check the loss of every step since the last log before saving
+    return control
+
+
+def _drop_nonfinite_grads(optimizer) -> bool:
+    """Discard all gradients when any is NaN/inf, so the optimizer step applies nothing. Gradients are
+    already averaged over ranks here, so every rank decides alike."""
+    from rlhf.guards import drop_grads, grads_finite
+
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if grads_finite(params):
+        return False
+    drop_grads(params)
+    return True
+
+
+def _checked_logs(cb, logs: dict, step: int) -> dict:
+    """The non-finite guard on a Trainer log: a NaN/inf loss or grad_norm stops the run, unless the window
+    holds a skipped step (`run.on_nonfinite: skip`); then the value is left out, not plotted as NaN."""
+    from rlhf.guards import is_finite
+
+    for key in ("loss", "grad_norm"):
+        value = logs.get(key)
+        if isinstance(value, float) and not is_finite(value):
+            if not cb.skipped_since_log:  # a non-finite value reached the weights: never go on
+                window = "" if step - cb.last_logged <= 1 else f" (logged over steps {cb.last_logged + 1}-{step})"
+                raise cb.guard.stop_error(key, value, step, window)
+            del logs[key]
+    if cb.guard.skipping:
+        logs["skipped_steps"] = float(cb.guard.total)
+    return logs
+
+
+def _complete_checkpoint(run: StageRun, path: Path, step: int) -> None:
+    """After every rank wrote its part: the completion marker, then a copy on nodes with their own disks."""
+    engine.barrier()
+    if engine.is_main():
+        _mark_complete(run, path, step)
+    engine.barrier()
+    replicate(run.cfg.run.dir, [path], prune=path.parent)
 
 
 def _mark_complete(run: StageRun, path: Path, step: int) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from rlhf import artifacts, engine, models
 from rlhf.config import PipelineConfig
+from rlhf.replicate import replicate
 from rlhf.stages.common import StageResult, StageRun
 from rlhf.stages.sft import load_rows
 
@@ -44,11 +45,13 @@ def build_dataset(rows: list[dict], where: Path | None):
 
     if where is None:
         return Dataset.from_list(rows)
+    if engine.local_rank() == 0:  # every node's copy goes, so no node keeps a stale one (rlhf.replicate)
+        shutil.rmtree(where, ignore_errors=True)
+    engine.barrier()
     if engine.is_main():
-        if where.exists():
-            shutil.rmtree(where)
         Dataset.from_list(rows).save_to_disk(str(where))
     engine.barrier()
+    replicate(where.parent, [where])
     return load_from_disk(str(where))
 
 

@@ -25,6 +25,7 @@ from rlhf.config import PipelineConfig
 from rlhf.errors import StopRequested, TrainingError
 from rlhf.guards import NonFiniteGuard, is_finite
 from rlhf.losses import logprobs_from_logits, ppo_policy_loss, ppo_value_loss
+from rlhf.replicate import replicate
 from rlhf.stages.common import StageRun, save_failed
 from rlhf.stages.ppo.experience import (
     Experience,
@@ -104,6 +105,34 @@ def _train_micro(ctx: PPOContext, mb: Experience, num_tokens: Tensor) -> tuple[d
     return out, flags
 
 
+def _minibatch(ctx: PPOContext, exp: Experience, mb_idx: Tensor):
+    """One optimizer step over the rows `mb_idx`: (weighted stat sums, token weight, (ratio mean, max |log
+    ratio|)), or None when its update was skipped (`run.on_nonfinite: skip`)."""
+    tokens = engine.all_reduce_sum(exp.mask[mb_idx].sum().reshape(1).clone())
+    num_tokens = tokens.clamp_min(1.0) / engine.world_size()  # DeepSpeed averages grads over ranks
+    mb_ratio, mb_weight, mb_dev = 0.0, 0.0, 0.0
+    mb_totals: dict[str, float] = {}
+    bad: dict[str, bool] = {}
+    for micro_idx in mb_idx.split(ctx.cfg.ppo.micro_batch_size):
+        mb = exp.select(micro_idx)
+        weight = float(mb.mask.sum())
+        stats, flags = _train_micro(ctx, mb, num_tokens)
+        bad = {k: bad.get(k, False) or v for k, v in flags.items()}
+        mb_dev = max(mb_dev, stats.pop("policy/log_ratio_absmax"))
+        for key, value in stats.items():
+            # losses are already shares of the minibatch mean: sum them; stats are token means
+            mb_totals[key] = mb_totals.get(key, 0.0) + (value if key.endswith("/loss") else value * weight)
+        mb_ratio += stats["policy/ratio_mean"] * weight
+        mb_weight += weight
+    for loss, skip_flag in (("policy loss", "actor skipped"), ("value loss", "critic skipped")):
+        if bad[loss] and not bad[skip_flag]:  # a non-finite loss whose update was applied anyway
+            raise ctx.guard.stop_error(f"the {loss} (and its update was not skipped)", float("nan"), ctx.step)
+    if ctx.guard.skipping and (bad["actor skipped"] or bad["critic skipped"]
+                               or not all(map(math.isfinite, mb_totals.values()))):
+        return None
+    return mb_totals, mb_weight, (mb_ratio / max(mb_weight, 1.0), mb_dev)
+
+
 def ppo_update(ctx: PPOContext, exp: Experience) -> dict[str, float]:
     """`ppo_epochs` passes over shuffled minibatches; each minibatch is one optimizer step made of
     micro-batches whose losses are divided by the token count of the whole minibatch (over all ranks),
@@ -124,36 +153,16 @@ def ppo_update(ctx: PPOContext, exp: Experience) -> dict[str, float]:
     for _epoch in range(ppo.ppo_epochs):
         order = torch.randperm(exp.input_ids.shape[0])
         for start in range(0, len(order), ppo.mini_batch_size):
-            mb_idx = order[start:start + ppo.mini_batch_size]
-            tokens = engine.all_reduce_sum(exp.mask[mb_idx].sum().reshape(1).clone())
-            num_tokens = tokens.clamp_min(1.0) / engine.world_size()  # DeepSpeed averages grads over ranks
-            mb_ratio, mb_weight, mb_dev = 0.0, 0.0, 0.0
-            mb_totals: dict[str, float] = {}
-            bad: dict[str, bool] = {}
-            for micro_idx in mb_idx.split(ppo.micro_batch_size):
-                mb = exp.select(micro_idx)
-                weight = float(mb.mask.sum())
-                stats, flags = _train_micro(ctx, mb, num_tokens)
-                bad = {k: bad.get(k, False) or v for k, v in flags.items()}
-                mb_dev = max(mb_dev, stats.pop("policy/log_ratio_absmax"))
-                for key, value in stats.items():
-                    # losses are already shares of the minibatch mean: sum them; stats are token means
-                    mb_totals[key] = mb_totals.get(key, 0.0) + (value if key.endswith("/loss") else value * weight)
-                mb_ratio += stats["policy/ratio_mean"] * weight
-                mb_weight += weight
-            for loss, skip_flag in (("policy loss", "actor skipped"), ("value loss", "critic skipped")):
-                if bad[loss] and not bad[skip_flag]:  # a non-finite loss whose update was applied anyway
-                    raise ctx.guard.stop_error(f"the {loss} (and its update was not skipped)", float("nan"), ctx.step)
-            if ctx.guard.skipping and (bad["actor skipped"] or bad["critic skipped"]
-                                       or not all(map(math.isfinite, mb_totals.values()))):
+            result = _minibatch(ctx, exp, order[start:start + ppo.mini_batch_size])
+            if result is None:
                 skipped += 1
                 continue
+            mb_totals, mb_weight, mb_first = result
             n_minibatches += 1
             weight_sum += mb_weight
             for key, value in mb_totals.items():
                 totals[key] = totals.get(key, 0.0) + value
-            if first_ratio is None:
-                first_ratio = (mb_ratio / max(mb_weight, 1.0), mb_dev)
+            first_ratio = first_ratio or mb_first
     out = {k: (v / max(n_minibatches, 1) if k.endswith("/loss") else v / max(weight_sum, 1.0))
            for k, v in totals.items()}
     if first_ratio is not None:
@@ -278,6 +287,7 @@ def save_checkpoint(ctx: PPOContext) -> Path:
         for old in artifacts.list_checkpoints(ctx.stage.ckpt_dir)[:-KEEP_CHECKPOINTS]:
             shutil.rmtree(old, ignore_errors=True)
     engine.barrier()
+    replicate(ctx.cfg.run.dir, [path], prune=ctx.stage.ckpt_dir)
     return path
 
 
