@@ -47,8 +47,9 @@ def _config(tmp_path: Path, policy: Path) -> Path:
     return path
 
 
-def _two_nodes(script: str, config: Path, timeout: int = 240) -> None:
-    """Start the stage script as node 0 and node 1 at once; both must exit 0."""
+def _two_nodes(script: str, config: Path, timeout: int = 240, node_args=None) -> None:
+    """Start the stage script as node 0 and node 1 at once; both must exit 0. `node_args(node)` gives
+    extra arguments per node."""
     port = free_port()
     procs = []
     for node in (0, 1):
@@ -56,7 +57,8 @@ def _two_nodes(script: str, config: Path, timeout: int = 240) -> None:
                "MASTER_PORT": str(port), "NUM_GPUS": "1", "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "",
                "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                "PY": sys.executable}
-        procs.append(subprocess.Popen(["bash", str(ROOT / "stages" / script), str(config)], env=env, cwd=ROOT,
+        extra = node_args(node) if node_args else []
+        procs.append(subprocess.Popen(["bash", str(ROOT / "stages" / script), str(config), *extra], env=env, cwd=ROOT,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outs = []
     try:
@@ -99,3 +101,45 @@ def test_reward_and_one_ppo_step_on_two_loopback_nodes(tmp_path, tiny_model_dir)
     for name, role in report["roles"].items():
         mine = by_role[name].local_param_numel + by_role[name].local_optim_numel
         assert abs(mine - (role["params"] + role["optimizer_state"])) <= 0.25 * mine, name
+
+
+def test_nodes_with_their_own_disks_each_get_every_artifact_and_resume(tmp_path, tiny_model_dir):
+    """No shared filesystem: each node keeps its run under its own root (node0/, node1/), as on node-local
+    disks. Rank 0 writes; the other node receives copies of the final models, stage.json files and
+    checkpoints over the process group; after losing its stage.json, PPO resumes on both nodes."""
+    from safetensors.torch import load_file
+
+    config = _config(tmp_path, tiny_model_dir)
+    roots = [tmp_path / f"node{n}" for n in (0, 1)]
+    for root in roots:
+        shutil.copytree(tmp_path / "runs", root / "runs")  # the finished SFT stage, on each disk
+    shutil.rmtree(tmp_path / "runs")
+
+    def own_disk(node: int) -> list[str]:
+        return ["--set", f"run.output_dir={roots[node] / 'runs'}"]
+
+    _two_nodes("02_reward.sh", config, node_args=own_disk)
+    _two_nodes("03_ppo.sh", config, node_args=own_disk)
+    dirs = [root / "runs" / "two" for root in roots]
+    for stage in ("reward", "ppo"):
+        for run_dir in dirs:
+            assert artifacts.is_complete(run_dir / stage), run_dir
+        a, b = (load_file(str(d / stage / "final" / "model.safetensors")) for d in dirs)
+        assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a), stage
+        assert {p.name for p in (dirs[0] / stage / "final").iterdir()} == \
+            {p.name for p in (dirs[1] / stage / "final").iterdir()}
+    # Node 1's checkpoints are complete (marker included) and hold rank 0's files as well as its own shard.
+    ckpt = [artifacts.latest_checkpoint(d / "ppo" / "checkpoints") for d in dirs]
+    assert ckpt[0] is not None and ckpt[1] is not None and ckpt[0].name == ckpt[1].name == "checkpoint-1"
+    assert (ckpt[1] / "trainer_state.json").read_text() == (ckpt[0] / "trainer_state.json").read_text()
+
+    # Lose the PPO manifest on both nodes and allow one more step: the stage resumes from checkpoint-1.
+    for run_dir in dirs:
+        (run_dir / "ppo" / artifacts.MANIFEST).unlink()
+    _two_nodes("03_ppo.sh", config, node_args=lambda n: [*own_disk(n), "--set", "ppo.steps=2"])
+    for run_dir in dirs:
+        manifest = json.loads((run_dir / "ppo" / artifacts.MANIFEST).read_text())
+        assert manifest["global_step"] == 2
+        assert artifacts.latest_checkpoint(run_dir / "ppo" / "checkpoints").name == "checkpoint-2"
+    log0 = (dirs[0] / "logs" / "ppo.node0.log").read_text()
+    assert f"ppo: resuming from {dirs[0] / 'ppo' / 'checkpoints' / 'checkpoint-1'} (step 1)" in log0

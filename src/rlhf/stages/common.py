@@ -151,7 +151,6 @@ class StageRun:
                 raise
             raise failure from err
         engine.barrier()
-        replicate(self.cfg.run.dir, [self.final_dir], by_content=True)
         return self.final_dir
 
     def _finish_final(self, tmp: Path, tokenizer, merge_base: str | None, extra_files: dict[str, str] | None) -> None:
@@ -175,7 +174,9 @@ class StageRun:
                                      metrics=metrics, global_step=global_step)
             log.info("%s: done -> %s", self.stage, self.final_dir)
         engine.barrier()
-        replicate(self.cfg.run.dir, [self.dir / "config.resolved.yaml", self.dir / artifacts.MANIFEST], by_content=True)
+        # Nodes with their own disks get final/ (with what was added after the save) first, stage.json last.
+        replicate(self.cfg.run.dir, [self.final_dir, self.dir / "config.resolved.yaml"], by_content=True)
+        replicate(self.cfg.run.dir, [self.dir / artifacts.MANIFEST], by_content=True)
         self.metrics.close()
         return StageResult(self.stage, self.final_dir, metrics)
 

@@ -19,7 +19,6 @@ from pathlib import Path
 from rlhf import artifacts, engine, models
 from rlhf.config import PipelineConfig, save_resolved
 from rlhf.errors import ConfigError
-from rlhf.replicate import replicate
 from rlhf.stages.common import StageResult, StageRun
 from rlhf.stages.ppo.experience import Scorer, same_tokenizer
 from rlhf.stages.ppo.loop import PPOContext, load_checkpoint, reset_samples, save_checkpoint, train
@@ -137,7 +136,6 @@ def save_final(ctx: PPOContext, sft_dir: str) -> Path:
             shutil.rmtree(stage.final_dir)
         os.replace(tmp, stage.final_dir)
     engine.barrier()
-    replicate(cfg.run.dir, [stage.final_dir], by_content=True)
     return stage.final_dir
 
 
