@@ -47,17 +47,10 @@ def encode_responses(tokenizer, prompts: list[list[dict]], responses: list[str])
     return [encoding.encode(tokenizer, p, r) for p, r in zip(prompts, responses, strict=True)]
 
 
-def sequence_logprobs(model, seqs: list[tuple[list[int], int]], pad_id: int, batch_size: int = 8) -> list:
-    """Log-probs of the response tokens (ids[n:]) of each (ids, n) sequence: a float32 [len(ids) - n] tensor each.
-
-    Right-padded batches; no gradient. The model should be in eval mode (dropout off).
-    """
+def _batches(seqs: list[tuple[list[int], int]], pad_id: int, batch_size: int):
+    """Right-padded (batch, input_ids, attention_mask) chunks of (ids, n) sequences."""
     import torch
 
-    from rlhf.losses import logprobs_from_logits
-
-    device = next(model.parameters()).device
-    out = []
     for start in range(0, len(seqs), batch_size):
         batch = seqs[start:start + batch_size]
         width = max(len(ids) for ids, _ in batch)
@@ -66,11 +59,47 @@ def sequence_logprobs(model, seqs: list[tuple[list[int], int]], pad_id: int, bat
         for i, (ids, _) in enumerate(batch):
             input_ids[i, :len(ids)] = torch.tensor(ids)
             attention[i, :len(ids)] = 1
-        with torch.no_grad():
-            logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
-        token_logps = logprobs_from_logits(logits[:, :-1], input_ids[:, 1:].to(device)).cpu()
+        yield batch, input_ids, attention
+
+
+def _logits(model, input_ids, attention):
+    import torch
+
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        return model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits.float().cpu()
+
+
+def sequence_logprobs(model, seqs: list[tuple[list[int], int]], pad_id: int, batch_size: int = 8) -> list:
+    """Log-probs of the response tokens (ids[n:]) of each (ids, n) sequence: a float32 [len(ids) - n] tensor each.
+
+    Right-padded batches; no gradient. The model should be in eval mode (dropout off).
+    """
+    from rlhf.losses import logprobs_from_logits
+
+    out = []
+    for batch, input_ids, attention in _batches(seqs, pad_id, batch_size):
+        token_logps = logprobs_from_logits(_logits(model, input_ids, attention)[:, :-1], input_ids[:, 1:])
         # token t is predicted at position t - 1
         out.extend(token_logps[i, n - 1:len(ids) - 1] for i, (ids, n) in enumerate(batch))
+    return out
+
+
+def sequence_kl(policy, ref, seqs: list[tuple[list[int], int]], pad_id: int, batch_size: int = 8) -> list[float]:
+    """Per (ids, n) sequence: the sum over its response positions of the exact KL(policy || ref) between the
+    two next-token distributions (over the whole vocabulary), along the policy's own response.
+
+    Never negative, and 0 exactly when the two models agree at every position; on sampled responses its
+    mean is the sequence-level KL, with less noise than the sampled log-ratio (which on greedy responses
+    is not a KL at all and can come out negative)."""
+    import torch
+
+    out = []
+    for batch, input_ids, attention in _batches(seqs, pad_id, batch_size):
+        logp = torch.log_softmax(_logits(policy, input_ids, attention)[:, :-1], dim=-1)
+        logq = torch.log_softmax(_logits(ref, input_ids, attention)[:, :-1], dim=-1)
+        per_pos = (logp.exp() * (logp - logq)).sum(-1).clamp_min(0.0)  # [B, T-1]; clamp: float rounding
+        out.extend(float(per_pos[i, n - 1:len(ids) - 1].sum()) for i, (ids, n) in enumerate(batch))
     return out
 
 
@@ -181,11 +210,9 @@ def generate(model, tokenizer, prompts: list[list[dict]], gen: GenSettings, cand
 
 
 def response_kl(policy, ref, pad_id: int, cand: Candidate) -> list[float]:
-    """Per response: sum over its tokens of log pi - log ref, on the ids the policy generated."""
+    """Per response: KL(policy || reference) summed over its tokens (`sequence_kl`), on the policy's ids."""
     seqs = [(p + r, len(p)) for p, r in zip(cand.prompt_ids, cand.response_ids, strict=True)]
-    pol = sequence_logprobs(policy, seqs, pad_id)
-    rf = sequence_logprobs(ref, seqs, pad_id)
-    return [float((a - b).sum()) for a, b in zip(pol, rf, strict=True)]
+    return sequence_kl(policy, ref, seqs, pad_id)
 
 
 # ------------------------------------------------------------------------------------------------ run

@@ -84,3 +84,25 @@ def test_eval_cli_named_models(tmp_path, tiny_model_dir, tiny_reward_dir):
     assert [r["model"] for r in result["models"]] == ["sft", "orpo"] and result["win_rate_by"] == "reward"
     bad = run_cli(["eval", "--config", str(config), "--models", "ppo"], env=cli_env())
     assert bad.returncode == 2 and "rlhf ppo" in bad.stderr
+
+
+def test_sequence_kl_is_the_exact_per_position_kl_and_never_negative(tiny_model_dir, tmp_path):
+    import torch
+
+    from rlhf import models
+    from rlhf.evaluation import sequence_kl
+    from rlhf.tiny import build_tiny
+
+    tok = models.load_tokenizer(str(tiny_model_dir))
+    policy = models.load_causal_lm(str(tiny_model_dir), tokenizer=tok).eval()
+    other = models.load_causal_lm(str(build_tiny(tmp_path / "other", seed=3)), tokenizer=tok).eval()
+    seqs = [([5, 9, 11, 13, 17, 19], 3), ([7, 8, 9, 10], 2)]
+    assert sequence_kl(policy, policy, seqs, tok.pad_token_id) == [0.0, 0.0]
+    got = sequence_kl(policy, other, seqs, tok.pad_token_id)
+    ids, n = seqs[0]
+    with torch.no_grad():
+        logp = torch.log_softmax(policy(input_ids=torch.tensor([ids])).logits[0], -1)
+        logq = torch.log_softmax(other(input_ids=torch.tensor([ids])).logits[0], -1)
+    # positions n-1 .. len-2 predict the response tokens ids[n:]
+    want = sum(float((logp[t].exp() * (logp[t] - logq[t])).sum()) for t in range(n - 1, len(ids) - 1))
+    assert abs(got[0] - want) < 1e-4 and got[0] > 0 and got[1] > 0
