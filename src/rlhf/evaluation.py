@@ -222,6 +222,14 @@ def _mean(values: list[float] | None) -> float | None:
     return None if not values else float(sum(values) / len(values))
 
 
+def _se(values: list[float] | None) -> float | None:
+    """Standard error of the mean (n - 1 in the variance)."""
+    if not values or len(values) < 2:
+        return None
+    mean = sum(values) / len(values)
+    return float((sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values)) ** 0.5)
+
+
 def win_rate(scores: list[float] | None, base: list[float] | None) -> float | None:
     """Share of prompts where `scores` beats `base`; ties count half."""
     if scores is None or base is None:
@@ -236,7 +244,7 @@ def summarize(cands: list[Candidate], base: Candidate) -> list[dict[str, Any]]:
     for c in cands:
         lengths = [len(r) - (1 if r and r[-1] == c.eos_id else 0) for r in c.response_ids]
         rows.append({"model": c.name, "path": c.path, "reward": _mean(c.rewards), "judge": _mean(c.judge),
-                     "kl": _mean(c.kl), "length": _mean([float(n) for n in lengths]),
+                     "reward_se": _se(c.rewards), "judge_se": _se(c.judge), "kl": _mean(c.kl), "length": _mean([float(n) for n in lengths]),
                      "win_rate": win_rate(getattr(c, key), getattr(base, key)),
                      "eos_rate": _mean([1.0 if r and r[-1] == c.eos_id else 0.0 for r in c.response_ids])})
     return rows
@@ -337,7 +345,8 @@ def _write(cfg: PipelineConfig, result: dict, cands: list[Candidate], prompts: l
 
 
 def plot(result: dict, out_png: Path) -> Path:
-    """Left: score (reward, else judge) versus KL to the reference, one point per model. Right: score bars."""
+    """Left: score (reward, else judge) versus KL to the reference, one point per model. Then one bar panel
+    per score (reward model, gold judge), each on its own scale, with standard-error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -346,7 +355,9 @@ def plot(result: dict, out_png: Path) -> Path:
     rows = result["models"]
     metrics = [k for k in ("reward", "judge") if any(r[k] is not None for r in rows)]
     y_key = metrics[0] if metrics else "length"
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    shown = metrics or ["length"]
+    fig, axes = plt.subplots(1, 1 + len(shown), figsize=(4.2 * (1 + len(shown)), 3.8))
+    ax1 = axes[0]
     points: dict[tuple[float, float], list[str]] = {}  # models at the same point share one label
     for r in rows:
         if r["kl"] is not None and r[y_key] is not None:
@@ -354,20 +365,19 @@ def plot(result: dict, out_png: Path) -> Path:
     for (x, y), names in points.items():
         ax1.scatter(x, y)
         ax1.annotate(", ".join(names), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    labels = {"reward": "reward-model score", "judge": "gold-judge score", "length": "length (tokens)"}
     ax1.set_xlabel(f"KL to reference ({result['baseline']}), nats per response")
-    ax1.set_ylabel({"reward": "reward-model score", "judge": "judge score"}.get(y_key, "length (tokens)"))
-    ax1.set_title(f"{ax1.get_ylabel()} vs KL", fontsize=9)
+    ax1.set_ylabel(labels[y_key])
+    ax1.set_title(f"{labels[y_key]} vs KL", fontsize=9)
     ax1.grid(alpha=0.3)
     names = [r["model"] for r in rows]
-    shown = metrics or ["length"]
-    width = 0.8 / len(shown)
-    for j, key in enumerate(shown):
+    for ax, key in zip(axes[1:], shown, strict=True):
         values = [r[key] if r[key] is not None else math.nan for r in rows]
-        ax2.bar([i + j * width for i in range(len(rows))], values, width, label=key)
-    ax2.set_xticks([i + width * (len(shown) - 1) / 2 for i in range(len(rows))], names, fontsize=8)
-    ax2.set_title("mean score per model", fontsize=9)
-    ax2.legend(fontsize=8)
-    ax2.grid(alpha=0.3, axis="y")
+        errors = [r.get(f"{key}_se") or 0.0 for r in rows]
+        ax.bar(range(len(rows)), values, 0.6, yerr=errors, capsize=4, color=f"C{shown.index(key)}")
+        ax.set_xticks(range(len(rows)), names, fontsize=8)
+        ax.set_title(f"mean {labels[key]} (+- 1 SE)", fontsize=9)
+        ax.grid(alpha=0.3, axis="y")
     fig.suptitle(f"rlhf eval: {result['prompts']} held-out prompts", fontsize=10)
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
