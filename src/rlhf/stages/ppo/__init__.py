@@ -53,7 +53,13 @@ def _trained(model, ds, role: str, lr: float, ppo, dtype: str):
     import torch
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, eps=1e-5)
+    optimizer = None
+    if not engine.use_deepspeed(ds):  # one fused kernel per step instead of a loop over tensors (CPU and CUDA)
+        try:
+            optimizer = torch.optim.AdamW(params, lr=lr, eps=1e-5, fused=True)
+        except (RuntimeError, TypeError, ValueError):
+            optimizer = None
+    optimizer = optimizer or torch.optim.AdamW(params, lr=lr, eps=1e-5)
     scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
     return engine.wrap(model, ds, role, optimizer=optimizer, lr_scheduler=scheduler,
                        micro_batch=ppo.micro_batch_size, grad_accum=ppo.grad_accum,
