@@ -5,9 +5,13 @@
 #   NNODES=M NODE_RANK=r MASTER_ADDR=host [MASTER_PORT=29500]
 #                            deepspeed --no_ssh: run the same command on every node with its NODE_RANK
 #   LAUNCHER=torchrun        torchrun --nproc_per_node NUM_GPUS (with NNODES/NODE_RANK/MASTER_ADDR if set)
+# Without a GPU, OMP_WAIT_POLICY defaults to PASSIVE (see below).
 # Logs go to "<run dir>/logs/<command>.log" (<command>.node<NODE_RANK>.log with NNODES; LOG_DIR overrides
 # the dir) as well as the terminal.
 PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+# Without a GPU, idle OpenMP threads sleep instead of spinning: on a shared CPU machine spinning threads made
+# the CPU work of a run up to 7x slower (OMP_WAIT_POLICY set by the caller wins).
+if ! command -v nvidia-smi >/dev/null 2>&1; then export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}; fi
 
 rlhf_log_dir() {  # ARGS: --config FILE [--set k=v ...] -> the run dir's logs/ (runs/logs if the config is bad)
   [ -n "${LOG_DIR:-}" ] && { echo "$LOG_DIR"; return; }

@@ -68,3 +68,14 @@ def test_logs_go_to_the_run_dir(tmp_path):
     env.pop("LOG_DIR", None)
     out = subprocess.run(["bash", "-c", cmd], cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
     assert out.strip() == str(tmp_path / "x" / "logs")
+
+
+@pytest.mark.parametrize("given, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_omp_threads_sleep_by_default_without_a_gpu(given, expected, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env["PATH"] = f"{tmp_path}:/usr/bin:/bin"  # no nvidia-smi on it
+    if given:
+        env["OMP_WAIT_POLICY"] = given
+    out = subprocess.run(["bash", "-c", 'source stages/lib.sh && echo "$OMP_WAIT_POLICY"'], cwd=ROOT, env=env,
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert out == expected
