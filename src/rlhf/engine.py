@@ -330,14 +330,10 @@ def step_or_skip(eng, skip_nonfinite: bool = False) -> bool:
     if not skip_nonfinite:
         eng.step()
         return False
-    from rlhf.guards import drop_grads, grads_finite
+    from rlhf.guards import drop_nonfinite_grads
 
-    dropped = False
-    if eng.is_gradient_accumulation_boundary() and eng.zero_optimization_stage() == 0:
-        params = list(eng.module.parameters())
-        if not grads_finite(params):
-            drop_grads(params)
-            dropped = True
+    dropped = (eng.is_gradient_accumulation_boundary() and eng.zero_optimization_stage() == 0
+               and drop_nonfinite_grads(eng.module.parameters()))
     before = int(getattr(eng, "skipped_steps", 0))
     eng.step()
     return dropped or int(getattr(eng, "skipped_steps", 0)) > before

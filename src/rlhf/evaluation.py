@@ -62,12 +62,17 @@ def _batches(seqs: list[tuple[list[int], int]], pad_id: int, batch_size: int):
         yield batch, input_ids, attention
 
 
-def _logits(model, input_ids, attention):
+def _response_logits(model, batch, input_ids, attention):
+    """(logits predicting the tokens from the batch's earliest response start on, that start): the LM head
+    runs on those positions only (`logits_to_keep`), not on the prompt positions before them."""
     import torch
 
+    start = min(n for _, n in batch) - 1  # position t predicts token t + 1
+    keep = input_ids.shape[1] - start
     device = next(model.parameters()).device
     with torch.no_grad():
-        return model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits.float().cpu()
+        out = model(input_ids=input_ids.to(device), attention_mask=attention.to(device), logits_to_keep=keep)
+    return out.logits[:, -keep:-1].float().cpu(), start
 
 
 def sequence_logprobs(model, seqs: list[tuple[list[int], int]], pad_id: int, batch_size: int = 8) -> list:
@@ -79,9 +84,9 @@ def sequence_logprobs(model, seqs: list[tuple[list[int], int]], pad_id: int, bat
 
     out = []
     for batch, input_ids, attention in _batches(seqs, pad_id, batch_size):
-        token_logps = logprobs_from_logits(_logits(model, input_ids, attention)[:, :-1], input_ids[:, 1:])
-        # token t is predicted at position t - 1
-        out.extend(token_logps[i, n - 1:len(ids) - 1] for i, (ids, n) in enumerate(batch))
+        logits, start = _response_logits(model, batch, input_ids, attention)
+        token_logps = logprobs_from_logits(logits, input_ids[:, start + 1:])  # column j predicts token start+1+j
+        out.extend(token_logps[i, n - 1 - start:len(ids) - 1 - start] for i, (ids, n) in enumerate(batch))
     return out
 
 
@@ -96,10 +101,11 @@ def sequence_kl(policy, ref, seqs: list[tuple[list[int], int]], pad_id: int, bat
 
     out = []
     for batch, input_ids, attention in _batches(seqs, pad_id, batch_size):
-        logp = torch.log_softmax(_logits(policy, input_ids, attention)[:, :-1], dim=-1)
-        logq = torch.log_softmax(_logits(ref, input_ids, attention)[:, :-1], dim=-1)
-        per_pos = (logp.exp() * (logp - logq)).sum(-1).clamp_min(0.0)  # [B, T-1]; clamp: float rounding
-        out.extend(float(per_pos[i, n - 1:len(ids) - 1].sum()) for i, (ids, n) in enumerate(batch))
+        logits, start = _response_logits(policy, batch, input_ids, attention)
+        logp = torch.log_softmax(logits, dim=-1)
+        logq = torch.log_softmax(_response_logits(ref, batch, input_ids, attention)[0], dim=-1)
+        per_pos = (logp.exp() * (logp - logq)).sum(-1).clamp_min(0.0)  # clamp: float rounding
+        out.extend(float(per_pos[i, n - 1 - start:len(ids) - 1 - start].sum()) for i, (ids, n) in enumerate(batch))
     return out
 
 

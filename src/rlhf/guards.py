@@ -37,11 +37,16 @@ def grads_finite(params: Iterable) -> bool:
     return bool(torch.stack(flags).all()) if flags else True
 
 
-def drop_grads(params: Iterable) -> None:
-    """Discard gradients: torch optimizers leave a parameter without a gradient untouched (no moment update,
-    no weight decay), so a following `optimizer.step()` is a true no-op for them."""
+def drop_nonfinite_grads(params: Iterable) -> bool:
+    """When any gradient is NaN/inf, discard all of them and return True. Torch optimizers leave a parameter
+    without a gradient untouched (no moment update, no weight decay), so the following `optimizer.step()`
+    applies nothing."""
+    params = list(params)
+    if grads_finite(params):
+        return False
     for p in params:
         p.grad = None
+    return True
 
 
 class NonFiniteGuard:

@@ -55,12 +55,18 @@ def _missing(root: Path, listing: dict[str, tuple[int, str]]) -> list[str]:
     return out
 
 
+_MULTI_NODE: dict[int, bool] = {}  # world size -> answer: the layout does not change within a process group
+
+
 def _multi_node() -> bool:
-    """True when some rank other than 0 is the first rank of its node (a second node exists)."""
+    """True when some rank other than 0 is the first rank of its node (a second node exists). Collective
+    on its first call only."""
     import torch
 
-    flag = 1.0 if (engine.local_rank() == 0 and not engine.is_main()) else 0.0
-    return bool(engine.all_reduce_sum(torch.tensor([flag])).item() > 0)
+    if engine.world_size() not in _MULTI_NODE:
+        flag = 1.0 if (engine.local_rank() == 0 and not engine.is_main()) else 0.0
+        _MULTI_NODE[engine.world_size()] = bool(engine.all_reduce_sum(torch.tensor([flag])).item() > 0)
+    return _MULTI_NODE[engine.world_size()]
 
 
 def replicate(root: str | Path, paths: list[str | Path], *, prune: str | Path | None = None,

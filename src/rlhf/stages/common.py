@@ -220,7 +220,7 @@ def _make_callback(run: StageRun):
     (`rlhf.guards`: stop, or skip the optimizer step), SIGTERM."""
     from transformers import TrainerCallback
 
-    from rlhf.guards import NonFiniteGuard
+    from rlhf.guards import NonFiniteGuard, drop_nonfinite_grads
 
     class RunCallback(TrainerCallback):
         def __init__(self):
@@ -246,8 +246,8 @@ def _make_callback(run: StageRun):
                 eng = self._ds_engine()
                 if eng is not None:  # DeepSpeed discards a non-finite step itself; on_optimizer_step counts it
                     self._ds_skipped = int(getattr(eng, "skipped_steps", 0))
-                else:
-                    self._step_skipped = _drop_nonfinite_grads(optimizer)
+                else:  # gradients are already averaged over ranks here: every rank decides alike
+                    self._step_skipped = drop_nonfinite_grads(p for g in optimizer.param_groups for p in g["params"])
 
         def on_optimizer_step(self, args, state, control, **kwargs):
             eng = self._ds_engine()
@@ -290,18 +290,6 @@ def _after_step(cb, step: int, control):
     if control.should_save:
         control.should_log = True  # check the loss of every step since the last log before saving
     return control
-
-
-def _drop_nonfinite_grads(optimizer) -> bool:
-    """Discard all gradients when any is NaN/inf, so the optimizer step applies nothing. Gradients are
-    already averaged over ranks here, so every rank decides alike."""
-    from rlhf.guards import drop_grads, grads_finite
-
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    if grads_finite(params):
-        return False
-    drop_grads(params)
-    return True
 
 
 def _checked_logs(cb, logs: dict, step: int) -> dict:

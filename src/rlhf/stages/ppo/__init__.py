@@ -9,6 +9,7 @@ reward  <- reward stage output, frozen (or `ppo.reward_fn`, a Python function)
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 import os
@@ -53,13 +54,10 @@ def _trained(model, ds, role: str, lr: float, ppo, dtype: str):
     import torch
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = None
-    if not engine.use_deepspeed(ds):  # one fused kernel per step instead of a loop over tensors (CPU and CUDA)
-        try:
-            optimizer = torch.optim.AdamW(params, lr=lr, eps=1e-5, fused=True)
-        except (RuntimeError, TypeError, ValueError):
-            optimizer = None
-    optimizer = optimizer or torch.optim.AdamW(params, lr=lr, eps=1e-5)
+    try:  # one fused kernel per step instead of a loop over tensors (CPU and CUDA); DeepSpeed gets the plain one
+        optimizer = torch.optim.AdamW(params, lr=lr, eps=1e-5, fused=not engine.use_deepspeed(ds))
+    except (RuntimeError, TypeError, ValueError):  # a device or dtype without the fused kernel
+        optimizer = torch.optim.AdamW(params, lr=lr, eps=1e-5)
     scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
     return engine.wrap(model, ds, role, optimizer=optimizer, lr_scheduler=scheduler,
                        micro_batch=ppo.micro_batch_size, grad_accum=ppo.grad_accum,
@@ -93,9 +91,9 @@ def build_models(cfg: PipelineConfig, sft_dir: str, reward_dir: str | None, toke
         raise ConfigError(f"{reward_dir}: the reward model's tokenizer differs from the policy's, so a critic "
                           "initialised from it cannot read policy tokens; set ppo.critic_init: sft")
     critic_src = sft_dir if ppo.critic_init == "sft" else reward_dir
-    critic_lora = models.lora_dict(m.lora) if ppo.critic_lora is None else (
-        {key: getattr(m.lora, key) for key in models.LORA_KEYS} if ppo.critic_lora else None)
-    critic = models.load_scalar_model(critic_src, tokenizer=tokenizer, require_head=False, lora=critic_lora, **common)
+    critic_lora = m.lora if ppo.critic_lora is None else dataclasses.replace(m.lora, enabled=ppo.critic_lora)
+    critic = models.load_scalar_model(critic_src, tokenizer=tokenizer, require_head=False,
+                                      lora=models.lora_dict(critic_lora), **common)
     for model in (actor, ref, critic, reward_model):
         if model is not None:
             disable_dropout(model)

@@ -192,12 +192,14 @@ def rollout_step(ctx: PPOContext):
     fwd = forward_all(rollout, ctx.actor, ctx.ref, ctx.critic, ctx.scorer, micro_batch=ppo.micro_batch_size,
                       temperature=ppo.temperature)
     exp = make_experience(rollout, fwd, ppo, kl_coef=ctx.kl_ctl.value, reward_stats=ctx.reward_stats)
-    for what, value in (("the reward score", fwd["raw_scores"]), ("the KL", exp.kl)):
-        if engine.any_rank(not is_finite(value)):  # every rank takes the same branch
-            if not ctx.guard.skipping:
-                raise ctx.guard.stop_error(what, value, ctx.step)
-            ctx.guard.skipped(what, value if not is_finite(value) else float("nan"), ctx.step)
-            return None
+    bad = [(what, value) for what, value in (("the reward score", fwd["raw_scores"]), ("the KL", exp.kl))
+           if not is_finite(value)]
+    if engine.any_rank(bool(bad)):  # one collective; every rank takes the same branch
+        what, value = bad[0] if bad else ("the reward score or the KL (on another rank)", float("nan"))
+        if not ctx.guard.skipping:
+            raise ctx.guard.stop_error(what, value, ctx.step)
+        ctx.guard.skipped(what, value, ctx.step)
+        return None
     return rollout, exp, experience_stats(exp, fwd["entropy"], rollout.has_eos, ctx.kl_ctl.value)
 
 
