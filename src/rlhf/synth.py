@@ -196,14 +196,18 @@ def load_samples(path: str | Path) -> tuple[list[Sample], list[Sample], int]:
 
     train: list[Sample] = []
     held: list[Sample] = []
-    with open(path, encoding="utf-8") as fh:
-        for i, line in enumerate(fh, 1):
-            try:
-                row = json.loads(line)
-                smp = Sample(str(row["prompt"]), str(row["text"]), bool(row["finished"]))
-                (train if row["split"] == "train" else held).append(smp)
-            except (ValueError, KeyError, TypeError) as err:
-                raise DataError(f"{path}:{i}: not a samples.jsonl row of `rlhf data synth` ({err})") from err
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: cannot read it ({getattr(err, 'strerror', None) or err}); pass the "
+                        "samples.jsonl of an earlier `rlhf data synth` run") from None
+    for i, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+            smp = Sample(str(row["prompt"]), str(row["text"]), bool(row["finished"]))
+            (train if row["split"] == "train" else held).append(smp)
+        except (ValueError, KeyError, TypeError) as err:
+            raise DataError(f"{path}:{i}: not a samples.jsonl row of `rlhf data synth` ({err})") from err
     both = train + held
     k = next((i for i, smp in enumerate(both) if smp.prompt != both[0].prompt), len(both)) if both else 0
     if not k or len(train) % k or len(held) % k or any(both[j].prompt != both[j - j % k].prompt

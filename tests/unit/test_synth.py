@@ -87,6 +87,17 @@ def test_load_samples_rejects_ragged_groups(tmp_path):
         synth.load_samples(path)
 
 
+def test_cli_from_missing_samples_is_one_line_and_writes_nothing(tmp_path, capsys):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("logging:\n  progress: false\n")
+    out = tmp_path / "out"
+    code = main(["data", "synth", "--config", str(cfg), "--out", str(out), "--from-samples", str(tmp_path / "no.jsonl")])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert code == 2 and err == [f"error: {tmp_path / 'no.jsonl'}: cannot read it (No such file or directory); pass "
+                                 "the samples.jsonl of an earlier `rlhf data synth` run"]
+    assert not out.exists()
+
+
 # ---------------------------------------------------------------------------------------- end to end
 
 
