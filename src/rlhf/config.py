@@ -274,7 +274,7 @@ class PPOCfg:
     kl_ceiling: float | None = None
     """Stop the run when mean KL per response exceeds this (None disables)."""
     whiten_advantages: bool = True
-    """Normalise advantages to mean 0, std 1 over the rollout."""
+    """Normalise advantages to mean 0, std 1 over the rollout (over all ranks' rows together)."""
     normalize_reward: bool = True
     """Standardise scores with the reward model's stored mean and std."""
     missing_eos_penalty: float | None = 1.0
@@ -288,6 +288,10 @@ class PPOCfg:
     """`module:function(prompts, responses) -> scores` used instead of the reward model."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm for actor and critic (0 disables)."""
+    reuse_rollout_forward: bool = True
+    """The update's first micro-batch backpropagates through the rollout's own actor and critic forwards
+    of those rows instead of running them again (one actor and one critic forward fewer per step; both
+    micro-batch graphs are held through the reference and reward forwards)."""
     save_steps: int = 20
     """Checkpoint every N PPO steps."""
     sample_every: int = 10

@@ -14,6 +14,7 @@ This module imports only torch, so the unit tests run without transformers or De
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -63,15 +64,25 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
     return var
 
 
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8,
+                  reduce: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """Scale `x` to masked mean 0 and masked (unbiased) std 1; entries under mask 0 are set to 0.
 
     With `shift_mean=False` the masked mean is added back (only the scale changes), which is the
     usual choice for rewards, while advantages are fully whitened. `eps` keeps one element, or
-    equal elements, finite: they whiten to 0.
+    equal elements, finite: they whiten to 0. `reduce` (a sum over ranks, e.g.
+    `rlhf.engine.all_reduce_sum`) makes mean and std those of every rank's masked entries together
+    (two collectives, float64); without it they are this tensor's own.
     """
-    mean = masked_mean(x, mask)
-    var = masked_var(x, mask, unbiased=True)
+    if reduce is None:
+        mean = masked_mean(x, mask)
+        var = masked_var(x, mask, unbiased=True)
+    else:
+        m, xd = mask.to(torch.float64), x.to(torch.float64)
+        total, n = reduce(torch.stack([(xd * m).sum(), m.sum()]))
+        mean64 = total / n.clamp_min(1.0)
+        squares = reduce((((xd - mean64) ** 2) * m).sum().reshape(1))[0]
+        mean, var = mean64.to(x.dtype), (squares / (n - 1.0).clamp_min(1.0)).to(x.dtype)
     whitened = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean

@@ -87,6 +87,34 @@ def test_masked_whiten_mean_zero_std_one_and_padding_ignored():
     assert_close(kept[mask.bool()].mean(), x[mask.bool()].mean(), atol=1e-5, rtol=0)
 
 
+def test_masked_whiten_with_a_rank_reduce_uses_global_statistics():
+    # two simulated ranks holding rows 0-1 and 2-3: with `reduce` summing over them, each rank's
+    # whitened rows equal those rows of the whole batch whitened at once
+    torch.manual_seed(1)
+    x = torch.randn(4, 6) * 2 + torch.tensor([[3.0], [3.0], [-4.0], [-4.0]])  # ranks differ in mean
+    mask = (torch.rand(4, 6) > 0.25).float()
+
+    def reduce_with(other_x, other_mask):
+        partial = []  # the other rank's local sums, in the order the function asks for them
+
+        def reduce(local):
+            m, xd = other_mask.double(), other_x.double()
+            if not partial:
+                partial.append(local + torch.stack([(xd * m).sum(), m.sum()]))
+                return partial[0]
+            mean = partial[0][0] / partial[0][1]
+            return local + (((xd - mean) ** 2) * m).sum().reshape(1)
+
+        return reduce
+
+    whole = masked_whiten(x, mask)
+    rank0 = masked_whiten(x[:2], mask[:2], reduce=reduce_with(x[2:], mask[2:]))
+    rank1 = masked_whiten(x[2:], mask[2:], reduce=reduce_with(x[:2], mask[:2]))
+    assert_close(torch.cat([rank0, rank1]), whole, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(masked_whiten(x[:2], mask[:2]), whole[:2], atol=1e-2)  # per rank differs
+    assert_close(masked_whiten(x, mask, reduce=lambda v: v), whole, atol=1e-6, rtol=1e-6)  # one rank
+
+
 def test_masked_whiten_degenerate_masks_stay_finite():
     x = t([3.0, 8.0, 1.0])
     # one counted element: (3 - 3) / sqrt(0 + eps) = 0

@@ -5,13 +5,17 @@ Shapes: B = rows, P = padded prompt length, R = response length, T = P + R, V = 
 Every forward here and in the update reads positions from the attention mask (`position_ids`), runs
 in chunks of the update's micro-batch size over the same [B, T] tensors, with dropout off, so that
 the update's first log-probs equal these bit for bit (ratio exactly 1).
+
+With `ppo.reuse_rollout_forward` the first chunk's actor and critic forwards keep their autograd
+graphs (`LiveForward`), and the update's first micro-batch backpropagates through them instead of
+running those two forwards again: same weights, same inputs, so the same loss and gradients.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import Tensor
@@ -21,6 +25,15 @@ from rlhf.losses import entropy_from_logits, logprobs_from_logits, masked_mean, 
 from rlhf.stages.ppo.rollout import Rollout, position_ids
 
 log = logging.getLogger("rlhf")
+
+
+@dataclass
+class LiveForward:
+    """The rollout's forwards of its first `rows` rows, still attached to their autograd graphs."""
+
+    rows: int
+    logprobs: Tensor  # [rows, R] actor log-probs (requires grad)
+    values: Tensor  # [rows, R] critic values (requires grad)
 
 
 @dataclass
@@ -41,13 +54,15 @@ class Experience:
     rewards: Tensor  # [B, R] shaped rewards
     advantages: Tensor  # [B, R] (whitened when configured)
     returns: Tensor  # [B, R]
+    live: LiveForward | None = field(default=None, repr=False)
+    """Graphs of the first rows' forwards, for the update's first micro-batch (not carried by `select`)."""
 
     @property
     def prompt_len(self) -> int:
         return self.input_ids.shape[1] - self.response_ids.shape[1]
 
     def select(self, idx: Tensor) -> Experience:
-        return Experience(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
+        return Experience(**{f.name: getattr(self, f.name)[idx] for f in fields(self) if f.name != "live"})
 
 
 # ------------------------------------------------------------------------------------------ forwards
@@ -147,25 +162,35 @@ def normalize_scores(raw: Tensor, has_eos: Tensor, stats: dict | None, missing_e
 
 @torch.no_grad()
 def forward_all(rollout: Rollout, actor, ref, critic, scorer: Scorer, *, micro_batch: int,
-                temperature: float) -> dict[str, Tensor]:
+                temperature: float, keep_first: bool = False) -> dict:
     """One no-grad pass of each model over the rollout, in micro-batch chunks.
 
     `ref=None` means a LoRA actor: the reference is the same module with its adapters disabled.
-    Returns logprobs, ref_logprobs, values [B, R], entropy [B, R] and raw_scores [B].
+    Returns logprobs, ref_logprobs, values [B, R], entropy [B, R] and raw_scores [B] (all detached),
+    and "live": with `keep_first`, the first chunk's actor and critic forwards with their graphs
+    (run through the engines exactly as the update runs them), else None.
     """
     ids, attn = rollout.input_ids, rollout.attention_mask
     pos = position_ids(attn)
     prompt_len = rollout.prompt_ids.shape[1]
     out: dict[str, list[Tensor]] = {"logprobs": [], "ref_logprobs": [], "values": [], "entropy": []}
     chunks = []
+    live = None
     for start in range(0, ids.shape[0], micro_batch):
         sl = slice(start, start + micro_batch)
         chunk = (ids[sl], attn[sl], pos[sl], rollout.mask[sl])
         chunks.append(chunk)
         labels = rollout.response_ids[sl]
-        logits = policy_logits(actor.module, *chunk[:3], prompt_len, temperature)
-        out["logprobs"].append(logprobs_from_logits(logits, labels))
-        out["entropy"].append(entropy_from_logits(logits))
+        keep = keep_first and start == 0
+        with torch.set_grad_enabled(keep):
+            logits = policy_logits(actor if keep else actor.module, *chunk[:3], prompt_len, temperature)
+            logprobs = logprobs_from_logits(logits, labels)
+            values = values_of(critic.module, *chunk[:3], prompt_len)
+        if keep:
+            live = LiveForward(rows=labels.shape[0], logprobs=logprobs, values=values)
+        out["logprobs"].append(logprobs.detach())
+        out["entropy"].append(entropy_from_logits(logits.detach()))
+        out["values"].append(values.detach())
         del logits
         ref_module = actor.module if ref is None else ref.module
         adapters_off = actor.module.disable_adapter() if ref is None else contextlib.nullcontext()
@@ -173,28 +198,32 @@ def forward_all(rollout: Rollout, actor, ref, critic, scorer: Scorer, *, micro_b
             ref_logits = policy_logits(ref_module, *chunk[:3], prompt_len, temperature)
         out["ref_logprobs"].append(logprobs_from_logits(ref_logits, labels))
         del ref_logits
-        out["values"].append(values_of(critic.module, *chunk[:3], prompt_len))
     result = {k: torch.cat(v) for k, v in out.items()}
     result["raw_scores"] = scorer(rollout, chunks)
+    result["live"] = live
     return result
 
 
 @torch.no_grad()
 def make_experience(rollout: Rollout, fwd: dict[str, Tensor], ppo, *, kl_coef: float,
-                    reward_stats: dict | None) -> Experience:
-    """Scores -> shaped per-token rewards (score at EOS, -kl_coef * KL on every token) -> GAE."""
+                    reward_stats: dict | None, reduce=None) -> Experience:
+    """Scores -> shaped per-token rewards (score at EOS, -kl_coef * KL on every token) -> GAE.
+
+    `reduce` (a sum over ranks) whitens advantages with the statistics of the whole global batch, so
+    the result does not depend on how rows are split over ranks; collective when given."""
     mask = rollout.mask
     scores = normalize_scores(fwd["raw_scores"], rollout.has_eos, reward_stats, ppo.missing_eos_penalty)
     rewards, kl = per_token_rewards(scores, fwd["logprobs"], fwd["ref_logprobs"], mask, kl_coef, ppo.kl_estimator)
     values = torch.where(mask.bool(), fwd["values"], 0.0)
     advantages, returns = gae(rewards, values, mask, ppo.gamma, ppo.lam)
     if ppo.whiten_advantages:
-        advantages = masked_whiten(advantages, mask)
+        advantages = masked_whiten(advantages, mask, reduce=reduce)
     attn = rollout.attention_mask
     return Experience(input_ids=rollout.input_ids, attention_mask=attn, position_ids=position_ids(attn),
                       response_ids=rollout.response_ids, mask=mask, logprobs=fwd["logprobs"],
                       ref_logprobs=fwd["ref_logprobs"], values=values, raw_scores=fwd["raw_scores"].float(),
-                      scores=scores, kl=kl, rewards=rewards, advantages=advantages, returns=returns)
+                      scores=scores, kl=kl, rewards=rewards, advantages=advantages, returns=returns,
+                      live=fwd.get("live"))
 
 
 def experience_stats(exp: Experience, entropy: Tensor, has_eos: Tensor, kl_coef: float) -> dict[str, float]:

@@ -29,6 +29,7 @@ from rlhf.replicate import replicate
 from rlhf.stages.common import StageRun, save_failed
 from rlhf.stages.ppo.experience import (
     Experience,
+    LiveForward,
     Scorer,
     experience_stats,
     forward_all,
@@ -71,18 +72,23 @@ class PPOContext:
 # ------------------------------------------------------------------------------------------ update
 
 
-def _train_micro(ctx: PPOContext, mb: Experience, num_tokens: Tensor) -> tuple[dict[str, float], dict[str, bool]]:
+def _train_micro(ctx: PPOContext, mb: Experience, num_tokens: Tensor,
+                 live: LiveForward | None = None) -> tuple[dict[str, float], dict[str, bool]]:
     """Forward, loss and backward of one micro-batch for actor then critic; `step()` applies the update
     at the end of the minibatch (the engines count accumulation boundaries). Losses are not scaled by
-    1/grad_accum: they are already divided by the token count of the whole minibatch.
+    1/grad_accum: they are already divided by the token count of the whole minibatch. With `live` (the
+    rollout's forwards of these very rows, graphs attached) the two forwards are not run again.
 
     Returns (stats, flags): flags say which loss was non-finite and which engine skipped its update."""
     ppo = ctx.cfg.ppo
     skip = ctx.guard.skipping
-    logits = policy_logits(ctx.actor, mb.input_ids, mb.attention_mask, mb.position_ids, mb.prompt_len,
-                           ppo.temperature)
-    logprobs = logprobs_from_logits(logits, mb.response_ids)
-    del logits
+    if live is not None:
+        logprobs = live.logprobs
+    else:
+        logits = policy_logits(ctx.actor, mb.input_ids, mb.attention_mask, mb.position_ids, mb.prompt_len,
+                               ppo.temperature)
+        logprobs = logprobs_from_logits(logits, mb.response_ids)
+        del logits
     pg_loss, pg_stats = ppo_policy_loss(logprobs, mb.logprobs, mb.advantages, mb.mask, ppo.clip_range,
                                         num_tokens=num_tokens)
     flags = {"policy loss": not is_finite(pg_loss)}
@@ -90,7 +96,10 @@ def _train_micro(ctx: PPOContext, mb: Experience, num_tokens: Tensor) -> tuple[d
         raise ctx.guard.stop_error("the policy loss", pg_loss, ctx.step)
     ctx.actor.backward(pg_loss, scale_wrt_gas=False)
     flags["actor skipped"] = engine.step_or_skip(ctx.actor, skip)
-    values = values_of(ctx.critic.module, mb.input_ids, mb.attention_mask, mb.position_ids, mb.prompt_len)
+    if live is not None:
+        values = live.values
+    else:
+        values = values_of(ctx.critic.module, mb.input_ids, mb.attention_mask, mb.position_ids, mb.prompt_len)
     vf_loss, vf_stats = ppo_value_loss(values, mb.values, mb.returns, mb.mask, ppo.clip_range_value,
                                        num_tokens=num_tokens)
     flags["value loss"] = not is_finite(vf_loss)
@@ -105,9 +114,10 @@ def _train_micro(ctx: PPOContext, mb: Experience, num_tokens: Tensor) -> tuple[d
     return out, flags
 
 
-def _minibatch(ctx: PPOContext, exp: Experience, mb_idx: Tensor):
+def _minibatch(ctx: PPOContext, exp: Experience, mb_idx: Tensor, live: LiveForward | None = None):
     """One optimizer step over the rows `mb_idx`: (weighted stat sums, token weight, (ratio mean, max |log
-    ratio|)), or None when its update was skipped (`run.on_nonfinite: skip`)."""
+    ratio|)), or None when its update was skipped (`run.on_nonfinite: skip`). `live` serves the first
+    micro-batch, whose rows must then be exactly the first `live.rows` rows of the rollout."""
     tokens = engine.all_reduce_sum(exp.mask[mb_idx].sum().reshape(1).clone())
     num_tokens = tokens.clamp_min(1.0) / engine.world_size()  # DeepSpeed averages grads over ranks
     mb_ratio, mb_weight, mb_dev = 0.0, 0.0, 0.0
@@ -116,7 +126,10 @@ def _minibatch(ctx: PPOContext, exp: Experience, mb_idx: Tensor):
     for micro_idx in mb_idx.split(ctx.cfg.ppo.micro_batch_size):
         mb = exp.select(micro_idx)
         weight = float(mb.mask.sum())
-        stats, flags = _train_micro(ctx, mb, num_tokens)
+        if live is not None and not torch.equal(micro_idx, torch.arange(live.rows)):
+            raise AssertionError("the reused rollout forward does not match the first micro-batch's rows")
+        stats, flags = _train_micro(ctx, mb, num_tokens, live)
+        live = None
         bad = {k: bad.get(k, False) or v for k, v in flags.items()}
         mb_dev = max(mb_dev, stats.pop("policy/log_ratio_absmax"))
         for key, value in stats.items():
@@ -138,7 +151,8 @@ def ppo_update(ctx: PPOContext, exp: Experience) -> dict[str, float]:
     micro-batches whose losses are divided by the token count of the whole minibatch (over all ranks),
     so the step optimizes the minibatch's token mean however it is split.
 
-    Also returns policy/ratio_first (token-mean ratio of the first minibatch of the first epoch) and
+    With a `LiveForward` on `exp`, the first micro-batch of the first epoch is its rows and reuses its
+    forwards. Also returns policy/ratio_first (token-mean ratio of the first minibatch of the first epoch) and
     policy/log_ratio_first_absmax (its largest |log ratio|): 1 and 0 when rollout and update agree.
     With `run.on_nonfinite: skip`, a minibatch with a non-finite loss applies no update (guard/skipped_updates
     counts them) and its stats are left out of the means.
@@ -150,10 +164,15 @@ def ppo_update(ctx: PPOContext, exp: Experience) -> dict[str, float]:
     weight_sum = 0.0
     first_ratio = None
     n_minibatches, skipped = 0, 0
+    live, exp.live = exp.live, None  # used once, then its graphs are freed
+    n_rows = exp.input_ids.shape[0]
     for _epoch in range(ppo.ppo_epochs):
-        order = torch.randperm(exp.input_ids.shape[0])
+        order = torch.randperm(n_rows)
+        if live is not None:  # its rows go first (rollout rows are in random prompt order already)
+            order = torch.cat([torch.arange(live.rows), live.rows + torch.randperm(n_rows - live.rows)])
         for start in range(0, len(order), ppo.mini_batch_size):
-            result = _minibatch(ctx, exp, order[start:start + ppo.mini_batch_size])
+            result = _minibatch(ctx, exp, order[start:start + ppo.mini_batch_size], live)
+            live = None
             if result is None:
                 skipped += 1
                 continue
@@ -189,9 +208,13 @@ def rollout_step(ctx: PPOContext):
     synced = engine.world_size() > 1 and engine.is_zero3(ctx.actor)
     with engine.gathered_for_generation(ctx.actor) as module:
         rollout = generate(module, ctx.tokenizer, prompts, ppo, cfg.data.max_prompt_length, synced_gpus=synced)
+    if ppo.reuse_rollout_forward:
+        ctx.actor.train()  # the update's mode for the forward it hands over (dropout is off in both)
+        ctx.critic.train()
     fwd = forward_all(rollout, ctx.actor, ctx.ref, ctx.critic, ctx.scorer, micro_batch=ppo.micro_batch_size,
-                      temperature=ppo.temperature)
-    exp = make_experience(rollout, fwd, ppo, kl_coef=ctx.kl_ctl.value, reward_stats=ctx.reward_stats)
+                      temperature=ppo.temperature, keep_first=ppo.reuse_rollout_forward)
+    exp = make_experience(rollout, fwd, ppo, kl_coef=ctx.kl_ctl.value, reward_stats=ctx.reward_stats,
+                          reduce=engine.all_reduce_sum)
     bad = [(what, value) for what, value in (("the reward score", fwd["raw_scores"]), ("the KL", exp.kl))
            if not is_finite(value)]
     if engine.any_rank(bool(bad)):  # one collective; every rank takes the same branch
