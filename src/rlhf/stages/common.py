@@ -220,7 +220,7 @@ def _make_callback(run: StageRun):
     (`rlhf.guards`: stop, or skip the optimizer step), SIGTERM."""
     from transformers import TrainerCallback
 
-    from rlhf.guards import NonFiniteGuard, drop_nonfinite_grads
+    from rlhf.guards import NonFiniteGuard
 
     class RunCallback(TrainerCallback):
         def __init__(self):
@@ -241,18 +241,10 @@ def _make_callback(run: StageRun):
             return getattr(self.trainer, "deepspeed", None) if self.trainer is not None else None
 
         def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
-            self._step_skipped = False
-            if self.guard.skipping:
-                eng = self._ds_engine()
-                if eng is not None:  # DeepSpeed discards a non-finite step itself; on_optimizer_step counts it
-                    self._ds_skipped = int(getattr(eng, "skipped_steps", 0))
-                else:  # gradients are already averaged over ranks here: every rank decides alike
-                    self._step_skipped = drop_nonfinite_grads(p for g in optimizer.param_groups for p in g["params"])
+            _before_optimizer_step(self, optimizer)
 
         def on_optimizer_step(self, args, state, control, **kwargs):
-            eng = self._ds_engine()
-            if self.guard.skipping and eng is not None:
-                self._step_skipped = int(getattr(eng, "skipped_steps", 0)) > self._ds_skipped
+            _after_optimizer_step(self)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = _checked_logs(self, dict(logs or {}), state.global_step)
@@ -273,6 +265,27 @@ def _make_callback(run: StageRun):
             _complete_checkpoint(run, Path(args.output_dir) / f"checkpoint-{state.global_step}", state.global_step)
 
     return RunCallback()
+
+
+def _before_optimizer_step(cb, optimizer) -> None:
+    """With `run.on_nonfinite: skip`: discard non-finite gradients (plain torch), or note DeepSpeed's skip
+    count so that `on_optimizer_step` can tell whether the engine discarded this step itself."""
+    from rlhf.guards import drop_nonfinite_grads
+
+    cb._step_skipped = False
+    if not cb.guard.skipping:
+        return
+    eng = cb._ds_engine()
+    if eng is not None:
+        cb._ds_skipped = int(getattr(eng, "skipped_steps", 0))
+    else:  # gradients are already averaged over ranks here: every rank decides alike
+        cb._step_skipped = drop_nonfinite_grads(p for g in optimizer.param_groups for p in g["params"])
+
+
+def _after_optimizer_step(cb) -> None:
+    eng = cb._ds_engine()
+    if cb.guard.skipping and eng is not None:
+        cb._step_skipped = int(getattr(eng, "skipped_steps", 0)) > cb._ds_skipped
 
 
 def _after_step(cb, step: int, control):
