@@ -25,8 +25,9 @@ gathers them once, `engine.gathered_for_generation`). ZeRO-3 models also hold ab
 communication buffers, fragmentation).
 
 Phases of PPO do not overlap, so the peak is the model states of all four models plus the largest of:
-rollout (gathered actor + KV cache), experience (inference forwards at micro-batch), update (actor or
-critic training activations).
+rollout (gathered actor + KV cache), experience (inference forwards at micro-batch; with
+`ppo.reuse_rollout_forward` also the actor's and the critic's training graphs of one micro-batch), update
+(actor or critic training activations).
 """
 
 from __future__ import annotations
@@ -286,6 +287,9 @@ def _ppo(cfg: PipelineConfig, plan: Plan, arch: Arch, b: int, add) -> None:
     prefill = infer_activations(arch, ppo.rollout_batch_size, prompt, b, lm=False)
     plan.phases["rollout"] = gathered + kv + prefill + ppo.rollout_batch_size * arch.vocab * 4
     plan.phases["experience"] = infer_activations(arch, ppo.micro_batch_size, seq, b, lm=True)
+    if ppo.reuse_rollout_forward:  # the first micro-batch's actor and critic graphs are held meanwhile
+        plan.phases["experience"] += (train_activations(arch, ppo.micro_batch_size, seq, b, lm=True)
+                                      + train_activations(arch, ppo.micro_batch_size, seq, b, lm=False))
     plan.phases["update"] = train_activations(arch, ppo.micro_batch_size, seq, b, lm=True)
 
 
@@ -356,7 +360,7 @@ def format_table(plan: Plan) -> str:
         lines.append(f"{m.role:<8} {_count(m.params):>8} {m.zero_stage:>4} {off:>9} {num(m.weights)} "
                      f"{num(m.grads)} {num(m.optimizer)} {num(m.working)} {num(m.state)}")
     lines.append(f"{'states':<8} {'':>8} {'':>4} {'':>9} {'':>8} {'':>8} {'':>8} {'':>8} {num(plan.state)}")
-    what = {"rollout": "gathered actor + KV cache + prefill", "experience": "inference forwards",
+    what = {"rollout": "gathered actor + KV cache + prefill", "experience": "inference forwards (+ kept graphs)",
             "update": "training activations", "train": "training activations"}
     for phase, extra in plan.phases.items():
         lines.append(f"  + {phase:<10} {num(extra)} {name}  ({what[phase]})")

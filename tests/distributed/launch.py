@@ -16,10 +16,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def deepspeed_cli(args: list[str], *, nproc: int = 2, timeout: int = 300, cwd: Path | None = None):
-    """`deepspeed --num_gpus N --module rlhf.cli ARGS` with DS_ACCELERATOR=cpu; returns CompletedProcess."""
+def deepspeed_cli(args: list[str], *, nproc: int = 2, timeout: int = 300, cwd: Path | None = None,
+                  script: Path | None = None, env: dict[str, str] | None = None):
+    """`deepspeed --num_gpus N --module rlhf.cli ARGS` with DS_ACCELERATOR=cpu; returns CompletedProcess.
+    `script` runs that file instead of the module (e.g. tests/faults/faulty_cli.py); `env` adds variables."""
     launcher = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    cmd = [launcher, "--num_gpus", str(nproc), "--master_port", str(free_port()), "--module", "rlhf.cli", *args]
+           "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", **(env or {})}
+    target = [str(script)] if script is not None else ["--module", "rlhf.cli"]
+    cmd = [launcher, "--num_gpus", str(nproc), "--master_port", str(free_port()), *target, *args]
     return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)

@@ -106,7 +106,8 @@ def test_reward_and_one_ppo_step_on_two_loopback_nodes(tmp_path, tiny_model_dir)
 def test_nodes_with_their_own_disks_each_get_every_artifact_and_resume(tmp_path, tiny_model_dir):
     """No shared filesystem: each node keeps its run under its own root (node0/, node1/), as on node-local
     disks. Rank 0 writes; the other node receives copies of the final models, stage.json files and
-    checkpoints over the process group; after losing its stage.json, PPO resumes on both nodes."""
+    checkpoints over the process group; after losing their stage.json, the reward stage (HF Trainer)
+    and PPO (own loop) each resume on both nodes."""
     from safetensors.torch import load_file
 
     config = _config(tmp_path, tiny_model_dir)
@@ -118,9 +119,19 @@ def test_nodes_with_their_own_disks_each_get_every_artifact_and_resume(tmp_path,
     def own_disk(node: int) -> list[str]:
         return ["--set", f"run.output_dir={roots[node] / 'runs'}"]
 
-    _two_nodes("02_reward.sh", config, node_args=own_disk)
-    _two_nodes("03_ppo.sh", config, node_args=own_disk)
     dirs = [root / "runs" / "two" for root in roots]
+    _two_nodes("02_reward.sh", config, node_args=own_disk)
+    # A Trainer stage resumes on node-local disks too: node 1 received each checkpoint as it was saved.
+    # Lose the reward manifest on both nodes and allow one more step: both resume from checkpoint-2.
+    for run_dir in dirs:
+        assert artifacts.latest_checkpoint(run_dir / "reward" / "checkpoints").name == "checkpoint-2", run_dir
+        (run_dir / "reward" / artifacts.MANIFEST).unlink()
+    _two_nodes("02_reward.sh", config, node_args=lambda n: [*own_disk(n), "--set", "reward.max_steps=3"])
+    for run_dir in dirs:
+        assert json.loads((run_dir / "reward" / artifacts.MANIFEST).read_text())["global_step"] == 3, run_dir
+    log0 = (dirs[0] / "logs" / "reward.node0.log").read_text()
+    assert f"reward: resuming from {dirs[0] / 'reward' / 'checkpoints' / 'checkpoint-2'} (step 2)" in log0
+    _two_nodes("03_ppo.sh", config, node_args=own_disk)
     for stage in ("reward", "ppo"):
         for run_dir in dirs:
             assert artifacts.is_complete(run_dir / stage), run_dir

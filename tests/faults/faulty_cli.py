@@ -8,6 +8,8 @@ nothing (no `finally`, no atexit, no flush) runs after it, exactly as when a nod
   kill_before_manifest:S   stage S has renamed final/ into place but not written stage.json
   kill_after_stage:S       right after stage S wrote stage.json (between two stages of a pipeline)
   term_in_step:N           SIGTERM (not SIGKILL) at the start of optimizer step N, as Slurm sends before preemption
+  nan_grads_in_step:N      not a kill: every gradient of one weight is NaN during optimizer step N only (for
+                           `run.on_nonfinite: skip` under a launcher, where a test cannot add a callback itself)
 
 Without RLHF_FAULT it is the plain CLI.
 """
@@ -62,6 +64,29 @@ def _term_in_step(step: int) -> None:
     common.StageRun.callbacks = lambda self: callbacks(self) + [TermInStep()]
 
 
+def _nan_grads_in_step(step: int) -> None:
+    import torch
+    from transformers import TrainerCallback
+
+    from rlhf.stages import common
+
+    class NanGradsInStep(TrainerCallback):
+        handle = None
+
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            if state.global_step + 1 == step:
+                weight = next(p for p in model.parameters() if p.requires_grad)
+                self.handle = weight.register_hook(lambda grad: torch.full_like(grad, float("nan")))
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.handle is not None:
+                self.handle.remove()
+                self.handle = None
+
+    callbacks = common.StageRun.callbacks
+    common.StageRun.callbacks = lambda self: callbacks(self) + [NanGradsInStep()]
+
+
 def _kill_before_marker(step: int) -> None:
     from rlhf import artifacts
 
@@ -97,6 +122,8 @@ def install(fault: str) -> None:
         _kill_in_step(int(arg))
     elif kind == "term_in_step":
         _term_in_step(int(arg))
+    elif kind == "nan_grads_in_step":
+        _nan_grads_in_step(int(arg))
     elif kind == "kill_before_marker":
         _kill_before_marker(int(arg))
     elif kind == "kill_before_manifest":

@@ -152,3 +152,15 @@ def test_check_runs_launch_checks_only_with_launch_env(tmp_path, monkeypatch, rl
     assert [b.code for b in preflight.check(cfg)] == ["launch.master_unresolvable"]
     monkeypatch.setenv("LOCAL_RANK", "0")  # inside a launch the rank processes skip these checks
     assert preflight.check(cfg) == []
+
+
+def test_reused_rollout_forward_holds_both_training_graphs_in_the_experience_phase():
+    # with the reuse, the experience phase adds one micro-batch of actor (with logits) and critic training
+    # activations to its inference forward; without it, only the inference forward remains
+    cfg = load_config(ROOT / LLAMA3_8B)
+    cfg.ppo.reuse_rollout_forward = False
+    off = plan.estimate(cfg, gpus=8, nodes=1).phases
+    cfg.ppo.reuse_rollout_forward = True
+    on = plan.estimate(cfg, gpus=8, nodes=1).phases
+    assert on["update"] == off["update"] and on["rollout"] == off["rollout"]
+    assert on["experience"] > off["experience"] + on["update"]  # actor graph (= update's) plus the critic's

@@ -257,6 +257,8 @@ def _make_callback(run: StageRun):
             # Resumed from a checkpoint at the last step, the Trainer would run one step more than max_steps.
             if state.max_steps > 0 and state.global_step >= state.max_steps:
                 raise _TrainingDone
+            # DeepSpeed steps inside backward, before on_pre_optimizer_step: count its skips from here
+            self._ds_skipped = int(getattr(self._ds_engine(), "skipped_steps", 0))
 
         def on_step_end(self, args, state, control, **kwargs):
             return _after_step(self, state.global_step, control)
@@ -268,17 +270,14 @@ def _make_callback(run: StageRun):
 
 
 def _before_optimizer_step(cb, optimizer) -> None:
-    """With `run.on_nonfinite: skip`: discard non-finite gradients (plain torch), or note DeepSpeed's skip
-    count so that `on_optimizer_step` can tell whether the engine discarded this step itself."""
+    """With `run.on_nonfinite: skip` and plain torch: discard non-finite gradients. (Under DeepSpeed the engine
+    has already stepped, inside backward; `on_optimizer_step` reads whether it discarded the step.)"""
     from rlhf.guards import drop_nonfinite_grads
 
     cb._step_skipped = False
     if not cb.guard.skipping:
         return
-    eng = cb._ds_engine()
-    if eng is not None:
-        cb._ds_skipped = int(getattr(eng, "skipped_steps", 0))
-    else:  # gradients are already averaged over ranks here: every rank decides alike
+    if cb._ds_engine() is None:  # gradients are already averaged over ranks here: every rank decides alike
         cb._step_skipped = drop_nonfinite_grads(p for g in optimizer.param_groups for p in g["params"])
 
 

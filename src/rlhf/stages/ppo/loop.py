@@ -151,8 +151,9 @@ def ppo_update(ctx: PPOContext, exp: Experience) -> dict[str, float]:
     micro-batches whose losses are divided by the token count of the whole minibatch (over all ranks),
     so the step optimizes the minibatch's token mean however it is split.
 
-    With a `LiveForward` on `exp`, the first micro-batch of the first epoch is its rows and reuses its
-    forwards. Also returns policy/ratio_first (token-mean ratio of the first minibatch of the first epoch) and
+    With a `LiveForward` on `exp`, the rows are already in the first epoch's shuffled order (drawn by
+    `rollout_step`, so the random stream is the same as without it), and the first micro-batch reuses
+    its forwards. Also returns policy/ratio_first (token-mean ratio of the first minibatch of the first epoch) and
     policy/log_ratio_first_absmax (its largest |log ratio|): 1 and 0 when rollout and update agree.
     With `run.on_nonfinite: skip`, a minibatch with a non-finite loss applies no update (guard/skipped_updates
     counts them) and its stats are left out of the means.
@@ -167,9 +168,8 @@ def ppo_update(ctx: PPOContext, exp: Experience) -> dict[str, float]:
     live, exp.live = exp.live, None  # used once, then its graphs are freed
     n_rows = exp.input_ids.shape[0]
     for _epoch in range(ppo.ppo_epochs):
-        order = torch.randperm(n_rows)
-        if live is not None:  # its rows go first (rollout rows are in random prompt order already)
-            order = torch.cat([torch.arange(live.rows), live.rows + torch.randperm(n_rows - live.rows)])
+        # with `live`, rollout_step already drew this epoch's shuffle and put the rows in its order
+        order = torch.arange(n_rows) if live is not None else torch.randperm(n_rows)
         for start in range(0, len(order), ppo.mini_batch_size):
             result = _minibatch(ctx, exp, order[start:start + ppo.mini_batch_size], live)
             live = None
@@ -209,6 +209,8 @@ def rollout_step(ctx: PPOContext):
     with engine.gathered_for_generation(ctx.actor) as module:
         rollout = generate(module, ctx.tokenizer, prompts, ppo, cfg.data.max_prompt_length, synced_gpus=synced)
     if ppo.reuse_rollout_forward:
+        # the first epoch's shuffle, drawn now: its first micro-batch is then the first forward chunk
+        rollout = rollout.select(torch.randperm(len(prompts)))
         ctx.actor.train()  # the update's mode for the forward it hands over (dropout is off in both)
         ctx.critic.train()
     fwd = forward_all(rollout, ctx.actor, ctx.ref, ctx.critic, ctx.scorer, micro_batch=ppo.micro_batch_size,

@@ -34,6 +34,13 @@ class Rollout:
     responses: list[str]
     """B response texts: counted tokens decoded without special tokens (so without the EOS)."""
 
+    def select(self, idx: Tensor) -> Rollout:
+        """These rows, in this order."""
+        rows = idx.tolist()
+        return Rollout(prompts=[self.prompts[i] for i in rows], prompt_ids=self.prompt_ids[idx],
+                       prompt_mask=self.prompt_mask[idx], response_ids=self.response_ids[idx], mask=self.mask[idx],
+                       has_eos=self.has_eos[idx], responses=[self.responses[i] for i in rows])
+
     @property
     def input_ids(self) -> Tensor:
         """[B, T] prompt + response."""

@@ -1,0 +1,44 @@
+"""`run.on_nonfinite: skip` under `deepspeed --num_gpus 2` with ZeRO: one optimizer step whose gradients are
+NaN (injected by tests/faults/faulty_cli.py) applies no update on any rank, is counted, and the run finishes."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from rlhf import artifacts
+from rlhf.tracking import read_metrics
+
+sys.path.insert(0, str(Path(__file__).parent))
+from launch import deepspeed_cli  # noqa: E402
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("zero_stage", [1, 2, 3])
+def test_skip_discards_a_nan_step_under_zero(tmp_path, rlhf_cache, zero_stage):
+    raw = yaml.safe_load((ROOT / "configs" / "reward_only.yaml").read_text())
+    raw["run"].update({"output_dir": str(tmp_path / "runs"), "on_nonfinite": "skip"})
+    raw["data"]["preference"] = str(ROOT / raw["data"]["preference"])
+    raw["reward"].update({"max_steps": 5, "save_steps": 1, "save_total_limit": 10, "logging_steps": 1})
+    raw["deepspeed"] = {"enabled": True, "zero_stage": zero_stage}
+    raw["logging"] = {"progress": False, "tensorboard": False, "plots": False}
+    config = tmp_path / "rm.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    proc = deepspeed_cli(["reward", "--config", str(config)], script=ROOT / "tests" / "faults" / "faulty_cli.py",
+                         env={"RLHF_FAULT": "nan_grads_in_step:3"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    stage_dir = tmp_path / "runs" / raw["run"]["name"] / "reward"
+    assert artifacts.read_manifest(stage_dir)["global_step"] == 5
+    ckpts = stage_dir / "checkpoints"
+    weights = {n: load_file(str(ckpts / f"checkpoint-{n}" / "model.safetensors")) for n in (2, 3, 4)}
+    assert all(torch.equal(weights[2][k], weights[3][k]) for k in weights[2])  # step 3 applied nothing
+    assert any(not torch.equal(weights[3][k], weights[4][k]) for k in weights[3])  # step 4 trained
+    rows = {r["step"]: r for r in read_metrics(stage_dir / "metrics.jsonl") if "skipped_steps" in r}
+    assert rows[2]["skipped_steps"] == 0 and rows[3]["skipped_steps"] == 1 and rows[5]["skipped_steps"] == 1
