@@ -1,4 +1,5 @@
-"""`run.on_nonfinite: skip` under `deepspeed --num_gpus 2` with ZeRO: one optimizer step whose gradients are
+"""`run.on_nonfinite: skip` under `deepspeed --num_gpus 2` with ZeRO: one optimizer step (Trainer stage) or actor update
+(PPO) whose gradients are
 NaN (injected by tests/faults/faulty_cli.py) applies no update on any rank, is counted, and the run finishes."""
 
 from __future__ import annotations
@@ -42,3 +43,41 @@ def test_skip_discards_a_nan_step_under_zero(tmp_path, rlhf_cache, zero_stage):
     assert any(not torch.equal(weights[3][k], weights[4][k]) for k in weights[3])  # step 4 trained
     rows = {r["step"]: r for r in read_metrics(stage_dir / "metrics.jsonl") if "skipped_steps" in r}
     assert rows[2]["skipped_steps"] == 0 and rows[3]["skipped_steps"] == 1 and rows[5]["skipped_steps"] == 1
+
+
+@pytest.mark.parametrize("zero_stage", [2])
+def test_ppo_skip_discards_a_nan_actor_update_under_zero(tmp_path, tiny_model_dir, tiny_reward_dir, zero_stage):
+    import json
+    import shutil
+
+    run_dir = tmp_path / "runs" / "t"
+    for stage, src in (("sft", tiny_model_dir), ("reward", tiny_reward_dir)):
+        shutil.copytree(src, run_dir / stage / "final")
+        artifacts.write_manifest(run_dir / stage, stage, inputs={}, config_hash="test", metrics={})
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": f"Question {i}?"}]}) + "\n"
+                               for i in range(16)), encoding="utf-8")
+    raw = {"run": {"name": "t", "output_dir": str(tmp_path / "runs"), "seed": 0, "device": "cpu",
+                   "on_nonfinite": "skip"},
+           "model": {"name_or_path": str(tiny_model_dir)},
+           "data": {"prompts": str(prompts), "eval_fraction": 0.0, "max_length": 96, "max_prompt_length": 32},
+           "final_stage": "ppo",
+           "ppo": {"steps": 3, "rollout_batch_size": 4, "mini_batch_size": 4, "grad_accum": 1, "ppo_epochs": 1,
+                   "learning_rate": 1e-3, "critic_learning_rate": 1e-3, "max_new_tokens": 8, "save_steps": 10,
+                   "sample_every": 10},
+           "deepspeed": {"enabled": True, "zero_stage": zero_stage},
+           "logging": {"progress": False, "tensorboard": False, "plots": False}}
+    config = tmp_path / "ppo.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    report = tmp_path / "report"
+    proc = deepspeed_cli(["ppo", "--config", str(config)], script=ROOT / "tests" / "faults" / "faulty_cli.py",
+                         env={"RLHF_FAULT": "nan_actor_grads_in_ppo_step:2", "RLHF_FAULT_REPORT": str(report)})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    stage_dir = run_dir / "ppo"
+    assert artifacts.read_manifest(stage_dir)["global_step"] == 3
+    for rank in (0, 1):  # on every rank the poisoned update left the actor as it was; the critic's applied
+        assert json.loads((tmp_path / f"report-{rank}.json").read_text()) == {"actor_unchanged": True,
+                                                                              "critic_unchanged": False}
+    rows = {r["step"]: r for r in read_metrics(stage_dir / "metrics.jsonl")}
+    assert rows[1]["guard/skipped_updates"] == 0 and rows[2]["guard/skipped_updates"] == 1
+    assert rows[3]["guard/skipped_updates"] == 0 and rows[3]["guard/skipped_steps"] == 1

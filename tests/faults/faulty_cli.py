@@ -10,6 +10,9 @@ nothing (no `finally`, no atexit, no flush) runs after it, exactly as when a nod
   term_in_step:N           SIGTERM (not SIGKILL) at the start of optimizer step N, as Slurm sends before preemption
   nan_grads_in_step:N      not a kill: every gradient of one weight is NaN during optimizer step N only (for
                            `run.on_nonfinite: skip` under a launcher, where a test cannot add a callback itself)
+  nan_actor_grads_in_ppo_step:N  not a kill: every actor gradient of one weight is NaN during the update of PPO
+                           step N; each rank writes whether that update left actor and critic weights unchanged
+                           to $RLHF_FAULT_REPORT-<rank>.json
 
 Without RLHF_FAULT it is the plain CLI.
 """
@@ -87,6 +90,37 @@ def _nan_grads_in_step(step: int) -> None:
     common.StageRun.callbacks = lambda self: callbacks(self) + [NanGradsInStep()]
 
 
+def _nan_actor_grads_in_ppo_step(step: int) -> None:
+    import json
+
+    import torch
+
+    from rlhf import engine
+    from rlhf.stages.ppo import loop
+
+    ppo_update = loop.ppo_update
+
+    def poisoned_update(ctx, exp):
+        if ctx.step != step:
+            return ppo_update(ctx, exp)
+        before = {role: [p.detach().clone() for p in eng.module.parameters()]
+                  for role, eng in (("actor", ctx.actor), ("critic", ctx.critic))}
+        weight = next(p for p in ctx.actor.module.parameters() if p.requires_grad)
+        handle = weight.register_hook(lambda grad: torch.full_like(grad, float("nan")))
+        try:
+            out = ppo_update(ctx, exp)
+        finally:
+            handle.remove()
+        report = {f"{role}_unchanged": all(torch.equal(a, b.detach()) for a, b in
+                                            zip(before[role], eng.module.parameters(), strict=True))
+                  for role, eng in (("actor", ctx.actor), ("critic", ctx.critic))}
+        with open(f"{os.environ['RLHF_FAULT_REPORT']}-{engine.rank()}.json", "w", encoding="utf-8") as fh:
+            json.dump(report, fh)
+        return out
+
+    loop.ppo_update = poisoned_update
+
+
 def _kill_before_marker(step: int) -> None:
     from rlhf import artifacts
 
@@ -122,6 +156,8 @@ def install(fault: str) -> None:
         _kill_in_step(int(arg))
     elif kind == "term_in_step":
         _term_in_step(int(arg))
+    elif kind == "nan_actor_grads_in_ppo_step":
+        _nan_actor_grads_in_ppo_step(int(arg))
     elif kind == "nan_grads_in_step":
         _nan_grads_in_step(int(arg))
     elif kind == "kill_before_marker":
