@@ -1,6 +1,6 @@
-"""`run.on_nonfinite: skip` under `deepspeed --num_gpus 2` with ZeRO: one optimizer step (Trainer stage) or actor update
-(PPO) whose gradients are
-NaN (injected by tests/faults/faulty_cli.py) applies no update on any rank, is counted, and the run finishes."""
+"""`run.on_nonfinite: skip` under `deepspeed --num_gpus 2` with ZeRO: one optimizer step (Trainer stage) or
+actor update (PPO) whose gradients are NaN (injected by tests/faults/faulty_cli.py) applies no update on any
+rank, is counted, and the run finishes."""
 
 from __future__ import annotations
 
