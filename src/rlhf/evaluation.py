@@ -229,11 +229,10 @@ def _mean(values: list[float] | None) -> float | None:
 
 
 def _se(values: list[float] | None) -> float | None:
-    """Standard error of the mean (n - 1 in the variance)."""
-    if not values or len(values) < 2:
-        return None
-    mean = sum(values) / len(values)
-    return float((sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values)) ** 0.5)
+    """Standard error of the mean (`judges.mean_and_se`); None for fewer than 2 values."""
+    from rlhf.judges import mean_and_se
+
+    return float(mean_and_se(values)[1]) if values and len(values) >= 2 else None
 
 
 def win_rate(scores: list[float] | None, base: list[float] | None) -> float | None:
@@ -250,7 +249,8 @@ def summarize(cands: list[Candidate], base: Candidate) -> list[dict[str, Any]]:
     for c in cands:
         lengths = [len(r) - (1 if r and r[-1] == c.eos_id else 0) for r in c.response_ids]
         rows.append({"model": c.name, "path": c.path, "reward": _mean(c.rewards), "judge": _mean(c.judge),
-                     "reward_se": _se(c.rewards), "judge_se": _se(c.judge), "kl": _mean(c.kl), "length": _mean([float(n) for n in lengths]),
+                     "reward_se": _se(c.rewards), "judge_se": _se(c.judge), "kl": _mean(c.kl),
+                     "length": _mean([float(n) for n in lengths]),
                      "win_rate": win_rate(getattr(c, key), getattr(base, key)),
                      "eos_rate": _mean([1.0 if r and r[-1] == c.eos_id else 0.0 for r in c.response_ids])})
     return rows

@@ -56,14 +56,18 @@ def negativity(prompts: Sequence, responses: Sequence[str]) -> list[float]:
 # ------------------------------------------------------------------------------------------ comparison
 
 
+def mean_and_se(values: Sequence[float]) -> tuple[float, float]:
+    """(mean, standard error of the mean) of at least 2 values (n - 1 in the variance)."""
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return mean, (var / len(values)) ** 0.5
+
+
 def paired_difference(scores: Sequence[float], baseline: Sequence[float]) -> tuple[float, float]:
     """(mean of scores - baseline, its standard error) over the same prompts (paired, n - 1 in the variance)."""
     if len(scores) != len(baseline) or len(scores) < 2:
         raise ValueError("paired_difference needs two equally long lists of at least 2 scores")
-    diffs = [a - b for a, b in zip(scores, baseline, strict=True)]
-    mean = sum(diffs) / len(diffs)
-    var = sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)
-    return mean, (var / len(diffs)) ** 0.5
+    return mean_and_se([a - b for a, b in zip(scores, baseline, strict=True)])
 
 
 def compare(responses_path: str, baseline: str = "sft", key: str = "judge") -> list[dict]:

@@ -67,27 +67,32 @@ def _term_in_step(step: int) -> None:
     common.StageRun.callbacks = lambda self: callbacks(self) + [TermInStep()]
 
 
-def _nan_grads_in_step(step: int) -> None:
+def nan_grads_callback(first: int, last: int):
+    """A TrainerCallback: from the start of step `first` to the end of step `last`, every gradient of one
+    weight is NaN (the weights themselves stay finite: only the updates of those steps are bad)."""
     import torch
     from transformers import TrainerCallback
 
-    from rlhf.stages import common
-
-    class NanGradsInStep(TrainerCallback):
+    class NanGradsAtSteps(TrainerCallback):
         handle = None
 
         def on_step_begin(self, args, state, control, model=None, **kwargs):
-            if state.global_step + 1 == step:
+            if state.global_step + 1 == first:
                 weight = next(p for p in model.parameters() if p.requires_grad)
                 self.handle = weight.register_hook(lambda grad: torch.full_like(grad, float("nan")))
 
         def on_step_end(self, args, state, control, **kwargs):
-            if self.handle is not None:
+            if state.global_step == last and self.handle is not None:
                 self.handle.remove()
-                self.handle = None
+
+    return NanGradsAtSteps()
+
+
+def _nan_grads_in_step(step: int) -> None:
+    from rlhf.stages import common
 
     callbacks = common.StageRun.callbacks
-    common.StageRun.callbacks = lambda self: callbacks(self) + [NanGradsInStep()]
+    common.StageRun.callbacks = lambda self: callbacks(self) + [nan_grads_callback(step, step)]
 
 
 def _nan_actor_grads_in_ppo_step(step: int) -> None:

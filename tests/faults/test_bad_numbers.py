@@ -11,6 +11,7 @@ import shutil
 import pytest
 import torch
 from faultkit import PPO_STEPS, STEPS, cfg_of, error_lines, extra_callback, fake_stage, tiny_raw, write_cfg
+from faulty_cli import nan_grads_callback
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
@@ -131,23 +132,6 @@ def test_ppo_nan_reward_mid_run_keeps_the_last_checkpoint(tmp_path, rlhf_cache, 
 # ----------------------------------------------------------------------------- run.on_nonfinite: skip
 
 
-class _NanGradsAtSteps(TrainerCallback):
-    """From the start of step `first` to the end of step `last`, every gradient of one weight is NaN
-    (the weights themselves stay finite: only the updates of those steps are bad)."""
-
-    def __init__(self, first: int, last: int):
-        self.first, self.last, self.handle = first, last, None
-
-    def on_step_begin(self, args, state, control, model=None, **kwargs):
-        if state.global_step + 1 == self.first:
-            weight = next(p for p in model.parameters() if p.requires_grad)
-            self.handle = weight.register_hook(lambda grad: torch.full_like(grad, float("nan")))
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.last and self.handle is not None:
-            self.handle.remove()
-
-
 def _skip_raw(tmp_path, **run):
     raw = tiny_raw(tmp_path, final_stage=None)
     raw["run"].update({"on_nonfinite": "skip", **run})
@@ -157,7 +141,7 @@ def _skip_raw(tmp_path, **run):
 
 def test_skip_drops_only_the_bad_update_and_the_run_finishes(tmp_path, rlhf_cache, tiny_model_dir):
     cfg = cfg_of(_skip_raw(tmp_path))
-    with extra_callback(_NanGradsAtSteps(3, 3)):
+    with extra_callback(nan_grads_callback(3, 3)):
         run_stage("sft", cfg)
     assert _global_step(cfg, "sft") == STEPS["max_steps"]
     ckpts = cfg.stage_dir("sft") / "checkpoints"
@@ -173,7 +157,7 @@ def test_skip_drops_only_the_bad_update_and_the_run_finishes(tmp_path, rlhf_cach
 
 def test_skip_stops_after_max_consecutive_skips(tmp_path, rlhf_cache, tiny_model_dir):
     cfg = cfg_of(_skip_raw(tmp_path, max_consecutive_skips=3))
-    with extra_callback(_NanGradsAtSteps(3, 100)), pytest.raises(TrainingError) as info:
+    with extra_callback(nan_grads_callback(3, 100)), pytest.raises(TrainingError) as info:
         run_stage("sft", cfg)
     ckpts = cfg.stage_dir("sft") / "checkpoints"
     assert str(info.value).startswith("sft: the gradient is nan at step 5 (3 steps in a row; "
