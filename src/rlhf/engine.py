@@ -22,6 +22,8 @@ from rlhf.errors import ConfigError
 
 log = logging.getLogger("rlhf")
 
+SHM_COMM_OP = "deepspeed_shm_comm"  # DeepSpeed's ShareMemCommBuilder.NAME
+
 
 # --------------------------------------------------------------------------- launcher and ranks
 
@@ -216,6 +218,7 @@ def trainer_kwargs(cfg: PipelineConfig, train: TrainCfg) -> dict[str, Any]:
         _require_deepspeed(cfg)
         kwargs["deepspeed"] = trainer_ds_config(cfg)
         if on_cpu:
+            skip_cpu_shm_comm()
             # With a DeepSpeed config, TrainingArguments passes no backend to accelerate, which then
             # sees one process per rank on CPU. Configure the state ourselves with gloo, and tell the
             # Trainer to use it.
@@ -230,6 +233,22 @@ def trainer_kwargs(cfg: PipelineConfig, train: TrainCfg) -> dict[str, Any]:
     return kwargs
 
 
+def skip_cpu_shm_comm() -> None:
+    """Keep DeepSpeed from compiling its shared-memory all-reduce on CPU-only machines.
+
+    Its torch comm backend builds that C++ op on the first launch (minutes on a small machine, with both
+    ranks racing to build it) and only its inference engine uses it; ZeRO training here goes through gloo.
+    Marking the op incompatible makes the backend skip it. Call before DeepSpeed's comm is initialised.
+    """
+    if cuda_available():
+        return
+    try:
+        import deepspeed.ops
+    except ImportError:
+        return
+    deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
+
+
 def _require_deepspeed(cfg: PipelineConfig) -> None:
     try:
         import deepspeed  # noqa: F401
@@ -242,6 +261,7 @@ def initialize(model, ds_cfg: dict[str, Any], optimizer=None, lr_scheduler=None)
     """Wrap one model in a DeepSpeed engine (PPO). Returns the engine."""
     import deepspeed
 
+    skip_cpu_shm_comm()
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=lr_scheduler,
                                       config=ds_cfg, dist_init_required=False)
     return engine

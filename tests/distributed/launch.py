@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 
@@ -19,10 +20,21 @@ def free_port() -> int:
 def deepspeed_cli(args: list[str], *, nproc: int = 2, timeout: int = 300, cwd: Path | None = None,
                   script: Path | None = None, env: dict[str, str] | None = None):
     """`deepspeed --num_gpus N --module rlhf.cli ARGS` with DS_ACCELERATOR=cpu; returns CompletedProcess.
-    `script` runs that file instead of the module (e.g. tests/faults/faulty_cli.py); `env` adds variables."""
+    `script` runs that file instead of the module (e.g. tests/faults/faulty_cli.py); `env` adds variables.
+
+    Each launch gets an empty torch extensions dir, as on a fresh machine, and fails if DeepSpeed compiled
+    an op into it: a compile costs minutes on a 2-core machine with no build cache (CI)."""
     launcher = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
+    extensions = tempfile.mkdtemp(prefix="rlhf-torch-ext-")
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", **(env or {})}
+           "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": extensions,
+           **(env or {})}
     target = [str(script)] if script is not None else ["--module", "rlhf.cli"]
     cmd = [launcher, "--num_gpus", str(nproc), "--master_port", str(free_port()), *target, *args]
-    return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    try:
+        proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+        built = sorted(p.name for p in Path(extensions).iterdir())
+    finally:
+        shutil.rmtree(extensions, ignore_errors=True)
+    assert not built, f"the launch compiled DeepSpeed ops {built}; ranks must not build C++ ops on CPU"
+    return proc
