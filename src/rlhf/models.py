@@ -114,8 +114,10 @@ ALIASES: dict[str, Alias] = {
 
 
 def cache_root() -> Path:
-    """Where aliases are materialized: `$RLHF_CACHE`, else `~/.cache/rlhf`."""
-    return Path(os.environ.get("RLHF_CACHE") or "~/.cache/rlhf").expanduser()
+    """Where aliases are materialized: `$RLHF_CACHE`, else `$XDG_CACHE_HOME/rlhf`, else `~/.cache/rlhf`."""
+    if os.environ.get("RLHF_CACHE"):
+        return Path(os.environ["RLHF_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "rlhf"
 
 
 def _is_built(model_dir: Path) -> bool:

@@ -443,3 +443,14 @@ def test_smollm2_alias_builds_once_then_loads_fast(smollm2_dir: Path, monkeypatc
         out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
     answer = tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     assert answer.strip()
+
+
+def test_cache_root_prefers_rlhf_cache_then_xdg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RLHF_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert models.cache_root() == tmp_path / "xdg" / "rlhf"
+    monkeypatch.setenv("RLHF_CACHE", str(tmp_path / "own"))
+    assert models.cache_root() == tmp_path / "own"
+    monkeypatch.delenv("RLHF_CACHE")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert models.cache_root() == Path.home() / ".cache" / "rlhf"
