@@ -11,8 +11,8 @@ nothing (no `finally`, no atexit, no flush) runs after it, exactly as when a nod
   nan_grads_in_step:N      not a kill: every gradient of one weight is NaN during optimizer step N only (for
                            `run.on_nonfinite: skip` under a launcher, where a test cannot add a callback itself)
   nan_actor_grads_in_ppo_step:N  not a kill: every actor gradient of one weight is NaN during the update of PPO
-                           step N; each rank writes whether that update left actor and critic weights unchanged
-                           to $RLHF_FAULT_REPORT-<rank>.json
+                           step N; each rank writes whether that update left the actor and critic weights it holds
+                           (its ZeRO-3 partition) unchanged to $RLHF_FAULT_REPORT-<rank>.json
 
 Without RLHF_FAULT it is the plain CLI.
 """
@@ -108,16 +108,17 @@ def _nan_actor_grads_in_ppo_step(step: int) -> None:
     def poisoned_update(ctx, exp):
         if ctx.step != step:
             return ppo_update(ctx, exp)
-        before = {role: [p.detach().clone() for p in eng.module.parameters()]
-                  for role, eng in (("actor", ctx.actor), ("critic", ctx.critic))}
+        def held(eng):  # what this rank holds: its ZeRO-3 partition, else the whole parameter
+            return [getattr(p, "ds_tensor", p).detach().clone() for p in eng.module.parameters()]
+
+        before = {role: held(eng) for role, eng in (("actor", ctx.actor), ("critic", ctx.critic))}
         weight = next(p for p in ctx.actor.module.parameters() if p.requires_grad)
         handle = weight.register_hook(lambda grad: torch.full_like(grad, float("nan")))
         try:
             out = ppo_update(ctx, exp)
         finally:
             handle.remove()
-        report = {f"{role}_unchanged": all(torch.equal(a, b.detach()) for a, b in
-                                            zip(before[role], eng.module.parameters(), strict=True))
+        report = {f"{role}_unchanged": all(torch.equal(a, b) for a, b in zip(before[role], held(eng), strict=True))
                   for role, eng in (("actor", ctx.actor), ("critic", ctx.critic))}
         with open(f"{os.environ['RLHF_FAULT_REPORT']}-{engine.rank()}.json", "w", encoding="utf-8") as fh:
             json.dump(report, fh)
