@@ -23,7 +23,8 @@ def deepspeed_cli(args: list[str], *, nproc: int = 2, timeout: int = 300, cwd: P
     `script` runs that file instead of the module (e.g. tests/faults/faulty_cli.py); `env` adds variables.
 
     Each launch gets an empty torch extensions dir, as on a fresh machine, and fails if DeepSpeed compiled
-    an op into it: a compile costs minutes on a 2-core machine with no build cache (CI)."""
+    an op into it (a compile costs minutes on a 2-core machine with no build cache, as on CI) or left
+    files in /dev/shm."""
     launcher = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
     extensions = tempfile.mkdtemp(prefix="rlhf-torch-ext-")
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1",
@@ -31,10 +32,19 @@ def deepspeed_cli(args: list[str], *, nproc: int = 2, timeout: int = 300, cwd: P
            **(env or {})}
     target = [str(script)] if script is not None else ["--module", "rlhf.cli"]
     cmd = [launcher, "--num_gpus", str(nproc), "--master_port", str(free_port()), *target, *args]
+    shm_before = _shared_memory()
     try:
         proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
         built = sorted(p.name for p in Path(extensions).iterdir())
     finally:
         shutil.rmtree(extensions, ignore_errors=True)
     assert not built, f"the launch compiled DeepSpeed ops {built}; ranks must not build C++ ops on CPU"
+    left = sorted(_shared_memory() - shm_before)
+    assert not left, f"the launch left {left} in /dev/shm (RAM that stays taken after the ranks exit)"
     return proc
+
+
+def _shared_memory() -> set[str]:
+    """DeepSpeed's files in /dev/shm (its CPU all-reduce buffers are 69 MB per rank and never removed)."""
+    shm = Path("/dev/shm")
+    return {p.name for p in shm.glob("deepspeed*")} if shm.is_dir() else set()
