@@ -14,6 +14,7 @@ import os
 import shutil
 import sys
 import traceback
+import warnings
 
 from rlhf.errors import RlhfError
 
@@ -235,6 +236,8 @@ def _setup_logging() -> None:
                         format="%(asctime)s rlhf %(levelname)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("transformers", "datasets", "DeepSpeed", "torch.distributed", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING if rank == 0 else logging.ERROR)
+    # peft and trl still read this deprecated alias on every model they wrap; nothing a user can act on.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 def main(argv: list[str] | None = None) -> int:
