@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     if shutil.which("nvidia-smi") is None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed otherwise probes for GPUs and warns
     _setup_logging()
-    ok = False
+    ok, failure = False, "unknown error"
     try:
         code = int(args.func(args) or 0)
         ok = True
@@ -253,15 +253,25 @@ def main(argv: list[str] | None = None) -> int:
     except RlhfError as err:
         if os.environ.get("RLHF_DEBUG"):
             traceback.print_exc()
-        ok = err.exit_code == 0
+        ok, failure = err.exit_code == 0, str(err)
         print(str(err) if ok else f"error: {err}", file=sys.stderr)  # a requested stop is not an error
         return err.exit_code
     except KeyboardInterrupt:
+        failure = "interrupted"
         print("interrupted; re-run the same command to resume from the last checkpoint", file=sys.stderr)
         return 130
+    except SystemExit as err:
+        ok = err.code in (0, None)
+        failure = f"exit status {err.code}"
+        raise
+    except BaseException as err:
+        failure = f"{type(err).__name__}: {err}"
+        raise
     finally:
-        from rlhf import engine
+        from rlhf import engine, failwatch
 
+        if not ok:  # ranks on other nodes would otherwise wait in their next collective until its timeout
+            failwatch.announce(failure)
         # After a failure the other ranks are elsewhere: a barrier would wait forever.
         engine.cleanup(wait_for_others=ok)
 

@@ -77,11 +77,15 @@ def init_distributed() -> None:
     import torch
     import torch.distributed as dist
 
-    if not launched() or (dist.is_available() and dist.is_initialized()):
+    from rlhf import failwatch
+
+    if not launched():
         return
-    if cuda_available():
-        torch.cuda.set_device(local_rank())
-    dist.init_process_group(backend=backend())
+    if not (dist.is_available() and dist.is_initialized()):
+        if cuda_available():
+            torch.cuda.set_device(local_rank())
+        dist.init_process_group(backend=backend())
+    failwatch.start()
 
 
 @contextlib.contextmanager
@@ -114,18 +118,25 @@ def barrier() -> None:
 def cleanup(wait_for_others: bool = True) -> None:
     """Barrier, then destroy the process group. Without it, exits race into SIGABRT on some ranks.
 
-    After a failure on this rank, skip the barrier: the launcher stops the other ranks.
+    After a failure on this rank, skip the barrier: the launcher stops the other ranks of this node, and
+    the failure watcher (`failwatch`) those of other nodes.
     """
     if "torch.distributed" not in sys.modules:
         return
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        try:
-            if wait_for_others:
-                dist.barrier()
-        finally:
-            dist.destroy_process_group()
+    from rlhf import failwatch
+
+    try:
+        if dist.is_available() and dist.is_initialized():
+            try:
+                if wait_for_others:
+                    dist.barrier()  # the watcher still runs: a rank that fails before reaching it stops us
+            finally:
+                failwatch.stop()
+                dist.destroy_process_group()
+    finally:
+        failwatch.stop()
 
 
 # --------------------------------------------------------------------------- DeepSpeed configs

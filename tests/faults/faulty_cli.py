@@ -14,6 +14,9 @@ nothing (no `finally`, no atexit, no flush) runs after it, exactly as when a nod
                            step N; each rank writes whether that update left the actor and critic weights it holds
                            (its ZeRO-3 partition) unchanged to $RLHF_FAULT_REPORT-<rank>.json
 
+  fail_on_rank:R:N         not a kill: global rank R alone raises OSError at the start of PPO step N's update
+                           (a failure the other ranks do not share, such as a node-local disk)
+
 Without RLHF_FAULT it is the plain CLI.
 """
 
@@ -127,6 +130,21 @@ def _nan_actor_grads_in_ppo_step(step: int) -> None:
     loop.ppo_update = poisoned_update
 
 
+def _fail_on_rank(spec: str) -> None:
+    from rlhf import engine
+    from rlhf.stages.ppo import loop
+
+    rank, step = (int(x) for x in spec.split(":"))
+    ppo_update = loop.ppo_update
+
+    def update_or_fail(ctx, exp):
+        if ctx.step == step and engine.rank() == rank:
+            raise OSError(f"injected failure on rank {rank} at step {step}")
+        return ppo_update(ctx, exp)
+
+    loop.ppo_update = update_or_fail
+
+
 def _kill_before_marker(step: int) -> None:
     from rlhf import artifacts
 
@@ -166,6 +184,8 @@ def install(fault: str) -> None:
         _nan_actor_grads_in_ppo_step(int(arg))
     elif kind == "nan_grads_in_step":
         _nan_grads_in_step(int(arg))
+    elif kind == "fail_on_rank":
+        _fail_on_rank(arg)
     elif kind == "kill_before_marker":
         _kill_before_marker(int(arg))
     elif kind == "kill_before_manifest":

@@ -1,0 +1,109 @@
+"""Stop every rank when one rank fails, on every node, with that rank's error.
+
+A launcher only watches the ranks of its own node. When a rank on one node fails, the ranks on the other
+nodes carry on into their next collective. Over NCCL that collective then waits for its timeout (10
+minutes by default) while holding the GPUs; over gloo it fails once the peer's process has exited, with
+"Connection closed by peer" and nothing about the cause. So a failing rank announces its error in the
+process group's key-value store (`announce`), and a daemon thread in every rank polls that store every
+POLL_S seconds (`start`); a rank that sees another rank's announcement prints it and exits with status 1.
+
+The store lives in global rank 0's process, and a failing rank keeps its process up for a few polls after
+announcing, so that its peers read the announcement before their collectives fail. A watcher that loses
+the store (rank 0 exited, after success or failure) stops quietly: only an announcement ends a rank. A
+rank killed outright (SIGKILL, OOM killer) cannot announce anything: the launcher of its node stops the
+ranks there, and the other nodes see the collective fail or time out as before.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+
+log = logging.getLogger("rlhf")
+
+KEY = "rlhf/failed"
+POLL_S = 1.0
+
+_stop: threading.Event | None = None
+_thread: threading.Thread | None = None
+_announced = False
+
+
+def _store():
+    """The default process group's store, or None without one."""
+    try:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
+            return None
+        return dist.distributed_c10d._get_default_store()
+    except Exception:  # a torch without the private accessor: no watcher, the collective timeout applies
+        return None
+
+
+def start() -> None:
+    """Start this rank's watcher (once; a no-op in a single process)."""
+    global _stop, _thread
+    store = _store()
+    if store is None or _thread is not None:
+        return
+    import torch.distributed as dist
+
+    me = dist.get_rank()
+    _stop = threading.Event()
+    _thread = threading.Thread(target=_watch, args=(store, _stop, me), name="rlhf-failwatch", daemon=True)
+    _thread.start()
+
+
+def _watch(store, stop: threading.Event, me: int) -> None:
+    while not stop.wait(POLL_S):
+        try:
+            if not store.check([KEY]):
+                continue
+            message = store.get(KEY).decode("utf-8", "replace")
+        except Exception:  # the store is gone (rank 0 exited): nothing left to learn from it
+            return
+        if _announced or stop.is_set():
+            return
+        print(f"error: {message}; stopping rank {me} too", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)
+
+
+def announce(message: str) -> None:
+    """Tell the other ranks that this one failed (first line of `message`), then stay up for a few polls:
+    while this process lives, its peers' collectives keep waiting instead of failing on a closed connection,
+    so their watchers read the announcement (and rank 0's process holds the store). When another rank
+    failed first, print its announcement instead: it is the cause."""
+    global _announced
+    store = _store()
+    if store is None or _thread is None:
+        return
+    import torch.distributed as dist
+
+    me = dist.get_rank()
+    _announced = True
+    first_line = (message.strip().splitlines() or ["unknown error"])[0][:500]
+    try:
+        if store.check([KEY]):
+            print(f"error: {store.get(KEY).decode('utf-8', 'replace')} (the first rank to fail)", file=sys.stderr,
+                  flush=True)
+            return
+        store.set(KEY, f"rank {me} failed: {first_line}")
+    except Exception as err:  # best effort: the collective timeout still applies
+        log.debug("could not announce the failure to the other ranks: %s", err)
+        return
+    time.sleep(3 * POLL_S)
+
+
+def stop() -> None:
+    """Stop this rank's watcher (before the final barrier)."""
+    global _thread
+    if _stop is not None:
+        _stop.set()
+    if _thread is not None:
+        _thread.join(timeout=5 * POLL_S)
+        _thread = None

@@ -1,0 +1,82 @@
+"""A rank that fails on one node stops the ranks of the other nodes within seconds (rlhf.failwatch).
+
+Two "nodes" on loopback, one CPU rank each, each started by its own `deepspeed --no_ssh` launcher, as on
+a cluster: a launcher only watches its own node's ranks. Rank 1 raises in PPO step 2's update; rank 0 goes
+on into that update's collectives. Without the watcher, gloo fails rank 0's collective once rank 1's
+process has gone ("Connection closed by peer", no word of the cause); NCCL would wait for its timeout."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rlhf import artifacts
+
+sys.path.insert(0, str(Path(__file__).parent))
+from launch import free_port  # noqa: E402
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _ppo_config(tmp_path: Path, policy: Path, reward: Path) -> Path:
+    run_dir = tmp_path / "runs" / "t"
+    for stage, src in (("sft", policy), ("reward", reward)):
+        shutil.copytree(src, run_dir / stage / "final")
+        artifacts.write_manifest(run_dir / stage, stage, inputs={}, config_hash="test", metrics={})
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": f"Question {i}?"}]}) + "\n"
+                               for i in range(16)), encoding="utf-8")
+    raw = {"run": {"name": "t", "output_dir": str(tmp_path / "runs"), "seed": 0, "device": "cpu"},
+           "model": {"name_or_path": str(policy)},
+           "data": {"prompts": str(prompts), "eval_fraction": 0.0, "max_length": 96, "max_prompt_length": 32},
+           "final_stage": "ppo",
+           "ppo": {"steps": 3, "rollout_batch_size": 4, "mini_batch_size": 4, "grad_accum": 1, "ppo_epochs": 1,
+                   "max_new_tokens": 8, "save_steps": 10, "sample_every": 10},
+           "deepspeed": {"enabled": True, "zero_stage": 2},
+           "logging": {"progress": False, "tensorboard": False, "plots": False}}
+    config = tmp_path / "ppo.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    return config
+
+
+def test_a_failure_on_one_node_stops_the_other_node(tmp_path, tiny_model_dir, tiny_reward_dir):
+    config = _ppo_config(tmp_path, tiny_model_dir, tiny_reward_dir)
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    port = free_port()
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
+           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "RLHF_FAULT": "fail_on_rank:1:2"}
+    procs = []
+    for node in (0, 1):
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--no_ssh", "--hostfile", str(hostfile),
+               "--num_nodes", "2", "--node_rank", str(node), "--master_addr", "127.0.0.1",
+               "--master_port", str(port), "--num_gpus", "1", str(ROOT / "tests" / "faults" / "faulty_cli.py"),
+               "ppo", "--config", str(config)]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                      start_new_session=True))
+    start = time.monotonic()
+    outs = []
+    try:
+        for proc in procs:
+            outs.append(proc.communicate(timeout=180)[0])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:  # the whole launcher session: launcher and its rank
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    assert len(outs) == 2, "a node was still running 180 s after the start (waiting in a collective)"
+    assert "injected failure on rank 1 at step 2" in outs[1]
+    assert procs[1].returncode != 0 and procs[0].returncode != 0
+    # node 0 learnt of rank 1's error and stopped at once, with rank 1's message
+    assert "rank 1 failed: OSError: injected failure on rank 1 at step 2; stopping rank 0 too" in outs[0], outs[0][-3000:]
+    assert time.monotonic() - start < 180
