@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -9,6 +10,10 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+import yaml
+
+from rlhf import artifacts
 
 
 def free_port() -> int:
@@ -48,3 +53,27 @@ def _shared_memory() -> set[str]:
     """DeepSpeed's files in /dev/shm (its CPU all-reduce buffers are 69 MB per rank and never removed)."""
     shm = Path("/dev/shm")
     return {p.name for p in shm.glob("deepspeed*")} if shm.is_dir() else set()
+
+
+def ppo_config(tmp_path: Path, policy: Path, reward: Path, *, zero_stage: int, ppo: dict, run: dict | None = None,
+               name: str = "ppo.yaml") -> Path:
+    """A PPO config on the tiny models: finished sft/ and reward/ stages under <tmp>/runs/t (kept when
+    present, for resume tests), 16 prompts, DeepSpeed at `zero_stage`; `ppo` and `run` update the defaults."""
+    run_dir = tmp_path / "runs" / "t"
+    for stage, src in (("sft", policy), ("reward", reward)):
+        if not (run_dir / stage / artifacts.MANIFEST).exists():
+            shutil.copytree(src, run_dir / stage / "final")
+            artifacts.write_manifest(run_dir / stage, stage, inputs={}, config_hash="test", metrics={})
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": f"Question number {i}?"}]}) + "\n"
+                               for i in range(16)), encoding="utf-8")
+    cfg = {"run": {"name": "t", "output_dir": str(tmp_path / "runs"), "seed": 0, "device": "cpu", **(run or {})},
+           "model": {"name_or_path": str(policy)},
+           "data": {"prompts": str(prompts), "eval_fraction": 0.0, "max_length": 96, "max_prompt_length": 32},
+           "final_stage": "ppo",
+           "ppo": {"rollout_batch_size": 4, "max_new_tokens": 8, "ppo_epochs": 1, **ppo},
+           "deepspeed": {"enabled": True, "zero_stage": zero_stage},
+           "logging": {"progress": False, "tensorboard": False, "plots": False}}
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    return path

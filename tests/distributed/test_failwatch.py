@@ -7,9 +7,7 @@ process has gone ("Connection closed by peer", no word of the cause); NCCL would
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,40 +15,17 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
-
-from rlhf import artifacts
 
 sys.path.insert(0, str(Path(__file__).parent))
-from launch import free_port  # noqa: E402
+from launch import free_port, ppo_config  # noqa: E402
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _ppo_config(tmp_path: Path, policy: Path, reward: Path) -> Path:
-    run_dir = tmp_path / "runs" / "t"
-    for stage, src in (("sft", policy), ("reward", reward)):
-        shutil.copytree(src, run_dir / stage / "final")
-        artifacts.write_manifest(run_dir / stage, stage, inputs={}, config_hash="test", metrics={})
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": f"Question {i}?"}]}) + "\n"
-                               for i in range(16)), encoding="utf-8")
-    raw = {"run": {"name": "t", "output_dir": str(tmp_path / "runs"), "seed": 0, "device": "cpu"},
-           "model": {"name_or_path": str(policy)},
-           "data": {"prompts": str(prompts), "eval_fraction": 0.0, "max_length": 96, "max_prompt_length": 32},
-           "final_stage": "ppo",
-           "ppo": {"steps": 3, "rollout_batch_size": 4, "mini_batch_size": 4, "grad_accum": 1, "ppo_epochs": 1,
-                   "max_new_tokens": 8, "save_steps": 10, "sample_every": 10},
-           "deepspeed": {"enabled": True, "zero_stage": 2},
-           "logging": {"progress": False, "tensorboard": False, "plots": False}}
-    config = tmp_path / "ppo.yaml"
-    config.write_text(yaml.safe_dump(raw))
-    return config
-
-
 def test_a_failure_on_one_node_stops_the_other_node(tmp_path, tiny_model_dir, tiny_reward_dir):
-    config = _ppo_config(tmp_path, tiny_model_dir, tiny_reward_dir)
+    config = ppo_config(tmp_path, tiny_model_dir, tiny_reward_dir, zero_stage=2,
+                        ppo={"steps": 3, "mini_batch_size": 4, "grad_accum": 1, "save_steps": 10, "sample_every": 10})
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
     port = free_port()

@@ -4,42 +4,21 @@ each rank holds about half the model-state elements it holds under ZeRO-0 (from 
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 
 import pytest
-import yaml
-
-from rlhf import artifacts
 
 sys.path.insert(0, str(Path(__file__).parent))
-from launch import deepspeed_cli  # noqa: E402
+from launch import deepspeed_cli, ppo_config  # noqa: E402
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
 def _setup(tmp_path: Path, policy: Path, reward: Path, zero_stage: int, steps: int) -> Path:
-    run_dir = tmp_path / "runs" / "t"
-    for stage, src in (("sft", policy), ("reward", reward)):
-        if not (run_dir / stage / artifacts.MANIFEST).exists():
-            shutil.copytree(src, run_dir / stage / "final")
-            artifacts.write_manifest(run_dir / stage, stage, inputs={}, config_hash="test", metrics={})
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": f"Question number {i}?"}]}) + "\n"
-                               for i in range(16)), encoding="utf-8")
-    cfg = {"run": {"name": "t", "output_dir": str(tmp_path / "runs"), "seed": 0, "device": "cpu"},
-           "model": {"name_or_path": str(policy)},
-           "data": {"prompts": str(prompts), "eval_fraction": 0.0, "max_length": 96, "max_prompt_length": 32},
-           "final_stage": "ppo",
-           "ppo": {"steps": steps, "rollout_batch_size": 4, "mini_batch_size": 2, "grad_accum": 2, "ppo_epochs": 1,
-                   "learning_rate": 1e-4, "critic_learning_rate": 1e-4, "max_new_tokens": 8, "save_steps": 1,
-                   "sample_every": 1},
-           "deepspeed": {"enabled": True, "zero_stage": zero_stage},
-           "logging": {"progress": False, "tensorboard": False, "plots": False}}
-    path = tmp_path / f"ppo_z{zero_stage}.yaml"
-    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
-    return path
+    return ppo_config(tmp_path, policy, reward, zero_stage=zero_stage, name=f"ppo_z{zero_stage}.yaml",
+                      ppo={"steps": steps, "mini_batch_size": 2, "grad_accum": 2, "learning_rate": 1e-4,
+                           "critic_learning_rate": 1e-4, "save_steps": 1, "sample_every": 1})
 
 
 def _run(config: Path) -> None:

@@ -16,7 +16,7 @@ from rlhf import artifacts
 from rlhf.tracking import read_metrics
 
 sys.path.insert(0, str(Path(__file__).parent))
-from launch import deepspeed_cli  # noqa: E402
+from launch import deepspeed_cli, ppo_config  # noqa: E402
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,27 +48,11 @@ def test_skip_discards_a_nan_step_under_zero(tmp_path, rlhf_cache, zero_stage):
 @pytest.mark.parametrize("zero_stage", [1, 2, 3])
 def test_ppo_skip_discards_a_nan_actor_update_under_zero(tmp_path, tiny_model_dir, tiny_reward_dir, zero_stage):
     import json
-    import shutil
 
+    config = ppo_config(tmp_path, tiny_model_dir, tiny_reward_dir, zero_stage=zero_stage, run={"on_nonfinite": "skip"},
+                        ppo={"steps": 3, "mini_batch_size": 4, "grad_accum": 1, "learning_rate": 1e-3,
+                             "critic_learning_rate": 1e-3, "save_steps": 10, "sample_every": 10})
     run_dir = tmp_path / "runs" / "t"
-    for stage, src in (("sft", tiny_model_dir), ("reward", tiny_reward_dir)):
-        shutil.copytree(src, run_dir / stage / "final")
-        artifacts.write_manifest(run_dir / stage, stage, inputs={}, config_hash="test", metrics={})
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": f"Question {i}?"}]}) + "\n"
-                               for i in range(16)), encoding="utf-8")
-    raw = {"run": {"name": "t", "output_dir": str(tmp_path / "runs"), "seed": 0, "device": "cpu",
-                   "on_nonfinite": "skip"},
-           "model": {"name_or_path": str(tiny_model_dir)},
-           "data": {"prompts": str(prompts), "eval_fraction": 0.0, "max_length": 96, "max_prompt_length": 32},
-           "final_stage": "ppo",
-           "ppo": {"steps": 3, "rollout_batch_size": 4, "mini_batch_size": 4, "grad_accum": 1, "ppo_epochs": 1,
-                   "learning_rate": 1e-3, "critic_learning_rate": 1e-3, "max_new_tokens": 8, "save_steps": 10,
-                   "sample_every": 10},
-           "deepspeed": {"enabled": True, "zero_stage": zero_stage},
-           "logging": {"progress": False, "tensorboard": False, "plots": False}}
-    config = tmp_path / "ppo.yaml"
-    config.write_text(yaml.safe_dump(raw))
     report = tmp_path / "report"
     proc = deepspeed_cli(["ppo", "--config", str(config)], script=ROOT / "tests" / "faults" / "faulty_cli.py",
                          env={"RLHF_FAULT": "nan_actor_grads_in_ppo_step:2", "RLHF_FAULT_REPORT": str(report)})
