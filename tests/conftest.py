@@ -21,7 +21,7 @@ _ENV = {
     "TRANSFORMERS_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
 }
-# Force CPU; set RLHF_TEST_GPU=1 to let GPU tests (tests/gpu) see the accelerator.
+# Force CPU; set RLHF_TEST_GPU=1 to let the suite see a GPU (CUDA, NCCL) instead.
 if os.environ.get("RLHF_TEST_GPU") != "1":
     _ENV.update({"CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"})
     # No build cache from earlier runs, as on a fresh CI machine: an op DeepSpeed compiles shows up as time.
