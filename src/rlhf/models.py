@@ -146,7 +146,11 @@ def _materialize(name: str) -> Path:
     final = root / name
     if _is_built(final):
         return final
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ModelError(f"{root}: cannot create the model cache ({err.strerror}); set RLHF_CACHE (or "
+                         "XDG_CACHE_HOME) to a writable directory") from None
     with _file_lock(root / f".{name}.lock"):
         if _is_built(final):  # another process finished it while we waited for the lock
             return final

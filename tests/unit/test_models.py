@@ -454,3 +454,14 @@ def test_cache_root_prefers_rlhf_cache_then_xdg(tmp_path: Path, monkeypatch: pyt
     monkeypatch.delenv("RLHF_CACHE")
     monkeypatch.delenv("XDG_CACHE_HOME")
     assert models.cache_root() == Path.home() / ".cache" / "rlhf"
+
+
+def test_unwritable_cache_is_one_line_naming_the_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a dir")
+    monkeypatch.setenv("RLHF_CACHE", str(blocker / "cache"))
+    with pytest.raises(ModelError) as info:
+        models.resolve_model("tiny-random")
+    message = str(info.value)
+    assert message.startswith(f"{blocker / 'cache' / 'models'}: cannot create the model cache")
+    assert "set RLHF_CACHE" in message and "\n" not in message
