@@ -127,16 +127,14 @@ def cleanup(wait_for_others: bool = True) -> None:
 
     from rlhf import failwatch
 
+    initialized = dist.is_available() and dist.is_initialized()
     try:
-        if dist.is_available() and dist.is_initialized():
-            try:
-                if wait_for_others:
-                    dist.barrier()  # the watcher still runs: a rank that fails before reaching it stops us
-            finally:
-                failwatch.stop()
-                dist.destroy_process_group()
+        if initialized and wait_for_others:
+            dist.barrier()  # the watcher still runs: a rank that fails before reaching it stops us
     finally:
         failwatch.stop()
+        if initialized:
+            dist.destroy_process_group()
 
 
 # --------------------------------------------------------------------------- DeepSpeed configs

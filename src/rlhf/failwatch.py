@@ -29,6 +29,7 @@ POLL_S = 1.0
 
 _stop: threading.Event | None = None
 _thread: threading.Thread | None = None
+_rank = 0
 _announced = False
 
 
@@ -46,15 +47,15 @@ def _store():
 
 def start() -> None:
     """Start this rank's watcher (once; a no-op in a single process)."""
-    global _stop, _thread
+    global _stop, _thread, _rank
     store = _store()
     if store is None or _thread is not None:
         return
     import torch.distributed as dist
 
-    me = dist.get_rank()
+    _rank = dist.get_rank()
     _stop = threading.Event()
-    _thread = threading.Thread(target=_watch, args=(store, _stop, me), name="rlhf-failwatch", daemon=True)
+    _thread = threading.Thread(target=_watch, args=(store, _stop, _rank), name="rlhf-failwatch", daemon=True)
     _thread.start()
 
 
@@ -80,11 +81,8 @@ def announce(message: str) -> None:
     failed first, print its announcement instead: it is the cause."""
     global _announced
     store = _store()
-    if store is None or _thread is None:
+    if store is None or _thread is None:  # no watcher started: a single process, or no store to share
         return
-    import torch.distributed as dist
-
-    me = dist.get_rank()
     _announced = True
     first_line = (message.strip().splitlines() or ["unknown error"])[0][:500]
     try:
@@ -92,7 +90,7 @@ def announce(message: str) -> None:
             print(f"error: {store.get(KEY).decode('utf-8', 'replace')} (the first rank to fail)", file=sys.stderr,
                   flush=True)
             return
-        store.set(KEY, f"rank {me} failed: {first_line}")
+        store.set(KEY, f"rank {_rank} failed: {first_line}")
     except Exception as err:  # best effort: the collective timeout still applies
         log.debug("could not announce the failure to the other ranks: %s", err)
         return

@@ -22,6 +22,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def cpu_rank_env(**extra: str) -> dict[str, str]:
+    """The environment of CPU ranks under a launcher: gloo, one OpenMP thread each, offline."""
+    return {**os.environ, "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", **extra}
+
+
 def deepspeed_cli(args: list[str], *, nproc: int = 2, timeout: int = 300, cwd: Path | None = None,
                   script: Path | None = None, env: dict[str, str] | None = None):
     """`deepspeed --num_gpus N --module rlhf.cli ARGS` with DS_ACCELERATOR=cpu; returns CompletedProcess.
@@ -32,9 +38,7 @@ def deepspeed_cli(args: list[str], *, nproc: int = 2, timeout: int = 300, cwd: P
     files in /dev/shm."""
     launcher = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
     extensions = tempfile.mkdtemp(prefix="rlhf-torch-ext-")
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": extensions,
-           **(env or {})}
+    env = cpu_rank_env(TORCH_EXTENSIONS_DIR=extensions, **(env or {}))
     target = [str(script)] if script is not None else ["--module", "rlhf.cli"]
     cmd = [launcher, "--num_gpus", str(nproc), "--master_port", str(free_port()), *target, *args]
     shm_before = _shared_memory()

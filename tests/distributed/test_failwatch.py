@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from launch import free_port, ppo_config  # noqa: E402
+from launch import cpu_rank_env, free_port, ppo_config  # noqa: E402
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,8 +29,7 @@ def test_a_failure_on_one_node_stops_the_other_node(tmp_path, tiny_model_dir, ti
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
     port = free_port()
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
-           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "RLHF_FAULT": "fail_on_rank:1:2"}
+    env = cpu_rank_env(RLHF_FAULT="fail_on_rank:1:2")
     procs = []
     for node in (0, 1):
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--no_ssh", "--hostfile", str(hostfile),

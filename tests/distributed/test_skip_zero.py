@@ -4,6 +4,7 @@ rank, is counted, and the run finishes."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -47,8 +48,6 @@ def test_skip_discards_a_nan_step_under_zero(tmp_path, rlhf_cache, zero_stage):
 
 @pytest.mark.parametrize("zero_stage", [1, 2, 3])
 def test_ppo_skip_discards_a_nan_actor_update_under_zero(tmp_path, tiny_model_dir, tiny_reward_dir, zero_stage):
-    import json
-
     config = ppo_config(tmp_path, tiny_model_dir, tiny_reward_dir, zero_stage=zero_stage, run={"on_nonfinite": "skip"},
                         ppo={"steps": 3, "mini_batch_size": 4, "grad_accum": 1, "learning_rate": 1e-3,
                              "critic_learning_rate": 1e-3, "save_steps": 10, "sample_every": 10})

@@ -7,7 +7,6 @@ ZeRO-3 for every model; the PPO memory report is then checked against `rlhf plan
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from rlhf import artifacts, plan
 from rlhf.config import load_config
 
 sys.path.insert(0, str(Path(__file__).parent))
-from launch import free_port  # noqa: E402
+from launch import cpu_rank_env, free_port  # noqa: E402
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,10 +52,8 @@ def _two_nodes(script: str, config: Path, timeout: int = 240, node_args=None) ->
     port = free_port()
     procs = []
     for node in (0, 1):
-        env = {**os.environ, "NNODES": "2", "NODE_RANK": str(node), "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(port), "NUM_GPUS": "1", "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "",
-               "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-               "PY": sys.executable}
+        env = cpu_rank_env(NNODES="2", NODE_RANK=str(node), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                           NUM_GPUS="1", PY=sys.executable)
         extra = node_args(node) if node_args else []
         procs.append(subprocess.Popen(["bash", str(ROOT / "stages" / script), str(config), *extra], env=env, cwd=ROOT,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))

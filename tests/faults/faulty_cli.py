@@ -13,7 +13,6 @@ nothing (no `finally`, no atexit, no flush) runs after it, exactly as when a nod
   nan_actor_grads_in_ppo_step:N  not a kill: every actor gradient of one weight is NaN during the update of PPO
                            step N; each rank writes whether that update left the actor and critic weights it holds
                            (its ZeRO-3 partition) unchanged to $RLHF_FAULT_REPORT-<rank>.json
-
   fail_on_rank:R:N         not a kill: global rank R alone raises OSError at the start of PPO step N's update
                            (a failure the other ranks do not share, such as a node-local disk)
 
@@ -111,6 +110,7 @@ def _nan_actor_grads_in_ppo_step(step: int) -> None:
     def poisoned_update(ctx, exp):
         if ctx.step != step:
             return ppo_update(ctx, exp)
+
         def held(eng):  # what this rank holds: its ZeRO-3 partition, else the whole parameter
             return [getattr(p, "ds_tensor", p).detach().clone() for p in eng.module.parameters()]
 
