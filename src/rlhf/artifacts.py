@@ -63,8 +63,10 @@ def is_complete(stage_dir: str | Path) -> bool:
 
 
 def write_manifest(stage_dir: str | Path, stage: str, *, inputs: dict[str, str], config_hash: str,
-                   metrics: dict[str, Any], global_step: int | None = None) -> Path:
-    """Mark a stage complete. Call last, after `final/` is fully written."""
+                   metrics: dict[str, Any], global_step: int | None = None,
+                   devices: dict[str, str] | None = None) -> Path:
+    """Mark a stage complete. Call last, after `final/` is fully written. `devices`: where each of the
+    stage's models ran (role -> "cuda:0", "cpu"), as recorded by the stage."""
     stage_dir = Path(stage_dir)
     manifest = {
         "stage": stage,
@@ -74,6 +76,7 @@ def write_manifest(stage_dir: str | Path, stage: str, *, inputs: dict[str, str],
         "config_hash": config_hash,
         "metrics": metrics,
         "global_step": global_step,
+        "devices": devices or {},
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     return write_json_atomic(stage_dir / MANIFEST, manifest)

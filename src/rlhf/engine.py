@@ -64,7 +64,27 @@ def cuda_available() -> bool:
 
 
 def backend() -> str:
-    return "nccl" if cuda_available() else "gloo"
+    """The process group's backends: on CUDA machines NCCL for GPU tensors and gloo for CPU ones, so a
+    collective on a CPU tensor (a flag, a step number, a file chunk) still has a backend."""
+    return "cpu:gloo,cuda:nccl" if cuda_available() else "gloo"
+
+
+def device(run_device: str = "auto"):
+    """The run's device (one rule for every stage): `cuda:<local rank>` when CUDA is present and
+    `run.device` is not `cpu`, else the CPU. With fewer visible GPUs than local ranks (a scheduler that
+    shows each rank only its own GPU), the local rank wraps around the visible ones."""
+    import torch
+
+    if run_device != "cpu" and cuda_available():
+        return torch.device("cuda", local_rank() % max(torch.cuda.device_count(), 1))
+    return torch.device("cpu")
+
+
+def model_device(model) -> str:
+    """Where a model's weights live ("cuda:0", "cpu"; under ZeRO-3 the device of this rank's shard)."""
+    for param in model.parameters():
+        return str(param.device)
+    return "none"
 
 
 def use_deepspeed(ds: DeepSpeedCfg) -> bool:
@@ -83,7 +103,7 @@ def init_distributed() -> None:
         return
     if not (dist.is_available() and dist.is_initialized()):
         if cuda_available():
-            torch.cuda.set_device(local_rank())
+            torch.cuda.set_device(device())
         dist.init_process_group(backend=backend())
     failwatch.start()
 
@@ -430,20 +450,132 @@ def local_numel(eng) -> dict[str, int]:
     return {"params": int(params), "optimizer_state": int(optim)}
 
 
-def all_reduce_sum(tensor):
-    """Sum a tensor over ranks in place (no-op in a single process). Returns it."""
+# --------------------------------------------------------------------------- collectives
+# Every torch.distributed call of the package goes through here. A tensor is moved to the device the
+# process group's backend serves (NCCL: the current GPU; gloo, or a group with a `cpu:` backend: the CPU)
+# and the result copied back, so callers build their tensors wherever they live.
+
+
+def _dist():
+    """torch.distributed when a process group with more than one rank exists, else None."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return dist
+    return None
+
+
+def collective_device(backend_name: str | None = None):
+    """Where a tensor must live for the default process group's backend (`backend_name` overrides the
+    group's own, for tests)."""
+    import torch
+    import torch.distributed as dist
+
+    name = str(backend_name if backend_name is not None else dist.get_backend()).lower()
+    if name in ("gloo", "mpi") or "cpu:" in name:
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+_REDUCE_OPS = ("sum", "min", "max")
+
+
+def all_reduce(tensor, op: str = "sum"):
+    """Reduce `tensor` over ranks in place (`op`: sum, min or max); a no-op in a single process. Returns it."""
+    dist = _dist()
+    if dist is None:
+        return tensor
+    if op not in _REDUCE_OPS:
+        raise ValueError(f"all_reduce: op must be one of {_REDUCE_OPS}, got {op!r}")
+    reduce_op = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op]
+    moved = tensor.to(collective_device())
+    dist.all_reduce(moved, op=reduce_op)
+    if moved is not tensor:
+        tensor.copy_(moved)
     return tensor
+
+
+def all_reduce_sum(tensor):
+    """Sum a tensor over ranks in place (no-op in a single process). Returns it."""
+    return all_reduce(tensor, "sum")
 
 
 def any_rank(flag: bool) -> bool:
     """True when `flag` is set on any rank (e.g. a SIGTERM that reached only some ranks)."""
     import torch
 
-    return bool(all_reduce_sum(torch.tensor([1.0 if flag else 0.0])).item() > 0)
+    return bool(all_reduce(torch.tensor([1.0 if flag else 0.0]), "max").item() > 0)
+
+
+def broadcast(tensor, src: int = 0):
+    """`tensor` from rank `src` on every rank, in place. Returns it."""
+    dist = _dist()
+    if dist is None:
+        return tensor
+    moved = tensor.to(collective_device())
+    dist.broadcast(moved, src=src)
+    if moved is not tensor:
+        tensor.copy_(moved)
+    return tensor
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """A picklable object from rank `src` (what other ranks pass is ignored). Sent between the package's
+    own ranks only; never used for data read from disk."""
+    dist = _dist()
+    if dist is None:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, device=collective_device())
+    return box[0]
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order."""
+    dist = _dist()
+    if dist is None:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def average_gradients(params) -> None:
+    """Average the gradients of `params` over ranks (what DDP does at the end of backward), one flat
+    buffer per dtype. A parameter without a gradient on this rank takes part with zeros, so every rank
+    reduces the same tensors; a no-op in a single process."""
+    import torch
+
+    dist = _dist()
+    if dist is None:
+        return
+    params = [p for p in params if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    by_dtype: dict[Any, list] = {}
+    for p in params:
+        by_dtype.setdefault(p.grad.dtype, []).append(p)
+    for group in by_dtype.values():
+        flat = torch.cat([p.grad.reshape(-1) for p in group])
+        all_reduce(flat, "sum").div_(dist.get_world_size())
+        offset = 0
+        for p in group:
+            n = p.grad.numel()
+            p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+            offset += n
+
+
+def store():
+    """The default process group's key-value store, or None (single process, or a torch without the accessor)."""
+    if _dist() is None:
+        return None
+    try:
+        import torch.distributed as dist
+
+        return dist.distributed_c10d._get_default_store()
+    except Exception:  # a private accessor: without it the failure watcher is off, the collective timeout applies
+        return None
 
 
 def save_engine(eng, path: Path) -> None:

@@ -35,14 +35,9 @@ _announced = False
 
 def _store():
     """The default process group's store, or None without one."""
-    try:
-        import torch.distributed as dist
+    from rlhf import engine
 
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
-            return None
-        return dist.distributed_c10d._get_default_store()
-    except Exception:  # a torch without the private accessor: no watcher, the collective timeout applies
-        return None
+    return engine.store()
 
 
 def start() -> None:
@@ -51,9 +46,9 @@ def start() -> None:
     store = _store()
     if store is None or _thread is not None:
         return
-    import torch.distributed as dist
+    from rlhf import engine
 
-    _rank = dist.get_rank()
+    _rank = engine.rank()
     _stop = threading.Event()
     _thread = threading.Thread(target=_watch, args=(store, _stop, _rank), name="rlhf-failwatch", daemon=True)
     _thread.start()

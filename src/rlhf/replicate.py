@@ -80,19 +80,14 @@ def replicate(root: str | Path, paths: list[str | Path], *, prune: str | Path | 
     for paths that are overwritten in place (a final model of the same shape as an earlier run's)."""
     if engine.world_size() <= 1 or not _multi_node():
         return []
-    import torch.distributed as dist
-
     root = Path(root)
     paths = [Path(p) for p in paths]
     prune = Path(prune) if prune is not None else None
     kept = sorted(p.name for p in prune.iterdir()) if (engine.is_main() and prune and prune.is_dir()) else None
-    box = [(_listing(root, paths, by_content), kept) if engine.is_main() else None]
-    dist.broadcast_object_list(box, src=0)
-    listing, kept = box[0]
+    listing, kept = engine.broadcast_object((_listing(root, paths, by_content), kept) if engine.is_main() else None)
     leader = engine.local_rank() == 0 and not engine.is_main()
     wanted = _missing(root, listing) if leader else []
-    gathered: list[list[str] | None] = [None] * engine.world_size()
-    dist.all_gather_object(gathered, wanted)
+    gathered = engine.all_gather_object(wanted)
     needed = sorted({rel for part in gathered for rel in (part or [])},
                     key=lambda rel: (Path(rel).name == artifacts.COMPLETE_MARKER, rel))
     written = []
@@ -112,7 +107,6 @@ def replicate(root: str | Path, paths: list[str | Path], *, prune: str | Path | 
 def _send(root: Path, rel: str, size: int, *, write: bool) -> bool:
     """Broadcast one file from rank 0 in chunks; with `write`, store it under this rank's `root`."""
     import torch
-    import torch.distributed as dist
 
     target = root / rel
     tmp = target.with_name(target.name + f".part{engine.rank()}")
@@ -125,7 +119,7 @@ def _send(root: Path, rel: str, size: int, *, write: bool) -> bool:
             n = min(CHUNK, size - start)
             buf = (torch.frombuffer(bytearray(src.read(n)), dtype=torch.uint8) if src is not None
                    else torch.empty(n, dtype=torch.uint8))
-            dist.broadcast(buf, src=0)
+            engine.broadcast(buf, src=0)
             if fh is not None:
                 fh.write(buf.numpy().tobytes())
     finally:
@@ -143,9 +137,7 @@ def agree_on_step(step: int | None) -> int | None:
     if engine.world_size() <= 1:
         return step
     import torch
-    import torch.distributed as dist
 
-    value = torch.tensor([float(step or 0)])
-    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    value = engine.all_reduce(torch.tensor([float(step or 0)]), "min")
     agreed = int(value.item())
     return agreed or None

@@ -166,12 +166,15 @@ class StageRun:
         _remove(self.final_dir)
         tmp.replace(self.final_dir)
 
-    def complete(self, metrics: dict[str, Any], inputs: dict[str, str], global_step: int) -> StageResult:
-        """Write the manifest last: from here on the stage counts as done."""
+    def complete(self, metrics: dict[str, Any], inputs: dict[str, str], global_step: int,
+                 devices: dict[str, str] | None = None) -> StageResult:
+        """Write the manifest last: from here on the stage counts as done. `devices` (role -> device of
+        that model's weights during training) goes into stage.json."""
         if engine.is_main():
             save_resolved(self.cfg, self.dir / "config.resolved.yaml")
             artifacts.write_manifest(self.dir, self.stage, inputs=inputs, config_hash=self.cfg.hash(),
-                                     metrics=metrics, global_step=global_step)
+                                     metrics=metrics, global_step=global_step,
+                                     devices=devices)
             log.info("%s: done -> %s", self.stage, self.final_dir)
         engine.barrier()
         # Nodes with their own disks get final/ (with what was added after the save) first, stage.json last.

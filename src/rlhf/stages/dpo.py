@@ -89,7 +89,8 @@ def run(cfg: PipelineConfig, *, restart: bool = False) -> StageResult:
         stage.metrics.log(trainer.state.global_step, {f"eval/{k}": v for k, v in report.items()
                                                       if isinstance(v, float)})
         _plot(cfg, stage)
-    return stage.complete(report, {"model": sft_dir, "data": str(path)}, trainer.state.global_step)
+    return stage.complete(report, {"model": sft_dir, "data": str(path)}, trainer.state.global_step,
+                          devices={"policy": engine.model_device(trainer.model)})
 
 
 def implicit_rewards(policy, ref, tokenizer, rows: list[dict], beta: float) -> dict[str, float]:

@@ -78,7 +78,8 @@ def run(cfg: PipelineConfig, *, restart: bool = False) -> StageResult:
             report.update(evaluate_reward_model(final, eval_rows or train_rows, live=(check_rows, live)))
         stage.metrics.log(trainer.state.global_step, {f"eval/{k}": v for k, v in report.items()})
         _plot(cfg, stage)
-    return stage.complete(report, {"model": base, "data": str(path)}, trainer.state.global_step)
+    return stage.complete(report, {"model": base, "data": str(path)}, trainer.state.global_step,
+                          devices={"reward": engine.model_device(trainer.model)})
 
 
 def _live_scores(trainer, tokenizer, rows: list[dict]) -> list[float]:

@@ -11,7 +11,7 @@ import logging
 import math
 from pathlib import Path
 
-from rlhf import data, encoding, models, preflight
+from rlhf import data, encoding, engine, models, preflight
 from rlhf.config import PipelineConfig
 from rlhf.stages.common import StageResult, StageRun, check_fitted, split_rows, stage_tokenizer
 
@@ -75,14 +75,14 @@ def run(cfg: PipelineConfig, *, restart: bool = False) -> StageResult:
                                                       "eval/perplexity": metrics["eval_perplexity"]})
     stage.save_final(trainer, tokenizer, merge_base=base if peft_config is not None else None)
     _plot(cfg, stage.dir)
-    return stage.complete(metrics, {"model": base, "data": str(path)}, trainer.state.global_step)
+    return stage.complete(metrics, {"model": base, "data": str(path)}, trainer.state.global_step,
+                          devices={"policy": engine.model_device(trainer.model)})
 
 
 def _plot(cfg: PipelineConfig, stage_dir: Path) -> None:
     if cfg.logging.plots and cfg.logging.jsonl:
-        from rlhf.engine import is_main
         from rlhf.plots import plot_curves
 
-        if is_main():
+        if engine.is_main():
             plot_curves(stage_dir / "metrics.jsonl", stage_dir / "curves.png",
                         ["loss", "mean_token_accuracy", "grad_norm", "learning_rate"], "SFT")
