@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -287,31 +288,67 @@ def _require_deepspeed(cfg: PipelineConfig) -> None:
                           "or set deepspeed.enabled: false") from None
 
 
-def initialize(model, ds_cfg: dict[str, Any], optimizer=None, lr_scheduler=None):
-    """Wrap one model in a DeepSpeed engine (PPO). Returns the engine."""
+def initialize(model, ds_cfg: dict[str, Any], optimizer=None, lr_scheduler=None, model_parameters=None):
+    """Wrap one model in a DeepSpeed engine (PPO). Returns the engine. `lr_scheduler` may be a callable
+    that DeepSpeed applies to the optimizer it builds."""
     import deepspeed
 
     skip_cpu_shm_comm()
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=lr_scheduler,
-                                      config=ds_cfg, dist_init_required=False)
+                                      model_parameters=model_parameters, config=ds_cfg, dist_init_required=False)
     return engine
 
 
 # --------------------------------------------------------------------------- PPO engines (own loop)
 
 
+@dataclass(frozen=True)
+class AdamW:
+    """Hyperparameters of a trained PPO engine's AdamW (its schedule is constant)."""
+
+    lr: float
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+
+    def build(self, params, *, fused: bool = False):
+        import torch
+
+        kwargs = {"lr": self.lr, "eps": self.eps, "weight_decay": self.weight_decay, "betas": self.betas}
+        if fused:
+            try:  # one kernel per step instead of a loop over tensors (CPU and CUDA)
+                return torch.optim.AdamW(params, fused=True, **kwargs)
+            except (RuntimeError, TypeError, ValueError):  # a device or dtype without the fused kernel
+                pass
+        return torch.optim.AdamW(params, **kwargs)
+
+    def ds_section(self, torch_adam: bool) -> dict[str, Any]:
+        """The DeepSpeed config's `optimizer` block for these values."""
+        return {"type": "AdamW", "params": {"lr": self.lr, "eps": self.eps, "weight_decay": self.weight_decay,
+                                            "betas": list(self.betas), "torch_adam": torch_adam}}
+
+
+def constant_schedule(optimizer):
+    import torch
+
+    return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+
+
 class PlainEngine:
     """The plain-torch stand-in for a DeepSpeed engine, with the surface the PPO loop uses.
 
     `backward(loss)` accumulates gradients; `step()` counts micro-batches and, at every `grad_accum`-th
-    one (the accumulation boundary), clips the gradient norm, steps optimizer and scheduler and zeroes
-    the gradients, as DeepSpeed does.
+    one (the accumulation boundary), averages the gradients over ranks (when a launcher started several),
+    clips the gradient norm, steps optimizer and scheduler and zeroes the gradients, as DeepSpeed does.
+    With several ranks the parameters start as rank 0's (a newly initialised head differs per rank), so
+    the ranks stay one model, as under DDP.
     """
 
     def __init__(self, model, optimizer=None, lr_scheduler=None, *, grad_accum: int = 1, max_grad_norm: float = 0.0):
         self.module, self.optimizer, self.lr_scheduler = model, optimizer, lr_scheduler
         self.grad_accum, self.max_grad_norm = grad_accum, max_grad_norm
-        self.micro_steps, self.grad_norm = 0, None
+        self.micro_steps, self.grad_norm, self._synced = 0, None, False
+        broadcast_parameters(model)
 
     def __call__(self, *args, **kwargs):
         return self.module(*args, **kwargs)
@@ -338,29 +375,57 @@ class PlainEngine:
         if self.optimizer is None:
             raise RuntimeError("step() on an inference engine (no optimizer)")
         if self.is_gradient_accumulation_boundary():
-            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            params = self.sync_gradients()
             if self.max_grad_norm > 0:
                 self.grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))
             self.optimizer.step()
             if self.lr_scheduler is not None:
                 self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
+            self._synced = False
         self.micro_steps += 1
 
+    def sync_gradients(self) -> list:
+        """Average the trained parameters' gradients over ranks, once per accumulation boundary (before
+        any check of their values, so every rank sees the same ones). Returns the parameters."""
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if not self._synced:
+            average_gradients(params)
+            self._synced = True
+        return params
 
-def wrap(model, ds: DeepSpeedCfg, role: str, *, optimizer=None, lr_scheduler=None, micro_batch: int = 1,
-         grad_accum: int = 1, max_grad_norm: float = 0.0, dtype: str = "float32"):
+
+def offloads_optimizer(role: ZeroRoleCfg) -> bool:
+    """Whether DeepSpeed keeps this role's optimizer state on the CPU (ZeRO 1-3 only)."""
+    return role.offload_optimizer and role.zero_stage > 0
+
+
+def wrap(model, ds: DeepSpeedCfg, role: str, *, adamw: AdamW | None = None, micro_batch: int = 1,
+         grad_accum: int = 1, max_grad_norm: float = 0.0, dtype: str = "float32", device=None):
     """One PPO model as an engine: DeepSpeed with the role's own ZeRO settings when DeepSpeed is on,
-    else a `PlainEngine`. Without `optimizer` the model is inference-only (no optimizer state).
+    else a `PlainEngine` on `device`. Without `adamw` the model is inference-only (no optimizer state).
 
-    Both expose `.module`, `.backward(loss)`, `.step()`, `.train()`, `.eval()` and
+    The optimizer is trained parameters only, with a constant schedule. Under DeepSpeed with the role's
+    optimizer offloaded, DeepSpeed builds it from the config (its CPU Adam kernel, or torch's AdamW with
+    `deepspeed.torch_adam`), since it refuses a client optimizer with offload; otherwise it is torch's
+    AdamW (fused where the device has the kernel, for the plain engine).
+
+    Both engines expose `.module`, `.backward(loss)`, `.step()`, `.train()`, `.eval()` and
     `.zero_optimization_stage()`, so the loop has one code path.
     """
+    params = [p for p in model.parameters() if p.requires_grad]
     if not use_deepspeed(ds):
-        return PlainEngine(model, optimizer, lr_scheduler, grad_accum=grad_accum, max_grad_norm=max_grad_norm)
-    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not cuda_available() else "cuda")
+        if device is not None:
+            model.to(device)
+        if adamw is None:
+            return PlainEngine(model)
+        optimizer = adamw.build(params, fused=True)
+        return PlainEngine(model, optimizer, constant_schedule(optimizer), grad_accum=grad_accum,
+                           max_grad_norm=max_grad_norm)
+    on_cpu = device is None or getattr(device, "type", str(device)) == "cpu"
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if on_cpu or not cuda_available() else "cuda")
     role_cfg = ds.role(role)
-    train = optimizer is not None
+    train = adamw is not None
     if not train:  # ZeRO-1/2 shard only optimizer state and gradients: without an optimizer, stage 0
         role_cfg = ZeroRoleCfg(zero_stage=3 if role_cfg.zero_stage == 3 else 0,
                                offload_param=role_cfg.offload_param, offload_optimizer=False)
@@ -369,21 +434,29 @@ def wrap(model, ds: DeepSpeedCfg, role: str, *, optimizer=None, lr_scheduler=Non
     if not train:
         conf["train_batch_size"] = micro_batch * world_size()
         conf["gradient_accumulation_steps"] = 1
-    return initialize(model, conf, optimizer=optimizer, lr_scheduler=lr_scheduler)
+        return initialize(model, conf)
+    if offloads_optimizer(role_cfg):
+        conf["optimizer"] = adamw.ds_section(_torch_adam(ds))
+        conf["zero_force_ds_cpu_optimizer"] = False  # torch's AdamW on the CPU partition, when torch_adam
+        return initialize(model, conf, model_parameters=params, lr_scheduler=constant_schedule)
+    optimizer = adamw.build(params)
+    return initialize(model, conf, optimizer=optimizer, lr_scheduler=constant_schedule(optimizer))
 
 
 def step_or_skip(eng, skip_nonfinite: bool = False) -> bool:
     """`eng.step()`. With `skip_nonfinite`, an accumulation boundary whose gradients hold NaN/inf applies no
     update; returns True when that happened. Where gradients live on the parameters (PlainEngine, ZeRO-0)
-    they are checked and discarded here (after DeepSpeed's all-reduce, so every rank agrees); under ZeRO 1-3
+    they are checked and discarded here (after the all-reduce over ranks, so every rank agrees); under ZeRO 1-3
     DeepSpeed's own check discards the step and counts it in `skipped_steps`."""
     if not skip_nonfinite:
         eng.step()
         return False
     from rlhf.guards import drop_nonfinite_grads
 
-    dropped = (eng.is_gradient_accumulation_boundary() and eng.zero_optimization_stage() == 0
-               and drop_nonfinite_grads(eng.module.parameters()))
+    boundary = eng.is_gradient_accumulation_boundary()
+    if boundary and isinstance(eng, PlainEngine):
+        eng.sync_gradients()
+    dropped = boundary and eng.zero_optimization_stage() == 0 and drop_nonfinite_grads(eng.module.parameters())
     before = int(getattr(eng, "skipped_steps", 0))
     eng.step()
     return dropped or int(getattr(eng, "skipped_steps", 0)) > before
@@ -564,6 +637,17 @@ def average_gradients(params) -> None:
             n = p.grad.numel()
             p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
             offset += n
+
+
+def broadcast_parameters(model, src: int = 0) -> None:
+    """Every parameter and buffer of `model` as rank `src` holds it (what DDP does when it wraps a model)."""
+    import torch
+
+    if _dist() is None:
+        return
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            broadcast(tensor.data, src=src)
 
 
 def store():

@@ -137,7 +137,7 @@ def sample_responses(model, tokenizer, prompts: list[str], s: SynthSettings, max
     for start in range(0, len(flat), s.batch_size):
         batch = flat[start:start + s.batch_size]
         ids, mask = encode_prompts(tokenizer, [[{"role": "user", "content": p}] for p in batch],
-                                   max_prompt_length)
+                                   max_prompt_length, model.device)
         with torch.no_grad():
             gen = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
         for prompt, row in zip(batch, gen[:, ids.shape[1]:].tolist(), strict=True):

@@ -49,19 +49,10 @@ def disable_dropout(model) -> None:
                 setattr(config, name, 0.0)
 
 
-def _trained(model, ds, role: str, lr: float, ppo, dtype: str):
+def _trained(model, ds, role: str, lr: float, ppo, dtype: str, device):
     """A trained engine: AdamW on the trainable parameters and a constant schedule (both checkpointed)."""
-    import torch
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    try:  # one fused kernel per step instead of a loop over tensors (CPU and CUDA); DeepSpeed gets the plain one
-        optimizer = torch.optim.AdamW(params, lr=lr, eps=1e-5, fused=not engine.use_deepspeed(ds))
-    except (RuntimeError, TypeError, ValueError):  # a device or dtype without the fused kernel
-        optimizer = torch.optim.AdamW(params, lr=lr, eps=1e-5)
-    scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
-    return engine.wrap(model, ds, role, optimizer=optimizer, lr_scheduler=scheduler,
-                       micro_batch=ppo.micro_batch_size, grad_accum=ppo.grad_accum,
-                       max_grad_norm=ppo.max_grad_norm, dtype=dtype)
+    return engine.wrap(model, ds, role, adamw=engine.AdamW(lr=lr, eps=1e-5), micro_batch=ppo.micro_batch_size,
+                       grad_accum=ppo.grad_accum, max_grad_norm=ppo.max_grad_norm, dtype=dtype, device=device)
 
 
 def _reward_fn(spec: str):
@@ -72,8 +63,9 @@ def _reward_fn(spec: str):
         raise ConfigError(f"ppo.reward_fn: cannot import '{spec}' ({err})") from None
 
 
-def build_models(cfg: PipelineConfig, sft_dir: str, reward_dir: str | None, tokenizer) -> dict:
-    """actor, ref (None for a LoRA actor), critic, scorer and reward stats, each wrapped by `engine.wrap`."""
+def build_models(cfg: PipelineConfig, sft_dir: str, reward_dir: str | None, tokenizer, device) -> dict:
+    """actor, ref (None for a LoRA actor), critic, scorer and reward stats, each wrapped by `engine.wrap`
+    on `device` (the plain engine moves it there; DeepSpeed places it on this rank's accelerator)."""
     m, ppo, ds = cfg.model, cfg.ppo, cfg.deepspeed
     common = {"trust_remote_code": m.trust_remote_code, "allow_pickle": m.allow_pickle, "dtype": m.dtype}
     lora = models.lora_dict(m.lora)
@@ -97,29 +89,44 @@ def build_models(cfg: PipelineConfig, sft_dir: str, reward_dir: str | None, toke
     for model in (actor, ref, critic, reward_model):
         if model is not None:
             disable_dropout(model)
-    out = {"actor": _trained(actor, ds, "actor", ppo.learning_rate, ppo, m.dtype),
-           "critic": _trained(critic, ds, "critic", ppo.critic_learning_rate, ppo, m.dtype),
-           "ref": None if ref is None else engine.wrap(ref.eval(), ds, "ref", micro_batch=ppo.micro_batch_size),
+    frozen = {"micro_batch": ppo.micro_batch_size, "dtype": m.dtype, "device": device}
+    out = {"actor": _trained(actor, ds, "actor", ppo.learning_rate, ppo, m.dtype, device),
+           "critic": _trained(critic, ds, "critic", ppo.critic_learning_rate, ppo, m.dtype, device),
+           "ref": None if ref is None else engine.wrap(ref.eval(), ds, "ref", **frozen),
            "reward_stats": stats}
     if reward_model is None:
-        out["scorer"] = Scorer(fn=_reward_fn(ppo.reward_fn))
+        out["scorer"] = Scorer(fn=_reward_fn(ppo.reward_fn), device=device)
     else:
-        reward = engine.wrap(reward_model.requires_grad_(False).eval(), ds, "reward", micro_batch=ppo.micro_batch_size)
+        reward = engine.wrap(reward_model.requires_grad_(False).eval(), ds, "reward", **frozen)
         out["scorer"] = Scorer(engine=reward, tokenizer=reward_tok, same_tokenizer=same,
-                               batch_size=ppo.micro_batch_size)
+                               batch_size=ppo.micro_batch_size, device=device)
     return out
 
 
-def write_memory_report(ctx: PPOContext) -> None:
-    """<run>/ppo/memory.json: model-state elements this rank holds per role (ZeRO-3 shards vs full)."""
+def _roles(ctx: PPOContext) -> dict:
     roles = {"actor": ctx.actor, "critic": ctx.critic, "ref": ctx.ref, "reward": ctx.scorer.engine}
+    return {name: eng for name, eng in roles.items() if eng is not None}
+
+
+def devices(ctx: PPOContext) -> dict[str, str]:
+    """Where each model's weights are (stage.json `devices`); a LoRA actor is its own reference."""
+    return {name: engine.model_device(eng.module) for name, eng in _roles(ctx).items()}
+
+
+def write_memory_report(ctx: PPOContext) -> None:
+    """<run>/ppo/memory.json: model-state elements this rank holds per role (ZeRO-3 shards vs full) and,
+    on CUDA, the peak GPU memory allocated so far on this rank (`cuda_peak_allocated_bytes`)."""
+    import torch
+
     report = {name: {**engine.local_numel(eng), "zero_stage": eng.zero_optimization_stage()}
-              for name, eng in roles.items() if eng is not None}
+              for name, eng in _roles(ctx).items()}
     total = sum(r["params"] + r["optimizer_state"] for r in report.values())
+    out = {"world_size": engine.world_size(), "rank": engine.rank(), "device": str(ctx.device), "roles": report,
+           "total_model_state_numel": total}
+    if ctx.device.type == "cuda":
+        out["cuda_peak_allocated_bytes"] = int(torch.cuda.max_memory_allocated(ctx.device))
     if engine.is_main():
-        artifacts.write_json_atomic(ctx.stage.dir / "memory.json", {
-            "world_size": engine.world_size(), "rank": engine.rank(), "roles": report,
-            "total_model_state_numel": total})
+        artifacts.write_json_atomic(ctx.stage.dir / "memory.json", out)
 
 
 def save_final(ctx: PPOContext, sft_dir: str) -> Path:
@@ -149,7 +156,7 @@ def _seed(seed: int) -> None:
 
     random.seed(seed)
     np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # CPU and every CUDA device
 
 
 def run(cfg: PipelineConfig, *, restart: bool = False, on_step=None) -> StageResult:
@@ -170,13 +177,14 @@ def run(cfg: PipelineConfig, *, restart: bool = False, on_step=None) -> StageRes
     _seed(cfg.run.seed + engine.rank())
     tokenizer = models.load_tokenizer(sft_dir, trust_remote_code=cfg.model.trust_remote_code, padding_side="left")
     rows, _, data_path = load_rows(cfg, "ppo", "prompt")
-    built = build_models(cfg, sft_dir, reward_dir, tokenizer)
+    device = engine.device(cfg.run.device)
+    built = build_models(cfg, sft_dir, reward_dir, tokenizer, device)
     ppo = cfg.ppo
     kl_ctl = (AdaptiveKLController(ppo.kl_coef, ppo.target_kl, ppo.kl_horizon) if ppo.adaptive_kl
               else FixedKLController(ppo.kl_coef))
     ctx = PPOContext(cfg=cfg, stage=stage, tokenizer=tokenizer, actor=built["actor"], critic=built["critic"],
                      ref=built["ref"], scorer=built["scorer"], kl_ctl=kl_ctl, rows=rows,
-                     sampler=PromptSampler(len(rows), cfg.run.seed), reward_stats=built["reward_stats"])
+                     sampler=PromptSampler(len(rows), cfg.run.seed), reward_stats=built["reward_stats"], device=device)
     if stage.resume is not None:
         load_checkpoint(ctx, stage.resume)
     reset_samples(stage)
@@ -188,6 +196,7 @@ def run(cfg: PipelineConfig, *, restart: bool = False, on_step=None) -> StageRes
             on_step(ctx_, stats)
 
     train(ctx, on_step=after_step)
+    write_memory_report(ctx)  # again at the end: the peak over the whole run
     save_final(ctx, sft_dir)
     if cfg.logging.plots and cfg.logging.jsonl and engine.is_main():
         from rlhf.plots import plot_curves
@@ -197,4 +206,4 @@ def run(cfg: PipelineConfig, *, restart: bool = False, on_step=None) -> StageRes
     metrics = {"global_step": ctx.step, "prompts": len(rows), **{k: v for k, v in last.items()
                                                                   if k.startswith("objective/")}}
     inputs = {"sft": sft_dir, "data": str(data_path), "reward": reward_dir or f"fn:{ppo.reward_fn}"}
-    return stage.complete(metrics, inputs, ctx.step)
+    return stage.complete(metrics, inputs, ctx.step, devices=devices(ctx))

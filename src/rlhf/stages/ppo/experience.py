@@ -122,22 +122,23 @@ class Scorer:
     - a Python function `fn(prompts, responses) -> list[float]`.
     """
 
-    def __init__(self, *, engine=None, tokenizer=None, same_tokenizer: bool = True, fn=None, batch_size: int = 8):
+    def __init__(self, *, engine=None, tokenizer=None, same_tokenizer: bool = True, fn=None, batch_size: int = 8,
+                 device="cpu"):
         self.engine, self.tokenizer, self.same_tokenizer = engine, tokenizer, same_tokenizer
-        self.fn, self.batch_size = fn, batch_size
+        self.fn, self.batch_size, self.device = fn, batch_size, device
 
     @torch.no_grad()
     def __call__(self, rollout: Rollout, chunks: list[tuple[Tensor, Tensor, Tensor, Tensor]]) -> Tensor:
         if self.fn is not None:
             values = self.fn(rollout.prompts, rollout.responses)
-            return torch.tensor([float(v) for v in values], dtype=torch.float32)
+            return torch.tensor([float(v) for v in values], dtype=torch.float32, device=self.device)
         module = self.engine.module
         if self.same_tokenizer:
             return torch.cat([score_at_eos(module, ids, attn, pos, m) for ids, attn, pos, m in chunks])
         from rlhf.scoring import score
 
         return torch.tensor(score(module, self.tokenizer, rollout.prompts, rollout.responses,
-                                  batch_size=self.batch_size), dtype=torch.float32)
+                                  batch_size=self.batch_size), dtype=torch.float32, device=self.device)
 
 
 def same_tokenizer(a, b) -> bool:

@@ -59,12 +59,15 @@ class PPOContext:
     rows: list[dict]
     sampler: PromptSampler
     reward_stats: dict | None
+    device: Any = None  # torch.device: the run's device (engine.device); every tensor the loop builds lives there
     step: int = 0
     stop_requested: bool = False
     history: list[dict[str, float]] = field(default_factory=list)
     guard: Any = None  # rlhf.guards.NonFiniteGuard
 
     def __post_init__(self) -> None:
+        if self.device is None:
+            self.device = torch.device("cpu")
         if self.guard is None:
             self.guard = make_guard(self.cfg, self.stage)
 
@@ -126,7 +129,7 @@ def _minibatch(ctx: PPOContext, exp: Experience, mb_idx: Tensor, live: LiveForwa
     for micro_idx in mb_idx.split(ctx.cfg.ppo.micro_batch_size):
         mb = exp.select(micro_idx)
         weight = float(mb.mask.sum())
-        if live is not None and not torch.equal(micro_idx, torch.arange(live.rows)):
+        if live is not None and not torch.equal(micro_idx, torch.arange(live.rows, device=ctx.device)):
             raise AssertionError("the reused rollout forward does not match the first micro-batch's rows")
         stats, flags = _train_micro(ctx, mb, num_tokens, live)
         live = None
@@ -169,7 +172,8 @@ def ppo_update(ctx: PPOContext, exp: Experience) -> dict[str, float]:
     n_rows = exp.input_ids.shape[0]
     for _epoch in range(ppo.ppo_epochs):
         # with `live`, rollout_step already drew this epoch's shuffle and put the rows in its order
-        order = torch.arange(n_rows) if live is not None else torch.randperm(n_rows)
+        order = (torch.arange(n_rows, device=ctx.device) if live is not None
+                 else torch.randperm(n_rows, device=ctx.device))
         for start in range(0, len(order), ppo.mini_batch_size):
             result = _minibatch(ctx, exp, order[start:start + ppo.mini_batch_size], live)
             live = None
@@ -207,10 +211,11 @@ def rollout_step(ctx: PPOContext):
     ctx.actor.eval()
     synced = engine.world_size() > 1 and engine.is_zero3(ctx.actor)
     with engine.gathered_for_generation(ctx.actor) as module:
-        rollout = generate(module, ctx.tokenizer, prompts, ppo, cfg.data.max_prompt_length, synced_gpus=synced)
+        rollout = generate(module, ctx.tokenizer, prompts, ppo, cfg.data.max_prompt_length, synced_gpus=synced,
+                           device=ctx.device)
     if ppo.reuse_rollout_forward:
         # the first epoch's shuffle, drawn now: its first micro-batch is then the first forward chunk
-        rollout = rollout.select(torch.randperm(len(prompts)))
+        rollout = rollout.select(torch.randperm(len(prompts), device=ctx.device))
         ctx.actor.train()  # the update's mode for the forward it hands over (dropout is off in both)
         ctx.critic.train()
     fwd = forward_all(rollout, ctx.actor, ctx.ref, ctx.critic, ctx.scorer, micro_batch=ppo.micro_batch_size,
@@ -228,9 +233,9 @@ def rollout_step(ctx: PPOContext):
     return rollout, exp, experience_stats(exp, fwd["entropy"], rollout.has_eos, ctx.kl_ctl.value)
 
 
-def _mean_over_ranks(stats: dict[str, float]) -> dict[str, float]:
+def _mean_over_ranks(stats: dict[str, float], device) -> dict[str, float]:
     keys = sorted(stats)
-    values = engine.all_reduce_sum(torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64))
+    values = engine.all_reduce_sum(torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64, device=device))
     return {k: float(v) / engine.world_size() for k, v in zip(keys, values, strict=True)}
 
 
@@ -243,7 +248,7 @@ def train_step(ctx: PPOContext) -> tuple[dict[str, float], Any]:
         return stats, None
     rollout, exp, stats = result
     stats.update(ppo_update(ctx, exp))
-    stats = _mean_over_ranks(stats)
+    stats = _mean_over_ranks(stats, ctx.device)
     if stats.get("guard/skipped_updates", 0) > 0:
         ctx.guard.skipped("the policy or value loss", float("nan"), ctx.step)
     elif ctx.guard.skipping:
@@ -265,20 +270,30 @@ def train_step(ctx: PPOContext) -> tuple[dict[str, float], Any]:
 # ------------------------------------------------------------------------------------------ checkpoints
 
 
-def _rng_state() -> tuple[dict, dict[str, Tensor]]:
+def rng_state(device) -> tuple[dict, dict[str, Tensor]]:
+    """This rank's random state: Python and NumPy (JSON-able) and torch's CPU generator, plus the CUDA
+    generator of `device` when it is a GPU (sampling and shuffles on the GPU draw from it)."""
     py = random.getstate()
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     plain = {"python": [py[0], list(py[1]), py[2]],
              "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)]}
-    return plain, {"torch": torch.get_rng_state()}
+    tensors = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        tensors["cuda"] = torch.cuda.get_rng_state(device)
+    return plain, tensors
 
 
-def _set_rng_state(plain: dict, tensors: dict[str, Tensor]) -> None:
+def set_rng_state(plain: dict, tensors: dict[str, Tensor], device) -> None:
     version, state, gauss = plain["python"]
     random.setstate((version, tuple(state), gauss))
     kind, keys, pos, has_gauss, cached = plain["numpy"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(tensors["torch"])
+    if "cuda" in tensors and device.type == "cuda":
+        torch.cuda.set_rng_state(tensors["cuda"], device)
+    elif "cuda" in tensors or device.type == "cuda":
+        log.warning("ppo: resuming on %s from a checkpoint saved %s a GPU: the GPU's random stream starts "
+                    "from the seed", device, "on" if "cuda" in tensors else "without")
 
 
 def save_checkpoint(ctx: PPOContext) -> Path:
@@ -294,7 +309,7 @@ def save_checkpoint(ctx: PPOContext) -> Path:
     try:
         engine.save_engine(ctx.actor, path / "actor")
         engine.save_engine(ctx.critic, path / "critic")
-        plain, tensors = _rng_state()
+        plain, tensors = rng_state(ctx.device)
         rank = engine.rank()
         artifacts.write_json_atomic(path / f"rng-{rank}.json", plain)
         save_file(tensors, str(path / f"rng-{rank}.safetensors"))
@@ -331,7 +346,8 @@ def load_checkpoint(ctx: PPOContext, path: Path) -> None:
         ctx.reward_stats = state["reward_stats"]
     rng = path / f"rng-{engine.rank()}.json"
     if rng.is_file():  # absent when resuming with more ranks than saved: those start from the seed
-        _set_rng_state(json.loads(rng.read_text(encoding="utf-8")), load_file(str(rng.with_suffix(".safetensors"))))
+        set_rng_state(json.loads(rng.read_text(encoding="utf-8")), load_file(str(rng.with_suffix(".safetensors"))),
+                      ctx.device)
 
 
 # ------------------------------------------------------------------------------------------ run loop

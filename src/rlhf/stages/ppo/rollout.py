@@ -72,8 +72,8 @@ class PromptSampler:
         self.epoch, self.index = 0, 0
 
     def _order(self, epoch: int) -> list[int]:
-        gen = torch.Generator().manual_seed(self.seed + epoch)
-        return torch.randperm(self.n_rows, generator=gen).tolist()
+        gen = torch.Generator().manual_seed(self.seed + epoch)  # on the host: a list of row numbers
+        return torch.randperm(self.n_rows, generator=gen, device="cpu").tolist()
 
     def take(self, n: int) -> list[int]:
         out: list[int] = []
@@ -93,18 +93,15 @@ class PromptSampler:
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
 
 
-def encode_prompts(tokenizer, prompts: list, max_prompt_length: int) -> tuple[Tensor, Tensor]:
+def encode_prompts(tokenizer, prompts: list, max_prompt_length: int, device="cpu") -> tuple[Tensor, Tensor]:
     """Chat-rendered prompts (with the generation prompt), over-long ones cut keeping their end,
-    left-padded: ([B, P] ids, [B, P] mask)."""
+    left-padded: ([B, P] ids, [B, P] mask) on `device`, each made in one copy."""
     rows = [encoding.prompt_ids(tokenizer, p)[-max_prompt_length:] for p in prompts]
     width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        if row:
-            ids[i, width - len(row):] = torch.tensor(row)
-            mask[i, width - len(row):] = 1
-    return ids, mask
+    padded = [[tokenizer.pad_token_id] * (width - len(r)) + list(r) for r in rows]
+    flags = [[0] * (width - len(r)) + [1] * len(r) for r in rows]
+    return (torch.tensor(padded, dtype=torch.long, device=device),
+            torch.tensor(flags, dtype=torch.long, device=device))
 
 
 def generation_config(tokenizer, ppo, eos_ids: list[int]):
@@ -117,19 +114,21 @@ def generation_config(tokenizer, ppo, eos_ids: list[int]):
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list, ppo, max_prompt_length: int, *, synced_gpus: bool) -> Rollout:
-    """Sample one response per prompt. `model` is the bare (unwrapped, gathered) actor module.
+def generate(model, tokenizer, prompts: list, ppo, max_prompt_length: int, *, synced_gpus: bool,
+             device="cpu") -> Rollout:
+    """Sample one response per prompt on `device` (the run's). `model` is the bare (unwrapped, gathered)
+    actor module.
 
     `synced_gpus` keeps every rank stepping until all are done: needed whenever the actor's forward is a
     collective (ZeRO-3), or ranks whose rows hit EOS early would leave the others waiting forever.
     """
-    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, max_prompt_length)
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, max_prompt_length, device)
     eos_ids = [tokenizer.eos_token_id]
     out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
                          generation_config=generation_config(tokenizer, ppo, eos_ids), synced_gpus=synced_gpus)
     response_ids = out[:, prompt_ids.shape[1]:]
     if response_ids.shape[1] == 0:  # cannot happen with max_new_tokens >= 1; keep shapes valid anyway
-        response_ids = torch.full((len(prompts), 1), tokenizer.eos_token_id, dtype=torch.long)
+        response_ids = torch.full((len(prompts), 1), tokenizer.eos_token_id, dtype=torch.long, device=device)
     mask, has_eos = response_mask(response_ids, eos_ids, tokenizer.pad_token_id)
     response_ids = torch.where(mask.bool(), response_ids, tokenizer.pad_token_id)
     texts = [tokenizer.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(response_ids, mask, strict=True)]
