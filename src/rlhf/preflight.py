@@ -69,6 +69,7 @@ def check(cfg: PipelineConfig, stages: list[str] | None = None, *, standalone: b
         blockers += _check_data(cfg, stage)
         blockers += _check_inputs(cfg, stage, planned=[] if standalone else stages[: stages.index(stage)])
     blockers += _check_models(cfg, stages)
+    blockers += check_device(cfg, stages)
     blockers += _check_packages(cfg, stages)
     blockers += _check_output(cfg)
     if not blockers:
@@ -129,6 +130,31 @@ def _check_models(cfg: PipelineConfig, stages: list[str]) -> list[Blocker]:
         problem = models.check_resolvable(name, allow_pickle=cfg.model.allow_pickle)
         if problem:
             out.append(Blocker("model.unusable", f"{cfg.source}: {key}: {problem}"))
+    return out
+
+
+def check_device(cfg: PipelineConfig, stages: list[str]) -> list[Blocker]:
+    """The run's device and dtype: `run.device: cuda` needs a GPU torch can see (never a silent CPU run),
+    bf16 needs a GPU that has it, and fp16 trains only with DeepSpeed's loss scaling."""
+    import torch
+
+    from rlhf import engine
+
+    out = []
+    on_gpu = engine.device(cfg.run.device).type == "cuda"
+    if cfg.run.device == "cuda" and not on_gpu:
+        build = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        out.append(Blocker("device.no_cuda", f"{cfg.source}: run.device is cuda but torch sees no CUDA GPU "
+                           f"(torch {torch.__version__}, {build}); install a CUDA build of torch, check "
+                           "CUDA_VISIBLE_DEVICES, or set run.device: auto"))
+    if on_gpu and cfg.model.dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
+        out.append(Blocker("device.no_bf16", f"{cfg.source}: model.dtype is bfloat16 but "
+                           f"{torch.cuda.get_device_name(engine.device(cfg.run.device))} has no bfloat16; "
+                           "set model.dtype: float16 (DeepSpeed's loss scaling) or float32"))
+    if on_gpu and cfg.model.dtype == "float16" and not engine.use_deepspeed(cfg.deepspeed):
+        out.append(Blocker("device.fp16_plain", f"{cfg.source}: model.dtype float16 trains only under DeepSpeed, "
+                           "whose loss scaling keeps small gradients from vanishing; start the stages with a "
+                           "launcher (stages/*.sh with NUM_GPUS) or set deepspeed.enabled: true, or use bfloat16"))
     return out
 
 

@@ -107,3 +107,45 @@ def test_data_inspect_cli_flags_verbosity_bias(tmp_path):
     proc = _cli("data", "inspect", str(path))
     assert proc.returncode == 0, proc.stderr
     assert "verbosity bias" in proc.stdout and "preference" in proc.stdout
+
+
+def _device_blockers(tmp_path, monkeypatch, *, cuda: bool, bf16: bool = True, **sets):
+    import torch
+
+    from rlhf import engine
+
+    monkeypatch.setattr(engine, "cuda_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla V100")
+    raw = _tiny(tmp_path)
+    raw["run"]["device"] = "auto"
+    for key, value in sets.items():
+        section, name = key.split("__")
+        raw.setdefault(section, {})[name] = value
+    cfg = config_from_dict(raw, source="cfg.yaml")
+    return [b for b in preflight.check_device(cfg, cfg.stages)]
+
+
+def test_cuda_asked_on_a_machine_without_cuda_is_a_blocker_not_a_cpu_run(tmp_path, monkeypatch):
+    blockers = _device_blockers(tmp_path, monkeypatch, cuda=False, run__device="cuda")
+    assert [b.code for b in blockers] == ["device.no_cuda"]
+    assert "run.device is cuda" in blockers[0].message and "cfg.yaml" in blockers[0].message
+    assert _device_blockers(tmp_path, monkeypatch, cuda=False, run__device="auto") == []
+    assert _device_blockers(tmp_path, monkeypatch, cuda=True, run__device="cuda") == []
+
+
+def test_bf16_on_a_gpu_without_it_suggests_fp16(tmp_path, monkeypatch):
+    blockers = _device_blockers(tmp_path, monkeypatch, cuda=True, bf16=False, model__dtype="bfloat16")
+    assert [b.code for b in blockers] == ["device.no_bf16"]
+    assert "Tesla V100" in blockers[0].message and "float16" in blockers[0].message
+    assert _device_blockers(tmp_path, monkeypatch, cuda=True, bf16=True, model__dtype="bfloat16") == []
+    # on the CPU bf16 weights are not used for training maths on a GPU: nothing to block here
+    assert _device_blockers(tmp_path, monkeypatch, cuda=False, bf16=False, model__dtype="bfloat16") == []
+
+
+def test_fp16_without_deepspeed_has_no_loss_scaling(tmp_path, monkeypatch):
+    blockers = _device_blockers(tmp_path, monkeypatch, cuda=True, model__dtype="float16",
+                                deepspeed__enabled=False)
+    assert [b.code for b in blockers] == ["device.fp16_plain"]
+    assert _device_blockers(tmp_path, monkeypatch, cuda=True, model__dtype="float16", deepspeed__enabled=True) == []
