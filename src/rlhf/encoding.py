@@ -42,6 +42,29 @@ def content(messages: list[dict] | str) -> str:
     return "".join(m["content"] for m in messages)
 
 
+def assistant_spans(tokenizer, prompt: list[dict], p_ids: list[int]) -> list[tuple[int, int]] | None:
+    """`[start, end)` token spans of the assistant turns inside a rendered prompt `p_ids` (multi-turn SFT).
+
+    A turn starts where the conversation before it, rendered with the generation prompt, ends, and ends
+    where the conversation through it ends (its end-of-turn tokens included, so the model learns to stop).
+    None when a template renders the start of a conversation differently on its own (some rewrite
+    earlier assistant turns), so the spans cannot be placed.
+    """
+    spans = []
+    for i, msg in enumerate(prompt):
+        if msg["role"] != "assistant":
+            continue
+        try:
+            start = prompt_ids(tokenizer, prompt[:i])
+            end = _ids(tokenizer.apply_chat_template(prompt[: i + 1], tokenize=True))
+        except Exception:  # jinja templates raise their own errors, e.g. on a conversation opening with a reply
+            return None
+        if len(end) <= len(start) or p_ids[: len(start)] != start or p_ids[: len(end)] != end:
+            return None
+        spans.append((len(start), len(end)))
+    return spans
+
+
 def encode(tokenizer, prompt: list[dict], response: str, max_length: int | None = None,
            max_prompt_length: int | None = None) -> tuple[list[int], int] | None:
     """(ids, prompt length) of prompt + response, or None when it does not fit in `max_length`.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,12 @@ def S(text: str) -> dict:
         ({"chosen": "\n\nHuman: q\n\nAssistant: a", "rejected": "\n\nHuman: q\n\nAssistant: b"}, "hh_rlhf"),
         ({"chosen": "Human: q\n\nAssistant: a", "rejected": "Human: q\n\nAssistant: b"}, "hh_rlhf"),
         ({"prompt": "q"}, "prompt_only"),
+        ({"instruction": "q", "input": "", "output": "a"}, "alpaca"),
+        ({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}, "sharegpt"),
+        # UltraFeedback-binarized: the sides repeat the prompt, and a `messages` column rides along.
+        ({"prompt": "q", "chosen": [U("q"), A("a")], "rejected": [U("q"), A("b")], "messages": [U("q"), A("a")]},
+         "preference_conversation"),
+        ({"conversations": [U("q")], "chosen": A("a"), "rejected": A("b")}, "preference_sharegpt"),
     ],
 )
 def test_detect_format(row, fmt):
@@ -89,8 +96,28 @@ EXPECTED_FIRST = {
         "rejected": [A("Whatever, just wait.")],
     },
     ("prompt_only", "prompt"): {"prompt": [U("Tell me a joke.")]},
+    ("ultrafeedback", "preference"): {
+        "prompt": [U("How do I keep basil alive indoors?")],
+        "chosen": [A("Give it six hours of sun and water when the top soil is dry.")],
+        "rejected": [A("Basil is a plant.")],
+        "margin": 3.5,
+    },
+    ("alpaca", "sft"): {"prompt": [U("Translate to French.\n\nGood morning")], "completion": [A("Bonjour")]},
+    ("sharegpt", "sft"): {
+        "prompt": [S("Be kind."), U("Hi"), A("Hello!"), U("How are you?")],
+        "completion": [A("Great, thanks.")],
+    },
+    ("preference_sharegpt", "preference"): {
+        "prompt": [U("Tips for chess?")],
+        "chosen": [A("Control the center.")],
+        "rejected": [A("No idea.")],
+    },
 }
-DETECTED = {"response_alias": "prompt_completion", "preference_chat_implicit": "preference_chat"}
+DETECTED = {
+    "response_alias": "prompt_completion",
+    "preference_chat_implicit": "preference_chat",
+    "ultrafeedback": "preference_conversation",
+}
 
 
 @pytest.mark.parametrize(("name", "kind"), sorted(EXPECTED_FIRST))
@@ -114,7 +141,9 @@ def test_second_rows_chat_prompt_and_single_turn_hh():
     assert implicit == {"prompt": [], "chosen": [A("Glad to help.")], "rejected": [A("No.")]}
 
 
-@pytest.mark.parametrize("name", ["preference", "preference_chat", "preference_chat_implicit", "hh_rlhf"])
+@pytest.mark.parametrize(
+    "name", ["preference", "preference_chat", "preference_chat_implicit", "hh_rlhf", "ultrafeedback"]
+)
 def test_preference_formats_serve_sft_and_prompt(name):
     pref = load(str(FORMATS_DIR / f"{name}.jsonl"), "preference").rows
     sft = load(str(FORMATS_DIR / f"{name}.jsonl"), "sft").rows
@@ -205,7 +234,7 @@ def test_implicit_prefix_without_whitespace_gives_empty_prompt():
         (
             {"prompt": [U("q")], "chosen": [A("a"), A("b")], "rejected": [A("c")]},
             "preference_chat",
-            "f:7: field 'chosen' must be exactly one assistant message",
+            "f:7: prompt and chosen disagree on the prompt turns (user 'q' vs assistant 'a')",
         ),
         (
             {"messages": [U("q"), A("a"), U("b")]},
@@ -258,3 +287,101 @@ def test_reward_encoding_carries_the_margin_of_a_loaded_file(tmp_path, tiny_mode
     tok = models.load_tokenizer(str(tiny_model_dir))
     assert [r["margin"] for r in encode_pairs(tok, rows, 64, str(path), use_margin=True)] == [0.5, 0.0]
     assert all("margin" not in r for r in encode_pairs(tok, rows, 64, str(path), use_margin=False))
+
+
+def _write(path: Path, rows: list) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+def test_ultrafeedback_system_turn_kept_and_equal_scores_give_margin_zero():
+    second = load(str(FORMATS_DIR / "ultrafeedback.jsonl"), "preference").rows[1]
+    # The prompt field is the bare user turn; the conversations add a system turn, which is kept.
+    assert second == {
+        "prompt": [S("Answer in one word."), U("Name a prime number.")],
+        "chosen": [A("Seven.")],
+        "rejected": [A("Nine.")],
+        "margin": 0.0,
+    }
+
+
+def test_a_system_turn_only_the_prompt_carries_is_kept():
+    row = {"prompt": [S("Be brief."), U("q")], "chosen": [U("q"), A("a")], "rejected": [A("b")]}
+    out = normalize_row(row, detect_format(row), "preference", "f:1")
+    assert out == {"prompt": [S("Be brief."), U("q")], "chosen": [A("a")], "rejected": [A("b")]}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            {"chosen": [U("Something else?"), A("yes")]},
+            "prompt and chosen disagree on the prompt turns (user 'How do I keep basil alive indoors?' vs "
+            "user 'Something else?')",
+        ),
+        (
+            {"rejected": [S("Be rude."), U("How do I keep basil alive indoors?"), A("no")],
+             "chosen": [S("Be kind."), U("How do I keep basil alive indoors?"), A("yes")]},
+            "chosen and rejected disagree on the prompt turns (system 'Be kind.' vs system 'Be rude.')",
+        ),
+        ({"chosen": [U("How do I keep basil alive indoors?")]}, "field 'chosen' ends with a user message"),
+        ({"score_rejected": 9}, "score_chosen 8.5 is below score_rejected 9; chosen must be the preferred"),
+        ({"score_rejected": None}, "field 'score_rejected' is null but 'score_chosen' is given"),
+        ({"score_chosen": "8"}, "score_chosen is a string '8', not a number"),
+    ],
+)
+def test_bad_ultrafeedback_rows_name_file_and_line(tmp_path, change, message):
+    good = json.loads((FORMATS_DIR / "ultrafeedback.jsonl").read_text().splitlines()[0])
+    path = _write(tmp_path / "uf.jsonl", [good, {**good, **change}])
+    with pytest.raises(DataError) as info:
+        load(path, "preference")
+    assert str(info.value).startswith(f"{path}:2: {message}")
+
+
+def test_ratings_also_give_the_margin():
+    row = {"prompt": "q", "chosen": "a", "rejected": "b", "chosen_rating": 5, "rejected_rating": 2}
+    assert normalize_row(row, "preference", "preference", "f:1")["margin"] == 3.0
+
+
+def test_alpaca_system_and_history_become_earlier_turns():
+    second = load(str(FORMATS_DIR / "alpaca.jsonl"), "sft").rows[1]
+    assert second == {"prompt": [S("Be brief."), U("Hi"), A("Hello!"), U("Name a color.")],
+                      "completion": [A("Blue.")]}
+    prompts = load(str(FORMATS_DIR / "alpaca.jsonl"), "prompt").rows
+    assert prompts[0] == {"prompt": [U("Translate to French.\n\nGood morning")]}
+
+
+def test_sharegpt_top_level_system_and_openai_messages_with_system():
+    second = load(str(FORMATS_DIR / "sharegpt.jsonl"), "sft").rows[1]
+    assert second == {"prompt": [S("Be brief."), U("Name a color.")], "completion": [A("Blue.")]}
+    row = {"messages": [S("You are terse."), U("2+2?"), A("4")]}
+    assert normalize_row(row, detect_format(row), "sft", "f:1") == {
+        "prompt": [S("You are terse."), U("2+2?")], "completion": [A("4")]}
+
+
+@pytest.mark.parametrize(
+    ("good", "bad", "message"),
+    [
+        ({"instruction": "q", "output": "a"}, {"instruction": "q"}, "missing field 'output'"),
+        ({"instruction": "q", "output": "a"}, {"instruction": "q", "input": 3, "output": "a"},
+         "field 'input' is a number, expected a string"),
+        ({"instruction": "q", "output": "a"}, {"instruction": "q", "output": "a", "history": [["x"]]},
+         "history[0] is an array, expected a [user, assistant] pair"),
+        ({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
+         {"conversations": [{"from": "human", "value": "q"}, {"from": "observation", "value": "a"}]},
+         "unknown role 'observation' in conversations[1]"),
+        ({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
+         {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt"}]},
+         "conversations[1] has no 'value'; each message needs from and value"),
+        ({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
+         {"conversations": [{"from": "gpt", "value": "a"}, {"from": "human", "value": "q"}]},
+         "the last message is 'user', not 'assistant'"),
+        ({"messages": [S("s"), U("q"), A("a")]}, {"messages": [S("s"), A("a")]},
+         "messages has no prompt before the assistant reply"),
+    ],
+)
+def test_bad_alpaca_sharegpt_and_messages_rows_name_file_and_line(tmp_path, good, bad, message):
+    path = _write(tmp_path / "sft.jsonl", [good, bad])
+    with pytest.raises(DataError) as info:
+        load(path, "sft")
+    assert str(info.value).startswith(f"{path}:2: {message}")

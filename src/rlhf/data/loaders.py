@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from rlhf.data.formats import json_type
+from rlhf.data.chat import json_type
 from rlhf.errors import DataError
 
 Record = tuple[str, "dict | DataError"]
@@ -28,7 +28,16 @@ JSONL_SUFFIXES = (".jsonl", ".ndjson")
 FILE_SUFFIXES = (*JSONL_SUFFIXES, ".json", ".parquet", ".csv", ".tsv", ".txt", ".arrow", ".gz", ".zip")
 _BOM = b"\xef\xbb\xbf"
 # Keys that mark a JSON object as one row rather than a wrapper such as {"data": [...]}.
-_ROW_KEYS = {"prompt", "completion", "response", "messages", "chosen", "rejected"}
+_ROW_KEYS = {
+    "prompt",
+    "completion",
+    "response",
+    "messages",
+    "conversations",
+    "instruction",
+    "chosen",
+    "rejected",
+}
 
 
 def iter_rows(source: str, split: str = "train") -> Iterator[tuple[str, dict]]:

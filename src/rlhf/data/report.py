@@ -95,7 +95,10 @@ def _truncate(row: dict) -> dict:
         return text if len(text) <= EXAMPLE_CHARS else text[: EXAMPLE_CHARS - 3] + "..."
 
     return {
-        key: [{"role": m["role"], "content": cut(m["content"])} for m in msgs] for key, msgs in row.items()
+        key: [{"role": m["role"], "content": cut(m["content"])} for m in value]
+        if isinstance(value, list)
+        else value
+        for key, value in row.items()
     }
 
 
@@ -159,7 +162,8 @@ class _Tally:
         if len(self.examples) < self.n_examples:
             self.examples.append(_truncate(row))
         for key, msgs in row.items():
-            self.lengths.setdefault(key, []).append(self.measure(msgs))
+            if isinstance(msgs, list):  # not the pair's margin
+                self.lengths.setdefault(key, []).append(self.measure(msgs))
         row_key, prompt_key = json.dumps(row, sort_keys=True), json.dumps(row["prompt"])
         self.n_duplicates += row_key in self.seen_rows
         self.n_duplicate_prompts += prompt_key in self.seen_prompts
@@ -216,6 +220,9 @@ def _example_line(i: int, row: dict) -> str:
     """One example row on one line: `[i] prompt: user: ... | chosen: ...`."""
     parts = []
     for key, msgs in row.items():
+        if not isinstance(msgs, list):
+            parts.append(f"{key}: {msgs:g}")
+            continue
         text = " / ".join(f"{m['role']}: {m['content']}" for m in msgs) or "(empty)"
         parts.append(f"{key}: {text}".replace("\n", "\\n"))
     return f"  [{i}] " + " | ".join(parts)

@@ -35,15 +35,30 @@ def load_rows(cfg: PipelineConfig, stage: str, kind: str) -> tuple[list[dict], l
 
 
 def encode_sft(tokenizer, rows: list[dict], max_length: int, where: str) -> list[dict]:
-    """input_ids + completion_mask per row; rows longer than max_length are dropped and counted."""
-    out = []
+    """input_ids + completion_mask per row; rows longer than max_length are dropped and counted.
+
+    The mask is 1 on the reply and on every earlier assistant turn of a multi-turn conversation, so with
+    `sft.completion_only_loss` (TRL turns the mask into -100 labels) each assistant turn is trained and
+    nothing else is.
+    """
+    out, n_unplaced = [], 0
     for row in rows:
         enc = encoding.encode(tokenizer, row["prompt"], encoding.content(row["completion"]), max_length)
         if enc is None:
             continue
         ids, n_prompt = enc
-        out.append({"input_ids": ids, "completion_mask": [0] * n_prompt + [1] * (len(ids) - n_prompt)})
+        mask = [0] * n_prompt + [1] * (len(ids) - n_prompt)
+        if any(m["role"] == "assistant" for m in row["prompt"]):
+            spans = encoding.assistant_spans(tokenizer, row["prompt"], ids[:n_prompt])
+            n_unplaced += spans is None
+            for start, end in spans or ():
+                mask[start:end] = [1] * (end - start)
+        out.append({"input_ids": ids, "completion_mask": mask})
     check_fitted(where, len(rows), len(out), max_length, "rows")
+    if n_unplaced:
+        log.warning("%s: %d multi-turn rows train only their last reply: the chat template renders the start "
+                    "of a conversation differently on its own, so earlier assistant turns cannot be placed",
+                    where, n_unplaced)
     return out
 
 
