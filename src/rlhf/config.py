@@ -296,6 +296,10 @@ class PPOCfg:
     """Checkpoint every N PPO steps."""
     sample_every: int = 10
     """Log a few sample generations every N steps."""
+    generation: Literal["hf", "static", "graph"] = "hf"
+    """How rollouts are sampled: `hf` (transformers' generate), `static` (one static KV cache reused across
+    rollouts, `rlhf.generation`), or `graph` (static, with the decode step replayed as a CUDA graph on
+    GPUs; static elsewhere). All three draw the same tokens for the same seed."""
 
     def __post_init__(self) -> None:
         for key in ("steps", "rollout_batch_size", "mini_batch_size", "grad_accum", "ppo_epochs",

@@ -37,7 +37,7 @@ from rlhf.stages.ppo.experience import (
     policy_logits,
     values_of,
 )
-from rlhf.stages.ppo.rollout import PromptSampler, generate
+from rlhf.stages.ppo.rollout import PromptSampler, generate, make_decoder
 
 log = logging.getLogger("rlhf")
 KEEP_CHECKPOINTS = 2
@@ -64,10 +64,13 @@ class PPOContext:
     stop_requested: bool = False
     history: list[dict[str, float]] = field(default_factory=list)
     guard: Any = None  # rlhf.guards.NonFiniteGuard
+    decoder: Any = None  # rlhf.generation.StaticDecoder for ppo.generation static|graph, else None (HF generate)
 
     def __post_init__(self) -> None:
         if self.device is None:
             self.device = torch.device("cpu")
+        if self.decoder is None:
+            self.decoder = make_decoder(self.cfg.ppo, self.cfg.data.max_prompt_length)
         if self.guard is None:
             self.guard = make_guard(self.cfg, self.stage)
 
@@ -210,9 +213,11 @@ def rollout_step(ctx: PPOContext):
     prompts = [ctx.rows[i]["prompt"] for i in picked]
     ctx.actor.eval()
     synced = engine.world_size() > 1 and engine.is_zero3(ctx.actor)
+    started = time.perf_counter()
     with engine.gathered_for_generation(ctx.actor) as module:
         rollout = generate(module, ctx.tokenizer, prompts, ppo, cfg.data.max_prompt_length, synced_gpus=synced,
-                           device=ctx.device)
+                           device=ctx.device, decoder=ctx.decoder)
+    generated = time.perf_counter()
     if ppo.reuse_rollout_forward:
         # the first epoch's shuffle, drawn now: its first micro-batch is then the first forward chunk
         rollout = rollout.select(torch.randperm(len(prompts), device=ctx.device))
@@ -230,7 +235,9 @@ def rollout_step(ctx: PPOContext):
             raise ctx.guard.stop_error(what, value, ctx.step)
         ctx.guard.skipped(what, value, ctx.step)
         return None
-    return rollout, exp, experience_stats(exp, fwd["entropy"], rollout.has_eos, ctx.kl_ctl.value)
+    stats = experience_stats(exp, fwd["entropy"], rollout.has_eos, ctx.kl_ctl.value)
+    stats["perf/generate_time"] = generated - started  # the texts are decoded on the host: the GPU is done
+    return rollout, exp, stats
 
 
 def _mean_over_ranks(stats: dict[str, float], device) -> dict[str, float]:

@@ -113,20 +113,37 @@ def generation_config(tokenizer, ppo, eos_ids: list[int]):
                             pad_token_id=tokenizer.pad_token_id, use_cache=True)
 
 
+def make_decoder(ppo, max_prompt_length: int):
+    """The run's static-cache decoder for `ppo.generation: static | graph`, or None for HF generate."""
+    if ppo.generation == "hf":
+        return None
+    from rlhf.generation import StaticDecoder
+
+    return StaticDecoder(max_prompt_length + ppo.max_new_tokens, use_graph=ppo.generation == "graph")
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list, ppo, max_prompt_length: int, *, synced_gpus: bool,
-             device="cpu") -> Rollout:
+             device="cpu", decoder=None) -> Rollout:
     """Sample one response per prompt on `device` (the run's). `model` is the bare (unwrapped, gathered)
-    actor module.
+    actor module; `decoder` (from `make_decoder`) samples on its static cache instead of HF generate.
 
     `synced_gpus` keeps every rank stepping until all are done: needed whenever the actor's forward is a
-    collective (ZeRO-3), or ranks whose rows hit EOS early would leave the others waiting forever.
+    collective (ZeRO-3), or ranks whose rows hit EOS early would leave the others waiting forever. The
+    static decoder runs on the gathered actor, whose forward is not a collective, so it needs no syncing.
     """
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, max_prompt_length, device)
     eos_ids = [tokenizer.eos_token_id]
-    out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
-                         generation_config=generation_config(tokenizer, ppo, eos_ids), synced_gpus=synced_gpus)
-    response_ids = out[:, prompt_ids.shape[1]:]
+    if decoder is not None:
+        from rlhf.generation import Sampling
+
+        sampling = Sampling(temperature=ppo.temperature, top_k=ppo.top_k, top_p=ppo.top_p)
+        response_ids = decoder.generate(model, prompt_ids, prompt_mask, max_new_tokens=ppo.max_new_tokens,
+                                        sampling=sampling, eos_ids=eos_ids, pad_id=tokenizer.pad_token_id)
+    else:
+        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
+                             generation_config=generation_config(tokenizer, ppo, eos_ids), synced_gpus=synced_gpus)
+        response_ids = out[:, prompt_ids.shape[1]:]
     if response_ids.shape[1] == 0:  # cannot happen with max_new_tokens >= 1; keep shapes valid anyway
         response_ids = torch.full((len(prompts), 1), tokenizer.eos_token_id, dtype=torch.long, device=device)
     mask, has_eos = response_mask(response_ids, eos_ids, tokenizer.pad_token_id)
