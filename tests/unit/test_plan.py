@@ -1,6 +1,8 @@
-"""`rlhf plan` memory model (hand-worked numbers), parameter counts from config.json, suggestions, the
-8B configs, and preflight's fit and multi-node launch checks. The comparison with a measured 2-rank
-ZeRO-3 run is in tests/distributed/test_two_nodes.py."""
+"""`rlhf plan` memory model (hand-worked numbers), parameter counts from config.json (LoRA adapters
+included), the reward model's and critic's own architectures, suggestions, the 8B configs, and
+preflight's fit and multi-node launch checks. The comparisons with measured runs are in
+tests/distributed/test_two_nodes.py (2-rank ZeRO-3, full fine-tuning) and tests/stages/test_plan_measured.py
+(LoRA actor and critic)."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import pytest
 
 from rlhf import plan, preflight
 from rlhf.cli import main
-from rlhf.config import ZeroRoleCfg, load_config
+from rlhf.config import LoraCfg, ZeroRoleCfg, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 LLAMA3_8B = "configs/llama3-8b/ppo_1x8.yaml"
@@ -154,13 +156,110 @@ def test_check_runs_launch_checks_only_with_launch_env(tmp_path, monkeypatch, rl
     assert preflight.check(cfg) == []
 
 
-def test_reused_rollout_forward_holds_both_training_graphs_in_the_experience_phase():
+def test_reused_rollout_forward_holds_both_training_graphs_in_the_experience_phase_and_the_update():
     # with the reuse, the experience phase adds one micro-batch of actor (with logits) and critic training
-    # activations to its inference forward; without it, only the inference forward remains
+    # activations to its inference forward, and the update holds both (the critic's graph waits through
+    # the actor's backward); without it, the update holds one model's activations at a time
     cfg = load_config(ROOT / LLAMA3_8B)
+    arch = plan.architecture(cfg.model.name_or_path)
+    mb, seq = cfg.ppo.micro_batch_size, cfg.data.max_prompt_length + cfg.ppo.max_new_tokens
+    actor = plan.train_activations(arch, mb, seq, 2, lm=True)
+    critic = plan.train_activations(arch, mb, seq, 2, lm=False)
     cfg.ppo.reuse_rollout_forward = False
-    off = plan.estimate(cfg, gpus=8, nodes=1).phases
+    off = plan.estimate(cfg, gpus=8, nodes=1, arch=arch).phases
     cfg.ppo.reuse_rollout_forward = True
-    on = plan.estimate(cfg, gpus=8, nodes=1).phases
-    assert on["update"] == off["update"] and on["rollout"] == off["rollout"]
-    assert on["experience"] > off["experience"] + on["update"]  # actor graph (= update's) plus the critic's
+    on = plan.estimate(cfg, gpus=8, nodes=1, arch=arch).phases
+    assert on["rollout"] == off["rollout"] and off["update"] == max(actor, critic) == actor
+    assert on["experience"] == off["experience"] + actor + critic and on["update"] == actor + critic
+
+
+def test_activations_with_and_without_checkpointing():
+    # H=8, L=2, V=50, one row of 10 tokens at 2 bytes: a layer keeps 1*10*8*34*2/2 = 2720 bytes; fp32 LM
+    # logits and log-softmax 10*50*4*2 = 4000. Checkpointing keeps each layer's input (10*8*2 = 160, x2)
+    # plus one full layer recomputed in the backward: 320 + 2720 = 3040
+    assert plan.train_activations(ARCH, 1, 10, 2, lm=False) == 2 * 2720
+    assert plan.train_activations(ARCH, 1, 10, 2, lm=True) == 2 * 2720 + 4000
+    assert plan.train_activations(ARCH, 1, 10, 2, lm=False, checkpointing=True) == 3040
+
+
+def test_lora_trains_only_the_adapters():
+    # P=1000 held (frozen base + adapters), T=40 trained, bf16 on N=4 under ZeRO-3: weights 2*1000/4=500,
+    # grads 2*40/4=20, master 4*40/4=40 + adam 8*40/4=80 = 120; Adam m,v elements 2*40/4=20
+    m = plan.model_memory("actor", 1000, ARCH, ZeroRoleCfg(3, False, False), trained=True, world=4, dtype_bytes=2,
+                          trained_params=40)
+    assert (m.weights, m.grads, m.optimizer, m.local_param_numel, m.local_optim_numel) == (500, 20, 120, 250, 20)
+    # ZeRO-0 fp32: full weights 4000, grads 4*40=160, adam 8*40=320 (no master copy)
+    m = plan.model_memory("actor", 1000, ARCH, ZeroRoleCfg(0, False, False), trained=True, world=4, dtype_bytes=4,
+                          trained_params=40)
+    assert (m.weights, m.grads, m.optimizer) == (4000, 160, 320)
+
+
+@pytest.fixture(scope="module")
+def llama3_8b_lora() -> plan.Arch:
+    return plan.architecture("meta-llama/Meta-Llama-3-8B-Instruct", LoraCfg(enabled=True, r=16))
+
+
+def test_llama3_8b_lora_adapter_counts(llama3_8b_lora):
+    # r=16 on every linear layer but the LM head: r*(in+out) per layer, hidden 4096, kv 8x128=1024, MLP 14336
+    #   q, o 16*(4096+4096)=131072 each; k, v 16*(4096+1024)=81920 each; gate, up, down 16*(4096+14336)=294912 each
+    #   = 1,310,720 per layer x 32 = 41,943,040
+    adapters = 41_943_040
+    assert llama3_8b_lora.lm_lora == plan.LoraCounts(params=8_030_261_248 + adapters, trained=adapters)
+    # the classifier also trains its 4096 x 1 score head, a copy peft makes next to the original
+    assert llama3_8b_lora.cls_lora == plan.LoraCounts(params=7_504_928_768 + adapters + 4096, trained=adapters + 4096)
+    # q_proj and v_proj at r=8: 8*(4096+4096) + 8*(4096+1024) = 106,496 per layer x 32 = 3,407,872
+    qv = plan.architecture("meta-llama/Meta-Llama-3-8B-Instruct", LoraCfg(r=8, target_modules=["q_proj", "v_proj"]))
+    assert qv.lm_lora.trained == 3_407_872
+
+
+def test_plan_of_the_8b_config_with_lora_has_the_smaller_optimizer_state(capsys):
+    # same ZeRO-3 sharding by 8, so each trained model's optimizer state shrinks by trained/params:
+    # actor 41.94M/8.03B = 0.52%, critic (adapters + score head) 41.95M/7.50B = 0.56%; no reference copy
+    def plan_json(*sets: str) -> dict:
+        args = ["plan", "--config", str(ROOT / LLAMA3_8B), "--gpus", "8", "--json"]
+        assert main(args + [x for s in sets for x in ("--set", s)]) == 0
+        return {m["role"]: m for m in json.loads(capsys.readouterr().out)["models"]}
+
+    full, lora = plan_json(), plan_json("model.lora.enabled=true")
+    assert list(full) == ["actor", "critic", "ref", "reward"] and list(lora) == ["actor", "critic", "reward"]
+    assert lora["actor"]["optimizer"] / full["actor"]["optimizer"] == pytest.approx(41_943_040 / 8_030_261_248)
+    assert lora["critic"]["optimizer"] / full["critic"]["optimizer"] == pytest.approx(41_947_136 / 7_504_928_768)
+    assert full["actor"]["optimizer"] / 2**30 > 11 and lora["actor"]["optimizer"] / 2**30 < 0.1  # GiB per GPU
+    assert lora["actor"]["grads"] / full["actor"]["grads"] == pytest.approx(41_943_040 / 8_030_261_248)
+    assert lora["actor"]["weights"] > full["actor"]["weights"]  # the frozen base stays, adapters come on top
+    # the critic alone can follow LoRA: ppo.critic_lora
+    mixed = plan_json("ppo.critic_lora=true")
+    assert mixed["actor"]["trained_params"] == mixed["actor"]["params"] == 8_030_261_248
+    assert mixed["critic"]["trained_params"] == 41_947_136 and "ref" in mixed
+
+
+def test_critic_and_reward_model_use_their_own_architecture(tmp_path):
+    # reward.base_model (a known 70B id): the reward model and the critic initialised from it are 70B
+    # classifiers, the actor and reference stay 8B; critic_init: sft puts the critic back on the policy
+    cfg = load_config(ROOT / LLAMA3_8B, [f"run.output_dir={tmp_path}",
+                                         "reward.base_model=meta-llama/Meta-Llama-3-70B-Instruct"])
+    est = {m.role: m for m in plan.estimate(cfg, gpus=8).models}
+    big = plan.architecture("meta-llama/Meta-Llama-3-70B-Instruct").cls_params
+    assert est["reward"].params == est["critic"].params == big and est["actor"].params == 8_030_261_248
+    assert plan.estimate(cfg, gpus=8, stage="reward").models[0].params == big
+    cfg.ppo.critic_init = "sft"
+    assert {m.role: m.params for m in plan.estimate(cfg, gpus=8).models}["critic"] == 7_504_928_768
+    # the reward stage's output, once it exists, is what PPO loads: its config.json wins
+    final = tmp_path / cfg.run.name / "reward" / "final"
+    final.mkdir(parents=True)
+    small = {"model_type": "llama", "vocab_size": 128256, "hidden_size": 64, "intermediate_size": 128,
+             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "num_labels": 1}
+    (final / "config.json").write_text(json.dumps(small))
+    cfg.ppo.critic_init = "reward"
+    est = plan.estimate(cfg, gpus=8)
+    rows = {m.role: m for m in est.models}
+    assert rows["reward"].params == rows["critic"].params == plan.architecture(str(final)).cls_params
+    assert rows["reward"].arch_source == str(final / "config.json") and f"critic from {final}" in est.arch_source
+
+
+def test_dpo_with_lora_has_no_reference_copy():
+    cfg = load_config(ROOT / LLAMA3_8B)
+    assert [m.role for m in plan.estimate(cfg, gpus=8, stage="dpo").models] == ["policy", "ref"]
+    cfg.model.lora.enabled = True
+    (policy,) = plan.estimate(cfg, gpus=8, stage="dpo").models
+    assert policy.trained_params == 41_943_040
