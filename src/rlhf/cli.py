@@ -16,7 +16,7 @@ import sys
 import traceback
 import warnings
 
-from rlhf.errors import RlhfError
+from rlhf.errors import ConfigError, RlhfError
 
 TRAIN_COMMANDS = ("sft", "reward", "ppo", "dpo", "orpo")
 
@@ -70,8 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_preflight)
     p = sub.add_parser("data", help="data tools")
     dsub = p.add_subparsers(dest="data_command", required=True)
-    q = dsub.add_parser("inspect", help="report format, lengths, duplicates, bad rows and verbosity bias")
-    q.add_argument("path", help="data file, save_to_disk dir or hub dataset name")
+    q = dsub.add_parser("inspect", help="report format and how it was read, lengths, duplicates, bad rows and "
+                        "verbosity bias")
+    q.add_argument("path", nargs="?", help="data file, save_to_disk dir or hub dataset name")
+    q.add_argument("--columns", action="append", default=[], metavar="KEY=THEIRS",
+                   help="read the file's key THEIRS as the schema's KEY, e.g. --columns prompt=question (repeatable)")
+    q.add_argument("--config", help="instead of a path: every source the config's stages read, mapped and mixed "
+                   "as they read it")
+    q.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (with --config)")
     q.add_argument("--split", default="train")
     q.add_argument("--tokenizer", help="tokenizer dir/alias for token lengths (default: word counts)")
     q.add_argument("-n", "--examples", type=int, default=3, help="example rows to print")
@@ -153,13 +160,32 @@ def _cmd_preflight(args) -> int:
 def _cmd_data_inspect(args) -> int:
     from rlhf import data
 
+    if (args.path is None) == (args.config is None):
+        raise ConfigError("rlhf data inspect: give either a data path or --config FILE")
     tokenizer = None
     if args.tokenizer:
         from rlhf import models
 
         tokenizer = models.load_tokenizer(models.resolve_model(args.tokenizer))
-    report = data.inspect(args.path, split=args.split, tokenizer=tokenizer, n_examples=args.examples)
-    print(data.format_report(report))
+    options = {"tokenizer": tokenizer, "n_examples": args.examples}
+    if args.path is not None:
+        pairs = [item.partition("=") for item in args.columns]
+        if any(not sep or not key or not theirs for key, sep, theirs in pairs):
+            raise ConfigError("--columns: expected KEY=THEIRS, e.g. --columns prompt=question")
+        source = {"path": args.path, "columns": {key: theirs for key, _, theirs in pairs}}
+        print(data.format_report(data.inspect(source, split=args.split, **options)))
+        return 0
+    cfg = _load(args)
+    blocks = []
+    for name, kind, source in data.config_sources(cfg):
+        parts = data.parts(source)
+        reports = [data.inspect(part, split=cfg.data.split, kind=kind, **options) for part in parts]
+        for i, report in enumerate(reports):
+            where = f"{name}[{i}]" if len(parts) > 1 else name
+            blocks.append(f"== {where}, read as {kind} ==\n{data.format_report(report)}")
+        if len(parts) > 1 or parts[0].weight != 1.0:
+            blocks.append("\n".join(data.mix_lines(name, reports)))
+    print("\n\n".join(blocks))
     return 0
 
 
@@ -254,7 +280,9 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RLHF_DEBUG"):
             traceback.print_exc()
         ok, failure = err.exit_code == 0, str(err)
-        print(str(err) if ok else f"error: {err}", file=sys.stderr)  # a requested stop is not an error
+        # A requested stop is not an error; a config error holds one line per problem of the file.
+        lines = str(err).splitlines() if isinstance(err, ConfigError) else [str(err)]
+        print("\n".join(line if ok else f"error: {line}" for line in lines), file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         failure = "interrupted"

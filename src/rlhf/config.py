@@ -107,20 +107,56 @@ class ModelCfg:
     """LoRA settings, shared by every trainable stage."""
 
 
+def _check_columns(columns: dict[str, str], key: str) -> None:
+    """A key mapping may only name keys the data formats read (`rlhf.data.formats.ROW_KEYS`)."""
+    from rlhf.data.formats import ROW_KEYS  # imported here: rlhf.data is light, but loads after this module
+
+    unknown = sorted(set(columns) - set(ROW_KEYS))
+    _require(not unknown, key, f"maps {', '.join(map(repr, unknown))}, which no format reads; map onto one of "
+             f"{', '.join(ROW_KEYS)} (as `schema key: your key`)")
+
+
+@dataclass
+class SourceCfg:
+    """One source of a split: a file with its own key names, or one of several mixed by weight."""
+
+    path: str = ""
+    """Data file, `save_to_disk` dir or hub dataset name."""
+    weight: float = 1.0
+    """How much of this source goes into the mix: 1 takes every row once, 0.5 a seeded half, 2 every row twice."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """This source's own key names: `schema key: its key`, e.g. `{prompt: question, chosen: good}`; merged
+    over `data.columns`."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.path.strip()), "path", "is required: a data file, save_to_disk dir or hub dataset name")
+        _require(self.weight > 0, "weight", "must be > 0")
+        _check_columns(self.columns, "columns")
+
+
+DataSource = str | SourceCfg | list[str | SourceCfg] | None
+SOURCE_KEYS = ("sft", "preference", "prompts", "sft_eval", "preference_eval", "prompts_eval")
+
+
 @dataclass
 class DataCfg:
-    sft: str | None = None
-    """SFT data: prompt/completion, chat `messages`, or a preference set (its chosen side is used)."""
-    preference: str | None = None
-    """Preference pairs (prompt, chosen, rejected; plain, chat, implicit-prompt or HH-RLHF) for reward/DPO/ORPO."""
-    prompts: str | None = None
+    sft: DataSource = None
+    """SFT data: prompt/completion, chat `messages`, ShareGPT `conversations`, Alpaca, or a preference set (its
+    chosen side is used). Each data key takes a path, a `{path, weight, columns}` mapping, or a list of them."""
+    preference: DataSource = None
+    """Preference pairs (prompt, chosen, rejected; plain, chat, UltraFeedback-style, implicit-prompt or HH-RLHF)
+    for reward/DPO/ORPO."""
+    prompts: DataSource = None
     """Prompts for PPO rollouts; defaults to the prompts of `preference`."""
-    sft_eval: str | None = None
+    sft_eval: DataSource = None
     """Held-out SFT data; when unset, `eval_fraction` of `sft` is held out."""
-    preference_eval: str | None = None
+    preference_eval: DataSource = None
     """Held-out preference pairs; when unset, `eval_fraction` of `preference` is held out."""
-    prompts_eval: str | None = None
+    prompts_eval: DataSource = None
     """Held-out prompts for evaluation; when unset, `eval_fraction` of the prompts is held out."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Key mapping for every source: `schema key: your key`, e.g. `{prompt: question, chosen: response_j}`
+    (OpenRLHF's input_key/chosen_key). A source's own `columns` win over these."""
     split: str = "train"
     """Split to read from save_to_disk dirs and hub datasets."""
     eval_fraction: float = 0.1
@@ -138,6 +174,21 @@ class DataCfg:
         if self.max_prompt_length is None:
             self.max_prompt_length = self.max_length // 2
         _require(0 < self.max_prompt_length < self.max_length, "max_prompt_length", "must be in (0, max_length)")
+        _check_columns(self.columns, "columns")
+        if self.columns:  # carried by each source, so whoever reads a source reads it mapped
+            for key in SOURCE_KEYS:
+                setattr(self, key, _with_columns(getattr(self, key), self.columns))
+
+
+def _with_columns(source: DataSource, columns: dict[str, str]) -> DataSource:
+    """`source` with `columns` under each of its own mappings."""
+    if source is None:
+        return None
+    if isinstance(source, list):
+        return [_with_columns(item, columns) for item in source]
+    if isinstance(source, str):
+        return SourceCfg(path=source, columns=dict(columns))
+    return dataclasses.replace(source, columns={**columns, **source.columns})
 
 
 @dataclass
@@ -195,7 +246,7 @@ class SFTCfg(TrainCfg):
     packing: bool = False
     """Pack several examples into each sequence (faster on short data; loss stays on completions)."""
     completion_only_loss: bool = True
-    """Loss on the response tokens only; False trains on the prompt too."""
+    """Loss on the assistant turns only (every one of a multi-turn conversation); False trains on the prompt too."""
 
 
 @dataclass
@@ -456,6 +507,10 @@ class PipelineConfig:
 def _dump(value: Any) -> Any:
     if dataclasses.is_dataclass(value):
         return {f.name: _dump(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, list):
+        return [_dump(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _dump(v) for k, v in value.items()}
     return value
 
 
@@ -483,12 +538,18 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
 
 
 def config_from_dict(raw: dict, source: str = "<dict>", overrides: list[str] | None = None) -> PipelineConfig:
-    """Validate a config mapping (as read from YAML) into a `PipelineConfig`."""
+    """Validate a config mapping (as read from YAML) into a `PipelineConfig`.
+
+    Every problem of the file is reported at once: the ConfigError holds one line per problem.
+    """
     raw = json.loads(json.dumps(raw, default=str))  # deep copy, plain types only
     present = tuple(k for k in raw if isinstance(k, str))
     for item in overrides or []:
         _apply_override(raw, item)
-    cfg = _build(PipelineConfig, raw, prefix="", source=source)
+    errors: list[str] = []
+    cfg = _build(PipelineConfig, raw, prefix="", source=source, errors=errors)
+    if errors:
+        raise ConfigError("\n".join(errors))
     cfg.source = source
     cfg.present = present
     return cfg
@@ -516,7 +577,13 @@ def _closest(name: str, options: list[str], prefix: str = "") -> str:
     return f" (did you mean '{prefix}{match[0]}'?)" if match else f"; valid keys: {', '.join(options)}"
 
 
-def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
+# Returned for a section that could not be built; its parent leaves the key at its default.
+_INVALID = object()
+
+
+def _build(cls: type, raw: Any, prefix: str, source: str, errors: list[str]) -> Any:
+    """Section `cls` from a mapping. Each bad key is appended to `errors` and keeps its default, so one pass
+    finds every problem; a value that is not a mapping at all raises ConfigError."""
     where = prefix.rstrip(".") or "top level"
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: {where}: expected a mapping of keys, got {_type_name(raw)}")
@@ -525,33 +592,54 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
     kwargs = {}
     for key, value in raw.items():
         if key not in fields:
-            raise ConfigError(f"{source}: unknown key '{prefix}{key}'{_closest(str(key), list(fields), prefix)}")
-        kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}", source)
-    try:
-        return cls(**kwargs)
-    except _FieldError as err:
-        shown = kwargs.get(err.key, getattr(cls, err.key, None))
-        raise ConfigError(f"{source}: {prefix}{err.key}: {err.message} (got {shown!r})") from None
+            errors.append(f"{source}: unknown key '{prefix}{key}'{_closest(str(key), list(fields), prefix)}")
+            continue
+        try:
+            coerced = _coerce(hints[key], value, f"{prefix}{key}", source, errors)
+        except ConfigError as err:
+            errors.append(str(err))
+            continue
+        if coerced is not _INVALID:
+            kwargs[key] = coerced
+    return _construct(cls, kwargs, prefix, source, errors)
+
+
+def _construct(cls: type, kwargs: dict, prefix: str, source: str, errors: list[str]) -> Any:
+    """`cls(**kwargs)`. A failed range check is recorded and its key dropped (back to its default) to look
+    for the next one; a check that fails again on the same key, or on a key the file did not set, ends it."""
+    reported = set()
+    while True:
+        try:
+            return cls(**kwargs)
+        except _FieldError as err:
+            if err.key in reported:
+                return _INVALID
+            reported.add(err.key)
+            shown = kwargs.get(err.key, getattr(cls, err.key, None))
+            errors.append(f"{source}: {prefix}{err.key}: {err.message} (got {shown!r})")
+            if err.key not in kwargs:
+                return _INVALID
+            kwargs = {k: v for k, v in kwargs.items() if k != err.key}
 
 
 def _type_name(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
-def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
-    """Check `value` against type hint `tp`; convert where YAML is ambiguous (`1e-5` reads as a string)."""
+def _coerce(tp: Any, value: Any, key: str, source: str, errors: list[str]) -> Any:
+    """Check `value` against type hint `tp`; convert where YAML is ambiguous (`1e-5` reads as a string).
+
+    A value of the wrong shape raises ConfigError; problems inside a section are appended to `errors`.
+    """
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(tp)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in (o for o in options if o is not type(None)):
-            try:
-                return _coerce(option, value, key, source)
-            except ConfigError as err:
-                errors.append(err)
-        raise errors[0]
+        return _coerce_union(typing.get_args(tp), value, key, source, errors)
+    if origin is dict:
+        key_tp, value_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {key}: expected a mapping, got {_type_name(value)}")
+        return {_coerce(key_tp, k, key, source, errors): _coerce(value_tp, v, f"{key}.{k}", source, errors)
+                for k, v in value.items()}
     if origin is Literal:
         allowed = typing.get_args(tp)
         if value not in allowed:
@@ -562,10 +650,29 @@ def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):
             raise ConfigError(f"{source}: {key}: expected a list, got {_type_name(value)}")
-        return [_coerce(item_tp, v, f"{key}[{i}]", source) for i, v in enumerate(value)]
+        items = [_coerce(item_tp, v, f"{key}[{i}]", source, errors) for i, v in enumerate(value)]
+        return [item for item in items if item is not _INVALID]
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, prefix=f"{key}.", source=source)
+        return _build(tp, value, prefix=f"{key}.", source=source, errors=errors)
     return _coerce_scalar(tp, value, key, source)
+
+
+def _coerce_union(options: tuple, value: Any, key: str, source: str, errors: list[str]) -> Any:
+    """The first option `value` has the shape of (a mapping fits a section, not a string); its inner
+    problems are reported. None of them: the first option's error."""
+    if value is None and type(None) in options:
+        return None
+    failures = []
+    for option in (o for o in options if o is not type(None)):
+        inner: list[str] = []
+        try:
+            coerced = _coerce(option, value, key, source, inner)
+        except ConfigError as err:
+            failures.append(err)
+            continue
+        errors.extend(inner)
+        return coerced
+    raise failures[0]
 
 
 def _coerce_scalar(tp: type, value: Any, key: str, source: str) -> Any:

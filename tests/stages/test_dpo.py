@@ -7,11 +7,12 @@ manifest. Data: data/tiny/preference.jsonl (separable pairs), 20% held out.
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
 import torch
-from helpers import cli_env, run_cli, tiny_cfg, tiny_raw, write_cfg
+from helpers import ROOT, cli_env, run_cli, tiny_cfg, tiny_raw, write_cfg
 from safetensors.torch import load_file
 
 from rlhf import artifacts, models
@@ -121,3 +122,27 @@ def test_pipeline_final_stage_dpo_runs_sft_then_dpo_and_no_reward(tmp_path, rlhf
     assert artifacts.is_complete(run_dir / "sft") and artifacts.is_complete(run_dir / "dpo")
     assert not (run_dir / "reward").exists() and not (run_dir / "ppo").exists()
     assert artifacts.read_manifest(run_dir / "dpo")["inputs"]["model"] == str(run_dir / "sft" / "final")
+
+
+def test_dpo_trains_on_ultrafeedback_style_pairs(tmp_path, rlhf_cache, tiny_model_dir):
+    """data/tiny/preference.jsonl rewritten in the UltraFeedback-binarized layout (prompt, chosen/rejected
+    conversations that repeat it, a `messages` column, scores)."""
+    rows = [json.loads(line) for line in (ROOT / "data" / "tiny" / "preference.jsonl").read_text().splitlines()[:40]]
+    uf = tmp_path / "uf.jsonl"
+    with uf.open("w") as fh:
+        for i, row in enumerate(rows):
+            user = {"role": "user", "content": row["prompt"]}
+            chosen = [user, {"role": "assistant", "content": row["chosen"]}]
+            fh.write(json.dumps({"prompt": row["prompt"], "prompt_id": str(i), "chosen": chosen, "messages": chosen,
+                                 "rejected": [user, {"role": "assistant", "content": row["rejected"]}],
+                                 "score_chosen": 8.0, "score_rejected": 3.0}) + "\n")
+    cfg = tiny_cfg(tmp_path, ["dpo.max_steps=2", f"data.preference={uf}", *FAST])
+    fake_sft(cfg, tiny_model_dir)
+    from rlhf.stages.sft import load_rows
+
+    train, _, _ = load_rows(cfg, "dpo", "preference")
+    assert train[0]["prompt"] == [{"role": "user", "content": train[0]["prompt"][0]["content"]}]
+    assert len(train[0]["chosen"]) == 1 and train[0]["margin"] == 5.0
+    run_stage("dpo", cfg)
+    manifest = artifacts.read_manifest(cfg.stage_dir("dpo"))
+    assert manifest["global_step"] == 2 and manifest["inputs"]["data"] == str(uf)

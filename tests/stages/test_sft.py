@@ -4,6 +4,7 @@ generates, LoRA saves a merged model, and a SIGKILLed run resumes from its last 
 from __future__ import annotations
 
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -81,3 +82,20 @@ def test_sft_sigkill_then_resume_continues_step_count(tmp_path, rlhf_cache):
     assert manifest["global_step"] == 40
     steps = [r["step"] for r in read_metrics(tmp_path / "runs" / "tiny" / "sft" / "metrics.jsonl") if "loss" in r]
     assert steps == sorted(set(steps)) and steps[-1] == 40  # no duplicates from the killed run
+
+
+def test_sft_trains_on_sharegpt_conversations(tmp_path, rlhf_cache):
+    """data/tiny/sft.jsonl rewritten as two-turn ShareGPT rows (from/value, a system prompt): every
+    assistant turn is in the loss, and the stage runs and saves from them."""
+    rows = [json.loads(line) for line in (ROOT / "data" / "tiny" / "sft.jsonl").read_text().splitlines()[:40]]
+    sharegpt = tmp_path / "sharegpt.jsonl"
+    sharegpt.write_text("".join(json.dumps({"system": "Be kind.", "conversations": [
+        {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"},
+        {"from": "human", "value": row["prompt"]}, {"from": "gpt", "value": row["completion"]}]}) + "\n"
+        for row in rows))
+    cfg = tiny_cfg(tmp_path, ["sft.max_steps=3", f"data.sft={sharegpt}", "logging.tensorboard=false",
+                              "logging.plots=false"])
+    result = run_stage("sft", cfg)
+    manifest = artifacts.read_manifest(cfg.stage_dir("sft"))
+    assert manifest["global_step"] == 3 and manifest["inputs"]["data"] == str(sharegpt)
+    assert math.isfinite(manifest["metrics"]["eval_loss"]) and (result.final_dir / "model.safetensors").is_file()

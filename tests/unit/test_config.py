@@ -99,3 +99,67 @@ def test_resolved_config_round_trips(tmp_path):
     again = load_config(tmp_path / "r.yaml")
     assert again.to_dict() == cfg.to_dict()
     assert again.hash() == cfg.hash() != PipelineConfig().hash()
+
+
+def test_every_error_of_a_file_is_reported_at_once(tmp_path, capsys):
+    from rlhf import cli
+
+    path = tmp_path / "many.yaml"
+    path.write_text(
+        "final_stage: dpp\n"
+        "ppo:\n  learning_rate: -1\n  clip_range: 2\n"
+        "sft:\n  learnig_rate: 1.0e-5\n  batch_size: eight\n"
+        "deepspeed:\n  actor:\n    zero_stage: 4\n"
+    )
+    p = str(path)
+    expected = [
+        f"{p}: final_stage: must be one of 'ppo', 'dpo', 'orpo' (got 'dpp')",
+        f"{p}: ppo.learning_rate: must be > 0 (got -1.0)",
+        f"{p}: ppo.clip_range: must be in (0, 1) (got 2.0)",  # a second range error of the same section
+        f"{p}: unknown key 'sft.learnig_rate' (did you mean 'sft.learning_rate'?)",
+        f"{p}: sft.batch_size: expected int, got str 'eight'",
+        f"{p}: deepspeed.actor.zero_stage: must be 0, 1, 2 or 3 (got 4)",
+    ]
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value).splitlines() == expected
+    assert cli.main(["preflight", "--config", p]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"error: {line}" for line in expected]
+
+
+def test_a_cross_field_error_is_reported_once():
+    # mini_batch_size 0 fails `> 0`; with it back at its default (4) it would not divide 6 either:
+    # that second message would be about a value the file did not set, so it is not reported.
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"ppo": {"rollout_batch_size": 6, "mini_batch_size": 0}}, source="c.yaml")
+    assert str(err.value) == "c.yaml: ppo.mini_batch_size: must be > 0 (got 0)"
+
+
+def test_data_sources_take_paths_mappings_and_lists(tmp_path):
+    cfg = config_from_dict({"data": {
+        "sft": [{"path": "a.jsonl", "weight": 0.5}, "b.jsonl"],
+        "preference": {"path": "uf.parquet", "columns": {"chosen": "good"}},
+        "prompts": "p.jsonl",
+        "columns": {"prompt": "question"},
+    }})
+    # data.columns is carried by every source; a source's own mapping wins.
+    assert [(s.path, s.weight, s.columns) for s in cfg.data.sft] == [
+        ("a.jsonl", 0.5, {"prompt": "question"}), ("b.jsonl", 1.0, {"prompt": "question"})]
+    assert cfg.data.preference.columns == {"prompt": "question", "chosen": "good"}
+    assert cfg.data.prompts.path == "p.jsonl" and cfg.data.sft_eval is None
+    save_resolved(cfg, tmp_path / "r.yaml")
+    assert load_config(tmp_path / "r.yaml").to_dict() == cfg.to_dict()
+    assert config_from_dict({"data": {"sft": "a.jsonl"}}).data.sft == "a.jsonl"  # no mapping: a plain path
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"sft": [{"path": "a.jsonl", "weight": 0}]}, "data.sft[0].weight: must be > 0 (got 0.0)"),
+    ({"sft": [{"weight": 2}]}, "data.sft[0].path: is required"),
+    ({"sft": {"path": "a.jsonl", "wieght": 2}}, "unknown key 'data.sft.wieght' (did you mean 'data.sft.weight'?)"),
+    ({"columns": {"question": "prompt"}}, "data.columns: maps 'question', which no format reads; map onto one of"),
+    ({"sft": 3}, "data.sft: expected str, got int 3"),
+])
+def test_bad_data_sources_name_the_key(data, message):
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"data": data}, source="my.yaml")
+    assert str(err.value).startswith(f"my.yaml: {message}")

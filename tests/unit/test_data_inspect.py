@@ -117,7 +117,8 @@ def test_format_report_text():
     lines = text.splitlines()
     assert lines[0] == f"source: {TINY / 'preference.jsonl'}"
     assert lines[1] == "format: preference (serves: sft, preference, prompt)"
-    assert lines[2] == "rows: 128 valid of 128 read, 0 bad"
+    assert lines[2] == "read as: prompt -> prompt; chosen, rejected -> replies"
+    assert lines[3] == "rows: 128 valid of 128 read, 0 bad"
     assert "lengths (whitespace-separated words):" in lines
     assert any(line.startswith("verbosity: chosen longer in") for line in lines)
     assert any(line.startswith("  [1] prompt: user: ") for line in lines)
@@ -126,3 +127,47 @@ def test_format_report_text():
 
 def test_limit_reads_only_the_first_rows():
     assert inspect(str(TINY / "sft.jsonl"), limit=5).n_read == 5
+
+
+FORMATS = ROOT / "tests" / "data" / "formats"
+
+
+def test_report_shows_the_layout_and_the_margin_it_read():
+    report = inspect(str(FORMATS / "ultrafeedback.jsonl"))
+    assert report.format == "preference_conversation"
+    lines = format_report(report).splitlines()
+    assert lines[2].startswith("read as: chosen/rejected whole conversations that repeat the prompt: repeated turns "
+                               "stripped")
+    assert lines[3] == "         score_chosen - score_rejected -> pair margin (reward.margin)"
+    assert "| margin: 3.5" in format_report(report)
+
+
+def test_report_shows_what_columns_renamed(tmp_path):
+    path = _write_jsonl(tmp_path / "se.jsonl", [{"question": "q", "response_j": "yes", "response_k": "no"}])
+    unmapped = inspect(path)
+    assert unmapped.format == "unknown" and unmapped.bad_rows[0].startswith(f"{path}:1: unrecognized row keys")
+    columns = {"prompt": "question", "chosen": "response_j", "rejected": "response_k"}
+    report = inspect({"path": path, "columns": columns})
+    assert (report.format, report.n_rows) == ("preference", 1)
+    assert "columns: question -> prompt, response_j -> chosen, response_k -> rejected" in format_report(report)
+
+
+def test_cli_inspects_every_configured_source_and_the_mix(tmp_path, capsys):
+    from rlhf import cli
+
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "final_stage: dpo\ndata:\n"
+        f"  sft:\n    - {{path: {FORMATS / 'sharegpt.jsonl'}, weight: 2}}\n    - {FORMATS / 'alpaca.jsonl'}\n"
+        f"  preference: {FORMATS / 'ultrafeedback.jsonl'}\n"
+    )
+    assert cli.main(["data", "inspect", "--config", str(config), "-n", "0"]) == 0
+    out = capsys.readouterr().out
+    headers = [line for line in out.splitlines() if line.startswith("==")]
+    assert headers == ["== data.sft[0], read as sft ==", "== data.sft[1], read as sft ==",
+                       "== data.preference, read as preference =="]
+    assert "format: sharegpt (serves: sft, prompt)" in out and "format: alpaca (serves: sft, prompt)" in out
+    assert (f"mix of data.sft: 6 rows (before the held-out split)\n  {FORMATS / 'sharegpt.jsonl'}: 2 rows x2 -> 4 (67%)\n"
+            f"  {FORMATS / 'alpaca.jsonl'}: 2 rows x1 -> 2 (33%)") in out
+    assert cli.main(["data", "inspect", str(FORMATS / "alpaca.jsonl"), "--columns", "prompt"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --columns: expected KEY=THEIRS, e.g. --columns prompt=question"

@@ -1,6 +1,7 @@
 """`rlhf data inspect`: what a data source holds and what might be wrong with it.
 
-The report covers the detected format and the kinds it serves, row and bad-row counts (every bad row
+The report covers the detected format, how its fields were read into the schema (and which of the
+file's own keys `columns` renamed), the kinds it serves, row and bad-row counts (every bad row
 up to a cap, without stopping at the first), example rows, length statistics, duplicates and, for
 preference data, verbosity bias: a reward model trained on pairs where the chosen response is nearly
 always the longer one tends to learn "longer is better" (Singhal et al. 2023,
@@ -14,7 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from rlhf.data.formats import FORMAT_KINDS
+from rlhf.data.formats import FORMAT_KINDS, describe
+from rlhf.data.sources import n_taken, parts
 from rlhf.data.validate import RowScanner
 from rlhf.errors import DataError
 
@@ -86,6 +88,12 @@ class InspectReport:
     mean_length_ratio: float | None = None
     """Preference data: mean of len(chosen) / len(rejected)."""
     warnings: list[str] = field(default_factory=list)
+    layout: list[str] = field(default_factory=list)
+    """How the detected format's fields became the schema (`formats.describe`), from the first good row."""
+    columns: list[str] = field(default_factory=list)
+    """`their key -> schema key` for each key the source's `columns` mapping renames."""
+    weight: float = 1.0
+    """The source's mixing weight."""
 
 
 def _truncate(row: dict) -> dict:
@@ -172,13 +180,24 @@ class _Tally:
 
 
 def inspect(
-    source: str, *, split: str = "train", tokenizer: Any = None, n_examples: int = 3, limit: int | None = None
+    source: Any,
+    *,
+    split: str = "train",
+    tokenizer: Any = None,
+    n_examples: int = 3,
+    limit: int | None = None,
+    kind: str | None = None,
 ) -> InspectReport:
     """Read a whole source (or its first `limit` rows) and report on it without stopping at bad rows.
 
-    Whole-source problems (missing or empty file, a JSON array in a .jsonl file) still raise DataError.
+    `source` is one path or `{path, weight, columns}` mapping; `kind` reads it as a stage would (default:
+    the richest kind its format serves). Whole-source problems (missing or empty file, a JSON array in a
+    .jsonl file) still raise DataError.
     """
-    scanner = RowScanner(source, None, split)
+    found = parts(source)
+    if len(found) != 1:
+        raise ValueError("inspect reads one source at a time; call it for each of `parts(source)`")
+    scanner = RowScanner(found[0], kind, split)
     tally = _Tally(measure=_measure(tokenizer), n_examples=n_examples)
     for _location, row in scanner:
         tally.add(row)
@@ -186,7 +205,7 @@ def inspect(
             break
     fmt = scanner.format or "unknown"
     report = InspectReport(
-        source=str(source),
+        source=found[0].path,
         format=fmt,
         kinds=FORMAT_KINDS.get(fmt, ()),
         n_rows=tally.n_rows,
@@ -198,6 +217,9 @@ def inspect(
         lengths={key: LengthStats.of(values) for key, values in tally.lengths.items()},
         n_duplicates=tally.n_duplicates,
         n_duplicate_prompts=tally.n_duplicate_prompts,
+        layout=describe(scanner.first_raw, fmt) if scanner.first_raw is not None else [],
+        columns=found[0].mapped(),
+        weight=found[0].weight,
     )
     if "chosen" in tally.lengths:
         report.chosen_longer_share, report.mean_length_ratio = _verbosity(
@@ -231,11 +253,11 @@ def _example_line(i: int, row: dict) -> str:
 def format_report(report: InspectReport) -> str:
     """The report as plain text for the terminal."""
     kinds = ", ".join(report.kinds) or "none"
-    lines = [
-        f"source: {report.source}",
-        f"format: {report.format} (serves: {kinds})",
-        f"rows: {report.n_rows} valid of {report.n_read} read, {report.n_bad} bad",
-    ]
+    lines = [f"source: {report.source}", f"format: {report.format} (serves: {kinds})"]
+    lines += [f"{'read as:' if i == 0 else '':<9}{line}" for i, line in enumerate(report.layout)]
+    if report.columns:
+        lines.append(f"columns: {', '.join(report.columns)}")
+    lines.append(f"rows: {report.n_rows} valid of {report.n_read} read, {report.n_bad} bad")
     if report.lengths:
         lines += _stats_lines(report)
     lines.append(
@@ -258,3 +280,32 @@ def format_report(report: InspectReport) -> str:
     if report.warnings:
         lines += ["warnings:"] + [f"  - {w}" for w in report.warnings]
     return "\n".join(lines)
+
+
+def mix_lines(name: str, reports: list[InspectReport]) -> list[str]:
+    """What a split mixed from several sources (or one weighted source) holds: rows per source and share.
+
+    The counts are those `rlhf.data.sources.mix` takes, before the held-out split.
+    """
+    taken = [n_taken(report.n_rows, report.weight) for report in reports]
+    total = sum(taken)
+    lines = [f"mix of {name}: {total} rows (before the held-out split)"]
+    for report, n in zip(reports, taken, strict=True):
+        share = n / total if total else 0.0
+        lines.append(f"  {report.source}: {report.n_rows} rows x{report.weight:g} -> {n} ({share:.0%})")
+    return lines
+
+
+def config_sources(cfg: Any) -> list[tuple[str, str, Any]]:
+    """(config key, kind, source) of every source a pipeline config's stages read, as preflight finds
+    them (fallbacks included), each followed by its eval source when one is set."""
+    from rlhf.preflight import data_source  # the stages' own lookup; imported here to keep this module light
+
+    out: list[tuple[str, str, Any]] = []
+    for stage in cfg.stages:
+        source, key, kind = data_source(cfg, stage)
+        eval_key = f"{key}_eval"
+        for name, found in ((key, source), (eval_key, getattr(cfg.data, eval_key.split(".")[-1], None))):
+            if found is not None and (name, kind) not in [(n, k) for n, k, _ in out]:
+                out.append((name, kind, found))
+    return out

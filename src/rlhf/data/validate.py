@@ -1,8 +1,9 @@
 """Load a source into normalized rows under a bad-row policy, and the cheap check used by preflight.
 
-`RowScanner` ties the loaders and the format adapters together: it reads records, detects the format
-from the first recognizable row, checks that the format can serve the requested kind (a whole-source
-error) and yields each row normalized, or the row's DataError.
+`RowScanner` ties the loaders and the format adapters together: it reads records, renames the file's
+own keys (`columns`), detects the format from the first recognizable row, checks that the format can
+serve the requested kind (a whole-source error) and yields each row normalized, or the row's DataError.
+A source of several parts is loaded part by part and mixed by weight (`rlhf.data.sources`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 
 from rlhf.data.formats import FORMAT_KINDS, KINDS, check_kind, detect_format, normalize_row
 from rlhf.data.loaders import read_records
+from rlhf.data.sources import Part, label, mix, parts
 from rlhf.errors import DataError
 
 BAD_ROW_POLICIES = ("error", "skip")
@@ -37,6 +39,10 @@ class LoadResult:
     """The first few skip messages, each `location: reason`."""
     n_over_length: int = 0
     """Rows longer than `max_length` tokens (counted, not dropped); 0 without a tokenizer."""
+    weight: float = 1.0
+    """The part's mixing weight (`rows` are before weighting); 1 for a whole source."""
+    parts: list[LoadResult] = field(default_factory=list)
+    """For a mix of several parts: each part's own result; `rows` are then the weighted mix."""
 
     def to_dataset(self) -> Any:
         """The rows as a `datasets.Dataset` (imports `datasets` on first use)."""
@@ -53,16 +59,22 @@ class RowScanner:
     While iterating, `format`, `kind` and `n_read` describe what was read so far.
     """
 
-    def __init__(self, source: str, kind: str | None, split: str = "train", *, streaming: bool = False):
+    def __init__(
+        self, source: str | Part, kind: str | None, split: str = "train", *, streaming: bool = False
+    ):
         if kind is not None and kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-        self.source, self.kind, self.split, self.streaming = str(source), kind, split, streaming
+        self.part = source if isinstance(source, Part) else Part(str(source))
+        self.source, self.kind, self.split, self.streaming = self.part.path, kind, split, streaming
         self.format: str | None = None
+        self.first_raw: dict | None = None
+        """The first good row as read (keys renamed), which `rlhf data inspect` describes."""
         self.n_read = 0
 
     def _normalize(self, raw: dict, location: str) -> dict | DataError:
         """Normalize one raw row; raise only when the source's format cannot serve the kind."""
         try:
+            raw = self.part.rename(raw, location)
             fmt = self.format or detect_format(raw, location)
         except DataError as err:
             return err
@@ -73,7 +85,8 @@ class RowScanner:
             row = normalize_row(raw, fmt, kind, location)
         except DataError as err:
             return err
-        self.format, self.kind = fmt, kind
+        if self.format is None:
+            self.format, self.kind, self.first_raw = fmt, kind, raw
         return row
 
     def __iter__(self) -> Iterator[tuple[str, dict | DataError]]:
@@ -110,7 +123,47 @@ def token_length(row: dict, tokenizer: Any, location: str = "") -> int:
 
 
 def load(
-    source: str,
+    source: Any,
+    kind: str,
+    *,
+    split: str = "train",
+    bad_rows: str = "error",
+    tokenizer: Any = None,
+    max_length: int | None = None,
+    limit: int | None = None,
+    seed: int = 0,
+) -> LoadResult:
+    """Read `source` and normalize every row for `kind` ("sft", "preference" or "prompt").
+
+    `source` is a path, a `{path, weight, columns}` mapping or a list of them (`rlhf.data.sources`); the
+    parts of a list are mixed by weight with `seed`. `bad_rows="error"` raises DataError on the first bad
+    row; `"skip"` drops bad rows and counts them. With a tokenizer and `max_length`, rows longer than
+    `max_length` tokens are counted (not dropped). `limit` stops each part after that many good rows.
+    """
+    results = load_parts(
+        source, kind, split=split, bad_rows=bad_rows, tokenizer=tokenizer, max_length=max_length, limit=limit
+    )
+    if len(results) == 1 and results[0].weight == 1.0:
+        return results[0]
+    return LoadResult(
+        rows=mix([r.rows for r in results], [r.weight for r in results], seed),
+        format=" + ".join(r.format for r in results),
+        source=label(source),
+        n_read=sum(r.n_read for r in results),
+        n_skipped=sum(r.n_skipped for r in results),
+        skipped=[msg for r in results for msg in r.skipped][:MAX_SKIP_MESSAGES],
+        n_over_length=sum(r.n_over_length for r in results),
+        parts=results,
+    )
+
+
+def load_parts(source: Any, kind: str, **options: Any) -> list[LoadResult]:
+    """`load_part` for each part of `source`, unweighted (each result carries its weight)."""
+    return [load_part(part, kind, **options) for part in parts(source)]
+
+
+def load_part(
+    part: Part,
     kind: str,
     *,
     split: str = "train",
@@ -119,16 +172,11 @@ def load(
     max_length: int | None = None,
     limit: int | None = None,
 ) -> LoadResult:
-    """Read `source` and normalize every row for `kind` ("sft", "preference" or "prompt").
-
-    `bad_rows="error"` raises DataError on the first bad row; `"skip"` drops bad rows and counts them.
-    With a tokenizer and `max_length`, rows longer than `max_length` tokens are counted (not dropped).
-    `limit` stops after that many good rows.
-    """
+    """Every row of one part, normalized for `kind` (see `load`), without its weight applied."""
     if bad_rows not in BAD_ROW_POLICIES:
         raise ValueError(f"bad_rows must be one of {BAD_ROW_POLICIES}, got {bad_rows!r}")
-    scanner = RowScanner(source, kind, split)
-    result = LoadResult(rows=[], format="", source=str(source), n_read=0)
+    scanner = RowScanner(part, kind, split)
+    result = LoadResult(rows=[], format="", source=part.path, n_read=0, weight=part.weight)
     count_length = tokenizer is not None and max_length is not None
     for location, row in scanner:
         if isinstance(row, DataError):
@@ -145,24 +193,28 @@ def load(
             break
     if not result.rows:
         raise DataError(
-            f"{source}: no valid rows ({result.n_skipped} bad rows skipped, first: {result.skipped[0]})"
+            f"{part.path}: no valid rows ({result.n_skipped} bad rows skipped, first: {result.skipped[0]})"
         )
     result.format, result.n_read = scanner.format or "", scanner.n_read
     return result
 
 
 def check_source(
-    source: str, kind: str, *, split: str = "train", sample: int = 50, bad_rows: str = "error"
+    source: Any, kind: str, *, split: str = "train", sample: int = 50, bad_rows: str = "error"
 ) -> str:
-    """Cheap preflight check: read up to `sample` rows and return the detected format.
+    """Cheap preflight check: read up to `sample` rows of each part and return the detected format(s).
 
-    Raises DataError when the source is unreadable, cannot serve `kind`, or (with `bad_rows="error"`)
+    Raises DataError when a part is unreadable, cannot serve `kind`, or (with `bad_rows="error"`)
     a sampled row is bad; with `"skip"`, only when no sampled row is good. Builds no `datasets.Dataset`
     for local files; hub datasets are streamed.
     """
     if bad_rows not in BAD_ROW_POLICIES:
         raise ValueError(f"bad_rows must be one of {BAD_ROW_POLICIES}, got {bad_rows!r}")
-    scanner = RowScanner(source, kind, split, streaming=True)
+    return " + ".join(_check_part(part, kind, split, sample, bad_rows) for part in parts(source))
+
+
+def _check_part(part: Part, kind: str, split: str, sample: int, bad_rows: str) -> str:
+    scanner = RowScanner(part, kind, split, streaming=True)
     first_error, n_good = None, 0
     for _location, row in scanner:
         if isinstance(row, DataError):
@@ -175,6 +227,6 @@ def check_source(
             break
     if n_good == 0:
         raise DataError(
-            f"{source}: no valid row in the first {scanner.n_read} rows (first problem: {first_error})"
+            f"{part.path}: no valid row in the first {scanner.n_read} rows (first problem: {first_error})"
         )
     return scanner.format or ""
