@@ -5,8 +5,9 @@ are installed as completed sft and reward stage outputs of a throwaway run, then
 with plain-torch engines. Timing: the interval between consecutive `on_step` callbacks (the first step
 is timed from just before `run` and is excluded by the caller as warm-up, with loading).
 
-Equal work: the sampling config gets `min_new_tokens = max_new_tokens`, so no row stops at EOS and every
-response is exactly `--response-length` tokens (checked on every rollout).
+Equal work: no row stops at EOS, so every response is exactly `--response-length` tokens (checked on every
+rollout): HF generate gets `min_new_tokens = max_new_tokens`; the static decoder (`--generation static`,
+the CPU default) gets the EOS logit set to -inf before sampling, which is what `min_new_tokens` does.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ def main() -> None:
     for name in ("--steps", "--batch", "--response-length", "--ppo-epochs", "--mini-batches", "--micro-batch",
                  "--seed"):
         p.add_argument(name, type=int, required=True)
+    p.add_argument("--generation", default="auto", help="ppo.generation: auto, hf, static or graph")
     args = p.parse_args()
 
     import torch
@@ -49,7 +51,7 @@ def main() -> None:
                 "gamma": 1.0, "lam": 0.95, "clip_range": 0.2, "clip_range_value": 0.2,
                 "missing_eos_penalty": 1.0, "critic_init": "reward",
                 "max_grad_norm": 0.0,  # TRL's PPO loop does not clip gradients
-                "save_steps": 10**6, "sample_every": 10**6}
+                "save_steps": 10**6, "sample_every": 10**6, "generation": args.generation}
     cfg = config_from_dict({
         "run": {"name": "b", "output_dir": str(run_dir), "seed": args.seed, "device": "cpu"},
         "model": {"name_or_path": str(work / "policy"), "dtype": "float32"},
@@ -68,6 +70,17 @@ def main() -> None:
         return gen
 
     rollout.generation_config = fixed_length_config
+    from rlhf import generation
+
+    base_warp = generation.warp_logits
+    eos = json.loads((work / "policy" / "config.json").read_text())["eos_token_id"]
+    eos_ids = eos if isinstance(eos, list) else [eos]
+
+    def no_eos_warp(logits, sampling):
+        return base_warp(logits.index_fill(-1, torch.tensor(eos_ids, device=logits.device), float("-inf")),
+                         sampling)
+
+    generation.warp_logits = no_eos_warp
     lengths: list[int] = []
     base_generate = loop.generate
 

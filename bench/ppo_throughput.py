@@ -153,6 +153,8 @@ def run_driver(which: str, python: Path, work: Path, args, round_no: int) -> dic
            "--batch", str(args.batch), "--response-length", str(args.response_length),
            "--ppo-epochs", str(args.ppo_epochs), "--mini-batches", str(args.mini_batches),
            "--micro-batch", str(args.micro_batch), "--seed", str(SEED + round_no)]
+    if which == "ours":
+        cmd += ["--generation", args.generation]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRL_EXPERIMENTAL_SILENCE="1", TOKENIZERS_PARALLELISM="false",
                PYTHONUNBUFFERED="1")
     if which == "ours":
@@ -187,6 +189,7 @@ def main() -> None:
     p.add_argument("--ppo-epochs", type=int, default=2)
     p.add_argument("--mini-batches", type=int, default=1)
     p.add_argument("--micro-batch", type=int, default=0, help="rows per forward/backward (0: the minibatch)")
+    p.add_argument("--generation", default="auto", help="our ppo.generation: auto (static on CPU), hf, static, graph")
     args = p.parse_args()
     if args.steps < 2:
         p.error("--steps must be >= 2 (the first step is warm-up)")

@@ -70,7 +70,7 @@ class PPOContext:
         if self.device is None:
             self.device = torch.device("cpu")
         if self.decoder is None:
-            self.decoder = make_decoder(self.cfg.ppo, self.cfg.data.max_prompt_length)
+            self.decoder = make_decoder(self.cfg.ppo, self.cfg.data.max_prompt_length, self.device)
         if self.guard is None:
             self.guard = make_guard(self.cfg, self.stage)
 

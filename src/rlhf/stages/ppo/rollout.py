@@ -113,9 +113,13 @@ def generation_config(tokenizer, ppo, eos_ids: list[int]):
                             pad_token_id=tokenizer.pad_token_id, use_cache=True)
 
 
-def make_decoder(ppo, max_prompt_length: int):
-    """The run's static-cache decoder for `ppo.generation: static | graph`, or None for HF generate."""
-    if ppo.generation == "hf":
+def make_decoder(ppo, max_prompt_length: int, device):
+    """The run's static-cache decoder for `ppo.generation: static | graph` (and `auto` on CPU), or None for
+    HF generate."""
+    kind = ppo.generation
+    if kind == "auto":
+        kind = "static" if torch.device(device).type == "cpu" else "hf"
+    if kind == "hf":
         return None
     from rlhf.generation import StaticDecoder
 
