@@ -350,9 +350,9 @@ class PPOCfg:
     generation: Literal["auto", "hf", "static", "graph"] = "auto"
     """How rollouts are sampled: `hf` (transformers' generate), `static` (one static KV cache reused across
     rollouts, `rlhf.generation`), or `graph` (static, with the decode step replayed as a CUDA graph on
-    GPUs; static elsewhere). `auto`: static on CPU (measured ~3x faster than hf for SmolLM2-135M,
-    bench/decode_speed.py), hf on GPUs until graph is measured there. Where the logits agree to the bit
-    (tested on CPU in fp32) all of them draw the same tokens for the same seed."""
+    GPUs; static elsewhere). `auto`: static on CPU (faster there, bench/README.md), hf on GPUs until graph
+    is measured there. Where the logits agree to the bit (tested on CPU in fp32, on the tiny model and
+    SmolLM2-135M) all of them draw the same tokens for the same seed."""
 
     def __post_init__(self) -> None:
         for key in ("steps", "rollout_batch_size", "mini_batch_size", "grad_accum", "ppo_epochs",
