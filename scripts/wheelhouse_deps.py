@@ -24,12 +24,10 @@ from importlib import metadata
 from pathlib import Path
 
 try:
-    from packaging.markers import Marker
     from packaging.requirements import Requirement
     from packaging.specifiers import SpecifierSet
     from packaging.version import InvalidVersion, Version
 except ImportError:  # pragma: no cover - pip always carries a copy
-    from pip._vendor.packaging.markers import Marker  # type: ignore[no-redef]
     from pip._vendor.packaging.requirements import Requirement  # type: ignore[no-redef]
     from pip._vendor.packaging.specifiers import SpecifierSet  # type: ignore[no-redef]
     from pip._vendor.packaging.version import InvalidVersion, Version  # type: ignore[no-redef]
@@ -102,10 +100,10 @@ class Closure:
         self.extra_edges: dict[str, list[str]] = {}  # what a package needs only for an extra asked of it
 
     def walk(self, roots: list[str]) -> None:
-        queue: list[tuple[str, Requirement, str]] = [("pyproject.toml", Requirement(r), "") for r in roots]
+        queue: list[tuple[str, Requirement]] = [("pyproject.toml", Requirement(r)) for r in roots]
         seen: set[tuple[str, frozenset[str]]] = set()
         while queue:
-            parent, req, _ = queue.pop(0)
+            parent, req = queue.pop(0)
             name = canon(req.name)
             if excluded(name):
                 continue
@@ -122,7 +120,7 @@ class Closure:
             for text in dist.requires or []:
                 sub = Requirement(text)
                 if applies(sub, self.env, set(req.extras)):
-                    queue.append((dist.metadata["Name"], sub, ""))
+                    queue.append((dist.metadata["Name"], sub))
                     if not applies(sub, self.env, set()):
                         self.extra_edges.setdefault(name, []).append(canon(sub.name))
 
