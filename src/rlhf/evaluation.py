@@ -47,47 +47,61 @@ def encode_responses(tokenizer, prompts: list[list[dict]], responses: list[str])
     return [encoding.encode(tokenizer, p, r) for p, r in zip(prompts, responses, strict=True)]
 
 
-def _batches(seqs: list[tuple[list[int], int]], pad_id: int, batch_size: int):
-    """Right-padded (batch, input_ids, attention_mask) chunks of (ids, n) sequences."""
-    import torch
+def _batches(seqs: list[tuple[list[int], int]], pad_id: int, batch_size: int, device):
+    """Right-padded (batch, input_ids, attention_mask) chunks of (ids, n) sequences, built on `device`."""
+    from rlhf.scoring import right_padded
 
     for start in range(0, len(seqs), batch_size):
         batch = seqs[start:start + batch_size]
-        width = max(len(ids) for ids, _ in batch)
-        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        attention = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, (ids, _) in enumerate(batch):
-            input_ids[i, :len(ids)] = torch.tensor(ids)
-            attention[i, :len(ids)] = 1
-        yield batch, input_ids, attention
+        yield (batch, *right_padded([ids for ids, _ in batch], pad_id, device))
 
 
 def _response_logits(model, batch, input_ids, attention):
-    """(logits predicting the tokens from the batch's earliest response start on, that start): the LM head
-    runs on those positions only (`logits_to_keep`), not on the prompt positions before them."""
+    """(float32 logits predicting the tokens from the batch's earliest response start on, that start): the
+    LM head runs on those positions only (`logits_to_keep`), not on the prompt positions before them."""
     import torch
 
     start = min(n for _, n in batch) - 1  # position t predicts token t + 1
     keep = input_ids.shape[1] - start
-    device = next(model.parameters()).device
     with torch.no_grad():
-        out = model(input_ids=input_ids.to(device), attention_mask=attention.to(device), logits_to_keep=keep)
-    return out.logits[:, -keep:-1].float().cpu(), start
+        out = model(input_ids=input_ids, attention_mask=attention, logits_to_keep=keep)
+    return out.logits[:, -keep:-1].float(), start  # log-softmax in fp32 even for a bf16/fp16 model
 
 
 def sequence_logprobs(model, seqs: list[tuple[list[int], int]], pad_id: int, batch_size: int = 8) -> list:
-    """Log-probs of the response tokens (ids[n:]) of each (ids, n) sequence: a float32 [len(ids) - n] tensor each.
+    """Log-probs of the response tokens (ids[n:]) of each (ids, n) sequence: a float32 [len(ids) - n] tensor
+    each, on the model's device.
 
     Right-padded batches; no gradient. The model should be in eval mode (dropout off).
     """
     from rlhf.losses import logprobs_from_logits
 
     out = []
-    for batch, input_ids, attention in _batches(seqs, pad_id, batch_size):
+    for batch, input_ids, attention in _batches(seqs, pad_id, batch_size, _device(model)):
         logits, start = _response_logits(model, batch, input_ids, attention)
         token_logps = logprobs_from_logits(logits, input_ids[:, start + 1:])  # column j predicts token start+1+j
         out.extend(token_logps[i, n - 1 - start:len(ids) - 1 - start] for i, (ids, n) in enumerate(batch))
     return out
+
+
+def pair_logps(model, tokenizer, rows: list[dict], *, mean: bool = False, batch_size: int = 8) -> list[list[float]]:
+    """[chosen, rejected] response log-prob of `model` per internal-schema preference row: the sum over the
+    response tokens (DPO's log pi(y|x)), or with `mean` their mean (ORPO's log p)."""
+    import torch
+
+    if not rows:
+        return []
+    prompts = [r["prompt"] for r in rows]
+    sides = []
+    for side in ("chosen", "rejected"):
+        seqs = encode_responses(tokenizer, prompts, [encoding.content(r[side]) for r in rows])
+        logps = sequence_logprobs(model, seqs, tokenizer.pad_token_id, batch_size)
+        sides.append(torch.stack([lp.mean() if mean else lp.sum() for lp in logps]).tolist())
+    return [[chosen, rejected] for chosen, rejected in zip(*sides, strict=True)]
+
+
+def _device(model):
+    return next(model.parameters()).device
 
 
 def sequence_kl(policy, ref, seqs: list[tuple[list[int], int]], pad_id: int, batch_size: int = 8) -> list[float]:
@@ -100,12 +114,13 @@ def sequence_kl(policy, ref, seqs: list[tuple[list[int], int]], pad_id: int, bat
     import torch
 
     out = []
-    for batch, input_ids, attention in _batches(seqs, pad_id, batch_size):
+    for batch, input_ids, attention in _batches(seqs, pad_id, batch_size, _device(policy)):
         logits, start = _response_logits(policy, batch, input_ids, attention)
         logp = torch.log_softmax(logits, dim=-1)
         logq = torch.log_softmax(_response_logits(ref, batch, input_ids, attention)[0], dim=-1)
         per_pos = (logp.exp() * (logp - logq)).sum(-1).clamp_min(0.0)  # clamp: float rounding
-        out.extend(float(per_pos[i, n - 1 - start:len(ids) - 1 - start].sum()) for i, (ids, n) in enumerate(batch))
+        out.extend(torch.stack([per_pos[i, n - 1 - start:len(ids) - 1 - start].sum()
+                                for i, (ids, n) in enumerate(batch)]).tolist())
     return out
 
 

@@ -31,16 +31,23 @@ def score(model, tokenizer, prompts: list[list[dict]], responses: list[str], *, 
             if max_length is not None and len(ids) > max_length:
                 ids = ids[-max_length:]
             batch.append(ids)
-        width = max(len(ids) for ids in batch)
-        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        attention = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, ids in enumerate(batch):
-            input_ids[i, : len(ids)] = torch.tensor(ids)
-            attention[i, : len(ids)] = 1
+        input_ids, attention = right_padded(batch, pad, device)
         with torch.no_grad():
-            logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
-        scores.extend(logits[:, 0].float().cpu().tolist())
+            logits = model(input_ids=input_ids, attention_mask=attention).logits
+        scores.extend(logits[:, 0].float().tolist())
     return scores
+
+
+def right_padded(batch: list[list[int]], pad_id: int, device):
+    """input_ids and attention_mask [B, T] (T = the longest row), right-padded, built on `device`."""
+    import torch
+
+    width = max(len(ids) for ids in batch)
+    input_ids = torch.tensor([list(ids) + [pad_id] * (width - len(ids)) for ids in batch], dtype=torch.long,
+                             device=device)
+    attention = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in batch], dtype=torch.long,
+                             device=device)
+    return input_ids, attention
 
 
 def score_preferences(model, tokenizer, rows: list[dict], *, batch_size: int = 8) -> tuple[list[float], list[float]]:

@@ -1,5 +1,6 @@
 """DPO and ORPO under `deepspeed --num_gpus 2` on CPU with ZeRO-3 (and ORPO with ZeRO-2): train, checkpoint,
-save, and the saved model loads in a single process with full (gathered) weights."""
+save, and the saved model loads in a single process with full (gathered) weights. DPO's held-out check,
+split over the two ranks, reports what one process computes on all rows."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlhf import artifacts
+from rlhf import artifacts, models
+from rlhf.config import load_config
+from rlhf.stages import dpo
+from rlhf.stages.sft import load_rows
 
 sys.path.insert(0, str(Path(__file__).parent))
 from launch import deepspeed_cli  # noqa: E402
@@ -58,6 +62,15 @@ def test_dpo_zero3_two_ranks(tmp_path, tiny_model_dir, precompute):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     metrics = _check_saved(tmp_path / "runs" / "t" / "dpo")
     assert 0.0 <= metrics["heldout_rewards/accuracy"] <= 1.0
+    # Rank 0 scored pairs 0-7, rank 1 pairs 8-12 (whole batches of eval_batch_size 4); one process agrees.
+    _, eval_rows, _ = load_rows(load_config(config), "dpo", "preference")
+    tok = models.load_tokenizer(str(tmp_path / "runs" / "t" / "dpo" / "final"))
+    policy, ref = (models.load_causal_lm(str(d / "final"), tokenizer=tok).eval()
+                   for d in (tmp_path / "runs" / "t" / "dpo", sft))
+    expected = dpo.implicit_rewards(policy, ref, tok, eval_rows, 0.1)
+    assert len(eval_rows) == 13 and expected["rewards/accuracy"] == metrics["heldout_rewards/accuracy"]
+    for key, value in expected.items():
+        assert metrics[f"heldout_{key}"] == pytest.approx(value, rel=1e-5, abs=1e-6), key
 
 
 @pytest.mark.parametrize("zero_stage", [3, 2])

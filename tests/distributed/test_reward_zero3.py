@@ -1,5 +1,6 @@
 """Reward stage under `deepspeed --num_gpus 2` on CPU with ZeRO-3: trains, saves, and the saved model,
-loaded in a single process, scores exactly as the sharded model did before saving."""
+loaded in a single process, scores exactly as the sharded model did before saving. The held-out check,
+split over the two ranks, reports what one process computes on all rows."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import pytest
 import torch
 import yaml
 
-from rlhf import artifacts, models, scoring
+from rlhf import artifacts, metrics, models, scoring
+from rlhf.config import load_config
+from rlhf.stages.sft import load_rows
 
 sys.path.insert(0, str(Path(__file__).parent))
 from launch import deepspeed_cli  # noqa: E402
@@ -43,6 +46,15 @@ def test_reward_zero3_two_ranks_saves_a_model_that_scores_the_same(tmp_path, rlh
     tok = models.load_tokenizer(str(final))
     model = models.load_scalar_model(str(final), tokenizer=tok, require_head=True).eval()
     assert all(p.numel() > 0 for p in model.parameters())
+    # Held-out check: rank 0 scored pairs 0-15, rank 1 pairs 16-25 (whole batches of eval_batch_size 8);
+    # the gathered report equals one process scoring all 26 pairs.
+    cfg = load_config(config)
+    _, eval_rows, _ = load_rows(cfg, "reward", "preference")
+    assert len(eval_rows) == 26
+    expected = metrics.preference_report(*scoring.score_preferences(model, tok, eval_rows, batch_size=8))
+    for key, value in expected.items():
+        assert manifest["metrics"][key] == pytest.approx(value, rel=1e-6, abs=1e-6), key
+    assert json.loads((final / "reward_stats.json").read_text())["n"] == 52
     rows = [json.loads(line) for line in (ROOT / "data/tiny/preference.jsonl").read_text().splitlines()[:4]]
     prompts = [[{"role": "user", "content": r["prompt"]}] for r in rows]
     a = scoring.score(model, tok, prompts, [r["chosen"] for r in rows])

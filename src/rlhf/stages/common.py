@@ -97,10 +97,13 @@ class StageRun:
         self._callback = _make_callback(self)
         return [self._callback]
 
-    def train(self, trainer) -> None:
+    def train(self, trainer, role: str = "policy") -> None:
         """`trainer.train()` from the resume point. SIGTERM saves a checkpoint and ends with `StopRequested`;
         a checkpoint save that fails on I/O (disk full, file-size limit, permissions) ends with a one-line
-        `TrainingError` and leaves the previous complete checkpoint as the resume point."""
+        `TrainingError` and leaves the previous complete checkpoint as the resume point; so does a CUDA
+        out-of-memory error, naming `role` (the model trained: policy, reward) and the settings to try."""
+        from rlhf.guards import catch_oom
+
         save = trainer._save_checkpoint  # the Trainer's checkpoint writer; the guard only adds error handling
 
         def guarded_save(*args, **kwargs):
@@ -118,7 +121,8 @@ class StageRun:
         in_main_thread = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGTERM, self._callback.on_sigterm) if in_main_thread else None
         try:
-            trainer.train(resume_from_checkpoint=str(self.resume) if self.resume else None)
+            with catch_oom(self.stage, role, self.ckpt_dir, self.cfg.source):
+                trainer.train(resume_from_checkpoint=str(self.resume) if self.resume else None)
         except _TrainingDone:
             trainer.is_in_train = False  # what the Trainer's own end of training would reset
             log.info("%s: %s is at the last step; nothing left to train", self.stage, self.resume)

@@ -8,7 +8,8 @@ reference log-probs next to the dataset's files and every rank must find the sam
 Pairs go to TRL in the conversational explicit-prompt form (prompt messages, one assistant message per
 side). TRL logs the implicit rewards beta * (log pi - log ref) of both sides, their accuracy and margin.
 After saving, the reloaded model is scored against the SFT model on the held-out pairs with this
-package's own encoding (`rlhf.encoding`) and `losses.dpo_loss`'s statistics: a check independent of TRL.
+package's own encoding (`rlhf.encoding`) and `losses.dpo_loss`'s statistics: a check independent of TRL,
+split over ranks (`rlhf.heldout`).
 
 Note: TRL's `ipo` divides each side's log-ratio by its token count before the loss (as the IPO authors'
 code does), while `losses.ipo_loss` uses whole-sequence log-probs (the paper's formula).
@@ -20,8 +21,9 @@ import logging
 import shutil
 from pathlib import Path
 
-from rlhf import artifacts, engine, models
+from rlhf import artifacts, engine, heldout, models
 from rlhf.config import PipelineConfig
+from rlhf.guards import catch_oom
 from rlhf.replicate import replicate
 from rlhf.stages.common import StageResult, StageRun
 from rlhf.stages.sft import load_rows
@@ -76,16 +78,16 @@ def run(cfg: PipelineConfig, *, restart: bool = False) -> StageResult:
                      dataset_num_proc=None)
     trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, callbacks=stage.callbacks(), peft_config=peft_config)
-    stage.train(trainer)  # resume, SIGTERM stop, one-line save failures
+    stage.train(trainer)  # resume, SIGTERM stop, one-line save and out-of-memory failures
     report = {"train_pairs": len(train_ds), "eval_pairs": len(eval_rows), "global_step": trainer.state.global_step,
               "beta": cfg.dpo.beta, "loss_type": cfg.dpo.loss_type}
     if eval_ds is not None:
-        ev = trainer.evaluate()
+        with catch_oom("dpo", "policy", stage.ckpt_dir, cfg.source, batch_key="dpo.eval_batch_size"):
+            ev = trainer.evaluate()
         report.update({f"trl_{k}": v for k, v in ev.items() if k.startswith("eval_rewards/")})
     final = stage.save_final(trainer, tokenizer, merge_base=sft_dir if peft_config is not None else None)
+    report.update(heldout_report(final, sft_dir, eval_rows or train_rows, cfg, stage.ckpt_dir))
     if engine.is_main():
-        with engine.single_process_loading():
-            report.update(heldout_report(final, sft_dir, eval_rows or train_rows, cfg.dpo.beta))
         stage.metrics.log(trainer.state.global_step, {f"eval/{k}": v for k, v in report.items()
                                                       if isinstance(v, float)})
         _plot(cfg, stage)
@@ -94,35 +96,45 @@ def run(cfg: PipelineConfig, *, restart: bool = False) -> StageResult:
 
 
 def implicit_rewards(policy, ref, tokenizer, rows: list[dict], beta: float) -> dict[str, float]:
-    """Held-out implicit-reward statistics of `policy` against `ref` (losses.dpo_loss's stats and loss).
+    """Held-out implicit-reward statistics of `policy` against `ref` in this process (`rewards_report`)."""
+    from rlhf.evaluation import pair_logps
+
+    return rewards_report(pair_logps(policy, tokenizer, rows), pair_logps(ref, tokenizer, rows), beta)
+
+
+def rewards_report(policy_logps: list[list[float]], ref_logps: list[list[float]], beta: float) -> dict[str, float]:
+    """losses.dpo_loss's statistics and loss from per-row [chosen, rejected] response log-probs of the policy
+    and the reference.
 
     rewards/accuracy counts pairs whose chosen implicit reward is strictly higher, so a policy equal to its
     reference (every reward 0) scores 0.
     """
     import torch
 
-    from rlhf import encoding, losses
-    from rlhf.evaluation import encode_responses, sequence_logprobs
+    from rlhf import losses
 
-    prompts = [r["prompt"] for r in rows]
-    sides = {}
-    for side in ("chosen", "rejected"):
-        seqs = encode_responses(tokenizer, prompts, [encoding.content(r[side]) for r in rows])
-        sides[side] = [torch.stack([lp.sum() for lp in sequence_logprobs(m, seqs, tokenizer.pad_token_id)])
-                       for m in (policy, ref)]
-    loss, stats = losses.dpo_loss(sides["chosen"][0], sides["rejected"][0], sides["chosen"][1],
-                                  sides["rejected"][1], beta)
+    # gathered Python floats: the report is a few hundred numbers, computed on the host
+    (policy_chosen, policy_rejected), (ref_chosen, ref_rejected) = (
+        [torch.tensor(side, device="cpu") for side in zip(*logps, strict=True)]
+        for logps in (policy_logps, ref_logps))
+    loss, stats = losses.dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
     return {"loss": float(loss), **{k: float(v) for k, v in stats.items()}}
 
 
-def heldout_report(final_dir: Path, ref_dir: str, rows: list[dict], beta: float) -> dict[str, float]:
-    """Reload the saved model and the SFT reference as a user would; implicit-reward stats on `rows`."""
+def heldout_report(final_dir: Path, ref_dir: str, rows: list[dict], cfg: PipelineConfig,
+                   ckpt_dir: Path) -> dict[str, float]:
+    """Reload the saved model and the SFT reference as a user would, one after the other; implicit-reward
+    stats on `rows`. Collective: every rank scores its share on the run's device (`rlhf.heldout`)."""
     tokenizer = models.load_tokenizer(str(final_dir))
-    policy = models.load_causal_lm(str(final_dir), tokenizer=tokenizer).eval()
-    ref = models.load_causal_lm(ref_dir, tokenizer=tokenizer).eval()
-    stats = implicit_rewards(policy, ref, tokenizer, rows, beta)
-    log.info("dpo: held-out implicit-reward accuracy %.3f, margin %.3f (%d pairs)",
-             stats["rewards/accuracy"], stats["rewards/margin"], len(rows))
+    logps = {}
+    for role, path in (("policy", final_dir), ("ref", ref_dir)):  # one model in memory at a time
+        with catch_oom("dpo", role, ckpt_dir, cfg.source, batch_key="dpo.eval_batch_size"):
+            logps[role] = heldout.saved_pair_logps(path, cfg, tokenizer, rows, mean=False,
+                                                   batch_size=cfg.dpo.eval_batch_size)
+    stats = rewards_report(logps["policy"], logps["ref"], cfg.dpo.beta)
+    if engine.is_main():
+        log.info("dpo: held-out implicit-reward accuracy %.3f, margin %.3f (%d pairs)",
+                 stats["rewards/accuracy"], stats["rewards/margin"], len(rows))
     return {f"heldout_{k}": v for k, v in stats.items()}
 
 

@@ -12,7 +12,8 @@ the reward model scores.
 
 Logged per step: orpo/nll, orpo/log_odds_ratio (mean log odds(chosen) - log odds(rejected)),
 orpo/log_odds_chosen, orpo/accuracy (share of pairs whose log odds ratio is > 0). Before training and after
-saving, the held-out log odds ratio is measured on the base model and on the reloaded final model.
+saving, the held-out log odds ratio is measured on the base model and on the reloaded final model, each
+rank scoring its share of the pairs on the run's device (`rlhf.heldout`).
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 
-from rlhf import encoding, engine, models
+from rlhf import encoding, engine, heldout, models
 from rlhf.config import PipelineConfig
+from rlhf.evaluation import pair_logps
+from rlhf.guards import catch_oom
 from rlhf.stages.common import StageResult, StageRun, check_fitted, stage_tokenizer
 from rlhf.stages.sft import load_rows
 
@@ -128,25 +131,29 @@ def run(cfg: PipelineConfig, *, restart: bool = False) -> StageResult:
     lora = models.lora_dict(cfg.model.lora)  # new adapters start at zero: the model is still the base model
     model = models.load_causal_lm(base, tokenizer=tokenizer, trust_remote_code=cfg.model.trust_remote_code,
                                   allow_pickle=cfg.model.allow_pickle, dtype=cfg.model.dtype, lora=lora)
-    check_rows = eval_rows or train_rows
-    before = log_odds_report(model.eval(), tokenizer, check_rows) if engine.is_main() else {}
-    engine.barrier()
+    check_rows, size = eval_rows or train_rows, cfg.orpo.eval_batch_size
+    with catch_oom("orpo", "policy", stage.ckpt_dir, cfg.source, batch_key="orpo.eval_batch_size"):
+        model = model.to(engine.device(cfg.run.device)).eval()  # where the Trainer would put it
+        means = heldout.map_rows(check_rows, lambda part: pair_logps(model, tokenizer, part, mean=True,
+                                                                     batch_size=size), size)
+    before = log_odds_report(means)
     model.train()
     args = TrainingArguments(**stage.trainer_args(cfg.orpo), remove_unused_columns=False)
     trainer = make_trainer(cfg.orpo.beta, model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                            data_collator=collate_pairs(tokenizer.pad_token_id), processing_class=tokenizer,
                            callbacks=stage.callbacks())
-    stage.train(trainer)  # resume, SIGTERM stop, one-line save failures
+    stage.train(trainer)  # resume, SIGTERM stop, one-line save and out-of-memory failures
     report = {"train_pairs": len(train_ds), "eval_pairs": len(eval_rows), "global_step": trainer.state.global_step,
               "lambda": cfg.orpo.beta, **{f"heldout_{k}_before": v for k, v in before.items()}}
     if eval_ds is not None and len(eval_ds):
-        report.update({k: v for k, v in trainer.evaluate().items() if k.startswith("eval_")})
+        with catch_oom("orpo", "policy", stage.ckpt_dir, cfg.source, batch_key="orpo.eval_batch_size"):
+            report.update({k: v for k, v in trainer.evaluate().items() if k.startswith("eval_")})
     final = stage.save_final(trainer, tokenizer, merge_base=base if lora else None)
+    with catch_oom("orpo", "policy", stage.ckpt_dir, cfg.source, batch_key="orpo.eval_batch_size"):
+        after = log_odds_report(heldout.saved_pair_logps(final, cfg, tokenizer, check_rows, mean=True,
+                                                         batch_size=size))
+    report.update({f"heldout_{k}_after": v for k, v in after.items()})
     if engine.is_main():
-        with engine.single_process_loading():
-            after = log_odds_report(models.load_causal_lm(str(final), tokenizer=tokenizer).eval(), tokenizer,
-                                    check_rows)
-        report.update({f"heldout_{k}_after": v for k, v in after.items()})
         log.info("orpo: held-out log odds ratio %.3f -> %.3f, accuracy %.3f -> %.3f (%d pairs)",
                  before["log_odds_ratio"], after["log_odds_ratio"], before["accuracy"], after["accuracy"],
                  len(check_rows))
@@ -157,21 +164,17 @@ def run(cfg: PipelineConfig, *, restart: bool = False) -> StageResult:
                           devices={"policy": engine.model_device(trainer.model)})
 
 
-def log_odds_report(model, tokenizer, rows: list[dict]) -> dict[str, float]:
-    """Held-out ORPO statistics of a model: mean log odds ratio, accuracy (ratio > 0), chosen NLL, loss at lambda 1."""
+def log_odds_report(means: list[list[float]]) -> dict[str, float]:
+    """Held-out ORPO statistics from per-row [chosen, rejected] mean response log-probs: mean log odds ratio,
+    accuracy (ratio > 0), chosen NLL, loss at lambda 1."""
     import torch
 
     from rlhf import losses
-    from rlhf.evaluation import encode_responses, sequence_logprobs
 
-    prompts = [r["prompt"] for r in rows]
-    means = {}
-    for side in ("chosen", "rejected"):
-        seqs = encode_responses(tokenizer, prompts, [encoding.content(r[side]) for r in rows])
-        means[side] = torch.stack([lp.mean() for lp in sequence_logprobs(model, seqs, tokenizer.pad_token_id)])
-    loss, stats = losses.orpo_loss(-means["chosen"], means["chosen"], means["rejected"], 1.0)
+    chosen, rejected = (torch.tensor(side, device="cpu") for side in zip(*means, strict=True))  # gathered floats
+    loss, stats = losses.orpo_loss(-chosen, chosen, rejected, 1.0)
     return {"log_odds_ratio": float(stats["orpo/log_odds_ratio"]), "nll": float(stats["orpo/nll"]),
-            "accuracy": float((means["chosen"] > means["rejected"]).float().mean()), "loss_lambda1": float(loss)}
+            "accuracy": float((chosen > rejected).float().mean()), "loss_lambda1": float(loss)}
 
 
 def _plot(cfg: PipelineConfig, stage: StageRun) -> None:

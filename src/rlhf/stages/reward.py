@@ -2,17 +2,20 @@
 
 Works after SFT (the default base is the SFT output when the file has an `sft` section) and on its own
 from any base model ("reward-model-only training"). Pairs are tokenized with `rlhf.encoding`, so the
-score is read at the EOS token exactly as PPO will read it. After training, the saved model is reloaded
-in a plain process and scored on the held-out pairs: preference accuracy, margin, and the reward mean/std
-that PPO uses to normalise scores (stored as `reward_stats.json` next to the weights).
+score is read at the EOS token exactly as PPO will read it. After training, every rank reloads the saved
+model as a user would and scores its share of the held-out pairs (`rlhf.heldout`): preference accuracy,
+margin, and the reward mean/std that PPO uses to normalise scores (stored as `reward_stats.json` next to
+the weights).
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
-from rlhf import artifacts, encoding, engine, metrics, models, scoring
+from rlhf import artifacts, encoding, engine, heldout, metrics, models, scoring
 from rlhf.config import PipelineConfig
+from rlhf.guards import catch_oom
 from rlhf.stages.common import StageResult, StageRun, check_fitted, stage_tokenizer
 from rlhf.stages.sft import load_rows
 
@@ -68,52 +71,62 @@ def run(cfg: PipelineConfig, *, restart: bool = False) -> StageResult:
     peft_config = models.lora_config(cfg.model.lora, task_type="SEQ_CLS")
     trainer = RewardTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                             processing_class=tokenizer, callbacks=stage.callbacks(), peft_config=peft_config)
-    stage.train(trainer)  # resume, SIGTERM stop, one-line save failures
+    stage.train(trainer, role="reward")  # resume, SIGTERM stop, one-line save and out-of-memory failures
     check_rows = (eval_rows or train_rows)[:16]
-    live = _live_scores(trainer, tokenizer, check_rows)  # all ranks: the model may be sharded
+    live = _live_scores(trainer, tokenizer, check_rows, cfg.reward.eval_batch_size)  # all ranks: may be sharded
     final = stage.save_final(trainer, tokenizer, merge_base=base if peft_config is not None else None)
     report = {"train_pairs": len(train_ds), "eval_pairs": len(eval_rows), "global_step": trainer.state.global_step}
+    with catch_oom("reward", "reward", stage.ckpt_dir, cfg.source, batch_key="reward.eval_batch_size"):
+        report.update(evaluate_reward_model(final, eval_rows or train_rows, cfg, live=(check_rows, live)))
     if engine.is_main():
-        with engine.single_process_loading():
-            report.update(evaluate_reward_model(final, eval_rows or train_rows, live=(check_rows, live)))
         stage.metrics.log(trainer.state.global_step, {f"eval/{k}": v for k, v in report.items()})
         _plot(cfg, stage)
     return stage.complete(report, {"model": base, "data": str(path)}, trainer.state.global_step,
                           devices={"reward": engine.model_device(trainer.model)})
 
 
-def _live_scores(trainer, tokenizer, rows: list[dict]) -> list[float]:
+def _live_scores(trainer, tokenizer, rows: list[dict], batch_size: int) -> list[float]:
     """Scores from the in-memory (possibly ZeRO-3 sharded) model; every rank must call this."""
     model = trainer.model
     was_training = model.training
     model.eval()
-    chosen, rejected = scoring.score_preferences(model, tokenizer, rows)
+    chosen, rejected = scoring.score_preferences(model, tokenizer, rows, batch_size=batch_size)
     model.train(was_training)
     return chosen + rejected
 
 
-def evaluate_reward_model(final_dir, rows: list[dict], live: tuple[list[dict], list[float]] | None = None
-                          ) -> dict[str, float]:
-    """Reload the saved model as any user would, score the pairs, and store reward stats with it.
+def pair_scores(model, tokenizer, rows: list[dict], batch_size: int) -> list[tuple[float, float]]:
+    """(chosen, rejected) reward per preference row."""
+    return list(zip(*scoring.score_preferences(model, tokenizer, rows, batch_size=batch_size), strict=True))
 
-    With `live` (rows and the scores the trained model gave them before saving), also reports the largest
-    difference between live and reloaded scores: a check that saving (e.g. gathering ZeRO-3 shards) lost nothing.
+
+def evaluate_reward_model(final_dir: Path, rows: list[dict], cfg: PipelineConfig,
+                          live: tuple[list[dict], list[float]] | None = None) -> dict[str, float]:
+    """Reload the saved model as any user would, score the pairs, and store reward stats with it (main rank).
+
+    Collective: every rank scores its share of the rows on the run's device (`rlhf.heldout`) and gets the
+    same report. With `live` (rows and the scores the trained model gave them before saving), also reports
+    the largest difference between live and reloaded scores: a check that saving (e.g. gathering ZeRO-3
+    shards) lost nothing.
     """
     tokenizer = models.load_tokenizer(str(final_dir))
-    model = models.load_scalar_model(str(final_dir), tokenizer=tokenizer, require_head=True).eval()
-    chosen, rejected = scoring.score_preferences(model, tokenizer, rows)
-    report = metrics.preference_report(chosen, rejected)
+    model = heldout.load_saved(final_dir, models.load_scalar_model, cfg, tokenizer, require_head=True)
+    size = cfg.reward.eval_batch_size
+    pairs = heldout.map_rows(rows, lambda part: pair_scores(model, tokenizer, part, size), size)
+    report = metrics.preference_report([c for c, _ in pairs], [r for _, r in pairs])
     if live is not None:
         check_rows, live_scores = live
-        again = scoring.score_preferences(model, tokenizer, check_rows)
-        diff = max(abs(a - b) for a, b in zip(again[0] + again[1], live_scores, strict=True))
+        again = heldout.map_rows(check_rows, lambda part: pair_scores(model, tokenizer, part, size), size)
+        again_flat = [c for c, _ in again] + [r for _, r in again]  # the order of `live`: chosen, then rejected
+        diff = max(abs(a - b) for a, b in zip(again_flat, live_scores, strict=True))
         report["saved_vs_live_max_abs_diff"] = diff
-        if diff > 1e-3:
+        if diff > 1e-3 and engine.is_main():
             log.warning("reward: the saved model scores differ from the trained one by up to %.4g", diff)
     stats = {"mean": report["reward_mean"], "std": report["reward_std"], "n": report["n"]}
-    artifacts.write_json_atomic(final_dir / "reward_stats.json", stats)
-    log.info("reward: held-out accuracy %.3f, margin %.3f, reward mean %.3f std %.3f (%d pairs)",
-             report["preference_accuracy"], report["reward_margin_mean"], stats["mean"], stats["std"], len(rows))
+    if engine.is_main():
+        artifacts.write_json_atomic(final_dir / "reward_stats.json", stats)
+        log.info("reward: held-out accuracy %.3f, margin %.3f, reward mean %.3f std %.3f (%d pairs)",
+                 report["preference_accuracy"], report["reward_margin_mean"], stats["mean"], stats["std"], len(rows))
     return {k: float(v) for k, v in report.items()}
 
 
