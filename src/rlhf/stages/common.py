@@ -140,7 +140,8 @@ class StageRun:
 
     def save_final(self, trainer, tokenizer, *, merge_base: str | None = None,
                    extra_files: dict[str, str] | None = None) -> Path:
-        """Write `final/` atomically: every rank takes part (ZeRO-3 gathers weights to rank 0)."""
+        """Write `final/` atomically: every rank takes part (ZeRO-3 gathers weights to rank 0); then nodes
+        whose disk does not show it get a copy (`rlhf.replicate`)."""
         tmp = self.dir / "final.tmp"
         if engine.is_main():
             _remove(tmp)
@@ -155,6 +156,8 @@ class StageRun:
                 raise
             raise failure from err
         engine.barrier()
+        # Every rank reloads final/ for the held-out checks: nodes with their own disks need it now.
+        replicate(self.cfg.run.dir, [self.final_dir], by_content=True)
         return self.final_dir
 
     def _finish_final(self, tmp: Path, tokenizer, merge_base: str | None, extra_files: dict[str, str] | None) -> None:
