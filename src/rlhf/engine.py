@@ -88,6 +88,21 @@ def model_device(model) -> str:
     return "none"
 
 
+def compute_device(eng) -> str:
+    """Where an engine (PPO's, or a Trainer's DeepSpeed engine) computes: DeepSpeed's accelerator device,
+    also when ZeRO-3 keeps the parameters in CPU memory (`offload_param`); else where the weights are."""
+    if isinstance(eng, PlainEngine):
+        return model_device(eng.module)
+    device = getattr(eng, "device", None)
+    return str(device) if device is not None else model_device(getattr(eng, "module", eng))
+
+
+def trainer_device(trainer) -> str:
+    """Where an HF Trainer's model computed: its DeepSpeed engine's device, else its weights' device."""
+    ds_engine = getattr(trainer, "deepspeed", None)
+    return compute_device(ds_engine) if ds_engine is not None else model_device(trainer.model)
+
+
 def use_deepspeed(ds: DeepSpeedCfg) -> bool:
     """DeepSpeed is on when forced in config, or by default whenever a launcher started us."""
     return launched() if ds.enabled is None else ds.enabled

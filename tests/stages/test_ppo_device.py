@@ -105,3 +105,31 @@ def test_checkpoint_random_state_includes_the_gpu_generator(tmp_path, monkeypatc
     assert torch.equal(restored["state"], gpu_state) and restored["device"] == gpu
     _, cpu_only = loop.rng_state(torch.device("cpu"))
     assert set(cpu_only) == {"torch"}
+
+
+def test_out_of_gpu_memory_in_ppo_names_the_model_and_keeps_the_checkpoint(tmp_path, tiny_model_dir,
+                                                                           tiny_reward_dir):
+    # the critic's forward runs out of memory in step 2: one line naming the critic, checkpoint-1 kept
+    import pytest
+
+    from rlhf.errors import TrainingError
+
+    cfg = make_cfg(tmp_path, tiny_model_dir, tiny_reward_dir, steps=3)
+
+    def oom_from_step_2(ctx, stats):
+        if ctx.step == 1:
+            def raise_oom(*args, **kwargs):
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB. GPU 0 has a total "
+                                             "capacity of 79.10 GiB of which 1.50 GiB is free. Of the allocated ...")
+            critic = ctx.critic.module  # values are read from its backbone (experience.scalar_outputs)
+            getattr(critic, critic.base_model_prefix).register_forward_pre_hook(raise_oom)
+
+    with pytest.raises(TrainingError) as err:
+        run_ppo(cfg, on_step=oom_from_step_2)
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith("ppo: CUDA out of memory in the critic model (CUDA out of memory. Tried to allocate "
+                              "4.00 GiB. GPU 0 has a total capacity of 79.10 GiB of which 1.50 GiB is free)")
+    assert "checkpoint-1 is kept" in message and "deepspeed.critic.zero_stage=3" in message
+    ckpts = cfg.stage_dir("ppo") / "checkpoints"
+    assert [p.name for p in sorted(ckpts.iterdir())] == ["checkpoint-1"]

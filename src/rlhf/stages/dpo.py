@@ -92,7 +92,7 @@ def run(cfg: PipelineConfig, *, restart: bool = False) -> StageResult:
                                                       if isinstance(v, float)})
         _plot(cfg, stage)
     return stage.complete(report, {"model": sft_dir, "data": str(path)}, trainer.state.global_step,
-                          devices={"policy": engine.model_device(trainer.model)})
+                          devices={"policy": engine.trainer_device(trainer)})
 
 
 def implicit_rewards(policy, ref, tokenizer, rows: list[dict], beta: float) -> dict[str, float]:

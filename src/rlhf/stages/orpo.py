@@ -161,7 +161,7 @@ def run(cfg: PipelineConfig, *, restart: bool = False) -> StageResult:
                                                       if isinstance(v, float)})
         _plot(cfg, stage)
     return stage.complete(report, {"model": base, "data": str(path)}, trainer.state.global_step,
-                          devices={"policy": engine.model_device(trainer.model)})
+                          devices={"policy": engine.trainer_device(trainer)})
 
 
 def log_odds_report(means: list[list[float]]) -> dict[str, float]:

@@ -82,7 +82,7 @@ def run(cfg: PipelineConfig, *, restart: bool = False) -> StageResult:
         stage.metrics.log(trainer.state.global_step, {f"eval/{k}": v for k, v in report.items()})
         _plot(cfg, stage)
     return stage.complete(report, {"model": base, "data": str(path)}, trainer.state.global_step,
-                          devices={"reward": engine.model_device(trainer.model)})
+                          devices={"reward": engine.trainer_device(trainer)})
 
 
 def _live_scores(trainer, tokenizer, rows: list[dict], batch_size: int) -> list[float]:

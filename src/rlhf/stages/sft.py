@@ -108,7 +108,7 @@ def run(cfg: PipelineConfig, *, restart: bool = False) -> StageResult:
     stage.save_final(trainer, tokenizer, merge_base=base if peft_config is not None else None)
     _plot(cfg, stage.dir)
     return stage.complete(metrics, {"model": base, "data": str(path)}, trainer.state.global_step,
-                          devices={"policy": engine.model_device(trainer.model)})
+                          devices={"policy": engine.trainer_device(trainer)})
 
 
 def _plot(cfg: PipelineConfig, stage_dir: Path) -> None:

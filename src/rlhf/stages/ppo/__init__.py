@@ -110,7 +110,7 @@ def _roles(ctx: PPOContext) -> dict:
 
 def devices(ctx: PPOContext) -> dict[str, str]:
     """Where each model's weights are (stage.json `devices`); a LoRA actor is its own reference."""
-    return {name: engine.model_device(eng.module) for name, eng in _roles(ctx).items()}
+    return {name: engine.compute_device(eng) for name, eng in _roles(ctx).items()}
 
 
 def write_memory_report(ctx: PPOContext) -> None:

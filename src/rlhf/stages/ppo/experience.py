@@ -163,14 +163,16 @@ def normalize_scores(raw: Tensor, has_eos: Tensor, stats: dict | None, missing_e
 
 @torch.no_grad()
 def forward_all(rollout: Rollout, actor, ref, critic, scorer: Scorer, *, micro_batch: int,
-                temperature: float, keep_first: bool = False) -> dict:
-    """One no-grad pass of each model over the rollout, in micro-batch chunks.
+                temperature: float, keep_first: bool = False, watch=None) -> dict:
+    """One no-grad pass of each model over the rollout, in micro-batch chunks. `watch(role)` (optional) is a
+    context manager around each model's work (the stage turns an out-of-memory error there into one line).
 
     `ref=None` means a LoRA actor: the reference is the same module with its adapters disabled.
     Returns logprobs, ref_logprobs, values [B, R], entropy [B, R] and raw_scores [B] (all detached),
     and "live": with `keep_first`, the first chunk's actor and critic forwards with their graphs
     (run through the engines exactly as the update runs them), else None.
     """
+    watch = watch or (lambda role: contextlib.nullcontext())
     ids, attn = rollout.input_ids, rollout.attention_mask
     pos = position_ids(attn)
     prompt_len = rollout.prompt_ids.shape[1]
@@ -184,9 +186,11 @@ def forward_all(rollout: Rollout, actor, ref, critic, scorer: Scorer, *, micro_b
         labels = rollout.response_ids[sl]
         keep = keep_first and start == 0
         with torch.set_grad_enabled(keep):
-            logits = policy_logits(actor if keep else actor.module, *chunk[:3], prompt_len, temperature)
-            logprobs = logprobs_from_logits(logits, labels)
-            values = values_of(critic.module, *chunk[:3], prompt_len)
+            with watch("actor"):
+                logits = policy_logits(actor if keep else actor.module, *chunk[:3], prompt_len, temperature)
+                logprobs = logprobs_from_logits(logits, labels)
+            with watch("critic"):
+                values = values_of(critic.module, *chunk[:3], prompt_len)
         if keep:
             live = LiveForward(rows=labels.shape[0], logprobs=logprobs, values=values)
         out["logprobs"].append(logprobs.detach())
@@ -195,12 +199,13 @@ def forward_all(rollout: Rollout, actor, ref, critic, scorer: Scorer, *, micro_b
         del logits
         ref_module = actor.module if ref is None else ref.module
         adapters_off = actor.module.disable_adapter() if ref is None else contextlib.nullcontext()
-        with adapters_off:
+        with adapters_off, watch("ref"):
             ref_logits = policy_logits(ref_module, *chunk[:3], prompt_len, temperature)
-        out["ref_logprobs"].append(logprobs_from_logits(ref_logits, labels))
+            out["ref_logprobs"].append(logprobs_from_logits(ref_logits, labels))
         del ref_logits
     result = {k: torch.cat(v) for k, v in out.items()}
-    result["raw_scores"] = scorer(rollout, chunks)
+    with watch("reward"):
+        result["raw_scores"] = scorer(rollout, chunks)
     result["live"] = live
     return result
 

@@ -75,6 +75,13 @@ class PPOContext:
             self.guard = make_guard(self.cfg, self.stage)
 
 
+def watch(ctx: PPOContext, role: str):
+    """Around one model's work: a CUDA out-of-memory error becomes one line naming the role (exit 3)."""
+    from rlhf.guards import catch_oom
+
+    return catch_oom("ppo", role, ctx.stage.ckpt_dir, ctx.cfg.source)
+
+
 # ------------------------------------------------------------------------------------------ update
 
 
@@ -88,31 +95,33 @@ def _train_micro(ctx: PPOContext, mb: Experience, num_tokens: Tensor,
     Returns (stats, flags): flags say which loss was non-finite and which engine skipped its update."""
     ppo = ctx.cfg.ppo
     skip = ctx.guard.skipping
-    if live is not None:
-        logprobs = live.logprobs
-    else:
-        logits = policy_logits(ctx.actor, mb.input_ids, mb.attention_mask, mb.position_ids, mb.prompt_len,
-                               ppo.temperature)
-        logprobs = logprobs_from_logits(logits, mb.response_ids)
-        del logits
-    pg_loss, pg_stats = ppo_policy_loss(logprobs, mb.logprobs, mb.advantages, mb.mask, ppo.clip_range,
-                                        num_tokens=num_tokens)
-    flags = {"policy loss": not is_finite(pg_loss)}
-    if flags["policy loss"] and not skip:
-        raise ctx.guard.stop_error("the policy loss", pg_loss, ctx.step)
-    ctx.actor.backward(pg_loss, scale_wrt_gas=False)
-    flags["actor skipped"] = engine.step_or_skip(ctx.actor, skip)
-    if live is not None:
-        values = live.values
-    else:
-        values = values_of(ctx.critic.module, mb.input_ids, mb.attention_mask, mb.position_ids, mb.prompt_len)
-    vf_loss, vf_stats = ppo_value_loss(values, mb.values, mb.returns, mb.mask, ppo.clip_range_value,
-                                       num_tokens=num_tokens)
-    flags["value loss"] = not is_finite(vf_loss)
-    if flags["value loss"] and not skip:
-        raise ctx.guard.stop_error("the value loss", vf_loss, ctx.step)
-    ctx.critic.backward(vf_loss, scale_wrt_gas=False)
-    flags["critic skipped"] = engine.step_or_skip(ctx.critic, skip)
+    with watch(ctx, "actor"):
+        if live is not None:
+            logprobs = live.logprobs
+        else:
+            logits = policy_logits(ctx.actor, mb.input_ids, mb.attention_mask, mb.position_ids, mb.prompt_len,
+                                   ppo.temperature)
+            logprobs = logprobs_from_logits(logits, mb.response_ids)
+            del logits
+        pg_loss, pg_stats = ppo_policy_loss(logprobs, mb.logprobs, mb.advantages, mb.mask, ppo.clip_range,
+                                            num_tokens=num_tokens)
+        flags = {"policy loss": not is_finite(pg_loss)}
+        if flags["policy loss"] and not skip:
+            raise ctx.guard.stop_error("the policy loss", pg_loss, ctx.step)
+        ctx.actor.backward(pg_loss, scale_wrt_gas=False)
+        flags["actor skipped"] = engine.step_or_skip(ctx.actor, skip)
+    with watch(ctx, "critic"):
+        if live is not None:
+            values = live.values
+        else:
+            values = values_of(ctx.critic.module, mb.input_ids, mb.attention_mask, mb.position_ids, mb.prompt_len)
+        vf_loss, vf_stats = ppo_value_loss(values, mb.values, mb.returns, mb.mask, ppo.clip_range_value,
+                                           num_tokens=num_tokens)
+        flags["value loss"] = not is_finite(vf_loss)
+        if flags["value loss"] and not skip:
+            raise ctx.guard.stop_error("the value loss", vf_loss, ctx.step)
+        ctx.critic.backward(vf_loss, scale_wrt_gas=False)
+        flags["critic skipped"] = engine.step_or_skip(ctx.critic, skip)
     out = {k: v.item() for k, v in {**pg_stats, **vf_stats}.items()}
     out.update({"policy/loss": pg_loss.item(), "value/loss": vf_loss.item()})
     log_ratio = torch.where(mb.mask.bool(), logprobs.detach() - mb.logprobs, 0.0)
@@ -214,7 +223,7 @@ def rollout_step(ctx: PPOContext):
     ctx.actor.eval()
     synced = engine.world_size() > 1 and engine.is_zero3(ctx.actor)
     started = time.perf_counter()
-    with engine.gathered_for_generation(ctx.actor) as module:
+    with watch(ctx, "actor"), engine.gathered_for_generation(ctx.actor) as module:
         rollout = generate(module, ctx.tokenizer, prompts, ppo, cfg.data.max_prompt_length, synced_gpus=synced,
                            device=ctx.device, decoder=ctx.decoder)
     generated = time.perf_counter()
@@ -224,7 +233,8 @@ def rollout_step(ctx: PPOContext):
         ctx.actor.train()  # the update's mode for the forward it hands over (dropout is off in both)
         ctx.critic.train()
     fwd = forward_all(rollout, ctx.actor, ctx.ref, ctx.critic, ctx.scorer, micro_batch=ppo.micro_batch_size,
-                      temperature=ppo.temperature, keep_first=ppo.reuse_rollout_forward)
+                      temperature=ppo.temperature, keep_first=ppo.reuse_rollout_forward,
+                      watch=lambda role: watch(ctx, role))
     exp = make_experience(rollout, fwd, ppo, kl_coef=ctx.kl_ctl.value, reward_stats=ctx.reward_stats,
                           reduce=engine.all_reduce_sum)
     bad = [(what, value) for what, value in (("the reward score", fwd["raw_scores"]), ("the KL", exp.kl))
