@@ -15,7 +15,7 @@
 #      `rlhf plan --json`'s estimate for the same config: PASS when measured <= predicted + 512 MiB
 #
 # Environment:
-#   CHECKS="a c"      run a subset (default: a b c d e)
+#   CHECKS="a c"      run a subset (default: a b c d e f)
 #   WHEELS=DIR        first install DIR/*.whl (made by scripts/wheelhouse.sh; the package's own wheel is
 #                     skipped: this checkout's src/ is what is checked) with
 #                     `pip install --no-index --no-deps --target SITE`, then PYTHONPATH=SITE:src. For an
@@ -34,7 +34,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 ROOT=$(pwd)
 CONFIG=configs/tiny.yaml
-CHECKS=${CHECKS:-a b c d e}
+CHECKS=${CHECKS:-a b c d e f}
 DEVICE=${GPU_CHECK_DEVICE:-cuda}
 LOGS=${GPU_CHECK_LOGS:-${OUT:-gpu_check_out}}
 SLACK_MIB=512
@@ -42,7 +42,7 @@ SLACK_MIB=512
 # launcher start-up (a: 4 processes; b: 3 launches and 3 short processes; c, d: 2 launches; e: 1 launch and
 # plan; base, the SFT and reward models c, d and e copy: 1 process). a's commands took 122 s on an H200 at
 # commit ef2fa20 (PPO then still on the CPU), so a has 170 s.
-declare -A BUDGET=([base]=50 [a]=170 [b]=120 [c]=100 [d]=80 [e]=70)
+declare -A BUDGET=([base]=50 [a]=170 [b]=120 [c]=100 [d]=80 [e]=70 [f]=90)
 PCT=${GPU_CHECK_TIME_PCT:-$( [ "$DEVICE" = cpu ] && echo 300 || echo 100 )}  # CPU runs take longer
 [[ $PCT =~ ^[1-9][0-9]*$ ]] || { echo "gpu_check: GPU_CHECK_TIME_PCT must be a whole percent, got '$PCT'" >&2; exit 2; }
 for k in "${!BUDGET[@]}"; do BUDGET[$k]=$((BUDGET[$k] * PCT / 100)); done
@@ -51,7 +51,8 @@ declare -A TITLE=(
   [b]="NUM_GPUS=1 stages/pipeline.sh, ZeRO-3 for every model"
   [c]="PPO on 1 GPU (launcher): ZeRO-2 + optimizer offload, ZeRO-3 + parameter offload"
   [d]="PPO SIGKILLed after checkpoint-1, resumed to the same step count"
-  [e]="PPO peak GPU memory vs rlhf plan")
+  [e]="PPO peak GPU memory vs rlhf plan"
+  [f]="PPO rollouts on the static KV cache with the decode step as a CUDA graph; decode speed")
 
 case $DEVICE in
   cuda) DTYPE=bfloat16 ;;
@@ -59,7 +60,7 @@ case $DEVICE in
   *) echo "gpu_check: GPU_CHECK_DEVICE must be cuda or cpu, got '$DEVICE'" >&2; exit 2 ;;
 esac
 for c in $CHECKS; do
-  [ -n "${TITLE[$c]:-}" ] || { echo "gpu_check: unknown check '$c' in CHECKS (a b c d e)" >&2; exit 2; }
+  [ -n "${TITLE[$c]:-}" ] || { echo "gpu_check: unknown check '$c' in CHECKS (a b c d e f)" >&2; exit 2; }
 done
 mkdir -p "$LOGS" || exit 2
 LOGS=$(cd "$LOGS" && pwd)
@@ -131,7 +132,7 @@ with_base() {  # DIR: a fresh run dir holding copies of the shared SFT and rewar
   mkdir -p "$1/tiny" && cp -a "$RUNS/base/tiny/sft" "$RUNS/base/tiny/reward" "$1/tiny/"
 }
 
-build_base() {  # SFT and reward once, as a plain process, for c, d and e
+build_base() {  # SFT and reward once, as a plain process, for c, d, e and f
   local R=$RUNS/base
   rlhf pipeline --config "$CONFIG" "${COMMON[@]}" --set "run.output_dir=$R" --set final_stage= || return 1
   "${CHECK[@]}" stage "$R/tiny" sft --prefix "$DEVICE" --roles policy &&
@@ -179,13 +180,12 @@ check_c() {
     --set deepspeed.actor.offload_optimizer=true --set deepspeed.critic.offload_optimizer=true || return 1
   "${CHECK[@]}" stage "$R/tiny" ppo --steps "$STEPS" || ok=1
   "${CHECK[@]}" memory "$R/tiny" --prefix "$DEVICE" --zero actor=2 --zero critic=2 || ok=1
-  # ZeRO-3, every model's parameters in CPU memory. stage.json's `devices` is printed, not asserted: with
-  # the parameters offloaded it may say where they are stored (cpu) rather than where they compute.
+  # ZeRO-3, every model's parameters in CPU memory; stage.json's `devices` is where each model computes.
   R=$RUNS/c-zero3-offload-param
   with_base "$R" || return 1
   launch 03_ppo.sh "$CONFIG" "${COMMON[@]}" --set "run.output_dir=$R" --set deepspeed.zero_stage=3 \
     --set deepspeed.offload_param=true || return 1
-  "${CHECK[@]}" stage "$R/tiny" ppo --steps "$STEPS" || ok=1
+  "${CHECK[@]}" stage "$R/tiny" ppo --prefix "$DEVICE" --roles actor,critic,ref,reward --steps "$STEPS" || ok=1
   "${CHECK[@]}" memory "$R/tiny" --prefix "$DEVICE" --zero actor=3 --zero critic=3 --zero ref=3 --zero reward=3 || ok=1
   return "$ok"
 }
@@ -239,6 +239,26 @@ check_e() {
   "${CHECK[@]}" peak "$R/tiny" "$R/plan.json" --slack-mib "$SLACK_MIB"  # exit 3: nothing to compare (CPU)
 }
 
+check_f() {
+  local R=$RUNS/f log
+  with_base "$R" || return 1
+  log=$R/ppo.log
+  echo "+ $PY -m rlhf.cli ppo --config $CONFIG ... --set ppo.generation=graph > $log"
+  run "$PY" -m rlhf.cli ppo --config "$CONFIG" "${COMMON[@]}" --set "run.output_dir=$R" \
+    --set ppo.generation=graph > "$log" 2>&1
+  local rc=$?
+  cat "$log"
+  [ "$rc" -eq 0 ] || return 1
+  "${CHECK[@]}" stage "$R/tiny" ppo --prefix "$DEVICE" --roles actor,critic,ref,reward --steps "$STEPS" || return 1
+  if [ "$DEVICE" = cuda ]; then
+    grep -q "could not capture the decode step" "$log" && { fail "the decode step was not captured (above)"; return 1; }
+    grep -q "decode step captured as a CUDA graph" "$log" || { fail "no 'decode step captured' line in the log"; return 1; }
+    run "$PY" bench/decode_speed.py --device cuda --shape 0.8b --reps 2
+  else
+    run "$PY" bench/decode_speed.py --device cpu --shape tiny --batch 8 --new 16 --reps 1
+  fi
+}
+
 # --- run ---------------------------------------------------------------------------------------------------
 # Each check runs in a subshell (an error in one cannot end the script), its output in its log.
 failed=0
@@ -251,11 +271,11 @@ run_check() {  # NAME FUNCTION LOG -> RC
   RC=$?
 }
 for c in $CHECKS; do
-  if [[ $c == [cde] ]] && [ ! -f "$RUNS/base/tiny/reward/stage.json" ] && [ -z "${BASE_TRIED:-}" ]; then
+  if [[ $c == [cdef] ]] && [ ! -f "$RUNS/base/tiny/reward/stage.json" ] && [ -z "${BASE_TRIED:-}" ]; then
     BASE_TRIED=1
     t0=$SECONDS
     run_check base build_base "$LOGS/base.log"
-    [ "$RC" -eq 0 ] || say "FAIL base  the SFT + reward models c, d, e share ($((SECONDS - t0)) s; log $LOGS/base.log)"
+    [ "$RC" -eq 0 ] || say "FAIL base  the SFT + reward models c, d, e, f share ($((SECONDS - t0)) s; log $LOGS/base.log)"
   fi
   t0=$SECONDS
   run_check "$c" "check_$c" "$LOGS/$c.log"
