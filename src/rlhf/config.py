@@ -350,9 +350,10 @@ class PPOCfg:
     generation: Literal["auto", "hf", "static", "graph"] = "auto"
     """How rollouts are sampled: `hf` (transformers' generate), `static` (one static KV cache reused across
     rollouts, `rlhf.generation`), or `graph` (static, with the decode step replayed as a CUDA graph on
-    GPUs; static elsewhere). `auto`: static on CPU (faster there, bench/README.md), hf on GPUs until graph
-    is measured there. Where the logits agree to the bit (tested on CPU in fp32, on the tiny model and
-    SmolLM2-135M) all of them draw the same tokens for the same seed."""
+    GPUs; static elsewhere). `auto` is hf for now: on CPU both decode at the same speed (memory-bound,
+    bench/README.md), and on GPUs graph becomes the default once it is measured faster there. Where the
+    logits agree to the bit (tested on CPU in fp32, on the tiny model and SmolLM2-135M) all of them draw
+    the same tokens for the same seed."""
 
     def __post_init__(self) -> None:
         for key in ("steps", "rollout_batch_size", "mini_batch_size", "grad_accum", "ppo_epochs",

@@ -127,13 +127,14 @@ def test_prefill_mask_never_masks_a_whole_row():
     assert allowed[0, 0, 0].tolist() == [True, False, False, False, False, False]  # padding sees itself
 
 
-def test_auto_picks_the_static_decoder_on_cpu_and_hf_generate_on_gpus():
+def test_generation_setting_picks_the_decoder():
     from rlhf.config import PPOCfg
     from rlhf.stages.ppo.rollout import make_decoder
 
-    auto_cpu = make_decoder(PPOCfg(generation="auto"), 32, "cpu")
-    assert isinstance(auto_cpu, StaticDecoder) and not auto_cpu.use_graph
-    assert auto_cpu.max_len == 32 + PPOCfg().max_new_tokens
-    assert make_decoder(PPOCfg(generation="auto"), 32, torch.device("cuda", 0)) is None
-    assert make_decoder(PPOCfg(generation="hf"), 32, "cpu") is None
+    static = make_decoder(PPOCfg(generation="static"), 32, "cpu")
+    assert isinstance(static, StaticDecoder) and not static.use_graph
+    assert static.max_len == 32 + PPOCfg().max_new_tokens
     assert make_decoder(PPOCfg(generation="graph"), 32, torch.device("cuda", 0)).use_graph
+    for device in ("cpu", torch.device("cuda", 0)):  # auto: HF generate until graph is measured faster
+        assert make_decoder(PPOCfg(generation="auto"), 32, device) is None
+        assert make_decoder(PPOCfg(generation="hf"), 32, device) is None

@@ -114,11 +114,10 @@ def generation_config(tokenizer, ppo, eos_ids: list[int]):
 
 
 def make_decoder(ppo, max_prompt_length: int, device):
-    """The run's static-cache decoder for `ppo.generation: static | graph` (and `auto` on CPU), or None for
-    HF generate."""
-    kind = ppo.generation
-    if kind == "auto":
-        kind = "static" if torch.device(device).type == "cpu" else "hf"
+    """The run's static-cache decoder for `ppo.generation: static | graph`, or None for HF generate (`hf`, and
+    `auto` until the graph path is measured faster on GPUs; on CPU the two are equally fast). `device` is
+    where the decoder will run: the place for a per-device choice."""
+    kind = "hf" if ppo.generation == "auto" else ppo.generation
     if kind == "hf":
         return None
     from rlhf.generation import StaticDecoder
