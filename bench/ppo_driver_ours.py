@@ -6,8 +6,8 @@ with plain-torch engines. Timing: the interval between consecutive `on_step` cal
 is timed from just before `run` and is excluded by the caller as warm-up, with loading).
 
 Equal work: no row stops at EOS, so every response is exactly `--response-length` tokens (checked on every
-rollout): HF generate gets `min_new_tokens = max_new_tokens`; the static decoder (`--generation static`,
-the CPU default) gets the EOS logit set to -inf before sampling, which is what `min_new_tokens` does.
+rollout): HF generate gets `min_new_tokens = max_new_tokens`; the static decoder (`--generation static` or
+`graph`) gets the EOS logit set to -inf before sampling, which is what `min_new_tokens` does.
 """
 
 from __future__ import annotations

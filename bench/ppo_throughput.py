@@ -189,7 +189,7 @@ def main() -> None:
     p.add_argument("--ppo-epochs", type=int, default=2)
     p.add_argument("--mini-batches", type=int, default=1)
     p.add_argument("--micro-batch", type=int, default=0, help="rows per forward/backward (0: the minibatch)")
-    p.add_argument("--generation", default="auto", help="our ppo.generation: auto (static on CPU), hf, static, graph")
+    p.add_argument("--generation", default="auto", help="our ppo.generation: auto, hf, static or graph")
     args = p.parse_args()
     if args.steps < 2:
         p.error("--steps must be >= 2 (the first step is warm-up)")
