@@ -97,8 +97,9 @@ class ModelCfg:
     """Tokenizer dir or id; defaults to the model's own."""
     chat_template: str | None = None
     """None keeps the tokenizer's template (ChatML if it has none); `chatml`; or a path to a .jinja file."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Weight dtype. On CPU only float32 is sensible (bf16 matmul is hundreds of times slower)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    """Weight dtype. `auto`: bfloat16 when the run is on a GPU that has it, else float32 (on CPU only float32
+    is sensible: bf16 matmul is hundreds of times slower there). `rlhf plan` counts `auto` as bfloat16."""
     trust_remote_code: bool = False
     """Allow model repos to run their own Python code. Off unless you trust the source."""
     allow_pickle: bool = False

@@ -81,6 +81,16 @@ def device(run_device: str = "auto"):
     return torch.device("cpu")
 
 
+def run_dtype(cfg: PipelineConfig) -> str:
+    """`model.dtype` with `auto` resolved: bfloat16 on a GPU that has it, else float32."""
+    import torch
+
+    if cfg.model.dtype != "auto":
+        return cfg.model.dtype
+    on_gpu = device(cfg.run.device).type == "cuda"
+    return "bfloat16" if on_gpu and torch.cuda.is_bf16_supported() else "float32"
+
+
 def model_device(model) -> str:
     """Where a model's weights live ("cuda:0", "cpu"; under ZeRO-3 the device of this rank's shard)."""
     for param in model.parameters():
@@ -232,7 +242,7 @@ def trainer_ds_config(cfg: PipelineConfig) -> dict[str, Any]:
             raise ConfigError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
     role = ZeroRoleCfg(zero_stage=ds.zero_stage, offload_param=ds.offload_param,
                        offload_optimizer=ds.offload_optimizer)
-    return ds_config(ds, role, train=True, micro_batch="auto", grad_accum="auto", dtype=cfg.model.dtype)
+    return ds_config(ds, role, train=True, micro_batch="auto", grad_accum="auto", dtype=run_dtype(cfg))
 
 
 def _fit_to_machine(ds_json: dict[str, Any], ds: DeepSpeedCfg) -> dict[str, Any]:
@@ -253,8 +263,8 @@ def trainer_kwargs(cfg: PipelineConfig, train: TrainCfg) -> dict[str, Any]:
     """TrainingArguments keys that place the HF Trainer on CPU/GPU, plain torch or DeepSpeed."""
     on_cpu = cfg.run.device == "cpu" or not cuda_available()
     kwargs: dict[str, Any] = {
-        "bf16": cfg.model.dtype == "bfloat16" and not on_cpu,
-        "fp16": cfg.model.dtype == "float16" and not on_cpu,
+        "bf16": run_dtype(cfg) == "bfloat16" and not on_cpu,
+        "fp16": run_dtype(cfg) == "float16" and not on_cpu,
         "ddp_backend": "gloo" if on_cpu and launched() else None,
         "seed": cfg.run.seed,
         "data_seed": cfg.run.seed,

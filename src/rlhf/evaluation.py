@@ -218,7 +218,8 @@ def generate(model, tokenizer, prompts: list[list[dict]], gen: GenSettings, cand
                                  if gen.sample else {}))
     torch.manual_seed(gen.seed)
     for start in range(0, len(prompts), gen.batch_size):
-        ids, mask = encode_prompts(tokenizer, prompts[start:start + gen.batch_size], gen.max_prompt_length)
+        ids, mask = encode_prompts(tokenizer, prompts[start:start + gen.batch_size], gen.max_prompt_length,
+                                   model.device)
         with torch.no_grad():
             out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
         for row in out[:, ids.shape[1]:].tolist():
@@ -300,12 +301,11 @@ def run_eval(cfg: PipelineConfig, *, model_names: list[str] | None = None, n_pro
     if ref_name not in [n for n, _ in specs]:
         specs.append((ref_name, ref_path))  # win rates need the baseline's responses
     ref_tok = models.load_tokenizer(ref_path)
-    ref = models.load_causal_lm(ref_path, tokenizer=ref_tok).eval()
+    ref = _load(cfg, models.load_causal_lm, ref_path, ref_tok)
     scorer = _reward_model(cfg)
     cands = []
     for name, path in tqdm(specs, desc="eval", unit="model", disable=not cfg.logging.progress):
-        cands.append(_evaluate_one(name, path, prompts, gen, ref, ref_tok, scorer, judge_fn,
-                                   chat_template=cfg.model.chat_template))
+        cands.append(_evaluate_one(cfg, name, path, prompts, gen, ref, ref_tok, scorer, judge_fn))
         log.info("eval: %s done (%d responses)", name, len(prompts))
     base = next(c for c in cands if c.name == ref_name)
     rows = summarize(cands, base)
@@ -324,18 +324,26 @@ def _reward_model(cfg: PipelineConfig):
         return None
     path = str(artifacts.stage_output(cfg.stage_dir("reward"), "reward", needed_by="`rlhf eval`"))
     tok = models.load_tokenizer(path)
-    return models.load_scalar_model(path, tokenizer=tok, require_head=True).eval(), tok, path
+    return _load(cfg, models.load_scalar_model, path, tok, require_head=True), tok, path
 
 
-def _evaluate_one(name, path, prompts, gen: GenSettings, ref, ref_tok, scorer, judge_fn, *,
-                  chat_template: str | None = None) -> Candidate:
+def _load(cfg: PipelineConfig, loader, path: str, tokenizer, **kwargs):
+    """A model for evaluation: on the run's device (`engine.device`) in the run's dtype, in eval mode."""
+    from rlhf import engine
+
+    model = loader(path, tokenizer=tokenizer, dtype=engine.run_dtype(cfg), **kwargs)
+    return model.to(engine.device(cfg.run.device)).eval()
+
+
+def _evaluate_one(cfg: PipelineConfig, name, path, prompts, gen: GenSettings, ref, ref_tok, scorer,
+                  judge_fn) -> Candidate:
     from rlhf.scoring import score
     from rlhf.stages.ppo.experience import same_tokenizer
 
     # Every model is prompted with the config's template (the base model's own may differ, e.g. inject a
     # system prompt), so all rows of the table answer the same token sequences.
-    tok = models.load_tokenizer(path, padding_side="left", chat_template=chat_template)
-    model = models.load_causal_lm(path, tokenizer=tok).eval()
+    tok = models.load_tokenizer(path, padding_side="left", chat_template=cfg.model.chat_template)
+    model = _load(cfg, models.load_causal_lm, path, tok)
     cand = Candidate(name, path, eos_id=tok.eos_token_id)
     generate(model, tok, prompts, gen, cand)
     if same_tokenizer(tok, ref_tok):

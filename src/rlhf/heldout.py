@@ -46,7 +46,7 @@ def load_saved(path: str | Path, loader: Callable, cfg: PipelineConfig, tokenize
     in eval mode."""
     with engine.single_process_loading():
         model = loader(str(path), tokenizer=tokenizer, trust_remote_code=cfg.model.trust_remote_code,
-                       dtype=cfg.model.dtype, **kwargs)
+                       dtype=engine.run_dtype(cfg), **kwargs)
     return model.to(engine.device(cfg.run.device)).eval()
 
 

@@ -347,9 +347,10 @@ def estimate(cfg: PipelineConfig, *, gpus: int = 1, nodes: int = 1, arch: Arch |
         arch, reward_arch = architectures(cfg, stage)
     reward_arch = reward_arch or arch
     ds = ds or cfg.deepspeed
-    world, b = gpus * nodes, DTYPE_BYTES[cfg.model.dtype]
+    dtype = "bfloat16" if cfg.model.dtype == "auto" else cfg.model.dtype  # a plan is for GPUs
+    world, b = gpus * nodes, DTYPE_BYTES[dtype]
     policy_lora, critic_lora = _lora_roles(cfg, stage)
-    plan = Plan(stage, world, gpus, nodes, cfg.model.dtype, [])
+    plan = Plan(stage, world, gpus, nodes, dtype, [])
 
     def add(role: str, arch_: Arch, lm: bool, trained: bool, lora: bool, ds_role: str | None) -> None:
         params, trainable = arch_.counts(lm=lm, lora=lora and trained)

@@ -147,11 +147,11 @@ def check_device(cfg: PipelineConfig, stages: list[str]) -> list[Blocker]:
         out.append(Blocker("device.no_cuda", f"{cfg.source}: run.device is cuda but torch sees no CUDA GPU "
                            f"(torch {torch.__version__}, {build}); install a CUDA build of torch, check "
                            "CUDA_VISIBLE_DEVICES, or set run.device: auto"))
-    if on_gpu and cfg.model.dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
+    if on_gpu and engine.run_dtype(cfg) == "bfloat16" and not torch.cuda.is_bf16_supported():
         out.append(Blocker("device.no_bf16", f"{cfg.source}: model.dtype is bfloat16 but "
                            f"{torch.cuda.get_device_name(engine.device(cfg.run.device))} has no bfloat16; "
                            "set model.dtype: float16 (DeepSpeed's loss scaling) or float32"))
-    if on_gpu and cfg.model.dtype == "float16" and not engine.use_deepspeed(cfg.deepspeed):
+    if on_gpu and engine.run_dtype(cfg) == "float16" and not engine.use_deepspeed(cfg.deepspeed):
         out.append(Blocker("device.fp16_plain", f"{cfg.source}: model.dtype float16 trains only under DeepSpeed, "
                            "whose loss scaling keeps small gradients from vanishing; start the stages with a "
                            "launcher (stages/*.sh with NUM_GPUS) or set deepspeed.enabled: true, or use bfloat16"))

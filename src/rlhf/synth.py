@@ -253,7 +253,7 @@ def run_synth(cfg, out_dir: str | Path, *, settings: SynthSettings | None = None
               n_prompts: int | None = None, n_eval_prompts: int | None = None, prompts_file: str | None = None,
               samples_file: str | None = None, command: str = "") -> dict[str, Any]:
     """Sample, judge, select and write the sets (see the module docstring). Returns the manifest."""
-    from rlhf import models
+    from rlhf import engine, models
     from rlhf.evaluation import load_judge
 
     s = settings or SynthSettings()
@@ -276,7 +276,8 @@ def run_synth(cfg, out_dir: str | Path, *, settings: SynthSettings | None = None
         path = models.resolve_model(cfg.model.name_or_path)
         tokenizer = models.load_tokenizer(models.resolve_model(cfg.model.tokenizer) if cfg.model.tokenizer else path,
                                           chat_template=cfg.model.chat_template, padding_side="left")
-        model = models.load_causal_lm(path, tokenizer=tokenizer, dtype=cfg.model.dtype).eval()
+        model = models.load_causal_lm(path, tokenizer=tokenizer, dtype=engine.run_dtype(cfg))
+        model = model.to(engine.device(cfg.run.device)).eval()
         samples = sample_responses(model, tokenizer, train + held, s, cfg.data.max_prompt_length,
                                    progress=cfg.logging.progress)
     gen_seconds = time.time() - started

@@ -107,3 +107,22 @@ def test_every_collective_helper_on_a_cpu_gloo_group(tmp_path):
         assert r["grads"] == [[1.5, 1.5], [0.5]]  # mean of 1 and 2; mean of 1 and (missing = 0)
         assert r["agreed_step"] is None  # a rank without a checkpoint: everyone starts fresh
     assert ranks[0]["weight"] == ranks[1]["weight"]
+
+
+def test_auto_dtype_is_bf16_on_a_gpu_that_has_it_else_fp32(monkeypatch):
+    from rlhf.config import config_from_dict
+
+    cfg = config_from_dict({"model": {"dtype": "auto"}}, source="t")
+    monkeypatch.setattr(engine, "cuda_available", lambda: False)
+    assert engine.run_dtype(cfg) == "float32"
+    monkeypatch.setattr(engine, "cuda_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert engine.run_dtype(cfg) == "bfloat16"
+    cfg.run.device = "cpu"
+    assert engine.run_dtype(cfg) == "float32"  # a CPU run on a GPU machine stays in float32
+    cfg.run.device = "auto"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert engine.run_dtype(cfg) == "float32"
+    cfg.model.dtype = "float16"
+    assert engine.run_dtype(cfg) == "float16"  # an explicit dtype is kept

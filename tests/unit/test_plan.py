@@ -263,3 +263,12 @@ def test_dpo_with_lora_has_no_reference_copy():
     cfg.model.lora.enabled = True
     (policy,) = plan.estimate(cfg, gpus=8, stage="dpo").models
     assert policy.trained_params == 41_943_040
+
+
+def test_auto_dtype_is_planned_as_bf16():
+    # a plan is for GPUs, where `model.dtype: auto` means bfloat16
+    auto = load_config(ROOT / LLAMA3_8B, ["model.dtype=auto"])
+    bf16 = load_config(ROOT / LLAMA3_8B, ["model.dtype=bfloat16"])
+    arch = plan.architecture(auto.model.name_or_path)
+    a, b = plan.estimate(auto, gpus=8, arch=arch), plan.estimate(bf16, gpus=8, arch=arch)
+    assert a.dtype == "bfloat16" and a.peak == b.peak

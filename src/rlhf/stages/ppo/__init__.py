@@ -67,7 +67,8 @@ def build_models(cfg: PipelineConfig, sft_dir: str, reward_dir: str | None, toke
     """actor, ref (None for a LoRA actor), critic, scorer and reward stats, each wrapped by `engine.wrap`
     on `device` (the plain engine moves it there; DeepSpeed places it on this rank's accelerator)."""
     m, ppo, ds = cfg.model, cfg.ppo, cfg.deepspeed
-    common = {"trust_remote_code": m.trust_remote_code, "allow_pickle": m.allow_pickle, "dtype": m.dtype}
+    dtype = engine.run_dtype(cfg)
+    common = {"trust_remote_code": m.trust_remote_code, "allow_pickle": m.allow_pickle, "dtype": dtype}
     lora = models.lora_dict(m.lora)
     actor = models.load_causal_lm(sft_dir, tokenizer=tokenizer, lora=lora, **common)
     ref = None if lora else models.load_causal_lm(sft_dir, tokenizer=tokenizer, **common).requires_grad_(False)
@@ -89,9 +90,9 @@ def build_models(cfg: PipelineConfig, sft_dir: str, reward_dir: str | None, toke
     for model in (actor, ref, critic, reward_model):
         if model is not None:
             disable_dropout(model)
-    frozen = {"micro_batch": ppo.micro_batch_size, "dtype": m.dtype, "device": device}
-    out = {"actor": _trained(actor, ds, "actor", ppo.learning_rate, ppo, m.dtype, device),
-           "critic": _trained(critic, ds, "critic", ppo.critic_learning_rate, ppo, m.dtype, device),
+    frozen = {"micro_batch": ppo.micro_batch_size, "dtype": dtype, "device": device}
+    out = {"actor": _trained(actor, ds, "actor", ppo.learning_rate, ppo, dtype, device),
+           "critic": _trained(critic, ds, "critic", ppo.critic_learning_rate, ppo, dtype, device),
            "ref": None if ref is None else engine.wrap(ref.eval(), ds, "ref", **frozen),
            "reward_stats": stats}
     if reward_model is None:
@@ -138,7 +139,7 @@ def save_final(ctx: PPOContext, sft_dir: str) -> Path:
         model = ctx.actor.module
         if state is not None:  # rebuild unsharded, then load the gathered weights
             model = models.load_causal_lm(sft_dir, tokenizer=ctx.tokenizer, lora=models.lora_dict(cfg.model.lora),
-                                          dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
+                                          dtype=engine.run_dtype(cfg), trust_remote_code=cfg.model.trust_remote_code)
             model.load_state_dict(state)
         tmp = stage.dir / "final.tmp"
         models.save_pretrained_atomic(model, ctx.tokenizer, tmp)
