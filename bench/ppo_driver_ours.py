@@ -27,6 +27,8 @@ def main() -> None:
                  "--seed"):
         p.add_argument(name, type=int, required=True)
     p.add_argument("--generation", default="auto", help="ppo.generation: auto, hf, static or graph")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
     args = p.parse_args()
 
     import torch
@@ -53,8 +55,8 @@ def main() -> None:
                 "max_grad_norm": 0.0,  # TRL's PPO loop does not clip gradients
                 "save_steps": 10**6, "sample_every": 10**6, "generation": args.generation}
     cfg = config_from_dict({
-        "run": {"name": "b", "output_dir": str(run_dir), "seed": args.seed, "device": "cpu"},
-        "model": {"name_or_path": str(work / "policy"), "dtype": "float32"},
+        "run": {"name": "b", "output_dir": str(run_dir), "seed": args.seed, "device": args.device},
+        "model": {"name_or_path": str(work / "policy"), "dtype": args.dtype},
         "data": {"prompts": str(work / "prompts.jsonl"), "eval_fraction": 0.0, "max_length": 1024,
                  "max_prompt_length": 512},
         "final_stage": "ppo", "ppo": settings, "deepspeed": {"enabled": False},
@@ -94,10 +96,16 @@ def main() -> None:
     stamps: list[float] = []
     stats_seen: list[dict] = []
 
+    trained: list[int] = []
+
     def on_step(ctx, stats):
         stamps.append(time.perf_counter())
         stats_seen.append(stats)
+        if not trained:
+            trained.append(sum(p.numel() for eng in (ctx.actor, ctx.critic) for p in eng.module.parameters()
+                               if p.requires_grad))
 
+    prompt_len = json.loads((work / ".ready").read_text())["prompt_len"]
     start = time.perf_counter()
     ppo.run(cfg, on_step=on_step)
     times = [b - a for a, b in zip([start, *stamps[:-1]], stamps, strict=True)]
@@ -111,6 +119,12 @@ def main() -> None:
         "counted_tokens": [s["rollout/response_length"] * args.batch for s in stats_seen],
         "threads": torch.get_num_threads(), "optimizer_steps_per_rollout": opt_steps,
         "ratio_first": [s.get("policy/ratio_first") for s in stats_seen],
+        "generate_times": [s["perf/generate_time"] for s in stats_seen],
+        "update_times": [s["perf/update_time"] for s in stats_seen],
+        # 6 x trained parameters (actor + critic) x tokens through them in the update: every row's whole
+        # sequence (prompt + response), once per PPO epoch
+        "update_flops": [6 * trained[0] * args.batch * (prompt_len + n) * args.ppo_epochs for n in lengths],
+        "peak_bytes": torch.cuda.max_memory_allocated() if args.device == "cuda" else 0,
     }))
     shutil.rmtree(run_dir, ignore_errors=True)
 

@@ -30,6 +30,8 @@ def main() -> None:
     for name in ("--steps", "--batch", "--response-length", "--ppo-epochs", "--mini-batches", "--micro-batch",
                  "--seed"):
         p.add_argument(name, type=int, required=True)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
     args = p.parse_args()
 
     import torch
@@ -50,11 +52,14 @@ def main() -> None:
     ids = json.loads((work / "prompt_ids.json").read_text())
     dataset = Dataset.from_dict({"input_ids": ids})
 
+    dtype = getattr(torch, args.dtype)
+    bf16 = args.dtype == "bfloat16"
+
     def load(kind, path):
         if kind == "lm":
-            m = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+            m = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
         else:
-            m = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, dtype=torch.float32)
+            m = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, dtype=dtype)
         m.config.pad_token_id = tok.pad_token_id
         return m
 
@@ -62,10 +67,18 @@ def main() -> None:
     reward, value = load("seq", work / "reward"), load("seq", work / "reward")
 
     lengths: list[int] = []
+    gen_times: list[float] = []
     base_generation = ppo_mod.batch_generation
+    on_gpu = args.device == "cuda"
 
     def recording_generation(model, queries, *a, **kw):
+        if on_gpu:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
         query_responses, logits = base_generation(model, queries, *a, **kw)
+        if on_gpu:
+            torch.cuda.synchronize()
+        gen_times.append(time.perf_counter() - start)
         lengths.append(int(query_responses.shape[1] - queries.shape[1]))
         return query_responses, logits
 
@@ -82,7 +95,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as out_dir:
         config = PPOConfig(
-            output_dir=out_dir, bf16=False, report_to="none", save_strategy="no", logging_steps=1,
+            output_dir=out_dir, bf16=bf16, use_cpu=not on_gpu, report_to="none", save_strategy="no", logging_steps=1,
             disable_tqdm=True, gradient_checkpointing=False, seed=args.seed,
             per_device_train_batch_size=args.micro_batch,
             gradient_accumulation_steps=args.batch // args.micro_batch,
@@ -113,6 +126,7 @@ def main() -> None:
         "step_times": times, "response_lengths": lengths,
         "response_tokens": [args.batch * n for n in lengths],
         "threads": torch.get_num_threads(), "optimizer_steps_per_rollout": opt_steps[0] / args.steps,
+        "generate_times": gen_times, "peak_bytes": torch.cuda.max_memory_allocated() if on_gpu else 0,
     }))
 
 

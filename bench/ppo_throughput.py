@@ -3,6 +3,16 @@
 
     python bench/ppo_throughput.py --model tiny|smollm2 [--rounds 3] [--steps 4] [--batch 8]
         [--response-length 32] [--ppo-epochs 2] [--mini-batches 1] [--micro-batch B]
+    python bench/ppo_throughput.py --device cuda --model 0.8b|1.7b [--peer-site DIR]   # on a GPU
+
+On a GPU, `--model 0.8b` or `1.7b` builds random-init Llamas of those shapes (0.8b: hidden 2048, 16 layers,
+32/8 heads, intermediate 5632; 1.7b: SmolLM2-1.7B's shape; both vocab 49152, tied) with a word-level
+tokenizer of the same vocabulary, so nothing is downloaded; the defaults become bf16, batch 64, response
+128, 2 PPO epochs x 2 minibatches, micro-batch 16. Each side also reports peak GPU memory and the share of
+the step spent generating; ours the model FLOP utilisation of its update (6 x trained params x tokens for
+actor and critic, over the update's time, against the bf16 matmul rate measured in the same run).
+`--peer-site DIR` runs TRL 1.12 from a `pip install --no-deps --target DIR trl==1.12.0` dir with this
+python (for machines without network), instead of creating its virtualenv.
 
 What both sides get (built once per model under runs/bench_ppo/<model>/ and reused):
 - the same policy dir (weights + the tokenizer exactly as rlhf loads it: pad <|endoftext|> != eos);
@@ -40,6 +50,12 @@ PEER_VENV = BENCH / ".venv-trl112"
 PEER_PINS = ["torch==2.13.0", "trl==1.12.0", "transformers==5.23.0", "accelerate==1.15.0", "datasets==5.2.0"]
 OURS_PY = Path(sys.executable)
 SEED = 1234
+SHAPES = {  # hidden, layers, heads, kv heads, intermediate; vocab 49152, tied embeddings
+    "0.8b": (2048, 16, 32, 8, 5632),
+    "1.7b": (2048, 24, 32, 32, 8192),
+}
+SHAPE_VOCAB = 49152
+GPU_DEFAULTS = {"batch": 64, "response_length": 128, "ppo_epochs": 2, "mini_batches": 2, "micro_batch": 16}
 
 _ADJ = ("bright", "heavy", "gentle", "strange", "ancient", "modern", "fragile", "golden", "hollow", "narrow",
         "polite", "rapid", "silent", "tiny", "enormous", "careful", "honest", "clever")
@@ -97,13 +113,79 @@ def _prompts(tokenizer, n: int) -> tuple[list[dict], list[list[int]]]:
     return [{"prompt": m} for m, _ in rows[:n]], [ids for _, ids in rows[:n]]
 
 
-def prepare(model: str, n_prompts: int) -> Path:
+def word_tokenizer(vocab_size: int):
+    """A word-level tokenizer of exactly `vocab_size` ids (ChatML specials, the template's role words, then
+    w3 w4 ...), for random-init models of real vocabulary sizes without downloading a tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from rlhf.models import CHATML_PATH
+    from rlhf.tiny import BOS, EOS, PAD
+
+    words = [PAD, BOS, EOS, "user", "assistant", "system"]
+    vocab = {w: i for i, w in enumerate(words)}
+    vocab.update({f"w{i}": i for i in range(len(words), vocab_size)})
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token=PAD))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=PAD)
+    tok.chat_template = CHATML_PATH.read_text(encoding="utf-8")
+    return tok
+
+
+def build_shape(shape: str, out: Path, tok, *, reward: bool, dtype, device: str):
+    """A random-init Llama of `shape` (seeded), saved with `tok`."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    hidden, layers, heads, kv, inter = SHAPES[shape]
+    cfg = LlamaConfig(vocab_size=SHAPE_VOCAB, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=4096,
+                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id, **({"num_labels": 1} if reward else {}))
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(SEED + int(reward))
+        model = (LlamaForSequenceClassification if reward else LlamaForCausalLM)(cfg).to(dtype)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    del model
+
+
+def _shape_prompts(n: int) -> list[list[dict]]:
+    """n one-turn prompts of 24 distinct words each (all the same length in tokens)."""
+    import random
+
+    rng = random.Random(SEED)
+    return [[{"role": "user", "content": " ".join(f"w{rng.randrange(6, SHAPE_VOCAB)}" for _ in range(24))}]
+            for _ in range(n)]
+
+
+def prepare(model: str, n_prompts: int, device: str = "cpu", dtype: str = "float32") -> Path:
     """runs/bench_ppo/<model>/{policy,reward,prompts.jsonl,prompt_ids.json}; reused when present."""
     import torch
 
-    from rlhf import models
+    from rlhf import encoding, models
 
     work = ROOT / "runs" / "bench_ppo" / model
+    if model in SHAPES:
+        done = work / ".ready"
+        if done.is_file() and json.loads(done.read_text()).get("n_prompts", 0) >= n_prompts:
+            return work
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        t0 = time.perf_counter()
+        tok = word_tokenizer(SHAPE_VOCAB)
+        torch_dtype = getattr(torch, dtype)
+        build_shape(model, work / "policy", tok, reward=False, dtype=torch_dtype, device=device)
+        build_shape(model, work / "reward", tok, reward=True, dtype=torch_dtype, device=device)
+        tok = models.load_tokenizer(str(work / "policy"), padding_side="left")
+        prompts = _shape_prompts(n_prompts)
+        ids = [encoding.prompt_ids(tok, p) for p in prompts]
+        (work / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts),
+                                            encoding="utf-8")
+        (work / "prompt_ids.json").write_text(json.dumps(ids), encoding="utf-8")
+        done.write_text(json.dumps({"n_prompts": n_prompts, "prompt_len": len(ids[0])}))
+        log(f"prepared {work} in {time.perf_counter() - t0:.1f}s (prompt length {len(ids[0])})")
+        return work
     done = work / ".ready"
     if done.is_file() and json.loads(done.read_text()).get("n_prompts", 0) >= n_prompts:
         return work
@@ -152,13 +234,16 @@ def run_driver(which: str, python: Path, work: Path, args, round_no: int) -> dic
     cmd = [str(python), str(script), "--work", str(work), "--out", str(out), "--steps", str(args.steps),
            "--batch", str(args.batch), "--response-length", str(args.response_length),
            "--ppo-epochs", str(args.ppo_epochs), "--mini-batches", str(args.mini_batches),
-           "--micro-batch", str(args.micro_batch), "--seed", str(SEED + round_no)]
+           "--micro-batch", str(args.micro_batch), "--seed", str(SEED + round_no),
+           "--device", args.device, "--dtype", args.dtype]
     if which == "ours":
         cmd += ["--generation", args.generation]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRL_EXPERIMENTAL_SILENCE="1", TOKENIZERS_PARALLELISM="false",
                PYTHONUNBUFFERED="1")
     if which == "ours":
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "src"), env.get("PYTHONPATH")) if p)
+    elif args.peer_site:  # TRL 1.12 ahead of this environment's own trl; everything else shared
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (args.peer_site, env.get("PYTHONPATH")) if p)
     else:
         env.pop("PYTHONPATH", None)
         env.pop("VIRTUAL_ENV", None)
@@ -179,18 +264,62 @@ def summarize(res: dict, batch: int) -> tuple[float, float]:
     return batch * len(times) / total, sum(res["response_tokens"][1:]) / total
 
 
+def matmul_rate(device: str, dtype: str) -> float:
+    """FLOP/s of a large square matmul in `dtype` on `device` (the peak the update's utilisation is read
+    against)."""
+    import torch
+
+    n = 8192 if device == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=getattr(torch, dtype))
+    b = torch.randn(n, n, device=device, dtype=getattr(torch, dtype))
+    a @ b
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * 10 / (time.perf_counter() - start)
+
+
+def extra_figures(res: dict, peak_rate: float | None) -> str:
+    """Peak GPU memory, share of the step spent generating and (ours) the update's FLOP utilisation."""
+    parts = []
+    if res.get("peak_bytes"):
+        parts.append(f"peak {res['peak_bytes'] / 2**30:.1f} GiB")
+    gen, steps = res.get("generate_times"), res["step_times"]
+    if gen:
+        parts.append(f"generating {sum(gen[1:]) / sum(steps[1:]):.0%} of the step")
+    if res.get("update_flops") and res.get("update_times") and peak_rate:
+        rate = sum(res["update_flops"][1:]) / sum(res["update_times"][1:])
+        parts.append(f"update {rate / 1e12:.0f} TFLOP/s = {rate / peak_rate:.0%} MFU")
+    return ", ".join(parts)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
+    p.add_argument("--model", choices=["tiny", "smollm2", *SHAPES], default="tiny")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="default: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=4, help="PPO iterations per run; the first is warm-up")
-    p.add_argument("--batch", type=int, default=8, help="prompts (rollout rows) per PPO iteration")
-    p.add_argument("--response-length", type=int, default=32)
-    p.add_argument("--ppo-epochs", type=int, default=2)
-    p.add_argument("--mini-batches", type=int, default=1)
-    p.add_argument("--micro-batch", type=int, default=0, help="rows per forward/backward (0: the minibatch)")
+    p.add_argument("--batch", type=int, default=None, help="prompts (rollout rows) per PPO iteration (8; GPU 64)")
+    p.add_argument("--response-length", type=int, default=None, help="32; GPU 128")
+    p.add_argument("--ppo-epochs", type=int, default=None, help="2")
+    p.add_argument("--mini-batches", type=int, default=None, help="1; GPU 2")
+    p.add_argument("--micro-batch", type=int, default=None, help="rows per forward/backward (the minibatch; GPU 16)")
     p.add_argument("--generation", default="auto", help="our ppo.generation: auto, hf, static or graph")
+    p.add_argument("--peer-site", default=None, help="a --target dir holding trl 1.12.0 (no virtualenv is made)")
     args = p.parse_args()
+    cpu_defaults = {"batch": 8, "response_length": 32, "ppo_epochs": 2, "mini_batches": 1, "micro_batch": 0}
+    for key, value in (GPU_DEFAULTS if args.device == "cuda" else cpu_defaults).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    if args.model in SHAPES and args.device != "cuda":
+        p.error(f"--model {args.model} is a GPU benchmark: add --device cuda")
     if args.steps < 2:
         p.error("--steps must be >= 2 (the first step is warm-up)")
     if args.batch % args.mini_batches:
@@ -200,8 +329,9 @@ def main() -> None:
     if mini % args.micro_batch:
         p.error("--micro-batch must divide the minibatch (batch / mini-batches)")
 
-    peer = ensure_peer_venv()
-    work = prepare(args.model, n_prompts=args.batch * args.steps * 2)
+    peer = OURS_PY if args.peer_site else ensure_peer_venv()
+    work = prepare(args.model, n_prompts=args.batch * args.steps * 2, device=args.device, dtype=args.dtype)
+    peak_rate = matmul_rate(args.device, args.dtype) if args.device == "cuda" else None
     rows = []
     for r in range(args.rounds):
         for which, py in (("ours", OURS_PY), ("trl", peer)) if r % 2 == 0 else (("trl", peer), ("ours", OURS_PY)):
@@ -210,9 +340,13 @@ def main() -> None:
             rows.append((r, which, sps, tps, res))
             log(f"round {r + 1}/{args.rounds} {which}: {sps:.3f} samples/s, {tps:.1f} tokens/s "
                 f"(steps {[round(t, 3) for t in res['step_times']]}, wall {res['wall_s']:.0f}s)")
+            figures = extra_figures(res, peak_rate)
+            if figures:
+                log(f"  {which}: {figures}")
     prompt_len = json.loads((work / ".ready").read_text())["prompt_len"]
     info = {w: next(x[4] for x in rows if x[1] == w) for w in ("ours", "trl")}
-    print(f"PPO throughput, model={args.model} prompt_len={prompt_len} response_length={args.response_length} "
+    print(f"PPO throughput, model={args.model} device={args.device} dtype={args.dtype} prompt_len={prompt_len} "
+          f"response_length={args.response_length} "
           f"batch={args.batch} ppo_epochs={args.ppo_epochs} mini_batches={args.mini_batches} "
           f"micro_batch={args.micro_batch} steps={args.steps} (first excluded) rounds={args.rounds}")
     for w in ("ours", "trl"):
@@ -223,8 +357,12 @@ def main() -> None:
         print(f"{r + 1:>5} {which:>5} {sps:>10.3f} {tps:>10.1f}")
     med = {w: (statistics.median(x[2] for x in rows if x[1] == w), statistics.median(x[3] for x in rows if x[1] == w))
            for w in ("ours", "trl")}
+    if peak_rate:
+        print(f"bf16 matmul rate measured here: {peak_rate / 1e12:.0f} TFLOP/s")
     for w in ("ours", "trl"):
-        print(f"median {w:>4}: {med[w][0]:.3f} samples/s, {med[w][1]:.1f} tokens/s")
+        last = [x[4] for x in rows if x[1] == w][-1]
+        figures = extra_figures(last, peak_rate)
+        print(f"median {w:>4}: {med[w][0]:.3f} samples/s, {med[w][1]:.1f} tokens/s" + (f" ({figures})" if figures else ""))
     print(f"ratio ours/trl: {med['ours'][0] / med['trl'][0]:.2f}")
 
 

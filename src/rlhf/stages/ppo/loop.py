@@ -264,7 +264,9 @@ def train_step(ctx: PPOContext) -> tuple[dict[str, float], Any]:
         stats = {"guard/skipped_rollouts": 1.0, "perf/step_time": time.perf_counter() - start}
         return stats, None
     rollout, exp, stats = result
+    update_start = time.perf_counter()
     stats.update(ppo_update(ctx, exp))
+    stats["perf/update_time"] = time.perf_counter() - update_start  # its stats' .item() calls wait for the GPU
     stats = _mean_over_ranks(stats, ctx.device)
     if stats.get("guard/skipped_updates", 0) > 0:
         ctx.guard.skipped("the policy or value loss", float("nan"), ctx.step)
