@@ -13,6 +13,7 @@
 #   --platform TAG   an exact platform tag, repeatable; replaces the manylinux tags from --arch/--glibc
 #   --have FILE      `pip list --format=freeze` of the target: leave out what it has at a fitting version
 #   --dev            add pytest and pytest-timeout (to run tests/ there)
+#   --bench          add DIR/bench/trl-1.12.0 (the PPO benchmark's peer, kept apart: the package pins a newer trl)
 #   --list           print the requirement lines it would fetch and exit (needs no network)
 #   PY=python        the Python whose pip downloads and builds (default .venv/bin/python)
 #
@@ -23,7 +24,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-usage() { sed -n '9,22p' "$0" | sed 's/^# \{0,1\}//' >&2; exit "${1:-2}"; }
+usage() { sed -n '9,23p' "$0" | sed 's/^# \{0,1\}//' >&2; exit "${1:-2}"; }
 die() { echo "wheelhouse: $*" >&2; exit 1; }
 
 PYV=${WHEEL_PYTHON:-3.12}
@@ -31,6 +32,7 @@ ARCH=${WHEEL_ARCH:-x86_64}
 GLIBC=${WHEEL_GLIBC:-2.28}
 HAVE=""
 DEV=""
+BENCH=""
 LIST=""
 DIR=""
 PLATFORMS=()
@@ -42,6 +44,7 @@ while [ $# -gt 0 ]; do
     --platform) PLATFORMS+=("${2:?--platform needs a tag}"); shift 2 ;;
     --have) HAVE=${2:?--have needs a file}; shift 2 ;;
     --dev) DEV=1; shift ;;
+    --bench) BENCH=1; shift ;;
     --list) LIST=1; shift ;;
     -h|--help) usage 0 ;;
     -*) echo "wheelhouse: unknown option $1" >&2; usage ;;
@@ -123,6 +126,15 @@ if [ -n "$DS_REQ" ]; then
     || { tail -n 20 "$LOG" >&2; die "building $DS_REQ failed; see $LOG"; }
   compgen -G "$DIR/deepspeed-*-py3-none-any.whl" >/dev/null \
     || die "the DeepSpeed wheel is not py3-none-any: $(ls "$DIR"/deepspeed-*.whl); set DS_BUILD_OPS=0"
+fi
+
+if [ -n "$BENCH" ]; then
+  # bench/ppo_throughput.py --peer-site: TRL 1.12.0, the last release with PPOTrainer, in a dir of its own so
+  # that installing DIR/*.whl keeps the package's own trl. On the target:
+  #   pip install --no-index --no-deps --target SITE DIR/bench/*.whl; ppo_throughput.py --peer-site SITE
+  mkdir -p "$DIR/bench"
+  "${PIP[@]}" download --no-deps --only-binary=:all: -d "$DIR/bench" trl==1.12.0 >>"$LOG" 2>&1 \
+    || { tail -n 5 "$LOG" >&2; die "fetching trl==1.12.0 for --bench failed; see $LOG"; }
 fi
 
 echo "wheelhouse: building the package (rlhf) from $(pwd)" >&2
