@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 
-def main() -> None:
+def parse_args():
     p = argparse.ArgumentParser()
     for name in ("--work", "--out"):
         p.add_argument(name, required=True)
@@ -29,22 +29,18 @@ def main() -> None:
     p.add_argument("--generation", default="auto", help="ppo.generation: auto, hf, static or graph")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
-    args = p.parse_args()
+    return p.parse_args()
 
-    import torch
 
+def make_config(args, work: Path, run_dir: Path):
+    """The finished sft and reward stages of a throwaway run, and the PPO config over them."""
     from rlhf import artifacts
     from rlhf.config import config_from_dict
-    from rlhf.stages import ppo
-    from rlhf.stages.ppo import loop, rollout
 
-    work = Path(args.work)
-    run_dir = work / "ours_run"
     shutil.rmtree(run_dir, ignore_errors=True)
     for stage, src in (("sft", work / "policy"), ("reward", work / "reward")):
         shutil.copytree(src, run_dir / "b" / stage / "final")
         artifacts.write_manifest(run_dir / "b" / stage, stage, inputs={}, config_hash="bench", metrics={})
-
     mini = args.batch // args.mini_batches
     settings = {"steps": args.steps, "rollout_batch_size": args.batch, "mini_batch_size": mini,
                 "grad_accum": mini // args.micro_batch, "ppo_epochs": args.ppo_epochs,
@@ -54,7 +50,7 @@ def main() -> None:
                 "missing_eos_penalty": 1.0, "critic_init": "reward",
                 "max_grad_norm": 0.0,  # TRL's PPO loop does not clip gradients
                 "save_steps": 10**6, "sample_every": 10**6, "generation": args.generation}
-    cfg = config_from_dict({
+    return config_from_dict({
         "run": {"name": "b", "output_dir": str(run_dir), "seed": args.seed, "device": args.device},
         "model": {"name_or_path": str(work / "policy"), "dtype": args.dtype},
         "data": {"prompts": str(work / "prompts.jsonl"), "eval_fraction": 0.0, "max_length": 1024,
@@ -63,7 +59,15 @@ def main() -> None:
         "logging": {"progress": False, "tensorboard": False, "plots": False},
     }, source="bench")
 
-    # no early stop at EOS: every response has exactly max_new_tokens tokens
+
+def fix_response_length(work: Path) -> list[int]:
+    """No early stop at EOS on either sampling path, so every response has exactly max_new_tokens tokens.
+    Returns the list each rollout's response width is appended to."""
+    import torch
+
+    from rlhf import generation
+    from rlhf.stages.ppo import loop, rollout
+
     base_config = rollout.generation_config
 
     def fixed_length_config(tokenizer, ppo_cfg, eos_ids):
@@ -72,8 +76,6 @@ def main() -> None:
         return gen
 
     rollout.generation_config = fixed_length_config
-    from rlhf import generation
-
     base_warp = generation.warp_logits
     eos = json.loads((work / "policy" / "config.json").read_text())["eos_token_id"]
     eos_ids = eos if isinstance(eos, list) else [eos]
@@ -92,10 +94,22 @@ def main() -> None:
         return out
 
     loop.generate = recording_generate
+    return lengths
 
+
+def main() -> None:
+    args = parse_args()
+
+    import torch
+
+    from rlhf.stages import ppo
+
+    work = Path(args.work)
+    run_dir = work / "ours_run"
+    cfg = make_config(args, work, run_dir)
+    lengths = fix_response_length(work)
     stamps: list[float] = []
     stats_seen: list[dict] = []
-
     trained: list[int] = []
 
     def on_step(ctx, stats):
@@ -111,13 +125,12 @@ def main() -> None:
     times = [b - a for a, b in zip([start, *stamps[:-1]], stamps, strict=True)]
     if any(n != args.response_length for n in lengths):
         raise SystemExit(f"response lengths {lengths} != {args.response_length}")
-    opt_steps = args.ppo_epochs * args.mini_batches
     Path(args.out).write_text(json.dumps({
         "impl": "rlhf (own PPO loop, plain torch engines)",
         "step_times": times, "response_lengths": lengths,
         "response_tokens": [args.batch * n for n in lengths],
         "counted_tokens": [s["rollout/response_length"] * args.batch for s in stats_seen],
-        "threads": torch.get_num_threads(), "optimizer_steps_per_rollout": opt_steps,
+        "threads": torch.get_num_threads(), "optimizer_steps_per_rollout": args.ppo_epochs * args.mini_batches,
         "ratio_first": [s.get("policy/ratio_first") for s in stats_seen],
         "generate_times": [s["perf/generate_time"] for s in stats_seen],
         "update_times": [s["perf/update_time"] for s in stats_seen],

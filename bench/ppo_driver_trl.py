@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 
-def main() -> None:
+def parse_args():
     p = argparse.ArgumentParser()
     for name in ("--work", "--out"):
         p.add_argument(name, required=True)
@@ -32,28 +32,12 @@ def main() -> None:
         p.add_argument(name, type=int, required=True)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
-    args = p.parse_args()
+    return p.parse_args()
 
-    import torch
-    import trl
-    from datasets import Dataset
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-        TrainerCallback,
-    )
-    from trl.experimental.ppo import PPOConfig, PPOTrainer
-    from trl.experimental.ppo import ppo_trainer as ppo_mod
 
-    work = Path(args.work)
-    tok = AutoTokenizer.from_pretrained(str(work / "policy"), padding_side="left")
-    assert tok.pad_token_id != tok.eos_token_id
-    ids = json.loads((work / "prompt_ids.json").read_text())
-    dataset = Dataset.from_dict({"input_ids": ids})
-
-    dtype = getattr(torch, args.dtype)
-    bf16 = args.dtype == "bfloat16"
+def load_models(work: Path, tok, dtype):
+    """policy, ref (a second copy), reward, value (a second copy of the reward model), in `dtype`."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     def load(kind, path):
         if kind == "lm":
@@ -63,13 +47,18 @@ def main() -> None:
         m.config.pad_token_id = tok.pad_token_id
         return m
 
-    policy, ref = load("lm", work / "policy"), load("lm", work / "policy")
-    reward, value = load("seq", work / "reward"), load("seq", work / "reward")
+    return load("lm", work / "policy"), load("lm", work / "policy"), load("seq", work / "reward"), \
+        load("seq", work / "reward")
+
+
+def record_generation(on_gpu: bool) -> tuple[list[int], list[float]]:
+    """Wrap TRL's batch generation to record each rollout's response width and time (GPU synced)."""
+    import torch
+    from trl.experimental.ppo import ppo_trainer as ppo_mod
 
     lengths: list[int] = []
     gen_times: list[float] = []
     base_generation = ppo_mod.batch_generation
-    on_gpu = args.device == "cuda"
 
     def recording_generation(model, queries, *a, **kw):
         if on_gpu:
@@ -83,6 +72,27 @@ def main() -> None:
         return query_responses, logits
 
     ppo_mod.batch_generation = recording_generation
+    return lengths, gen_times
+
+
+def main() -> None:
+    args = parse_args()
+
+    import torch
+    import trl
+    from datasets import Dataset
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+    work = Path(args.work)
+    tok = AutoTokenizer.from_pretrained(str(work / "policy"), padding_side="left")
+    assert tok.pad_token_id != tok.eos_token_id
+    ids = json.loads((work / "prompt_ids.json").read_text())
+    dataset = Dataset.from_dict({"input_ids": ids})
+    bf16 = args.dtype == "bfloat16"
+    on_gpu = args.device == "cuda"
+    policy, ref, reward, value = load_models(work, tok, getattr(torch, args.dtype))
+    lengths, gen_times = record_generation(on_gpu)
 
     stamps: list[float] = []
 

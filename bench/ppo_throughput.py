@@ -159,33 +159,45 @@ def _shape_prompts(n: int) -> list[list[dict]]:
             for _ in range(n)]
 
 
-def prepare(model: str, n_prompts: int, device: str = "cpu", dtype: str = "float32") -> Path:
-    """runs/bench_ppo/<model>/{policy,reward,prompts.jsonl,prompt_ids.json}; reused when present."""
+def _ready(work: Path, n_prompts: int) -> bool:
+    done = work / ".ready"
+    return done.is_file() and json.loads(done.read_text()).get("n_prompts", 0) >= n_prompts
+
+
+def prepare_shape(work: Path, model: str, n_prompts: int, device: str, dtype: str) -> Path:
+    """runs/bench_ppo/<shape>/: random-init policy and reward model of the shape, word-level prompts."""
     import torch
 
     from rlhf import encoding, models
 
+    if _ready(work, n_prompts):
+        return work
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    t0 = time.perf_counter()
+    tok = word_tokenizer(SHAPE_VOCAB)
+    for name, reward in (("policy", False), ("reward", True)):
+        build_shape(model, work / name, tok, reward=reward, dtype=getattr(torch, dtype), device=device)
+    tok = models.load_tokenizer(str(work / "policy"), padding_side="left")
+    prompts = _shape_prompts(n_prompts)
+    ids = [encoding.prompt_ids(tok, p) for p in prompts]
+    (work / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts),
+                                        encoding="utf-8")
+    (work / "prompt_ids.json").write_text(json.dumps(ids), encoding="utf-8")
+    (work / ".ready").write_text(json.dumps({"n_prompts": n_prompts, "prompt_len": len(ids[0])}))
+    log(f"prepared {work} in {time.perf_counter() - t0:.1f}s (prompt length {len(ids[0])})")
+    return work
+
+
+def prepare(model: str, n_prompts: int, device: str = "cpu", dtype: str = "float32") -> Path:
+    """runs/bench_ppo/<model>/{policy,reward,prompts.jsonl,prompt_ids.json}; reused when present."""
+    import torch
+
+    from rlhf import models
+
     work = ROOT / "runs" / "bench_ppo" / model
     if model in SHAPES:
-        done = work / ".ready"
-        if done.is_file() and json.loads(done.read_text()).get("n_prompts", 0) >= n_prompts:
-            return work
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
-        t0 = time.perf_counter()
-        tok = word_tokenizer(SHAPE_VOCAB)
-        torch_dtype = getattr(torch, dtype)
-        build_shape(model, work / "policy", tok, reward=False, dtype=torch_dtype, device=device)
-        build_shape(model, work / "reward", tok, reward=True, dtype=torch_dtype, device=device)
-        tok = models.load_tokenizer(str(work / "policy"), padding_side="left")
-        prompts = _shape_prompts(n_prompts)
-        ids = [encoding.prompt_ids(tok, p) for p in prompts]
-        (work / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts),
-                                            encoding="utf-8")
-        (work / "prompt_ids.json").write_text(json.dumps(ids), encoding="utf-8")
-        done.write_text(json.dumps({"n_prompts": n_prompts, "prompt_len": len(ids[0])}))
-        log(f"prepared {work} in {time.perf_counter() - t0:.1f}s (prompt length {len(ids[0])})")
-        return work
+        return prepare_shape(work, model, n_prompts, device, dtype)
     done = work / ".ready"
     if done.is_file() and json.loads(done.read_text()).get("n_prompts", 0) >= n_prompts:
         return work
@@ -297,7 +309,7 @@ def extra_figures(res: dict, peak_rate: float | None) -> str:
     return ", ".join(parts)
 
 
-def main() -> None:
+def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=["tiny", "smollm2", *SHAPES], default="tiny")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -328,21 +340,11 @@ def main() -> None:
     args.micro_batch = args.micro_batch or mini
     if mini % args.micro_batch:
         p.error("--micro-batch must divide the minibatch (batch / mini-batches)")
+    return args
 
-    peer = OURS_PY if args.peer_site else ensure_peer_venv()
-    work = prepare(args.model, n_prompts=args.batch * args.steps * 2, device=args.device, dtype=args.dtype)
-    peak_rate = matmul_rate(args.device, args.dtype) if args.device == "cuda" else None
-    rows = []
-    for r in range(args.rounds):
-        for which, py in (("ours", OURS_PY), ("trl", peer)) if r % 2 == 0 else (("trl", peer), ("ours", OURS_PY)):
-            res = run_driver(which, py, work, args, r)
-            sps, tps = summarize(res, args.batch)
-            rows.append((r, which, sps, tps, res))
-            log(f"round {r + 1}/{args.rounds} {which}: {sps:.3f} samples/s, {tps:.1f} tokens/s "
-                f"(steps {[round(t, 3) for t in res['step_times']]}, wall {res['wall_s']:.0f}s)")
-            figures = extra_figures(res, peak_rate)
-            if figures:
-                log(f"  {which}: {figures}")
+
+def report(args, work: Path, rows: list, peak_rate: float | None) -> None:
+    """The settings, every round, the medians with the extra figures, and `ratio ours/trl` last."""
     prompt_len = json.loads((work / ".ready").read_text())["prompt_len"]
     info = {w: next(x[4] for x in rows if x[1] == w) for w in ("ours", "trl")}
     print(f"PPO throughput, model={args.model} device={args.device} dtype={args.dtype} prompt_len={prompt_len} "
@@ -360,10 +362,28 @@ def main() -> None:
     if peak_rate:
         print(f"bf16 matmul rate measured here: {peak_rate / 1e12:.0f} TFLOP/s")
     for w in ("ours", "trl"):
-        last = [x[4] for x in rows if x[1] == w][-1]
-        figures = extra_figures(last, peak_rate)
+        figures = extra_figures([x[4] for x in rows if x[1] == w][-1], peak_rate)
         print(f"median {w:>4}: {med[w][0]:.3f} samples/s, {med[w][1]:.1f} tokens/s" + (f" ({figures})" if figures else ""))
     print(f"ratio ours/trl: {med['ours'][0] / med['trl'][0]:.2f}")
+
+
+def main() -> None:
+    args = parse_args()
+    peer = OURS_PY if args.peer_site else ensure_peer_venv()
+    work = prepare(args.model, n_prompts=args.batch * args.steps * 2, device=args.device, dtype=args.dtype)
+    peak_rate = matmul_rate(args.device, args.dtype) if args.device == "cuda" else None
+    rows = []
+    for r in range(args.rounds):
+        for which, py in (("ours", OURS_PY), ("trl", peer)) if r % 2 == 0 else (("trl", peer), ("ours", OURS_PY)):
+            res = run_driver(which, py, work, args, r)
+            sps, tps = summarize(res, args.batch)
+            rows.append((r, which, sps, tps, res))
+            log(f"round {r + 1}/{args.rounds} {which}: {sps:.3f} samples/s, {tps:.1f} tokens/s "
+                f"(steps {[round(t, 3) for t in res['step_times']]}, wall {res['wall_s']:.0f}s)")
+            figures = extra_figures(res, peak_rate)
+            if figures:
+                log(f"  {which}: {figures}")
+    report(args, work, rows, peak_rate)
 
 
 if __name__ == "__main__":
