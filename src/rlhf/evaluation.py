@@ -12,7 +12,10 @@ at most `ppo.max_new_tokens` tokens. Then, per model:
   deterministic proxy that is 0 for the reference itself;
 - length: mean response length in tokens (EOS not counted);
 - win_rate: share of prompts where the model's response scores higher than the baseline's (the SFT
-  model, else the base model) by the judge when given, else by the reward model; ties count half.
+  model, else the base model) by the judge when given, else by the reward model; ties count half;
+- lc_win_rate: the same at equal length (`verbosity.length_controlled_win_rate`: a logistic fit of the
+  outcome on the length difference, read at zero difference), so a model that wins by writing longer
+  (or shorter) replies than the baseline shows it as a gap between the two win rates.
 
 Writes `<run>/eval/eval.json`, `responses.jsonl` and `eval.png` (reward versus KL per model, and bars of
 the judge/reward scores), and prints a table. Single process; models are loaded one at a time next to
@@ -259,23 +262,32 @@ def win_rate(scores: list[float] | None, base: list[float] | None) -> float | No
     return wins / len(scores)
 
 
+def _lengths(c: Candidate) -> list[float]:
+    """Response lengths in tokens, EOS not counted."""
+    return [float(len(r) - (1 if r and r[-1] == c.eos_id else 0)) for r in c.response_ids]
+
+
 def summarize(cands: list[Candidate], base: Candidate) -> list[dict[str, Any]]:
+    from rlhf.verbosity import length_controlled_win_rate
+
     key = "judge" if base.judge is not None else "rewards"
+    base_scores, base_lengths = getattr(base, key), _lengths(base)
     rows = []
     for c in cands:
-        lengths = [len(r) - (1 if r and r[-1] == c.eos_id else 0) for r in c.response_ids]
+        scores, lengths = getattr(c, key), _lengths(c)
+        lc = (None if scores is None or base_scores is None else
+              length_controlled_win_rate(scores, base_scores, lengths, base_lengths))
         rows.append({"model": c.name, "path": c.path, "reward": _mean(c.rewards), "judge": _mean(c.judge),
                      "reward_se": _se(c.rewards), "judge_se": _se(c.judge), "kl": _mean(c.kl),
-                     "length": _mean([float(n) for n in lengths]),
-                     "win_rate": win_rate(getattr(c, key), getattr(base, key)),
+                     "length": _mean(lengths), "win_rate": win_rate(scores, base_scores), "lc_win_rate": lc,
                      "eos_rate": _mean([1.0 if r and r[-1] == c.eos_id else 0.0 for r in c.response_ids])})
     return rows
 
 
 def format_table(rows: list[dict[str, Any]], baseline_name: str) -> str:
     cols = [("model", "model", "{}"), ("reward", "RM score", "{:.3f}"), ("judge", "judge", "{:.3f}"),
-            ("kl", "KL(ref)", "{:.3f}"), ("length", "length", "{:.1f}"), ("win_rate", f"win vs {baseline_name}",
-                                                                           "{:.3f}")]
+            ("kl", "KL(ref)", "{:.3f}"), ("length", "length", "{:.1f}"),
+            ("win_rate", f"win vs {baseline_name}", "{:.3f}"), ("lc_win_rate", "length-controlled", "{:.3f}")]
     cells = [[h for _, h, _ in cols]] + [[("-" if r[k] is None else f.format(r[k])) for k, _, f in cols]
                                          for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import logging
 import os
 import platform
 import socket
@@ -20,6 +21,7 @@ from rlhf import artifacts
 from rlhf.config import PipelineConfig
 from rlhf.errors import RlhfError
 
+log = logging.getLogger("rlhf")
 # Which data each stage reads: (config key, data kind).
 STAGE_DATA = {
     "sft": ("sft", "sft"),
@@ -28,6 +30,8 @@ STAGE_DATA = {
     "orpo": ("preference", "preference"),
     "ppo": ("prompts", "prompt"),
 }
+# Rows of each preference source read for the length-bias check (`data.verbosity`).
+VERBOSITY_ROWS = 5000
 # Earlier stages whose outputs a stage reads.
 STAGE_INPUTS = {"sft": (), "reward": (), "ppo": ("sft", "reward"), "dpo": ("sft",), "orpo": ()}
 
@@ -66,7 +70,8 @@ def check(cfg: PipelineConfig, stages: list[str] | None = None, *, standalone: b
         blockers.append(Blocker("config.no_stages", f"{cfg.source}: nothing to run; set final_stage (ppo, dpo or "
                                 "orpo) or add an `sft` or `reward` section"))
     for stage in stages:
-        blockers += _check_data(cfg, stage)
+        data_blockers = _check_data(cfg, stage)
+        blockers += data_blockers if data_blockers else _check_verbosity(cfg, stage, blockers)
         blockers += _check_inputs(cfg, stage, planned=[] if standalone else stages[: stages.index(stage)])
     blockers += _check_models(cfg, stages)
     blockers += check_device(cfg, stages)
@@ -95,6 +100,33 @@ def _check_data(cfg: PipelineConfig, stage: str) -> list[Blocker]:
         except RlhfError as err:
             out.append(Blocker("data.invalid", f"{stage}: {err}"))
     return out
+
+
+def _check_verbosity(cfg: PipelineConfig, stage: str, earlier: list[Blocker]) -> list[Blocker]:
+    """Length bias of a preference stage's training pairs (`rlhf.verbosity`, in words over the first
+    `VERBOSITY_ROWS` rows of each source): logged as a warning, or a blocker with `data.verbosity: block`.
+    A source another stage of the same check already reported is not reported again."""
+    from rlhf import data, verbosity
+
+    path, key, kind = data_source(cfg, stage)
+    if kind != "preference" or cfg.data.verbosity == "off":
+        return []
+    out = []
+    for part in data.parts(path):
+        report = data.inspect(part, split=cfg.data.split, kind=kind, n_examples=0, limit=VERBOSITY_ROWS,
+                              streaming=True)
+        for warning in verbosity.warnings(report.length_bias):
+            message = f"{cfg.source}: {key} ({part.path}): {warning}"
+            if cfg.data.verbosity == "block":
+                blocker = Blocker("data.verbosity", f"{message}; rebalance the pairs or set data.verbosity: warn")
+                out += [] if blocker in earlier else [blocker]
+            elif message not in _WARNED:
+                _WARNED.add(message)
+                log.warning("%s (data.verbosity: block makes this a blocker)", message)
+    return out
+
+
+_WARNED: set[str] = set()  # each warning once per process, though every stage runs preflight
 
 
 def _eval_source(cfg: PipelineConfig, key: str) -> str | None:

@@ -3,9 +3,10 @@
 The report covers the detected format, how its fields were read into the schema (and which of the
 file's own keys `columns` renamed), the kinds it serves, row and bad-row counts (every bad row
 up to a cap, without stopping at the first), example rows, length statistics, duplicates and, for
-preference data, verbosity bias: a reward model trained on pairs where the chosen response is nearly
-always the longer one tends to learn "longer is better" (Singhal et al. 2023,
-https://arxiv.org/abs/2310.03716).
+preference data, length bias in both directions (`rlhf.verbosity`): a reward model trained on pairs
+where the chosen response is nearly always the longer one tends to learn "longer is better" (Singhal et
+al. 2023, https://arxiv.org/abs/2310.03716), and one where it is nearly always the shorter one learns the
+opposite; with margins, the correlation between length difference and margin.
 """
 
 from __future__ import annotations
@@ -15,14 +16,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from rlhf import verbosity
 from rlhf.data.formats import FORMAT_KINDS, describe
 from rlhf.data.sources import n_taken, parts
 from rlhf.data.validate import RowScanner
 from rlhf.errors import DataError
+from rlhf.verbosity import LengthBias
 
 MAX_BAD_ROWS = 20
 EXAMPLE_CHARS = 160
-VERBOSITY_THRESHOLD = 0.75
 RESPONSE_KEYS = ("completion", "chosen", "rejected")
 
 
@@ -83,10 +85,8 @@ class InspectReport:
     """Rows identical to an earlier row after normalization."""
     n_duplicate_prompts: int
     """Rows whose prompt appeared in an earlier row."""
-    chosen_longer_share: float | None = None
-    """Preference data: share of pairs where chosen is longer than rejected."""
-    mean_length_ratio: float | None = None
-    """Preference data: mean of len(chosen) / len(rejected)."""
+    length_bias: LengthBias | None = None
+    """Preference data: chosen vs rejected lengths in both directions, and against the margin."""
     warnings: list[str] = field(default_factory=list)
     layout: list[str] = field(default_factory=list)
     """How the detected format's fields became the schema (`formats.describe`), from the first good row."""
@@ -94,6 +94,16 @@ class InspectReport:
     """`their key -> schema key` for each key the source's `columns` mapping renames."""
     weight: float = 1.0
     """The source's mixing weight."""
+
+    @property
+    def chosen_longer_share(self) -> float | None:
+        """Preference data: share of pairs where chosen is longer than rejected."""
+        return None if self.length_bias is None else self.length_bias.chosen_longer
+
+    @property
+    def mean_length_ratio(self) -> float | None:
+        """Preference data: mean of len(chosen) / len(rejected)."""
+        return None if self.length_bias is None else self.length_bias.mean_ratio
 
 
 def _truncate(row: dict) -> dict:
@@ -117,13 +127,6 @@ def _measure(tokenizer: Any) -> Callable[[list[dict]], int]:
     return lambda msgs: sum(len(tokenizer(m["content"], add_special_tokens=False)["input_ids"]) for m in msgs)
 
 
-def _verbosity(chosen: list[int], rejected: list[int]) -> tuple[float, float]:
-    """(share of pairs where chosen is strictly longer, mean length ratio chosen/rejected)."""
-    longer = sum(c > r for c, r in zip(chosen, rejected, strict=True))
-    ratio = sum(c / max(r, 1) for c, r in zip(chosen, rejected, strict=True))
-    return longer / len(chosen), ratio / len(chosen)
-
-
 def _warnings(report: InspectReport) -> list[str]:
     """Plain-language warnings for the numbers in a report."""
     out = []
@@ -131,13 +134,7 @@ def _warnings(report: InspectReport) -> list[str]:
         out.append(f"{report.n_bad} bad rows (first: {report.bad_rows[0]}); fix them or set bad_rows: skip")
     if report.n_rows == 0:
         out.append("no valid rows; nothing in this source can be trained on")
-    share = report.chosen_longer_share
-    if share is not None and share >= VERBOSITY_THRESHOLD:
-        out.append(
-            f"verbosity bias: chosen is longer in {share:.0%} of pairs (mean length ratio "
-            f"{report.mean_length_ratio:.1f}); a reward model trained on this may learn 'longer is better' "
-            f"(warned at >= {VERBOSITY_THRESHOLD:.0%})"
-        )
+    out += verbosity.warnings(report.length_bias)
     if report.n_duplicates:
         out.append(f"{report.n_duplicates} duplicate rows (identical after normalization); deduplicate them")
     return out
@@ -156,6 +153,7 @@ class _Tally:
     bad: list[str] = field(default_factory=list)
     examples: list[dict] = field(default_factory=list)
     lengths: dict[str, list[int]] = field(default_factory=dict)
+    margins: list[float | None] = field(default_factory=list)
     seen_rows: set[str] = field(default_factory=set)
     seen_prompts: set[str] = field(default_factory=set)
 
@@ -172,6 +170,8 @@ class _Tally:
         for key, msgs in row.items():
             if isinstance(msgs, list):  # not the pair's margin
                 self.lengths.setdefault(key, []).append(self.measure(msgs))
+        if "chosen" in row:
+            self.margins.append(row.get("margin"))
         row_key, prompt_key = json.dumps(row, sort_keys=True), json.dumps(row["prompt"])
         self.n_duplicates += row_key in self.seen_rows
         self.n_duplicate_prompts += prompt_key in self.seen_prompts
@@ -187,17 +187,18 @@ def inspect(
     n_examples: int = 3,
     limit: int | None = None,
     kind: str | None = None,
+    streaming: bool = False,
 ) -> InspectReport:
     """Read a whole source (or its first `limit` rows) and report on it without stopping at bad rows.
 
     `source` is one path or `{path, weight, columns}` mapping; `kind` reads it as a stage would (default:
-    the richest kind its format serves). Whole-source problems (missing or empty file, a JSON array in a
-    .jsonl file) still raise DataError.
+    the richest kind its format serves); `streaming` streams hub datasets instead of loading them whole.
+    Whole-source problems (missing or empty file, a JSON array in a .jsonl file) still raise DataError.
     """
     found = parts(source)
     if len(found) != 1:
         raise ValueError("inspect reads one source at a time; call it for each of `parts(source)`")
-    scanner = RowScanner(found[0], kind, split)
+    scanner = RowScanner(found[0], kind, split, streaming=streaming)
     tally = _Tally(measure=_measure(tokenizer), n_examples=n_examples)
     for _location, row in scanner:
         tally.add(row)
@@ -222,9 +223,7 @@ def inspect(
         weight=found[0].weight,
     )
     if "chosen" in tally.lengths:
-        report.chosen_longer_share, report.mean_length_ratio = _verbosity(
-            tally.lengths["chosen"], tally.lengths["rejected"]
-        )
+        report.length_bias = verbosity.length_bias(tally.lengths["chosen"], tally.lengths["rejected"], tally.margins)
     report.warnings = _warnings(report)
     return report
 
@@ -263,11 +262,8 @@ def format_report(report: InspectReport) -> str:
     lines.append(
         f"duplicates: {report.n_duplicates} identical rows, {report.n_duplicate_prompts} repeated prompts"
     )
-    if report.chosen_longer_share is not None:
-        lines.append(
-            f"verbosity: chosen longer in {report.chosen_longer_share:.0%} of pairs, "
-            f"mean length ratio chosen/rejected {report.mean_length_ratio:.2f}"
-        )
+    if report.length_bias is not None:
+        lines.append(f"verbosity: {verbosity.describe(report.length_bias, report.length_unit)}")
     if report.bad_rows:
         more = report.n_bad - len(report.bad_rows)
         lines += (
