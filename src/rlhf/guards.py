@@ -2,8 +2,9 @@
 
 `run.on_nonfinite: stop` (default) ends the run with a one-line `TrainingError` naming the stage, step and
 quantity; nothing non-finite is ever saved, so the last checkpoint stays the resume point.
-`run.on_nonfinite: skip` drops the update of the bad step (its gradients are discarded, optimizer and
-scheduler state stay as they were) and goes on, with a warning; `run.max_consecutive_skips` skips in a row
+`run.on_nonfinite: skip` drops the update of the bad step (its gradients are discarded, so the weights and
+the optimizer's moments stay as they were; the learning-rate schedule still advances one step, except
+under DeepSpeed, which holds it back on a skipped step) and goes on, with a warning; `run.max_consecutive_skips` skips in a row
 mean the fault is persistent, and the run stops as in `stop` mode.
 
 A CUDA out-of-memory error inside `catch_oom` becomes a one-line `TrainingError` naming the stage, the

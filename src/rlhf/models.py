@@ -4,7 +4,9 @@ Every loader takes an alias (`smollm2-135m-instruct`, `tiny-random`), a local HF
 returns plain transformers objects (a peft `PeftModel` when LoRA is asked for). What they guarantee:
 
 - pad != eos in every tokenizer, and `config.pad_token_id` / `generation_config.pad_token_id` of every
-  model equal the tokenizer's pad id (pad == eos makes PPO mask every EOS, CPU-FACTS 1a);
+  model equal the tokenizer's pad id (with pad == eos, masks built as `ids != pad` drop every EOS, and HF's
+  sequence classifiers read a reward at the token before the EOS; PPO's own response masks stop at the
+  first EOS either way, `advantages.response_mask`);
 - embeddings are resized when the tokenizer grew (an added `<|pad|>` or ChatML tokens);
 - only safetensors weights are read unless `allow_pickle` is set; pickle-only dirs are refused before
   anything is unpickled;

@@ -6,7 +6,7 @@ safetensors. `build_tiny_reward` writes the same backbone as a 1-label sequence 
 reads repo files or the network, so the package can build its fixtures anywhere.
 
 Special tokens (same ids in every build): `<|endoftext|>` = 0 (pad and unk), `<|im_start|>` = 1 (bos),
-`<|im_end|>` = 2 (eos). Pad differs from eos on purpose (see CPU-FACTS 1a: pad == eos breaks PPO masks).
+`<|im_end|>` = 2 (eos). Pad differs from eos on purpose, as `rlhf.models` makes it for every tokenizer.
 """
 
 from __future__ import annotations

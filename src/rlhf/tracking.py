@@ -1,6 +1,7 @@
 """Metrics: one JSONL line per log step plus TensorBoard scalars, written by the main rank only.
 
-Every stage (the Trainer-based ones through `MetricsCallback`, PPO directly) logs through `MetricsLogger`,
+Every stage (the Trainer-based ones through the stage callback of `stages.common`, PPO directly) logs
+through `MetricsLogger`,
 so `metrics.jsonl` and `logs/` look the same everywhere. On resume from step N, lines past N (written
 after the checkpoint the run resumes from) are dropped, so a resumed run's curve has no duplicates.
 """

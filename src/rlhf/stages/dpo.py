@@ -11,8 +11,10 @@ After saving, the reloaded model is scored against the SFT model on the held-out
 package's own encoding (`rlhf.encoding`) and `losses.dpo_loss`'s statistics: a check independent of TRL,
 split over ranks (`rlhf.heldout`).
 
+The held-out `loss` is the configured `dpo.loss_type` (`losses.dpo_loss`, `ipo_loss` or `hinge_loss`).
 Note: TRL's `ipo` divides each side's log-ratio by its token count before the loss (as the IPO authors'
-code does), while `losses.ipo_loss` uses whole-sequence log-probs (the paper's formula).
+code does), while `losses.ipo_loss` uses whole-sequence log-probs (the paper's formula), so the two `ipo`
+losses differ in scale.
 """
 
 from __future__ import annotations
@@ -95,16 +97,21 @@ def run(cfg: PipelineConfig, *, restart: bool = False) -> StageResult:
                           devices={"policy": engine.trainer_device(trainer)})
 
 
-def implicit_rewards(policy, ref, tokenizer, rows: list[dict], beta: float) -> dict[str, float]:
+LOSSES = {"sigmoid": "dpo_loss", "ipo": "ipo_loss", "hinge": "hinge_loss"}  # dpo.loss_type -> rlhf.losses
+
+
+def implicit_rewards(policy, ref, tokenizer, rows: list[dict], beta: float,
+                     loss_type: str = "sigmoid") -> dict[str, float]:
     """Held-out implicit-reward statistics of `policy` against `ref` in this process (`rewards_report`)."""
     from rlhf.evaluation import pair_logps
 
-    return rewards_report(pair_logps(policy, tokenizer, rows), pair_logps(ref, tokenizer, rows), beta)
+    return rewards_report(pair_logps(policy, tokenizer, rows), pair_logps(ref, tokenizer, rows), beta, loss_type)
 
 
-def rewards_report(policy_logps: list[list[float]], ref_logps: list[list[float]], beta: float) -> dict[str, float]:
-    """losses.dpo_loss's statistics and loss from per-row [chosen, rejected] response log-probs of the policy
-    and the reference.
+def rewards_report(policy_logps: list[list[float]], ref_logps: list[list[float]], beta: float,
+                   loss_type: str = "sigmoid") -> dict[str, float]:
+    """The implicit-reward statistics and the `loss_type` loss (`LOSSES`) from per-row [chosen, rejected]
+    response log-probs of the policy and the reference.
 
     rewards/accuracy counts pairs whose chosen implicit reward is strictly higher, so a policy equal to its
     reference (every reward 0) scores 0.
@@ -117,7 +124,8 @@ def rewards_report(policy_logps: list[list[float]], ref_logps: list[list[float]]
     (policy_chosen, policy_rejected), (ref_chosen, ref_rejected) = (
         [torch.tensor(side, device="cpu") for side in zip(*logps, strict=True)]
         for logps in (policy_logps, ref_logps))
-    loss, stats = losses.dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
+    loss_fn = getattr(losses, LOSSES[loss_type])
+    loss, stats = loss_fn(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
     return {"loss": float(loss), **{k: float(v) for k, v in stats.items()}}
 
 
@@ -131,7 +139,7 @@ def heldout_report(final_dir: Path, ref_dir: str, rows: list[dict], cfg: Pipelin
         with catch_oom("dpo", role, ckpt_dir, cfg.source, batch_key="dpo.eval_batch_size"):
             logps[role] = heldout.saved_pair_logps(path, cfg, tokenizer, rows, mean=False,
                                                    batch_size=cfg.dpo.eval_batch_size)
-    stats = rewards_report(logps["policy"], logps["ref"], cfg.dpo.beta)
+    stats = rewards_report(logps["policy"], logps["ref"], cfg.dpo.beta, cfg.dpo.loss_type)
     if engine.is_main():
         log.info("dpo: held-out implicit-reward accuracy %.3f, margin %.3f (%d pairs)",
                  stats["rewards/accuracy"], stats["rewards/margin"], len(rows))

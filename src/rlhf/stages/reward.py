@@ -114,6 +114,7 @@ def evaluate_reward_model(final_dir: Path, rows: list[dict], cfg: PipelineConfig
     size = cfg.reward.eval_batch_size
     pairs = heldout.map_rows(rows, lambda part: pair_scores(model, tokenizer, part, size), size)
     report = metrics.preference_report([c for c, _ in pairs], [r for _, r in pairs])
+    report["loss"] = heldout_loss(pairs, rows, cfg.reward.margin)
     if live is not None:
         check_rows, live_scores = live
         again = heldout.map_rows(check_rows, lambda part: pair_scores(model, tokenizer, part, size), size)
@@ -128,6 +129,21 @@ def evaluate_reward_model(final_dir: Path, rows: list[dict], cfg: PipelineConfig
         log.info("reward: held-out accuracy %.3f, margin %.3f, reward mean %.3f std %.3f (%d pairs)",
                  report["preference_accuracy"], report["reward_margin_mean"], stats["mean"], stats["std"], len(rows))
     return {k: float(v) for k, v in report.items()}
+
+
+def heldout_loss(pairs: list[tuple[float, float]], rows: list[dict], use_margin: bool) -> float:
+    """The training objective on held-out pairs: Bradley-Terry (`losses.pairwise_reward_loss`), with each
+    pair's margin when `reward.margin` is on."""
+    import torch
+
+    from rlhf import losses
+
+    chosen = torch.tensor([c for c, _ in pairs], dtype=torch.float64, device="cpu")
+    rejected = torch.tensor([r for _, r in pairs], dtype=torch.float64, device="cpu")
+    margin = None
+    if use_margin:
+        margin = torch.tensor([float(row.get("margin") or 0.0) for row in rows], dtype=torch.float64, device="cpu")
+    return float(losses.pairwise_reward_loss(chosen, rejected, margin)[0])
 
 
 def _plot(cfg: PipelineConfig, stage: StageRun) -> None:
