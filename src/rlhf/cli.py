@@ -19,6 +19,8 @@ import warnings
 from rlhf.errors import ConfigError, RlhfError
 
 TRAIN_COMMANDS = ("sft", "reward", "ppo", "dpo", "orpo")
+SYNTH_METHODS = ("program", "constitutional", "judge")
+SYNTH_K = {"program": 4, "constitutional": 1, "judge": 2}
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -28,21 +30,39 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_synth_parser(dsub) -> None:
-    q = dsub.add_parser("synth", help="SFT and preference sets from the base model's samples, labeled by a judge")
+    q = dsub.add_parser("synth", help="SFT and preference sets from the base model's samples, labeled by a program, "
+                        "by critique and revision, or by a model judge")
     _add_config_args(q)
-    q.add_argument("--out", required=True, help="output dir (JSONL sets + manifest.json)")
-    q.add_argument("--k", type=int, default=4, help="samples per prompt; best and worst become a pair")
-    q.add_argument("--judge", default="rlhf.judges:positivity", metavar="MODULE:FUNCTION",
-                   help="judge fn(prompts, responses) -> scores")
+    q.add_argument("--out", required=True, help="output dir (JSONL sets + manifest.json); constitutional and "
+                   "judge runs resume from it")
+    q.add_argument("--method", choices=SYNTH_METHODS, default="program",
+                   help="program: k samples ranked by --judge; constitutional: a sample critiqued and revised "
+                   "under --principles (revision chosen); judge: pairs of samples judged by --judge-model")
+    q.add_argument("--k", type=int, help="samples per prompt (default: program 4, judge 2, constitutional 1; "
+                   "constitutional keeps the first that finishes)")
+    q.add_argument("--judge", metavar="MODULE:FUNCTION",
+                   help="program judge fn(prompts, responses) -> scores (default rlhf.judges:positivity)")
+    q.add_argument("--principles", metavar="FILE", help="constitutional: YAML `principles:` list of {name, "
+                   "critique, revision}")
+    q.add_argument("--critic-model", metavar="MODEL", help="constitutional: the model that critiques and revises "
+                   "(default: the config's model)")
+    q.add_argument("--critique-tokens", type=int, default=64, help="constitutional: critique length limit")
+    q.add_argument("--judge-model", metavar="MODEL", help="judge: the model that compares two responses")
+    q.add_argument("--judge-template", metavar="FILE", help="judge: prompt template with {prompt}, {response_a} "
+                   "and {response_b}, answered with A or B")
+    q.add_argument("--gold-judge", metavar="MODULE:FUNCTION", help="constitutional, judge: report how often this "
+                   "program judge prefers each pair's chosen side (manifest.json)")
     q.add_argument("--prompts", metavar="FILE", help="prompt file (default: the built-in quickstart prompts)")
     q.add_argument("--n-prompts", type=int, metavar="N", help="use the first N training prompts")
     q.add_argument("--n-eval-prompts", type=int, metavar="N", help="use the first N held-out prompts")
     q.add_argument("--max-new-tokens", type=int, default=48, help="sample length limit (unfinished samples are dropped)")
     q.add_argument("--temperature", type=float, help="sampling temperature (default ppo.temperature)")
     q.add_argument("--batch-size", type=int, default=64, help="sequences per generate() call")
-    q.add_argument("--min-gap", type=float, default=0.0, help="pairs need chosen - rejected score > this")
+    q.add_argument("--min-gap", type=float, default=0.0,
+                   help="pairs need chosen - rejected score (judge: the probability margin) > this")
     q.add_argument("--pairs", choices=("best-worst", "all"), default="best-worst",
-                   help="best vs worst per prompt, or every two samples of a prompt (more pairs, same samples)")
+                   help="best vs worst per prompt (judge: the largest margin), or every two samples of a prompt "
+                   "(more pairs, same samples)")
     q.add_argument("--from-samples", metavar="FILE",
                    help="re-judge and re-select the samples.jsonl of an earlier run instead of sampling")
     q.add_argument("--seed", type=int, help="prompt split and sampling seed (default run.seed)")
@@ -193,14 +213,27 @@ def _cmd_data_synth(args) -> int:
     from rlhf.synth import SynthSettings, run_synth
 
     cfg = _load(args)
-    settings = SynthSettings(k=args.k, max_new_tokens=args.max_new_tokens,
+    settings = SynthSettings(k=args.k or SYNTH_K[args.method], max_new_tokens=args.max_new_tokens,
                              temperature=args.temperature if args.temperature is not None else cfg.ppo.temperature,
                              top_p=cfg.ppo.top_p, top_k=cfg.ppo.top_k, batch_size=args.batch_size,
                              min_gap=args.min_gap, pairs=args.pairs,
                              seed=cfg.run.seed if args.seed is None else args.seed)
-    run_synth(cfg, args.out, settings=settings, judge=args.judge, n_prompts=args.n_prompts,
-              n_eval_prompts=args.n_eval_prompts, prompts_file=args.prompts, samples_file=args.from_samples,
-              command=_synth_command(args, settings))
+    prompts = {"n_prompts": args.n_prompts, "n_eval_prompts": args.n_eval_prompts, "prompts_file": args.prompts,
+               "command": _synth_command(args, settings)}
+    if args.method == "constitutional":
+        from rlhf.constitutional import run_constitutional
+
+        run_constitutional(cfg, args.out, principles_file=args.principles, critic_model=args.critic_model,
+                           settings=settings, critique_tokens=args.critique_tokens, gold_judge=args.gold_judge,
+                           **prompts)
+    elif args.method == "judge":
+        from rlhf.llm_judge import run_judge
+
+        run_judge(cfg, args.out, judge_model=args.judge_model, template_file=args.judge_template,
+                  settings=settings, gold_judge=args.gold_judge, **prompts)
+    else:
+        run_synth(cfg, args.out, settings=settings, judge=args.judge or "rlhf.judges:positivity",
+                  samples_file=args.from_samples, **prompts)
     return 0
 
 
@@ -211,8 +244,17 @@ def _synth_command(args, s) -> str:
     parts = ["rlhf", "data", "synth", "--config", args.config]
     for item in args.overrides:
         parts += ["--set", item]
-    parts += ["--out", args.out, "--k", str(s.k), "--judge", args.judge]
-    for flag, value in (("--prompts", args.prompts), ("--n-prompts", args.n_prompts),
+    parts += ["--out", args.out, "--k", str(s.k)]
+    if args.method == "program":
+        parts += ["--judge", args.judge or "rlhf.judges:positivity"]
+    else:
+        parts += ["--method", args.method]
+    if args.method == "constitutional":
+        parts += ["--critique-tokens", str(args.critique_tokens)]
+    for flag, value in (("--principles", args.principles), ("--critic-model", args.critic_model),
+                        ("--judge-model", args.judge_model), ("--judge-template", args.judge_template),
+                        ("--gold-judge", args.gold_judge),
+                        ("--prompts", args.prompts), ("--n-prompts", args.n_prompts),
                         ("--n-eval-prompts", args.n_eval_prompts), ("--from-samples", args.from_samples)):
         if value is not None:
             parts += [flag, str(value)]
@@ -223,9 +265,25 @@ def _synth_command(args, s) -> str:
 
 
 def _cmd_score(args) -> int:
+def _check_synth_args(args) -> None:
+    """Each method's own flags, and no flag of another method (which would be silently ignored)."""
+    own = {"program": ("judge", "from_samples"), "constitutional": ("principles", "critic_model", "gold_judge"),
+           "judge": ("judge_model", "judge_template", "gold_judge")}
+    needed = {"constitutional": "principles", "judge": "judge_model"}.get(args.method)
+    if needed and getattr(args, needed) is None:
+        raise ConfigError(f"--method {args.method} needs --{needed.replace('_', '-')}")
+    foreign = sorted({k for keys in own.values() for k in keys} - set(own[args.method]))
+    given = [f"--{k.replace('_', '-')}" for k in foreign if getattr(args, k) is not None]
+    if given:
+        raise ConfigError(f"{', '.join(given)}: not a flag of --method {args.method}"
+                          + ("; for the model judge use --judge-model, and --gold-judge to score the pairs with a "
+                             "program" if "--judge" in given else ""))
+
+
     from rlhf.scoring import score_file
 
     score_file(args.model, args.data, out=args.out, batch_size=args.batch_size, max_length=args.max_length)
+    _check_synth_args(args)
     return 0
 
 

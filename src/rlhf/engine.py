@@ -16,7 +16,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from rlhf.config import DeepSpeedCfg, PipelineConfig, TrainCfg, ZeroRoleCfg
 from rlhf.errors import ConfigError
@@ -325,6 +325,27 @@ def initialize(model, ds_cfg: dict[str, Any], optimizer=None, lr_scheduler=None,
 
 
 # --------------------------------------------------------------------------- PPO engines (own loop)
+
+
+class Engine(Protocol):
+    """What the PPO loop uses of an engine: a DeepSpeed engine, or a `PlainEngine` with the same surface."""
+
+    module: Any
+    optimizer: Any
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
+
+    def train(self, mode: bool = True) -> Any: ...
+
+    def eval(self) -> Any: ...
+
+    def backward(self, loss: Any, scale_wrt_gas: bool = True) -> Any: ...
+
+    def step(self) -> Any: ...
+
+    def is_gradient_accumulation_boundary(self) -> bool: ...
+
+    def zero_optimization_stage(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -723,3 +744,31 @@ def load_engine(eng, path: Path) -> None:
     eng.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     if eng.lr_scheduler is not None and (path / "scheduler.pt").exists():
         eng.lr_scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+
+
+def deepspeed_state_dict(path: Path, tag: str | None = None) -> dict:
+    """The full module state dict (CPU tensors) of a DeepSpeed checkpoint under `path`, without an engine.
+
+    `tag`: the checkpoint's sub-dir (`state` for what `save_engine` writes; None reads the `latest` file the
+    HF Trainer writes). ZeRO 1-3: the fp32 master weights merged from every rank's shards by DeepSpeed's
+    `zero_to_fp32` (frozen parameters included); ZeRO-0: the module state the model file holds. Both read
+    DeepSpeed's pickled `*_states.pt` files as its own loader does (docs/RELIABILITY.md).
+    """
+    import torch
+
+    path = Path(path)
+    if tag is None:
+        latest = path / "latest"
+        tag = latest.read_text(encoding="utf-8").strip() if latest.is_file() else ""
+    ds_dir = path / tag
+    if not tag or not ds_dir.is_dir():
+        raise ConfigError(f"{path}: no DeepSpeed checkpoint here (no `latest` file or tag dir)")
+    if any(ds_dir.glob("*_optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        with contextlib.redirect_stdout(sys.stderr):  # it prints progress; stdout may carry a command's output
+            return get_fp32_state_dict_from_zero_checkpoint(str(path), tag=tag)
+    model_file = ds_dir / "mp_rank_00_model_states.pt"
+    if not model_file.is_file():
+        raise ConfigError(f"{ds_dir}: no model states file (mp_rank_00_model_states.pt); the checkpoint is incomplete")
+    return torch.load(model_file, map_location="cpu", weights_only=False)["module"]

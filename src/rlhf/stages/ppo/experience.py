@@ -37,6 +37,18 @@ class LiveForward:
 
 
 @dataclass
+class Forwards:
+    """One no-grad pass of every model over a rollout (`forward_all`)."""
+
+    logprobs: Tensor  # [B, R] actor log-probs of the sampled tokens
+    ref_logprobs: Tensor  # [B, R] reference log-probs
+    values: Tensor  # [B, R] critic values
+    entropy: Tensor  # [B, R] actor entropy per position
+    raw_scores: Tensor  # [B] reward before normalisation
+    live: LiveForward | None = None  # with `keep_first`: the first chunk's graphs, for the update
+
+
+@dataclass
 class Experience:
     """Everything the PPO update needs for one rollout. Row-aligned, so `select` cuts minibatches."""
 
@@ -163,14 +175,13 @@ def normalize_scores(raw: Tensor, has_eos: Tensor, stats: dict | None, missing_e
 
 @torch.no_grad()
 def forward_all(rollout: Rollout, actor, ref, critic, scorer: Scorer, *, micro_batch: int,
-                temperature: float, keep_first: bool = False, watch=None) -> dict:
+                temperature: float, keep_first: bool = False, watch=None) -> Forwards:
     """One no-grad pass of each model over the rollout, in micro-batch chunks. `watch(role)` (optional) is a
     context manager around each model's work (the stage turns an out-of-memory error there into one line).
 
     `ref=None` means a LoRA actor: the reference is the same module with its adapters disabled.
-    Returns logprobs, ref_logprobs, values [B, R], entropy [B, R] and raw_scores [B] (all detached),
-    and "live": with `keep_first`, the first chunk's actor and critic forwards with their graphs
-    (run through the engines exactly as the update runs them), else None.
+    Returns `Forwards` (all detached), whose `live` holds, with `keep_first`, the first chunk's actor and
+    critic forwards with their graphs (run through the engines exactly as the update runs them).
     """
     watch = watch or (lambda role: contextlib.nullcontext())
     ids, attn = rollout.input_ids, rollout.attention_mask
@@ -203,33 +214,31 @@ def forward_all(rollout: Rollout, actor, ref, critic, scorer: Scorer, *, micro_b
             ref_logits = policy_logits(ref_module, *chunk[:3], prompt_len, temperature)
             out["ref_logprobs"].append(logprobs_from_logits(ref_logits, labels))
         del ref_logits
-    result = {k: torch.cat(v) for k, v in out.items()}
     with watch("reward"):
-        result["raw_scores"] = scorer(rollout, chunks)
-    result["live"] = live
-    return result
+        raw_scores = scorer(rollout, chunks)
+    return Forwards(**{k: torch.cat(v) for k, v in out.items()}, raw_scores=raw_scores, live=live)
 
 
 @torch.no_grad()
-def make_experience(rollout: Rollout, fwd: dict[str, Tensor], ppo, *, kl_coef: float,
+def make_experience(rollout: Rollout, fwd: Forwards, ppo, *, kl_coef: float,
                     reward_stats: dict | None, reduce=None) -> Experience:
     """Scores -> shaped per-token rewards (score at EOS, -kl_coef * KL on every token) -> GAE.
 
     `reduce` (a sum over ranks) whitens advantages with the statistics of the whole global batch, so
     the result does not depend on how rows are split over ranks; collective when given."""
     mask = rollout.mask
-    scores = normalize_scores(fwd["raw_scores"], rollout.has_eos, reward_stats, ppo.missing_eos_penalty)
-    rewards, kl = per_token_rewards(scores, fwd["logprobs"], fwd["ref_logprobs"], mask, kl_coef, ppo.kl_estimator)
-    values = torch.where(mask.bool(), fwd["values"], 0.0)
+    scores = normalize_scores(fwd.raw_scores, rollout.has_eos, reward_stats, ppo.missing_eos_penalty)
+    rewards, kl = per_token_rewards(scores, fwd.logprobs, fwd.ref_logprobs, mask, kl_coef, ppo.kl_estimator)
+    values = torch.where(mask.bool(), fwd.values, 0.0)
     advantages, returns = gae(rewards, values, mask, ppo.gamma, ppo.lam)
     if ppo.whiten_advantages:
         advantages = masked_whiten(advantages, mask, reduce=reduce)
     attn = rollout.attention_mask
     return Experience(input_ids=rollout.input_ids, attention_mask=attn, position_ids=position_ids(attn),
-                      response_ids=rollout.response_ids, mask=mask, logprobs=fwd["logprobs"],
-                      ref_logprobs=fwd["ref_logprobs"], values=values, raw_scores=fwd["raw_scores"].float(),
+                      response_ids=rollout.response_ids, mask=mask, logprobs=fwd.logprobs,
+                      ref_logprobs=fwd.ref_logprobs, values=values, raw_scores=fwd.raw_scores.float(),
                       scores=scores, kl=kl, rewards=rewards, advantages=advantages, returns=returns,
-                      live=fwd.get("live"))
+                      live=fwd.live)
 
 
 def experience_stats(exp: Experience, entropy: Tensor, has_eos: Tensor, kl_coef: float) -> dict[str, float]:

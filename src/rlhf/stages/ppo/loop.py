@@ -21,7 +21,9 @@ import torch
 from torch import Tensor
 
 from rlhf import artifacts, engine
+from rlhf.advantages import KLController
 from rlhf.config import PipelineConfig
+from rlhf.engine import Engine
 from rlhf.errors import StopRequested, TrainingError
 from rlhf.guards import NonFiniteGuard, is_finite
 from rlhf.losses import logprobs_from_logits, ppo_policy_loss, ppo_value_loss
@@ -51,11 +53,11 @@ class PPOContext:
     cfg: PipelineConfig
     stage: StageRun
     tokenizer: Any
-    actor: Any  # engine (DeepSpeed or engine.PlainEngine) with optimizer
-    critic: Any  # engine with optimizer
-    ref: Any  # inference engine, or None: LoRA actor with adapters disabled
+    actor: Engine  # with optimizer
+    critic: Engine  # with optimizer
+    ref: Engine | None  # inference engine, or None: LoRA actor with adapters disabled
     scorer: Scorer
-    kl_ctl: Any  # advantages.FixedKLController | AdaptiveKLController
+    kl_ctl: KLController
     rows: list[dict]
     sampler: PromptSampler
     reward_stats: dict | None
@@ -237,7 +239,7 @@ def rollout_step(ctx: PPOContext):
                       watch=lambda role: watch(ctx, role))
     exp = make_experience(rollout, fwd, ppo, kl_coef=ctx.kl_ctl.value, reward_stats=ctx.reward_stats,
                           reduce=engine.all_reduce_sum)
-    bad = [(what, value) for what, value in (("the reward score", fwd["raw_scores"]), ("the KL", exp.kl))
+    bad = [(what, value) for what, value in (("the reward score", fwd.raw_scores), ("the KL", exp.kl))
            if not is_finite(value)]
     if engine.any_rank(bool(bad)):  # one collective; every rank takes the same branch
         what, value = bad[0] if bad else ("the reward score or the KL (on another rank)", float("nan"))
@@ -245,7 +247,7 @@ def rollout_step(ctx: PPOContext):
             raise ctx.guard.stop_error(what, value, ctx.step)
         ctx.guard.skipped(what, value, ctx.step)
         return None
-    stats = experience_stats(exp, fwd["entropy"], rollout.has_eos, ctx.kl_ctl.value)
+    stats = experience_stats(exp, fwd.entropy, rollout.has_eos, ctx.kl_ctl.value)
     stats["perf/generate_time"] = generated - started  # the texts are decoded on the host: the GPU is done
     return rollout, exp, stats
 
