@@ -209,9 +209,25 @@ def _cmd_data_inspect(args) -> int:
     return 0
 
 
+def _check_synth_args(args) -> None:
+    """Each method's own flags, and no flag of another method (which would be silently ignored)."""
+    own = {"program": ("judge", "from_samples"), "constitutional": ("principles", "critic_model", "gold_judge"),
+           "judge": ("judge_model", "judge_template", "gold_judge")}
+    needed = {"constitutional": "principles", "judge": "judge_model"}.get(args.method)
+    if needed and getattr(args, needed) is None:
+        raise ConfigError(f"--method {args.method} needs --{needed.replace('_', '-')}")
+    foreign = sorted({k for keys in own.values() for k in keys} - set(own[args.method]))
+    given = [f"--{k.replace('_', '-')}" for k in foreign if getattr(args, k) is not None]
+    if given:
+        raise ConfigError(f"{', '.join(given)}: not a flag of --method {args.method}"
+                          + ("; for the model judge use --judge-model, and --gold-judge to score the pairs with a "
+                             "program" if "--judge" in given else ""))
+
+
 def _cmd_data_synth(args) -> int:
     from rlhf.synth import SynthSettings, run_synth
 
+    _check_synth_args(args)
     cfg = _load(args)
     settings = SynthSettings(k=args.k or SYNTH_K[args.method], max_new_tokens=args.max_new_tokens,
                              temperature=args.temperature if args.temperature is not None else cfg.ppo.temperature,
@@ -265,25 +281,9 @@ def _synth_command(args, s) -> str:
 
 
 def _cmd_score(args) -> int:
-def _check_synth_args(args) -> None:
-    """Each method's own flags, and no flag of another method (which would be silently ignored)."""
-    own = {"program": ("judge", "from_samples"), "constitutional": ("principles", "critic_model", "gold_judge"),
-           "judge": ("judge_model", "judge_template", "gold_judge")}
-    needed = {"constitutional": "principles", "judge": "judge_model"}.get(args.method)
-    if needed and getattr(args, needed) is None:
-        raise ConfigError(f"--method {args.method} needs --{needed.replace('_', '-')}")
-    foreign = sorted({k for keys in own.values() for k in keys} - set(own[args.method]))
-    given = [f"--{k.replace('_', '-')}" for k in foreign if getattr(args, k) is not None]
-    if given:
-        raise ConfigError(f"{', '.join(given)}: not a flag of --method {args.method}"
-                          + ("; for the model judge use --judge-model, and --gold-judge to score the pairs with a "
-                             "program" if "--judge" in given else ""))
-
-
     from rlhf.scoring import score_file
 
     score_file(args.model, args.data, out=args.out, batch_size=args.batch_size, max_length=args.max_length)
-    _check_synth_args(args)
     return 0
 
 

@@ -1,5 +1,9 @@
 """`rlhf data synth`: SFT and preference sets from the base model's own samples, labeled by a judge.
 
+Three methods: `program` (below: k samples ranked by a program), `constitutional` (critique-and-revise
+pairs, `rlhf.constitutional`) and `judge` (pairs labeled by a local model, `rlhf.llm_judge`). This module
+holds the program method and what the three share: prompts, batched generation, the output files.
+
 For every prompt the base model samples k responses; a judge (`module:function(prompts, responses)`,
 e.g. `rlhf.judges:positivity`) scores them. The best and the worst of the k become a chosen/rejected
 pair (`--pairs all`: every two of them; pairs whose scores are within `min_gap` are skipped: they carry
@@ -117,33 +121,56 @@ class Sample:
     score: float = 0.0
 
 
+def generation_config(tokenizer, s: SynthSettings, max_new_tokens: int | None = None):
+    """Sampling with `s`'s settings. A complete config, so the model's own generation defaults (e.g.
+    top_k=50) cannot leak in."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                            max_new_tokens=max_new_tokens or s.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.pad_token_id)
+
+
+def generate_texts(model, tokenizer, chats: list[list[dict]], config, max_prompt_length: int,
+                   batch_size: int) -> list[tuple[str, bool]]:
+    """(reply, finished) per chat: left-padded batches of `batch_size` through HF generate on the model's
+    device. A reply is cut at its first EOS (`finished`), or is whatever `config.max_new_tokens` allowed;
+    decoded without special tokens, stripped."""
+    import torch
+
+    from rlhf.stages.ppo.rollout import encode_prompts
+
+    out = []
+    for start in range(0, len(chats), batch_size):
+        ids, mask = encode_prompts(tokenizer, chats[start:start + batch_size], max_prompt_length, model.device)
+        with torch.no_grad():
+            gen = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+        for row in gen[:, ids.shape[1]:].tolist():
+            finished = tokenizer.eos_token_id in row
+            row = row[:row.index(tokenizer.eos_token_id)] if finished else row
+            out.append((tokenizer.decode(row, skip_special_tokens=True).strip(), finished))
+    return out
+
+
+def user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
 def sample_responses(model, tokenizer, prompts: list[str], s: SynthSettings, max_prompt_length: int = 256,
                      progress: bool = True) -> list[Sample]:
     """k samples per prompt (prompt i's samples are at i*k .. i*k+k-1), batched, with a progress bar."""
     import torch
     from tqdm.auto import tqdm
-    from transformers import GenerationConfig
 
-    from rlhf.stages.ppo.rollout import encode_prompts
-
-    # A complete config, so the model's own generation defaults (e.g. top_k=50) cannot leak in.
-    config = GenerationConfig(do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                              max_new_tokens=s.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                              pad_token_id=tokenizer.pad_token_id)
+    config = generation_config(tokenizer, s)
     torch.manual_seed(s.seed)
     flat = [p for p in prompts for _ in range(s.k)]
     out: list[Sample] = []
     bar = tqdm(total=len(flat), desc="synth: sampling", unit="sample", disable=not progress)
     for start in range(0, len(flat), s.batch_size):
         batch = flat[start:start + s.batch_size]
-        ids, mask = encode_prompts(tokenizer, [[{"role": "user", "content": p}] for p in batch],
-                                   max_prompt_length, model.device)
-        with torch.no_grad():
-            gen = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
-        for prompt, row in zip(batch, gen[:, ids.shape[1]:].tolist(), strict=True):
-            finished = tokenizer.eos_token_id in row
-            row = row[:row.index(tokenizer.eos_token_id)] if finished else row
-            out.append(Sample(prompt, tokenizer.decode(row, skip_special_tokens=True).strip(), finished))
+        texts = generate_texts(model, tokenizer, [user(p) for p in batch], config, max_prompt_length, s.batch_size)
+        out += [Sample(prompt, text, finished) for prompt, (text, finished) in zip(batch, texts, strict=True)]
         bar.update(len(batch))
     bar.close()
     return out
@@ -220,7 +247,7 @@ def load_samples(path: str | Path) -> tuple[list[Sample], list[Sample], int]:
 # ---------------------------------------------------------------------------------------------- run
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
+def write_jsonl(path: Path, rows: list[dict]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
         for row in rows:
@@ -249,11 +276,98 @@ def _mean(values: list[float]) -> float | None:
     return round(sum(values) / len(values), 4) if values else None
 
 
+def split_prompts(cfg, seed: int, prompts_file: str | None, n_prompts: int | None,
+                  n_eval_prompts: int | None) -> tuple[list[str], list[str]]:
+    """(train, held-out) prompts: the prompt file's, else the built-in quickstart prompts; the first
+    `n_prompts` / `n_eval_prompts` of each when given (0 takes none)."""
+    if prompts_file:
+        train, held = _read_prompts(prompts_file, cfg.data.eval_fraction or 0.2, seed)
+    else:
+        train, held = quickstart_prompts(seed)
+    return (train if n_prompts is None else train[:n_prompts],
+            held if n_eval_prompts is None else held[:n_eval_prompts])
+
+
+def load_generator(cfg, name: str | None = None):
+    """(model, left-padding tokenizer) on the run's device in the run's dtype, in eval mode: the config's
+    model with its `chat_template`, or the model `name` with its own template."""
+    from rlhf import engine, models
+
+    if name is None:
+        path = models.resolve_model(cfg.model.name_or_path)
+        tok_path = models.resolve_model(cfg.model.tokenizer) if cfg.model.tokenizer else path
+        tokenizer = models.load_tokenizer(tok_path, chat_template=cfg.model.chat_template, padding_side="left")
+    else:
+        path = models.resolve_model(name)
+        tokenizer = models.load_tokenizer(path, padding_side="left")
+    model = models.load_causal_lm(path, tokenizer=tokenizer, dtype=engine.run_dtype(cfg))
+    return model.to(engine.device(cfg.run.device)).eval(), tokenizer
+
+
+@dataclass
+class ModelPair:
+    """The policy (samples responses) and the model that critiques or judges them, often the same one."""
+
+    policy: Any
+    policy_tok: Any
+    other: Any
+    other_tok: Any
+
+
+def load_pair(cfg, other: str | None) -> ModelPair:
+    """The config's model and `other` (a critic or judge), each with its tokenizer; `other` is the policy
+    itself (same objects, the config's chat template) when None or when it names the same model."""
+    from rlhf import models
+
+    policy, policy_tok = load_generator(cfg)
+    if other is None or models.resolve_model(other) == models.resolve_model(cfg.model.name_or_path):
+        return ModelPair(policy, policy_tok, policy, policy_tok)
+    return ModelPair(policy, policy_tok, *load_generator(cfg, other))
+
+
+def length_report(pairs: list[dict]) -> dict | None:
+    """Length bias of `{"chosen", "rejected", "margin"?}` rows in words (`rlhf.verbosity`), with its
+    warnings, for a manifest."""
+    from rlhf import verbosity
+
+    bias = verbosity.length_bias([len(r["chosen"].split()) for r in pairs], [len(r["rejected"].split()) for r in pairs],
+                                 [r.get("margin") for r in pairs])
+    return None if bias is None else {**asdict(bias), "warnings": verbosity.warnings(bias)}
+
+
+def gold_report(spec: str | None, pairs: list[dict]) -> dict | None:
+    """How often the program judge `spec` scores chosen above rejected over `pairs` (with the ties)."""
+    from rlhf.evaluation import load_judge
+
+    judge_fn = load_judge(spec)
+    if judge_fn is None or not pairs:
+        return None
+    prompts = [user(r["prompt"]) for r in pairs]
+    chosen = judge_fn(prompts, [r["chosen"] for r in pairs])
+    rejected = judge_fn(prompts, [r["rejected"] for r in pairs])
+    both = list(zip(chosen, rejected, strict=True))
+    n = len(both)
+    return {"judge": spec, "pairs": n, "prefers_chosen": round(sum(c > r for c, r in both) / n, 4),
+            "ties": round(sum(c == r for c, r in both) / n, 4),
+            "prefers_rejected": round(sum(c < r for c, r in both) / n, 4),
+            "mean_chosen": _mean(list(chosen)), "mean_rejected": _mean(list(rejected))}
+
+
+def write_sets(out: Path, train: list[str], held: list[str], sft: list[dict], pairs: list[dict],
+               eval_pairs: list[dict]) -> None:
+    """The sets every method writes: prompts, SFT rows, preference pairs (training and held-out)."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out / "prompts.jsonl", [{"prompt": p} for p in train])
+    write_jsonl(out / "prompts_eval.jsonl", [{"prompt": p} for p in held])
+    write_jsonl(out / "sft.jsonl", sft)
+    write_jsonl(out / "preference.jsonl", pairs)
+    write_jsonl(out / "preference_eval.jsonl", eval_pairs)
+
+
 def run_synth(cfg, out_dir: str | Path, *, settings: SynthSettings | None = None, judge: str = DEFAULT_JUDGE,
               n_prompts: int | None = None, n_eval_prompts: int | None = None, prompts_file: str | None = None,
               samples_file: str | None = None, command: str = "") -> dict[str, Any]:
     """Sample, judge, select and write the sets (see the module docstring). Returns the manifest."""
-    from rlhf import engine, models
     from rlhf.evaluation import load_judge
 
     s = settings or SynthSettings()
@@ -268,16 +382,8 @@ def run_synth(cfg, out_dir: str | Path, *, settings: SynthSettings | None = None
         train = list(dict.fromkeys(x.prompt for x in train_samples))
         held = list(dict.fromkeys(x.prompt for x in held_samples))
     else:
-        if prompts_file:
-            train, held = _read_prompts(prompts_file, cfg.data.eval_fraction or 0.2, s.seed)
-        else:
-            train, held = quickstart_prompts(s.seed)
-        train, held = train[:n_prompts] if n_prompts else train, held[:n_eval_prompts] if n_eval_prompts else held
-        path = models.resolve_model(cfg.model.name_or_path)
-        tokenizer = models.load_tokenizer(models.resolve_model(cfg.model.tokenizer) if cfg.model.tokenizer else path,
-                                          chat_template=cfg.model.chat_template, padding_side="left")
-        model = models.load_causal_lm(path, tokenizer=tokenizer, dtype=engine.run_dtype(cfg))
-        model = model.to(engine.device(cfg.run.device)).eval()
+        train, held = split_prompts(cfg, s.seed, prompts_file, n_prompts, n_eval_prompts)
+        model, tokenizer = load_generator(cfg)
         samples = sample_responses(model, tokenizer, train + held, s, cfg.data.max_prompt_length,
                                    progress=cfg.logging.progress)
     gen_seconds = time.time() - started
@@ -289,18 +395,13 @@ def run_synth(cfg, out_dir: str | Path, *, settings: SynthSettings | None = None
     _, eval_pairs, eval_skipped = select(samples[n_train:], s.k, s.min_gap, s.pairs)
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _write_jsonl(out / "prompts.jsonl", [{"prompt": p} for p in train])
-    _write_jsonl(out / "prompts_eval.jsonl", [{"prompt": p} for p in held])
-    _write_jsonl(out / "sft.jsonl", sft)
-    _write_jsonl(out / "preference.jsonl", pairs)
-    _write_jsonl(out / "preference_eval.jsonl", eval_pairs)
-    _write_jsonl(out / "samples.jsonl", [{**asdict(x), "score": round(x.score, 4), "split": "train" if i < n_train
+    write_sets(out, train, held, sft, pairs, eval_pairs)
+    write_jsonl(out / "samples.jsonl", [{**asdict(x), "score": round(x.score, 4), "split": "train" if i < n_train
                                           else "eval"} for i, x in enumerate(samples)])
     finished = [x.score for x in samples if x.finished]
     manifest = {
-        "command": command, "model": cfg.model.name_or_path, "chat_template": cfg.model.chat_template,
-        "judge": judge, "settings": asdict(s),
+        "command": command, "method": "program", "model": cfg.model.name_or_path,
+        "chat_template": cfg.model.chat_template, "judge": judge, "settings": asdict(s),
         "prompts_source": (f"samples of {samples_file}" if samples_file else prompts_file or "built-in quickstart prompts"),
         "counts": {"train_prompts": len(train), "eval_prompts": len(held), "samples": len(samples),
                    "finished_samples": len(finished), "sft": len(sft), "preference": len(pairs),
@@ -309,6 +410,7 @@ def run_synth(cfg, out_dir: str | Path, *, settings: SynthSettings | None = None
                         "sft_completions": _mean([r["score"] for r in sft]),
                         "chosen": _mean([r["chosen_score"] for r in pairs]),
                         "rejected": _mean([r["rejected_score"] for r in pairs])},
+        "verbosity": length_report(pairs),
         "generation_seconds": round(gen_seconds, 1),
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
