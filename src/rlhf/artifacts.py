@@ -5,6 +5,8 @@ Each stage writes `<run>/<stage>/`:
   final/                           HF model dir: safetensors, tokenizer, config.resolved.yaml
   metrics.jsonl, logs/, *.png      metrics, TensorBoard events, plots
   stage.json                       written atomically, last: the stage is complete only when it exists
+  claim.json                       while a run lives there: who holds the dir (`rlhf.claims`); never proof
+                                   of anything finished
 
 Later stages find their inputs through `stage.json` and refuse a wrong kind of model with a clear error.
 Standard library only.

@@ -60,6 +60,10 @@ class RunCfg:
     that optimizer step (PPO: that rollout) with a warning and go on."""
     max_consecutive_skips: int = 5
     """With `on_nonfinite: skip`, stop after this many skipped steps in a row (the fault is persistent)."""
+    claim_timeout_s: float = 300.0
+    """A run claims its stage dir (`claim.json`) and refreshes the claim every tenth of this. A start finding
+    a claim made on another machine takes it over only when the claim went this long without a refresh (on
+    the same machine: as soon as its process is gone); until then it refuses to start (exit 2)."""
 
     @property
     def dir(self) -> Path:
@@ -68,6 +72,7 @@ class RunCfg:
     def __post_init__(self) -> None:
         _require(bool(self.name.strip()) and "/" not in self.name, "name", "must be a non-empty name without '/'")
         _require(self.max_consecutive_skips > 0, "max_consecutive_skips", "must be > 0")
+        _require(self.claim_timeout_s > 0, "claim_timeout_s", "must be > 0")
 
 
 @dataclass

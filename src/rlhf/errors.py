@@ -29,6 +29,10 @@ class ArtifactError(RlhfError):
     """A stage input (output of an earlier stage) that is missing, incomplete or of the wrong kind."""
 
 
+class ClaimError(RlhfError):
+    """The directory is in use by another live run (its claim file names the holder)."""
+
+
 class TrainingError(RlhfError):
     """Training stopped on purpose: non-finite loss or reward, exploding KL, failed save."""
 

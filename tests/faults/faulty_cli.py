@@ -8,6 +8,8 @@ nothing (no `finally`, no atexit, no flush) runs after it, exactly as when a nod
   kill_before_manifest:S   stage S has renamed final/ into place but not written stage.json
   kill_after_stage:S       right after stage S wrote stage.json (between two stages of a pipeline)
   term_in_step:N           SIGTERM (not SIGKILL) at the start of optimizer step N, as Slurm sends before preemption
+  wait_in_step:N           not a kill: at the start of optimizer step N, creates $RLHF_FAULT_GATE.waiting and waits
+                           until $RLHF_FAULT_GATE exists (a run a test holds alive while it starts another)
   nan_grads_in_step:N      not a kill: every gradient of one weight is NaN during optimizer step N only (for
                            `run.on_nonfinite: skip` under a launcher, where a test cannot add a callback itself)
   nan_actor_grads_in_ppo_step:N  not a kill: every actor gradient of one weight is NaN during the update of PPO
@@ -67,6 +69,27 @@ def _term_in_step(step: int) -> None:
 
     callbacks = common.StageRun.callbacks
     common.StageRun.callbacks = lambda self: callbacks(self) + [TermInStep()]
+
+
+def _wait_in_step(step: int) -> None:
+    import time
+    from pathlib import Path
+
+    from transformers import TrainerCallback
+
+    from rlhf.stages import common
+
+    gate = Path(os.environ["RLHF_FAULT_GATE"])
+
+    class WaitInStep(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step + 1 == step:
+                gate.with_name(gate.name + ".waiting").touch()
+                while not gate.exists():
+                    time.sleep(0.05)
+
+    callbacks = common.StageRun.callbacks
+    common.StageRun.callbacks = lambda self: callbacks(self) + [WaitInStep()]
 
 
 def nan_grads_callback(first: int, last: int):
@@ -180,6 +203,8 @@ def install(fault: str) -> None:
         _kill_in_step(int(arg))
     elif kind == "term_in_step":
         _term_in_step(int(arg))
+    elif kind == "wait_in_step":
+        _wait_in_step(int(arg))
     elif kind == "nan_actor_grads_in_ppo_step":
         _nan_actor_grads_in_ppo_step(int(arg))
     elif kind == "nan_grads_in_step":

@@ -1,7 +1,8 @@
 """SIGKILL at exact points (inside a step, mid-save, between stages), then the same command again.
 
 Each kill is the process killing itself with SIGKILL at a chosen point (faulty_cli.py), so the test is
-deterministic and nothing runs after the kill. The re-run must resume from the last *complete* checkpoint,
+deterministic and nothing runs after the kill, so the killed run's claim on the stage dir stays behind and
+the re-run takes it over (its pid is gone). The re-run must resume from the last *complete* checkpoint,
 delete (never load) a half-written one, and end with the same optimizer-step count and the same logged step
 sequence as an uninterrupted run.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import socket
 
 import pytest
 import torch
@@ -25,7 +27,7 @@ from faultkit import (
 )
 from safetensors.torch import load_file
 
-from rlhf import artifacts
+from rlhf import artifacts, claims
 from rlhf.stages import run_pipeline, run_stage
 
 pytestmark = pytest.mark.slow
@@ -89,11 +91,15 @@ def test_sigkill_in_step_and_mid_save_then_resume(stage, tmp_path, rlhf_cache, t
     before = in_step - 1 - (in_step - 1) % 2
     assert artifacts.latest_checkpoint(ckpts).name == f"checkpoint-{before}"
     assert not (stage_dir / artifacts.MANIFEST).exists()
+    killed = json.loads((stage_dir / claims.CLAIM).read_text())  # nothing ran after the kill: its claim stays
 
     # 2. Same command, killed while saving checkpoint-<mid_save>: it resumed, and the new dir has no marker.
     second = run_cli(command, rlhf_cache, fault=f"kill_before_marker:{mid_save}")
     assert second.returncode == KILLED, second.stderr[-2000:]
     assert f"resuming from {ckpts / f'checkpoint-{before}'}" in second.stderr
+    assert (f"{stage_dir}: taking over the claim of pid {killed['pid']} on {socket.gethostname()}" in second.stderr
+            and "its process is gone" in second.stderr)
+    killed = json.loads((stage_dir / claims.CLAIM).read_text())
     assert (ckpts / f"checkpoint-{mid_save}").is_dir()
     assert not (ckpts / f"checkpoint-{mid_save}" / artifacts.COMPLETE_MARKER).exists()
     assert artifacts.latest_checkpoint(ckpts).name == f"checkpoint-{before}"
@@ -106,6 +112,8 @@ def test_sigkill_in_step_and_mid_save_then_resume(stage, tmp_path, rlhf_cache, t
     caplog.set_level(logging.INFO, logger="rlhf")
     run_stage(stage, cfg_of(raw))
     assert f"resuming from {ckpts / f'checkpoint-{before}'}" in caplog.text
+    assert f"{stage_dir}: taking over the claim of pid {killed['pid']} on" in caplog.text
+    assert not (stage_dir / claims.CLAIM).exists()
     for step in (mid_save, mid_save + 1):
         assert f"{ckpts / f'checkpoint-{step}'}: removed an incomplete checkpoint" in caplog.text
     assert not (ckpts / f"checkpoint-{mid_save + 1}").exists()

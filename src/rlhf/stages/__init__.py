@@ -2,7 +2,8 @@
 
 `run_stage` checks preflight blockers for one stage started on its own; `run_pipeline` runs the stages
 the config needs in order, skipping complete ones (their `stage.json` exists) and resuming the rest
-from their last checkpoint.
+from their last checkpoint. A stage claims its dir before it writes there (`rlhf.claims`): a second start
+on a live run is refused, a dead run's claim is taken over.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import importlib
 import logging
 
-from rlhf import artifacts, engine, preflight
+from rlhf import artifacts, claims, engine, preflight
 from rlhf.config import PipelineConfig
 
 log = logging.getLogger("rlhf")
@@ -36,7 +37,10 @@ def run_stage(stage: str, cfg: PipelineConfig, *, restart: bool = False, config_
     preflight.check_or_raise(cfg, [stage], standalone=standalone)
     _materialize_aliases(cfg)
     engine.init_distributed()
-    return _module(stage).run(cfg, restart=restart)
+    try:
+        return _module(stage).run(cfg, restart=restart)
+    finally:  # error, SIGTERM stop or done: the stage dir is free again (a SIGKILL leaves the claim behind)
+        claims.release_all()
 
 
 def _materialize_aliases(cfg: PipelineConfig) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rlhf import artifacts, engine
+from rlhf import artifacts, claims, engine
 from rlhf.config import PipelineConfig, TrainCfg, save_resolved
 from rlhf.errors import StopRequested, TrainingError
 from rlhf.replicate import agree_on_step, replicate
@@ -35,6 +35,7 @@ class StageRun:
     <run>/<stage>/checkpoints/checkpoint-N  (complete only with its marker file)
     <run>/<stage>/final                     (renamed into place when fully written)
     <run>/<stage>/stage.json                (last)
+    <run>/<stage>/claim.json                while the run lives (rlhf.claims)
     """
 
     def __init__(self, cfg: PipelineConfig, stage: str, *, restart: bool = False):
@@ -43,9 +44,10 @@ class StageRun:
         self.dir = cfg.stage_dir(stage)
         self.ckpt_dir = self.dir / "checkpoints"
         self.final_dir = self.dir / "final"
+        # Before anything here is written or deleted (--restart too): one live run per stage dir.
+        self.claim = claims.claim(self.dir, cfg.run.claim_timeout_s)
         if engine.local_rank() == 0:  # the first rank of every node: its disk may be its own (rlhf.replicate)
             try:
-                self.dir.mkdir(parents=True, exist_ok=True)
                 if restart:
                     for path in (self.ckpt_dir, self.final_dir, self.dir / artifacts.MANIFEST):
                         _remove(path)
@@ -188,6 +190,8 @@ class StageRun:
         replicate(self.cfg.run.dir, [self.final_dir, self.dir / "config.resolved.yaml"], by_content=True)
         replicate(self.cfg.run.dir, [self.dir / artifacts.MANIFEST], by_content=True)
         self.metrics.close()
+        if self.claim is not None:
+            self.claim.release()
         return StageResult(self.stage, self.final_dir, metrics)
 
 
