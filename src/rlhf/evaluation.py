@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rlhf import artifacts, encoding, models
+from rlhf import artifacts, claims, encoding, models
 from rlhf.config import PipelineConfig
 from rlhf.errors import ConfigError
 
@@ -298,7 +298,19 @@ def format_table(rows: list[dict[str, Any]], baseline_name: str) -> str:
 
 def run_eval(cfg: PipelineConfig, *, model_names: list[str] | None = None, n_prompts: int | None = None,
              judge: str | None = None, sample: bool = False, max_new_tokens: int | None = None) -> dict[str, Any]:
-    """Generate, score and compare; returns what eval.json holds."""
+    """Generate, score and compare; returns what eval.json holds. Claims `<run>/eval` first (`rlhf.claims`):
+    its three files must come from one evaluation, so a second eval of the run is refused while one runs."""
+    held = claims.claim(cfg.run.dir / "eval", cfg.run.claim_timeout_s)
+    try:
+        return _compare(cfg, model_names=model_names, n_prompts=n_prompts, judge=judge, sample=sample,
+                        max_new_tokens=max_new_tokens)
+    finally:
+        if held is not None:
+            held.release()
+
+
+def _compare(cfg: PipelineConfig, *, model_names: list[str] | None, n_prompts: int | None, judge: str | None,
+             sample: bool, max_new_tokens: int | None) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     judge_fn = load_judge(judge)

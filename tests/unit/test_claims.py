@@ -268,3 +268,21 @@ def test_run_stage_releases_the_claim_when_the_stage_fails(tmp_path, monkeypatch
         stages.run_stage("sft", cfg)
     assert not (cfg.stage_dir("sft") / claims.CLAIM).exists()
 
+
+def test_eval_claims_its_dir(tmp_path, monkeypatch):
+    from rlhf import evaluation
+
+    cfg = _cfg(tmp_path)
+    path = _foreign(cfg.run.dir / "eval", heartbeat_age=0)
+    with pytest.raises(ClaimError, match=r"/eval is in use by pid 4242 on node-b since .*; wait for it, or stop it$"):
+        evaluation.run_eval(cfg)  # refused before anything is loaded
+    path.unlink()
+
+    def compare(cfg, **options):
+        assert json.loads(path.read_text())["pid"] == os.getpid()
+        raise ClaimError("stand-in for any error of the evaluation")
+
+    monkeypatch.setattr(evaluation, "_compare", compare)
+    with pytest.raises(ClaimError, match="stand-in"):
+        evaluation.run_eval(cfg)
+    assert not path.exists()
