@@ -1,15 +1,18 @@
 """SFT under `deepspeed --num_gpus 2` on CPU with a shipped DeepSpeed JSON (ZeRO-2, optimizer offloaded):
-trains, saves a plain HF model, and the saved model generates."""
+trains, saves a plain HF model, and the saved model generates. The main rank claims the stage dir for both
+ranks: a dead run's claim is taken over once."""
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from rlhf import artifacts, models
+from rlhf import artifacts, claims, models
 
 sys.path.insert(0, str(Path(__file__).parent))
 from launch import deepspeed_cli  # noqa: E402
@@ -27,9 +30,16 @@ def test_sft_with_shipped_deepspeed_config(tmp_path, rlhf_cache, ds_file):
     raw["deepspeed"] = {"enabled": True, "config_file": str(ROOT / "configs" / "deepspeed" / ds_file)}
     config = tmp_path / "sft.yaml"
     config.write_text(yaml.safe_dump(raw))
+    stage_dir = tmp_path / "runs" / "tiny" / "sft"
+    # A claim left by a run on another machine whose heartbeat stopped long ago: one rank takes it over for both.
+    stage_dir.mkdir(parents=True)
+    (stage_dir / claims.CLAIM).write_text(json.dumps({"token": "gone", "host": "node-b", "pid": 4242,
+                                                      "machine": "node-b", "started": 0}), encoding="utf-8")
+    os.utime(stage_dir / claims.CLAIM, (0, 0))
     proc = deepspeed_cli(["sft", "--config", str(config)], timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    stage_dir = tmp_path / "runs" / "tiny" / "sft"
+    assert (proc.stdout + proc.stderr).count("taking over the claim of pid 4242 on node-b") == 1
+    assert not (stage_dir / claims.CLAIM).exists()
     assert artifacts.read_manifest(stage_dir)["global_step"] == 4
     ckpt = artifacts.latest_checkpoint(stage_dir / "checkpoints")
     assert ckpt is not None and (ckpt / "global_step4").is_dir()  # a DeepSpeed checkpoint, complete

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlhf import artifacts, plan
+from rlhf import artifacts, claims, plan
 from rlhf.config import load_config
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -123,11 +123,19 @@ def test_nodes_with_their_own_disks_each_get_every_artifact_and_resume(tmp_path,
     for run_dir in dirs:
         assert artifacts.latest_checkpoint(run_dir / "reward" / "checkpoints").name == "checkpoint-2", run_dir
         (run_dir / "reward" / artifacts.MANIFEST).unlink()
+        assert not (run_dir / "reward" / claims.CLAIM).exists(), run_dir  # each node claimed its copy, and released it
+    # Node 1's copy holds a claim whose process is gone: node 1's first rank takes it over, node 0 sees none.
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    (dirs[1] / "reward" / claims.CLAIM).write_text(json.dumps({"token": "gone", "host": "node1", "pid": gone.pid,
+                                                               "machine": claims._machine(), "started": 0}))
     _two_nodes("02_reward.sh", config, node_args=lambda n: [*own_disk(n), "--set", "reward.max_steps=3"])
     for run_dir in dirs:
         assert json.loads((run_dir / "reward" / artifacts.MANIFEST).read_text())["global_step"] == 3, run_dir
     log0 = (dirs[0] / "logs" / "reward.node0.log").read_text()
     assert f"reward: resuming from {dirs[0] / 'reward' / 'checkpoints' / 'checkpoint-2'} (step 2)" in log0
+    log1 = (dirs[1] / "logs" / "reward.node1.log").read_text()
+    assert f"taking over the claim of pid {gone.pid}" in log1 and "taking over" not in log0
     _two_nodes("03_ppo.sh", config, node_args=own_disk)
     for stage in ("reward", "ppo"):
         for run_dir in dirs:
