@@ -61,25 +61,28 @@ class Claim:
 
     def _beat(self, interval_s: float) -> None:
         while not self._stop.wait(interval_s):
-            held = _read(self.path)
-            if held is None or held[0].get("token") != self.token:
-                log.warning("%s: another start removed or took over this run's claim (its heartbeat looked older "
-                            "than run.claim_timeout_s); two runs may now write there: stop one of them",
-                            self.path.parent)
-                return
             try:
-                os.utime(self.path)
-            except OSError:  # gone between the read and the touch: the next beat reports it
-                pass
+                held = _read(self.path)
+                if held is not None and held[0].get("token") == self.token:
+                    os.utime(self.path)
+                    continue
+            except OSError:  # a filesystem hiccup (or gone between the read and the touch): try at the next beat
+                continue
+            log.warning("%s: this run's %s was removed or taken over by another start (it judged the run "
+                        "dead); two runs may now write there: stop one of them", self.path.parent, CLAIM)
+            return
 
     def release(self) -> None:
         """Stop the heartbeat and remove the file, if it is still this run's."""
         self._stop.set()
         if self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
-        held = _read(self.path)
-        if held is not None and held[0].get("token") == self.token:
-            self.path.unlink(missing_ok=True)
+        try:
+            held = _read(self.path)
+            if held is not None and held[0].get("token") == self.token:
+                self.path.unlink(missing_ok=True)
+        except OSError as err:  # left behind: the next start takes it over (its process will be gone)
+            log.warning("%s: could not remove the claim (%s)", self.path, err.strerror or err)
         if self in _HELD:
             _HELD.remove(self)
 

@@ -137,7 +137,7 @@ def test_the_heartbeat_refreshes_the_claim_and_notices_a_takeover(tmp_path, capl
     taken = json.loads(path.read_text()) | {"token": "someone-else"}
     path.write_text(json.dumps(taken), encoding="utf-8")
     time.sleep(0.3)
-    assert "another start removed or took over this run's claim" in caplog.text
+    assert f"{tmp_path}: this run's claim.json was removed or taken over by another start" in caplog.text
     held.release()
     assert json.loads(path.read_text())["token"] == "someone-else"  # not ours to remove
 
