@@ -121,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, help="response length limit (default ppo.max_new_tokens)")
     p.set_defaults(func=_cmd_eval)
     _add_plan_parser(sub)
+    _add_chat_parser(sub)
+    _add_export_parser(sub)
     return parser
 
 
@@ -134,6 +136,38 @@ def _add_plan_parser(sub) -> None:
     p.add_argument("--stage", choices=TRAIN_COMMANDS, help="plan this stage instead of the config's last one")
     p.add_argument("--json", action="store_true", help="print the estimate as JSON instead of a table")
     p.set_defaults(func=_cmd_plan)
+
+
+def _add_chat_parser(sub) -> None:
+    p = sub.add_parser("chat", help="talk to a model in the terminal (streamed), or answer --prompt / stdin lines")
+    p.add_argument("--model", required=True, help="a stage's final/ (or stage dir), a checkpoint, a model dir, "
+                   "hub id or alias")
+    p.add_argument("--compare", metavar="MODEL", help="a second model: both answer every message, one after the other")
+    p.add_argument("--prompt", action="append", metavar="TEXT",
+                   help="answer this prompt and exit (repeatable; each in a fresh conversation). Without a "
+                   "terminal, stdin's lines are the prompts")
+    p.add_argument("--system", metavar="TEXT", help="system message")
+    p.add_argument("--jsonl", action="store_true", help="with prompts: one JSON line per prompt with every reply")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--top-k", type=int, default=0, help="0: off")
+    p.add_argument("--greedy", action="store_true", help="argmax decoding (ignores the sampling flags)")
+    p.add_argument("--seed", type=int, help="re-seed before every reply (reproducible replies)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="auto: bfloat16 on a GPU that has it, else float32")
+    p.set_defaults(func=_cmd_chat)
+
+
+def _add_export_parser(sub) -> None:
+    p = sub.add_parser("export", help="a checkpoint of any stage -> a plain HF model dir with its tokenizer")
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="<run>/<stage>/checkpoints/checkpoint-<step>")
+    p.add_argument("--out", required=True, metavar="DIR", help="new (or empty) output dir")
+    p.add_argument("--role", choices=("actor", "critic"), help="which model of a PPO checkpoint (default actor)")
+    p.add_argument("--adapter-only", action="store_true", help="keep a LoRA adapter as an adapter (default: merged)")
+    p.add_argument("--config", help="the run's config, when the stage dir has no config.resolved.yaml")
+    p.set_defaults(func=_cmd_export)
 
 
 def _load(args):
@@ -312,6 +346,24 @@ def _cmd_plan(args) -> int:
     text, ok = plan.report(cfg, gpus=args.gpus, nodes=args.nodes, gpu_mem_gib=args.gpu_mem, stage=args.stage)
     print(text)
     return 0 if ok else 2
+
+
+def _cmd_chat(args) -> int:
+    from rlhf.chat import Sampling, run_chat
+
+    sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                        top_k=args.top_k, greedy=args.greedy, seed=args.seed)
+    names = [args.model] + ([args.compare] if args.compare else [])
+    return run_chat(names, sampling, device=args.device, dtype=args.dtype, system=args.system, prompts=args.prompt,
+                    jsonl=args.jsonl)
+
+
+def _cmd_export(args) -> int:
+    from rlhf.export import export
+
+    out = export(args.checkpoint, args.out, role=args.role, adapter_only=args.adapter_only, config_path=args.config)
+    print(f"exported to {out}")
+    return 0
 
 
 def _setup_logging() -> None:

@@ -1,6 +1,7 @@
 """DPO and ORPO under `deepspeed --num_gpus 2` on CPU with ZeRO-3 (and ORPO with ZeRO-2): train, checkpoint,
 save, and the saved model loads in a single process with full (gathered) weights. DPO's held-out check,
-split over the two ranks, reports what one process computes on all rows."""
+split over the two ranks, reports what one process computes on all rows. `rlhf export` rebuilds ORPO's
+last checkpoint from its ZeRO-2/3 shards alone."""
 
 from __future__ import annotations
 
@@ -80,3 +81,25 @@ def test_orpo_zero_two_ranks(tmp_path, tiny_model_dir, zero_stage):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     metrics = _check_saved(tmp_path / "runs" / "t" / "orpo")
     assert metrics["heldout_log_odds_ratio_after"] is not None
+    _check_export_from_shards(tmp_path / "runs" / "t" / "orpo", tmp_path)
+
+
+def _check_export_from_shards(stage_dir: Path, tmp_path: Path) -> None:
+    """`rlhf export` of the last checkpoint without its gathered model.safetensors (as a DeepSpeed file with
+    `stage3_gather_16bit_weights_on_model_save: false` leaves it): the weights are merged from the ZeRO shards
+    and compute what final/ computes (the checkpoint is the last step)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhf.export import export
+
+    ckpt = tmp_path / "copy" / "t" / "orpo" / "checkpoints" / "checkpoint-2"
+    shutil.copytree(stage_dir / "checkpoints" / "checkpoint-2", ckpt)
+    (ckpt / "model.safetensors").unlink()
+    out = export(ckpt, tmp_path / "exported")
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = tok("What is the capital of France?", return_tensors="pt")
+    with torch.no_grad():
+        exported = AutoModelForCausalLM.from_pretrained(out)(**ids).logits
+        live = AutoModelForCausalLM.from_pretrained(stage_dir / "final")(**ids).logits
+    torch.testing.assert_close(exported, live, rtol=0, atol=1e-6)

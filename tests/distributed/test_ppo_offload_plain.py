@@ -2,7 +2,8 @@
 
 - ZeRO-2 with the optimizer offloaded (actor) and ZeRO-3 with parameters and optimizer offloaded (critic,
   reference): DeepSpeed refuses a client optimizer with offload, so it builds the optimizer from the
-  config; two steps run, save, and a second launch resumes from the checkpoint.
+  config; two steps run, save, and a second launch resumes from the checkpoint; `rlhf export` rebuilds
+  the actor and the critic from those shards.
 - DeepSpeed off under a launcher: plain engines average gradients over ranks and start from rank 0's
   weights, so both ranks end with the same actor and critic although each rank sampled other prompts.
 """
@@ -54,6 +55,24 @@ def test_offloaded_optimizer_and_parameters_train_save_and_resume(tmp_path, tiny
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(stage_dir / "final")
+    _check_export(stage_dir, tmp_path)
+
+
+def _check_export(stage_dir: Path, tmp_path: Path) -> None:
+    """`rlhf export` of the last checkpoint: the actor from ZeRO-2 shards with an offloaded optimizer (the
+    final step: final/'s logits), the critic from ZeRO-3 shards with offloaded parameters."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    from rlhf.export import export
+
+    ckpt = stage_dir / "checkpoints" / "checkpoint-2"
+    actor, critic = (export(ckpt, tmp_path / role, role=role) for role in ("actor", "critic"))
+    ids = AutoTokenizer.from_pretrained(actor)("Question number 5?", return_tensors="pt")
+    with torch.no_grad():
+        live = AutoModelForCausalLM.from_pretrained(stage_dir / "final")(**ids).logits
+        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(actor)(**ids).logits, live, rtol=0, atol=1e-6)
+        assert torch.isfinite(AutoModelForSequenceClassification.from_pretrained(critic)(**ids).logits).all()
 
 
 def test_without_deepspeed_the_ranks_stay_one_model(tmp_path, tiny_model_dir, tiny_reward_dir):

@@ -1,16 +1,18 @@
 """PPO under the deepspeed launcher on 2 CPU ranks: ZeRO-3 for all four models runs, saves, resumes, and
-each rank holds about half the model-state elements it holds under ZeRO-0 (from <run>/ppo/memory.json)."""
+each rank holds about half the model-state elements it holds under ZeRO-0 (from <run>/ppo/memory.json);
+`rlhf export` turns its last sharded checkpoint into the final model."""
 
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from launch import deepspeed_cli, ppo_config  # noqa: E402
+from launch import cpu_rank_env, deepspeed_cli, ppo_config  # noqa: E402
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -32,6 +34,32 @@ def _model_state(stage_dir: Path) -> tuple[int, dict]:
     return report["total_model_state_numel"], report["roles"]
 
 
+def _check_export(stage_dir: Path, tmp_path: Path) -> None:
+    """`rlhf export` rebuilds the actor from the last checkpoint's ZeRO-3 shards (the final step, so the live
+    model is final/): same logits. The critic comes out as a sequence classifier that loads as one."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    from rlhf.export import export
+
+    ckpt = stage_dir / "checkpoints" / "checkpoint-2"
+    assert len(list((ckpt / "actor" / "state").glob("zero_pp_rank_*_optim_states.pt"))) == 2  # one shard per rank
+    cmd = [sys.executable, "-m", "rlhf.cli", "export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "actor")]
+    proc = subprocess.run(cmd, env=cpu_rank_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    export(ckpt, tmp_path / "critic", role="critic")
+    for role in ("actor", "critic"):
+        assert not [p.name for p in (tmp_path / role).iterdir() if p.suffix in (".pt", ".bin", ".pth")]
+    tok = AutoTokenizer.from_pretrained(tmp_path / "actor")
+    ids = tok("Question number 3? The answer is", return_tensors="pt")
+    with torch.no_grad():
+        exported = AutoModelForCausalLM.from_pretrained(tmp_path / "actor")(**ids).logits
+        live = AutoModelForCausalLM.from_pretrained(stage_dir / "final")(**ids).logits
+        critic = AutoModelForSequenceClassification.from_pretrained(tmp_path / "critic")(**ids).logits
+    torch.testing.assert_close(exported, live, rtol=0, atol=1e-6)
+    assert critic.shape == (1, 1) and torch.isfinite(critic).all()
+
+
 def test_zero3_two_steps_save_resume_and_half_the_memory(tmp_path, tiny_model_dir, tiny_reward_dir):
     z3 = tmp_path / "z3"
     _run(_setup(z3, tiny_model_dir, tiny_reward_dir, zero_stage=3, steps=1))
@@ -46,6 +74,7 @@ def test_zero3_two_steps_save_resume_and_half_the_memory(tmp_path, tiny_model_di
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(stage_dir / "final")  # full (gathered) weights, loadable as-is
+    _check_export(stage_dir, tmp_path)
     z3_total, z3_roles = _model_state(stage_dir)
     assert all(role["zero_stage"] == 3 for role in z3_roles.values())
 

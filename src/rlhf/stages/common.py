@@ -66,6 +66,8 @@ class StageRun:
             log.info("%s: resuming from %s (step %d)", stage, self.resume, self.resume_step)
         self.metrics = MetricsLogger(self.dir, jsonl=cfg.logging.jsonl, tensorboard=cfg.logging.tensorboard,
                                      enabled=engine.is_main(), resume_step=self.resume_step)
+        if engine.is_main():  # the settings of the checkpoints to come: `rlhf export` rebuilds their models
+            save_resolved(cfg, self.dir / "config.resolved.yaml")
 
     def trainer_args(self, train: TrainCfg) -> dict[str, Any]:
         """TrainingArguments keys common to the Trainer-based stages."""
