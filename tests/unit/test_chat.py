@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import pty
 import re
 import select
+import shutil
 import subprocess
 import sys
 import time
@@ -15,8 +18,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf import encoding
-from rlhf.chat import Sampling, Session, Speaker, answer, answer_prompts, label_of, load_speaker, stream_reply
+from rlhf import artifacts, encoding
+from rlhf.chat import (
+    Sampling,
+    Session,
+    Speaker,
+    answer,
+    answer_prompts,
+    label_of,
+    load_speaker,
+    model_dir,
+    stream_reply,
+)
 from rlhf.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -127,8 +140,6 @@ def test_ctrl_c_stops_a_reply_and_the_next_one_runs(speaker):
 
 
 def test_session_keeps_a_conversation_per_model(speaker, tiny_model_dir, tmp_path):
-    import io
-
     other = Speaker("other", speaker.model, speaker.tokenizer)
     out = io.StringIO()
     session = Session([speaker, other], GREEDY, system="Be brief.", out=out)
@@ -148,8 +159,6 @@ def test_prompts_from_stdin_each_in_a_fresh_conversation(tiny_model_dir, tmp_pat
                           input="Why is the sky blue?\n\nIs water wet?\n", capture_output=True, text=True, env=_env(),
                           cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    import json
-
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [r["prompt"] for r in rows] == ["Why is the sky blue?", "Is water wet?"]
     for row in rows:  # the same model twice: told apart, and the same greedy reply
@@ -158,12 +167,25 @@ def test_prompts_from_stdin_each_in_a_fresh_conversation(tiny_model_dir, tmp_pat
 
 
 def test_answer_prompts_plain_output(speaker):
-    import io
-
     out = io.StringIO()
     assert answer_prompts([speaker], ["Hi", "  ", "Bye"], GREEDY, out=out) == 2  # blank lines are skipped
     replies = ["".join(stream_reply(speaker, [{"role": "user", "content": p}], GREEDY)) for p in ("Hi", "Bye")]
     assert out.getvalue() == "".join(f"{r}\n" for r in replies)  # streamed as is, a newline after each
+
+
+def test_stage_dirs_and_checkpoints_are_found(tmp_path, tiny_model_dir):
+    """A stage dir means its final/; a checkpoint is exported into the work dir (see tests/stages/test_export.py)."""
+    stage = tmp_path / "runs" / "t" / "sft"
+    shutil.copytree(tiny_model_dir, stage / "final")
+    artifacts.write_manifest(stage, "sft", inputs={}, config_hash="test", metrics={})
+    ckpt = stage / "checkpoints" / "checkpoint-1"
+    shutil.copytree(tiny_model_dir, ckpt)
+    artifacts.mark_checkpoint_complete(ckpt, 1)
+    work = tmp_path / "work"
+    work.mkdir()
+    assert model_dir(str(stage), work) == str(stage / "final")
+    exported = Path(model_dir(str(ckpt), work))
+    assert exported.parent == work and (exported / "model.safetensors").is_file()
 
 
 def test_labels_and_bad_flags():
