@@ -170,13 +170,13 @@ def run_constitutional(cfg, out_dir: str | Path, *, principles_file: str, critic
     held = [p for p in dict.fromkeys(held) if p not in set(train)]
     train = list(dict.fromkeys(train))
     started = time.time()
-    models = synth.load_pair(cfg, critic_model)
+    models = synth.lazy_pair(cfg, critic_model)
     fingerprint = {"method": "constitutional", "model": cfg.model.name_or_path, "chat_template": cfg.model.chat_template,
                    "critic_model": critic_model, "principles": [asdict(p) for p in principles], "k": s.k,
                    "max_new_tokens": s.max_new_tokens, "critique_max_new_tokens": critique_tokens,
                    "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k, "seed": s.seed}
     records = run_chunks(out, "constitutional", train + held,
-                         lambda chunk: critique_and_revise(models, chunk, principles, s, critique_tokens,
+                         lambda chunk: critique_and_revise(models(), chunk, principles, s, critique_tokens,
                                                            cfg.data.max_prompt_length),
                          settings=fingerprint, chunk_size=max(1, s.batch_size // s.k), seed=s.seed,
                          progress=cfg.logging.progress)

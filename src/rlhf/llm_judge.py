@@ -21,7 +21,8 @@ Outputs in `--out`, next to those of every method (`synth.write_sets`): `judge.j
 with its samples and both probabilities of every judged pair (the log a re-run resumes from), and
 `manifest.json` with the counts, the judge's mean label mass P("A") + P("B") (how much of its next-token
 probability went to a label at all), the length bias of the pairs (`rlhf.verbosity`) and, with
-`--gold-judge`, how often a program judge agrees with the kept pairs and with single-order verdicts.
+`--gold-judge`, how often a program judge agrees with the kept pairs, with single-order verdicts and
+with the sign of the difference between the two orders' probabilities.
 """
 
 from __future__ import annotations
@@ -119,6 +120,7 @@ def judge_prompts(m: ModelPair, prompts: list[str], s: SynthSettings, template: 
                   max_prompt_length: int) -> list[dict]:
     """One record per prompt: its k samples and, per candidate pair (x, y), P("A") with x as A and with y
     as A (`p_a`) and the label masses of both orders."""
+    label_ids(m.other_tok)  # a judge whose labels are not single tokens fails before any sampling
     config = synth.generation_config(m.policy_tok, s)
     flat = [user(p) for p in prompts for _ in range(s.k)]
     texts = synth.generate_texts(m.policy, m.policy_tok, flat, config, max_prompt_length, s.batch_size)
@@ -174,22 +176,25 @@ def select(records: list[dict], pairs: str = "best-worst", min_gap: float = 0.0
     return sft, out, counts
 
 
-def single_order_agreement(spec: str | None, records: list[dict]) -> float | None:
-    """Share of single-order verdicts (each order of every judged pair on its own) that agree with the program
-    judge `spec`, over the pairs it does not score equal: what judging in one order only would give."""
+def judged_agreement(spec: str, records: list[dict]) -> dict[str, Any]:
+    """Over every judged pair the program judge `spec` does not score equal: the share of single-order
+    verdicts that agree with it (what judging in one order only would give), and the share where the sign
+    of p_xy - p_yx does (the judge's preference with its position bias subtracted, kept pair or not)."""
     judge_fn = load_judge(spec)
-    if judge_fn is None:
-        return None
-    agree = total = 0
+    single = difference = total = 0
     for r in records:
         scores = judge_fn([user(r["prompt"])] * len(r["samples"]), [smp["text"] for smp in r["samples"]])
         for pair in r["pairs"]:
+            if scores[pair["x"]] == scores[pair["y"]]:
+                continue
             gold_x = scores[pair["x"]] > scores[pair["y"]]
-            if scores[pair["x"]] != scores[pair["y"]]:
-                p_xy, p_yx = pair["p_a"]
-                agree += ((p_xy > 0.5) == gold_x) + ((p_yx < 0.5) == gold_x)
-                total += 2
-    return round(agree / total, 4) if total else None
+            p_xy, p_yx = pair["p_a"]
+            single += ((p_xy > 0.5) == gold_x) + ((p_yx < 0.5) == gold_x)
+            difference += (p_xy > p_yx) == gold_x
+            total += 1
+    return {"judged_pairs": total,
+            "single_order_agreement": round(single / (2 * total), 4) if total else None,
+            "difference_agreement": round(difference / total, 4) if total else None}
 
 
 def run_judge(cfg, out_dir: str | Path, *, judge_model: str, template_file: str | None = None,
@@ -204,22 +209,22 @@ def run_judge(cfg, out_dir: str | Path, *, judge_model: str, template_file: str 
     held = [p for p in dict.fromkeys(held) if p not in set(train)]
     train = list(dict.fromkeys(train))
     started = time.time()
-    models = synth.load_pair(cfg, judge_model)
-    label_ids(models.other_tok)  # before any sampling
+    models = synth.lazy_pair(cfg, judge_model)
     fingerprint = {"method": "judge", "model": cfg.model.name_or_path, "chat_template": cfg.model.chat_template,
                    "judge_model": judge_model, "template": template, "k": s.k, "max_new_tokens": s.max_new_tokens,
                    "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k, "seed": s.seed}
     records = run_chunks(out, "judge", train + held,
-                         lambda chunk: judge_prompts(models, chunk, s, template, cfg.data.max_prompt_length),
+                         lambda chunk: judge_prompts(models(), chunk, s, template, cfg.data.max_prompt_length),
                          settings=fingerprint, chunk_size=max(1, s.batch_size // s.k), seed=s.seed,
                          progress=cfg.logging.progress)
     sft, pairs, counts = select(records[:len(train)], s.pairs, s.min_gap)
     _, eval_pairs, eval_counts = select(records[len(train):], s.pairs, s.min_gap)
     synth.write_sets(out, train, held, sft, pairs, eval_pairs)
     masses = [m for r in records for p in r["pairs"] for m in p["mass"]]
-    gold = synth.gold_report(gold_judge, pairs + eval_pairs)
-    if gold is not None:
-        gold["single_order_agreement"] = single_order_agreement(gold_judge, records)
+    gold = None
+    if gold_judge is not None:  # reported even when no pair was kept: the single orders still tell
+        gold = {**(synth.gold_report(gold_judge, pairs + eval_pairs) or {"judge": gold_judge, "pairs": 0}),
+                **judged_agreement(gold_judge, records)}
     manifest = {"command": command, "method": "judge", "model": cfg.model.name_or_path,
                 "chat_template": cfg.model.chat_template, "judge_model": judge_model,
                 "template_file": template_file, "template": template, "settings": asdict(s),

@@ -28,10 +28,12 @@ that held-out prompts name topics never seen in training) or a prompt file. Outp
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -323,6 +325,12 @@ def load_pair(cfg, other: str | None) -> ModelPair:
     if other is None or models.resolve_model(other) == models.resolve_model(cfg.model.name_or_path):
         return ModelPair(policy, policy_tok, policy, policy_tok)
     return ModelPair(policy, policy_tok, *load_generator(cfg, other))
+
+
+def lazy_pair(cfg, other: str | None) -> Callable[[], ModelPair]:
+    """`load_pair` on the first call, the same objects after it: a re-run with nothing left to do loads no
+    model."""
+    return functools.cache(lambda: load_pair(cfg, other))
 
 
 def length_report(pairs: list[dict]) -> dict | None:

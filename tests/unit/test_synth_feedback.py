@@ -214,12 +214,17 @@ def test_judge_both_orders_drops_and_margins(cfg, tmp_path, monkeypatch):
                       "dropped_within_gap": 0}
     assert manifest["counts"]["preference"] + manifest["counts"]["preference_eval"] == 3
     assert manifest["judge_label_mass"] == 0.9
-    assert manifest["gold"]["pairs"] == 3 and manifest["gold"]["single_order_agreement"] is not None
+    # VADER scores "good ..." above "bad ..." and "good one" (position) too; the tie of good x / good z is
+    # not judged by it either way. Single orders: agree, three's 2 decided pairs right twice, position once.
+    gold = manifest["gold"]
+    assert (gold["pairs"], gold["prefers_chosen"], gold["judged_pairs"]) == (3, 1.0, 4)
+    assert gold["single_order_agreement"] == 7 / 8 and gold["difference_agreement"] == 0.75
     train = {r["prompt"] for r in _read(out / "prompts.jsonl")}
     sft = {r["prompt"].split()[0]: r["completion"] for r in _read(out / "sft.jsonl")}
     assert sft == {k: v for k, v in {"agree": "good reply", "three": "good x"}.items() if f"{k} prompt" in train}
-    # --pairs best-worst on a re-run: the judged log is read back, nothing is sampled or judged again
+    # --pairs best-worst on a re-run: the judged log is read back; no model is loaded, nothing sampled or judged
     monkeypatch.setattr(synth, "generate_texts", None)
+    monkeypatch.setattr(synth, "load_pair", None)
     again = llm_judge.run_judge(cfg, out, judge_model=cfg.model.name_or_path, prompts_file=prompts,
                                 settings=SynthSettings(k=3, batch_size=15, pairs="best-worst"))
     assert len(judged) == 1 and again["counts"]["preference"] + again["counts"]["preference_eval"] == 2
