@@ -169,15 +169,15 @@ class DataCfg:
     """Share of rows held out for evaluation when no eval file is given (0 disables)."""
     bad_rows: Literal["error", "skip"] = "error"
     """What to do with an invalid row: stop with `file:line: reason`, or skip it and report the count."""
+    verbosity: Literal["warn", "block", "off"] = "warn"
+    """Length bias of the preference pairs the reward, DPO and ORPO stages read (chosen longer, or shorter,
+    in >= 75% of pairs, or a margin that tracks the length difference; `rlhf.verbosity`): preflight logs a
+    `warn`ing, makes it a blocker (`block`), or does not check (`off`)."""
     max_length: int = 512
     """Maximum tokens of prompt + response."""
     max_prompt_length: int | None = None
     """Maximum prompt tokens (PPO rollouts); longer prompts keep their end. Default: half of max_length."""
 
-    verbosity: Literal["warn", "block", "off"] = "warn"
-    """Length bias of the preference pairs the reward, DPO and ORPO stages read (chosen longer, or shorter,
-    in >= 75% of pairs, or a margin that tracks the length difference; `rlhf.verbosity`): preflight logs a
-    `warn`ing, makes it a blocker (`block`), or does not check (`off`)."""
     def __post_init__(self) -> None:
         _require(0.0 <= self.eval_fraction < 1.0, "eval_fraction", "must be in [0, 1)")
         _require(self.max_length > 0, "max_length", "must be > 0")
