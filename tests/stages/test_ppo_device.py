@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 import torch
-from torch.overrides import TorchFunctionMode
 from test_ppo import make_cfg, run_ppo
+from torch.overrides import TorchFunctionMode
 
 import rlhf
 
