@@ -37,11 +37,11 @@ def test_dpo_trains_on_constitutional_pairs(tmp_path, tiny_model_dir, monkeypatc
         "dpo": {"max_steps": 2, "batch_size": 2, "save_steps": 2, "logging_steps": 1},
         "logging": {"progress": False, "tensorboard": False, "plots": False}}))
     assert main(["data", "synth", "--config", str(cfg), "--out", str(out), "--method", "constitutional",
-                 "--principles", str(principles), "--k", "2", "--n-prompts", "8", "--n-eval-prompts", "0",
-                 "--max-new-tokens", "12", "--critique-tokens", "8"]) == 0
+                 "--principles", str(principles), "--k", "2", "--n-prompts", "6", "--n-eval-prompts", "0",
+                 "--max-new-tokens", "10", "--critique-tokens", "6"]) == 0
     pairs = [json.loads(line) for line in (out / "preference.jsonl").read_text().splitlines()]
     manifest = json.loads((out / "manifest.json").read_text())
-    assert len(pairs) == manifest["counts"]["pairs"] >= 4
+    assert len(pairs) == manifest["counts"]["pairs"] >= 3
     assert all(p["chosen"] and p["chosen"] != p["rejected"] and p["principle"] == "kind" for p in pairs)
     assert manifest["command"].startswith(f"rlhf data synth --config {cfg} --out {out} --k 2 --method constitutional")
 
