@@ -6,7 +6,8 @@
                                               (and names each role R); `global_step` == N
   memory RUN --prefix P [--zero ROLE=STAGE ..] RUN/ppo/memory.json: the PPO device starts with P; each ROLE
                                               ran at that ZeRO stage
-  eval RUN --models M,..                      RUN/eval/eval.json lists each model M
+  eval RUN --models M,.. [--prefix P]         RUN/eval/eval.json lists each model M, each on a device starting
+                                              with P (its `devices`)
   peak RUN PLAN_JSON --slack-mib S             measured CUDA peak (memory.json) vs `rlhf plan --json` peak
 
 Each prints what it found and exits 0 (pass), 1 (fail) or 3 (nothing to compare: `peak` without a CUDA figure
@@ -104,8 +105,12 @@ def cmd_eval(args) -> int:
     absent = [m for m in args.models.split(",") if m not in names]
     if absent:
         raise Fail(f"eval.json lacks {', '.join(absent)}")
-    if "devices" in result:
-        print(f"eval devices: {result['devices']}")
+    devices = result.get("devices", {})
+    print(f"eval devices: {devices}")
+    if args.prefix:
+        wrong = {m: d for m, d in devices.items() if not str(d).startswith(args.prefix)}
+        if wrong or not devices:
+            raise Fail(f"eval: models not on {args.prefix}: {wrong or 'no devices recorded'}")
     return 0
 
 
@@ -152,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     q = sub.add_parser("eval")
     q.add_argument("run")
     q.add_argument("--models", required=True)
+    q.add_argument("--prefix", default=None)
     q.set_defaults(func=cmd_eval)
     q = sub.add_parser("peak")
     q.add_argument("run")

@@ -152,7 +152,7 @@ check_a() {
   "${CHECK[@]}" stage "$R/tiny" ppo --prefix "$DEVICE" --roles actor,critic,ref,reward --steps "$STEPS" || ok=1
   "${CHECK[@]}" stage "$R/tiny" dpo --prefix "$DEVICE" --roles policy || ok=1
   "${CHECK[@]}" stage "$R/tiny" orpo --prefix "$DEVICE" --roles policy || ok=1
-  "${CHECK[@]}" eval "$R/tiny" --models base,sft,ppo,dpo,orpo || ok=1
+  "${CHECK[@]}" eval "$R/tiny" --models base,sft,ppo,dpo,orpo --prefix "$DEVICE" || ok=1
   return "$ok"
 }
 

@@ -141,6 +141,7 @@ class Candidate:
     judge: list[float] | None = None
     kl: list[float] | None = None
     eos_id: int | None = None
+    device: str = ""  # where the model ran ("cuda:0", "cpu")
 
 
 def default_models(cfg: PipelineConfig) -> list[str]:
@@ -336,7 +337,7 @@ def _compare(cfg: PipelineConfig, *, model_names: list[str] | None, n_prompts: i
     result = {"prompts": len(prompts), "baseline": ref_name, "reference": ref_path,
               "reward_model": scorer[2] if scorer else None, "judge": judge,
               "win_rate_by": "judge" if judge_fn else ("reward" if scorer else None),
-              "generation": vars(gen), "models": rows}
+              "generation": vars(gen), "models": rows, "devices": {c.name: c.device for c in cands}}
     _write(cfg, result, cands, prompts)
     print(format_table(rows, ref_name))
     return result
@@ -368,7 +369,7 @@ def _evaluate_one(cfg: PipelineConfig, name, path, prompts, gen: GenSettings, re
     # system prompt), so all rows of the table answer the same token sequences.
     tok = models.load_tokenizer(path, padding_side="left", chat_template=cfg.model.chat_template)
     model = _load(cfg, models.load_causal_lm, path, tok)
-    cand = Candidate(name, path, eos_id=tok.eos_token_id)
+    cand = Candidate(name, path, eos_id=tok.eos_token_id, device=str(next(model.parameters()).device))
     generate(model, tok, prompts, gen, cand)
     if same_tokenizer(tok, ref_tok):
         cand.kl = response_kl(model, ref, tok.pad_token_id, cand)
