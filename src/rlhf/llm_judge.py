@@ -205,9 +205,7 @@ def run_judge(cfg, out_dir: str | Path, *, judge_model: str, template_file: str 
     template = load_template(template_file)
     load_judge(gold_judge)  # an unimportable gold judge fails before any model loads
     out = Path(out_dir)
-    train, held = synth.split_prompts(cfg, s.seed, prompts_file, n_prompts, n_eval_prompts)
-    held = [p for p in dict.fromkeys(held) if p not in set(train)]
-    train = list(dict.fromkeys(train))
+    train, held = synth.distinct_split(cfg, s.seed, prompts_file, n_prompts, n_eval_prompts)
     started = time.time()
     models = synth.lazy_pair(cfg, judge_model)
     fingerprint = {"method": "judge", "model": cfg.model.name_or_path, "chat_template": cfg.model.chat_template,

@@ -290,6 +290,15 @@ def split_prompts(cfg, seed: int, prompts_file: str | None, n_prompts: int | Non
             held if n_eval_prompts is None else held[:n_eval_prompts])
 
 
+def distinct_split(cfg, seed: int, prompts_file: str | None, n_prompts: int | None,
+                   n_eval_prompts: int | None) -> tuple[list[str], list[str]]:
+    """`split_prompts` with repeats removed, and no held-out prompt that is also a training prompt (the
+    resumable methods key their logs by prompt)."""
+    train, held = split_prompts(cfg, seed, prompts_file, n_prompts, n_eval_prompts)
+    seen = set(train)
+    return list(dict.fromkeys(train)), [p for p in dict.fromkeys(held) if p not in seen]
+
+
 def load_generator(cfg, name: str | None = None):
     """(model, left-padding tokenizer) on the run's device in the run's dtype, in eval mode: the config's
     model with its `chat_template`, or the model `name` with its own template."""
