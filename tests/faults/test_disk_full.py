@@ -75,7 +75,13 @@ def test_disk_full_while_writing_final(tmp_path, rlhf_cache, monkeypatch):
     cfg = cfg_of(tiny_raw(tmp_path, final_stage=None))
     stage_dir = cfg.stage_dir("sft")
     save_resolved = common.save_resolved
-    monkeypatch.setattr(common, "save_resolved", _no_space)
+
+    def no_space_in_final(cfg, path):  # the stage also writes its resolved config when it starts
+        if path.parent.name == "final.tmp":
+            _no_space()
+        return save_resolved(cfg, path)
+
+    monkeypatch.setattr(common, "save_resolved", no_space_in_final)
     with pytest.raises(TrainingError) as info:
         run_stage("sft", cfg)
     assert str(info.value) == (f"{stage_dir / 'final.tmp'}: saving the final model failed (No space left on device); "
