@@ -120,3 +120,13 @@ def test_ppo_disk_full_during_checkpoint(tmp_path, rlhf_cache, tiny_model_dir, t
     run_stage("ppo", cfg)
     assert manifest_step(cfg.stage_dir("ppo")) == 3
     assert logged_steps(cfg.stage_dir("ppo"), "policy/loss") == [1, 2, 3]
+
+
+def test_disk_full_when_a_stage_starts_is_one_line(tmp_path, rlhf_cache, monkeypatch):
+    cfg = cfg_of(tiny_raw(tmp_path, final_stage=None))
+    monkeypatch.setattr(common, "save_resolved", _no_space)
+    with pytest.raises(TrainingError) as info:
+        run_stage("sft", cfg)
+    assert str(info.value) == (f"{cfg.stage_dir('sft') / 'config.resolved.yaml'}: saving the resolved config failed "
+                               "(No space left on device); free disk space or fix permissions, then re-run the same "
+                               "command to start over (no complete checkpoint yet)")

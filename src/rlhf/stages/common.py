@@ -67,7 +67,11 @@ class StageRun:
         self.metrics = MetricsLogger(self.dir, jsonl=cfg.logging.jsonl, tensorboard=cfg.logging.tensorboard,
                                      enabled=engine.is_main(), resume_step=self.resume_step)
         if engine.is_main():  # the settings of the checkpoints to come: `rlhf export` rebuilds their models
-            save_resolved(cfg, self.dir / "config.resolved.yaml")
+            resolved = self.dir / "config.resolved.yaml"
+            try:
+                save_resolved(cfg, resolved)
+            except OSError as err:  # disk full, read-only: one line, like every other failed save
+                raise save_failed(resolved, "the resolved config", err, self.resume) from err
 
     def trainer_args(self, train: TrainCfg) -> dict[str, Any]:
         """TrainingArguments keys common to the Trainer-based stages."""
