@@ -169,10 +169,8 @@ def run_constitutional(cfg, out_dir: str | Path, *, principles_file: str, critic
     train, held = synth.distinct_split(cfg, s.seed, prompts_file, n_prompts, n_eval_prompts)
     started = time.time()
     models = synth.lazy_pair(cfg, critic_model)
-    fingerprint = {"method": "constitutional", "model": cfg.model.name_or_path, "chat_template": cfg.model.chat_template,
-                   "critic_model": critic_model, "principles": [asdict(p) for p in principles], "k": s.k,
-                   "max_new_tokens": s.max_new_tokens, "critique_max_new_tokens": critique_tokens,
-                   "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k, "seed": s.seed}
+    fingerprint = {"method": "constitutional", **synth.sampling_settings(cfg, s), "critic_model": critic_model,
+                   "principles": [asdict(p) for p in principles], "critique_max_new_tokens": critique_tokens}
     records = run_chunks(out, "constitutional", train + held,
                          lambda chunk: critique_and_revise(models(), chunk, principles, s, critique_tokens,
                                                            cfg.data.max_prompt_length),

@@ -208,9 +208,8 @@ def run_judge(cfg, out_dir: str | Path, *, judge_model: str, template_file: str 
     train, held = synth.distinct_split(cfg, s.seed, prompts_file, n_prompts, n_eval_prompts)
     started = time.time()
     models = synth.lazy_pair(cfg, judge_model)
-    fingerprint = {"method": "judge", "model": cfg.model.name_or_path, "chat_template": cfg.model.chat_template,
-                   "judge_model": judge_model, "template": template, "k": s.k, "max_new_tokens": s.max_new_tokens,
-                   "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k, "seed": s.seed}
+    fingerprint = {"method": "judge", **synth.sampling_settings(cfg, s), "judge_model": judge_model,
+                   "template": template}
     records = run_chunks(out, "judge", train + held,
                          lambda chunk: judge_prompts(models(), chunk, s, template, cfg.data.max_prompt_length),
                          settings=fingerprint, chunk_size=max(1, s.batch_size // s.k), seed=s.seed,

@@ -290,6 +290,13 @@ def split_prompts(cfg, seed: int, prompts_file: str | None, n_prompts: int | Non
             held if n_eval_prompts is None else held[:n_eval_prompts])
 
 
+def sampling_settings(cfg, s) -> dict[str, Any]:
+    """The settings every resumable method's samples depend on (`resumable.check_settings` compares them)."""
+    return {"model": cfg.model.name_or_path, "chat_template": cfg.model.chat_template, "k": s.k,
+            "max_new_tokens": s.max_new_tokens, "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k,
+            "seed": s.seed}
+
+
 def distinct_split(cfg, seed: int, prompts_file: str | None, n_prompts: int | None,
                    n_eval_prompts: int | None) -> tuple[list[str], list[str]]:
     """`split_prompts` with repeats removed, and no held-out prompt that is also a training prompt (the
