@@ -178,6 +178,7 @@ class StaticDecoder:
         graph = self._graph_ready(model)
         real = torch.zeros((batch, self.max_len), dtype=torch.bool, device=device)
         real[:, :p] = prompt_mask.bool()
+        self._bufs["mask"].copy_(additive_mask(real[:, None, None, :], dtype))  # then opened one slot per step
         positions = (prompt_mask.long().cumsum(dim=1) - 1).clamp_min(0)
         out = model(input_ids=prompt_ids, position_ids=positions, attention_mask=prefill_mask(prompt_mask,
                     self.max_len, dtype), past_key_values=self.cache, use_cache=True, logits_to_keep=1)
@@ -193,10 +194,9 @@ class StaticDecoder:
             done |= torch.isin(token, eos)
             if step == max_new_tokens - 1 or bool(done.all()):
                 break
-            real[:, p + step] = True  # as HF: every generated slot counts, padding after EOS included
+            self._bufs["mask"][..., p + step] = 0  # as HF: every generated slot counts, padding after EOS included
             self._bufs["ids"].copy_(token[:, None])
             self._bufs["pos"].copy_(next_pos + step)
-            self._bufs["mask"].copy_(additive_mask(real[:, None, None, :], dtype))
             if graph:
                 self._graph.replay()
                 logits = self._bufs["logits"]
