@@ -21,6 +21,8 @@ from rlhf.tracking import read_metrics
 
 pytestmark = pytest.mark.slow
 
+FAULTY_CLI = ROOT / "tests" / "faults" / "faulty_cli.py"
+
 
 def test_sft_loss_drops_and_model_reloads(tmp_path, rlhf_cache):
     cfg = tiny_cfg(tmp_path, ["sft.max_steps=24", "sft.logging_steps=2", "sft.save_steps=12"])
@@ -61,14 +63,16 @@ def test_sft_sigkill_then_resume_continues_step_count(tmp_path, rlhf_cache):
     raw = tiny_raw(tmp_path)
     raw["sft"].update({"max_steps": 40, "save_steps": 5, "logging_steps": 1})
     config = write_cfg(tmp_path, raw)
-    env = cli_env(rlhf_cache)
+    gate = tmp_path / "gate"  # never created: the run is held at the start of step 12 until it is killed
+    env = {**cli_env(rlhf_cache), "RLHF_FAULT": "wait_in_step:12", "RLHF_FAULT_GATE": str(gate)}
     ckpts = tmp_path / "runs" / "tiny" / "sft" / "checkpoints"
-    proc = subprocess.Popen([sys.executable, "-m", "rlhf.cli", "sft", "--config", str(config)], cwd=ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, str(FAULTY_CLI), "sft", "--config", str(config)], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (ckpts / "checkpoint-10" / artifacts.COMPLETE_MARKER).exists():
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
+    deadline = time.time() + 240
+    while not gate.with_name("gate.waiting").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run never reached step 12"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)  # from outside, as when a node dies
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     done = artifacts.latest_checkpoint(ckpts)
