@@ -468,6 +468,24 @@ class LoggingCfg:
     """Show progress bars."""
     plots: bool = True
     """Write PNG plots of training curves at the end of each stage."""
+    report_to: str | list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Where metrics go besides `metrics.jsonl`: any of tensorboard, wandb, mlflow, trackio. Every one gets
+    the same metric names and steps, from the main rank only, one run per stage (`rlhf.trackers`). W&B
+    reads WANDB_* (WANDB_MODE=offline works), MLflow MLFLOW_TRACKING_URI, trackio TRACKIO_DIR / a Space."""
+    project: str = "rlhf"
+    """The W&B / trackio project, or MLflow experiment, that the stage runs are logged under."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.report_to, str):
+            self.report_to = [self.report_to]
+        unknown = [name for name in self.report_to if name not in REPORT_TO]
+        _require(not unknown, "report_to", f"unknown {', '.join(map(repr, unknown))}; choose from "
+                 f"{', '.join(REPORT_TO)}")
+        _require(bool(self.project.strip()), "project", "must be a non-empty name")
+        self.tensorboard = self.tensorboard and "tensorboard" in self.report_to
+
+
+REPORT_TO = ("tensorboard", "wandb", "mlflow", "trackio")
 
 
 @dataclass

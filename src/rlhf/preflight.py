@@ -17,7 +17,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlhf import artifacts
+from rlhf import artifacts, trackers
 from rlhf.config import PipelineConfig
 from rlhf.errors import RlhfError
 
@@ -200,6 +200,12 @@ def _check_packages(cfg: PipelineConfig, stages: list[str]) -> list[Blocker]:
     if cfg.model.lora.enabled and importlib.util.find_spec("peft") is None:
         out.append(Blocker("package.missing", "peft is not installed but model.lora.enabled is true; "
                            "`pip install peft`"))
+    for name in trackers.missing(cfg.logging.report_to):
+        out.append(Blocker("package.missing", f"{cfg.source}: logging.report_to has {name} but it is not installed; "
+                           f"`pip install {trackers.PACKAGES[name]}` or remove it from logging.report_to"))
+    problem = trackers.mlflow_store_problem(cfg.logging.report_to)
+    if problem and not trackers.missing(["mlflow"]):
+        out.append(Blocker("tracker.mlflow_store", f"{cfg.source}: logging.report_to has mlflow, but {problem}"))
     if "ppo" in stages and cfg.ppo.reward_fn:
         out += _check_reward_fn(cfg)
     return out

@@ -1,9 +1,10 @@
-"""Metrics: one JSONL line per log step plus TensorBoard scalars, written by the main rank only.
+"""Metrics: one JSONL line per log step, TensorBoard scalars and the trackers of `logging.report_to`
+(`rlhf.trackers`), written by the main rank only.
 
 Every stage (the Trainer-based ones through the stage callback of `stages.common`, PPO directly) logs
-through `MetricsLogger`,
-so `metrics.jsonl` and `logs/` look the same everywhere. On resume from step N, lines past N (written
-after the checkpoint the run resumes from) are dropped, so a resumed run's curve has no duplicates.
+through `MetricsLogger`, so `metrics.jsonl`, `logs/` and the trackers look the same everywhere. On resume
+from step N, lines past N (written after the checkpoint the run resumes from) are dropped, so a resumed
+run's curve has no duplicates.
 """
 
 from __future__ import annotations
@@ -14,16 +15,21 @@ import time
 from pathlib import Path
 from typing import Any
 
+_OPEN: set[MetricsLogger] = set()  # loggers not closed yet: `close_open` finishes them when a stage fails
+
 
 class MetricsLogger:
     def __init__(self, stage_dir: str | Path, *, jsonl: bool = True, tensorboard: bool = True,
-                 enabled: bool = True, resume_step: int | None = None):
+                 enabled: bool = True, resume_step: int | None = None, trackers: list | None = None):
+        """`trackers`: open `rlhf.trackers.Tracker`s, finished by `close`."""
         self.path = Path(stage_dir) / "metrics.jsonl"
         self.enabled = enabled
         self.jsonl = jsonl and enabled
         self._tb = None
+        self.trackers = list(trackers or []) if enabled else []
         if not enabled:
             return
+        _OPEN.add(self)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.jsonl:
             self._truncate(resume_step)
@@ -50,20 +56,33 @@ class MetricsLogger:
             record = {"step": step, "time": round(time.time(), 3), **{k: _clean(v) for k, v in metrics.items()}}
             with open(self.path, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(record) + "\n")
+        finite = {key: value for key, value in scalars.items() if math.isfinite(value)}
         if self._tb is not None:
-            for key, value in scalars.items():
-                if math.isfinite(value):
-                    self._tb.add_scalar(key, value, step)
+            for key, value in finite.items():
+                self._tb.add_scalar(key, value, step)
+        for tracker in self.trackers:
+            tracker.log(step, finite)
 
     def text(self, step: int, tag: str, value: str) -> None:
         if self._tb is not None:
             self._tb.add_text(tag, value, step)
 
-    def close(self) -> None:
+    def close(self, ok: bool = True) -> None:
+        """Flush and close every sink; trackers record the run as finished (`ok`) or failed."""
+        _OPEN.discard(self)
         if self._tb is not None:
             self._tb.flush()
             self._tb.close()
             self._tb = None
+        for tracker in self.trackers:
+            tracker.finish(ok)
+        self.trackers = []
+
+
+def close_open(ok: bool) -> None:
+    """Close every logger still open: a stage that ended by an error records its tracker runs as failed."""
+    for logger in list(_OPEN):
+        logger.close(ok)
 
 
 def _clean(value: Any) -> Any:

@@ -1,6 +1,6 @@
 """SFT under `deepspeed --num_gpus 2` on CPU with a shipped DeepSpeed JSON (ZeRO-2, optimizer offloaded):
 trains, saves a plain HF model, and the saved model generates. The main rank claims the stage dir for both
-ranks: a dead run's claim is taken over once."""
+ranks: a dead run's claim is taken over once. Only the main rank reports to the tracker (one MLflow run)."""
 
 from __future__ import annotations
 
@@ -22,12 +22,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("ds_file", ["zero2_offload.json"])
-def test_sft_with_shipped_deepspeed_config(tmp_path, rlhf_cache, ds_file):
+def test_sft_with_shipped_deepspeed_config(tmp_path, rlhf_cache, ds_file, monkeypatch):
     raw = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
     raw["run"]["output_dir"] = str(tmp_path / "runs")
     raw["data"]["sft"] = str(ROOT / raw["data"]["sft"])
-    raw["sft"].update({"max_steps": 4, "save_steps": 2})
+    raw["sft"].update({"max_steps": 4, "save_steps": 2, "logging_steps": 1})
     raw["deepspeed"] = {"enabled": True, "config_file": str(ROOT / "configs" / "deepspeed" / ds_file)}
+    raw["logging"]["report_to"] = ["mlflow"]
+    store = {"MLFLOW_TRACKING_URI": (tmp_path / "mlruns").as_uri(), "MLFLOW_ALLOW_FILE_STORE": "true"}
     config = tmp_path / "sft.yaml"
     config.write_text(yaml.safe_dump(raw))
     stage_dir = tmp_path / "runs" / "tiny" / "sft"
@@ -36,8 +38,15 @@ def test_sft_with_shipped_deepspeed_config(tmp_path, rlhf_cache, ds_file):
     (stage_dir / claims.CLAIM).write_text(json.dumps({"token": "gone", "host": "node-b", "pid": 4242,
                                                       "machine": "node-b", "started": 0}), encoding="utf-8")
     os.utime(stage_dir / claims.CLAIM, (0, 0))
-    proc = deepspeed_cli(["sft", "--config", str(config)], timeout=400)
+    proc = deepspeed_cli(["sft", "--config", str(config)], timeout=400, env=store)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    from mlflow.tracking import MlflowClient
+
+    for key, value in store.items():
+        monkeypatch.setenv(key, value)
+    client = MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name("rlhf").experiment_id])
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == [1, 2, 3, 4]
     assert (proc.stdout + proc.stderr).count("taking over the claim of pid 4242 on node-b") == 1
     assert not (stage_dir / claims.CLAIM).exists()
     assert artifacts.read_manifest(stage_dir)["global_step"] == 4

@@ -149,3 +149,41 @@ def test_fp16_without_deepspeed_has_no_loss_scaling(tmp_path, monkeypatch):
                                 deepspeed__enabled=False)
     assert [b.code for b in blockers] == ["device.fp16_plain"]
     assert _device_blockers(tmp_path, monkeypatch, cuda=True, model__dtype="float16", deepspeed__enabled=True) == []
+
+
+def test_a_tracker_that_is_not_installed_is_a_blocker_naming_the_package(tmp_path, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example.org")
+    raw = _tiny(tmp_path)
+    raw["logging"]["report_to"] = ["tensorboard", "wandb", "mlflow"]
+    cfg = config_from_dict(raw, source="cfg.yaml")
+    blockers = preflight.check(cfg, ["sft"])
+    assert [(b.code, b.message) for b in blockers] == [
+        ("package.missing", "cfg.yaml: logging.report_to has wandb but it is not installed; `pip install wandb` or "
+                            "remove it from logging.report_to")]
+    raw["logging"]["report_to"] = ["trackio"]
+    assert preflight.check(config_from_dict(raw, source="cfg.yaml"), ["sft"]) == []
+
+
+def test_mlflow_without_a_tracking_uri_needs_the_full_package(tmp_path, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sqlalchemy" else find_spec(name, *a))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    raw = _tiny(tmp_path)
+    raw["logging"]["report_to"] = "mlflow"  # one name is a list of one
+    blockers = preflight.check(config_from_dict(raw, source="cfg.yaml"), ["sft"])
+    assert [b.code for b in blockers] == ["tracker.mlflow_store"]
+    assert "set MLFLOW_TRACKING_URI to your server" in blockers[0].message
+
+
+def test_an_unknown_tracker_is_a_config_error(tmp_path):
+    proc = _cli("preflight", "--config", _write(tmp_path, _tiny(tmp_path)), "--set", "logging.report_to=[wandb,neptune]")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'cfg.yaml'}: logging.report_to: unknown 'neptune'; choose from tensorboard, wandb, mlflow, "
+        "trackio (got ['wandb', 'neptune'])"]

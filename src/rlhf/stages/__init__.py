@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import logging
 
-from rlhf import artifacts, claims, engine, preflight
+from rlhf import artifacts, claims, engine, preflight, tracking
 from rlhf.config import PipelineConfig
 
 log = logging.getLogger("rlhf")
@@ -40,6 +40,7 @@ def run_stage(stage: str, cfg: PipelineConfig, *, restart: bool = False, config_
     try:
         return _module(stage).run(cfg, restart=restart)
     finally:  # error, SIGTERM stop or done: the stage dir is free again (a SIGKILL leaves the claim behind)
+        tracking.close_open(ok=False)  # still open only when the stage ended by an error
         claims.release_all()
 
 

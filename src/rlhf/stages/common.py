@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rlhf import artifacts, claims, engine
+from rlhf import artifacts, claims, engine, trackers
 from rlhf.config import PipelineConfig, TrainCfg, save_resolved
 from rlhf.errors import StopRequested, TrainingError
 from rlhf.replicate import agree_on_step, replicate
@@ -65,13 +65,22 @@ class StageRun:
         if self.resume is not None:
             log.info("%s: resuming from %s (step %d)", stage, self.resume, self.resume_step)
         self.metrics = MetricsLogger(self.dir, jsonl=cfg.logging.jsonl, tensorboard=cfg.logging.tensorboard,
-                                     enabled=engine.is_main(), resume_step=self.resume_step)
+                                     enabled=engine.is_main(), resume_step=self.resume_step,
+                                     trackers=self._trackers() if engine.is_main() else None)
         if engine.is_main():  # the settings of the checkpoints to come: `rlhf export` rebuilds their models
             resolved = self.dir / "config.resolved.yaml"
             try:
                 save_resolved(cfg, resolved)
             except OSError as err:  # disk full, read-only: one line, like every other failed save
                 raise save_failed(resolved, "the resolved config", err, self.resume) from err
+
+    def _trackers(self) -> list:
+        """The open trackers of `logging.report_to`, one run each for this stage (`rlhf.trackers`)."""
+        if not set(self.cfg.logging.report_to) & set(trackers.TRACKERS):
+            return []
+        info = trackers.RunInfo(project=self.cfg.logging.project, run=self.cfg.run.name, stage=self.stage,
+                                stage_dir=self.dir, config=self.cfg.to_dict(), resume=self.resume is not None)
+        return trackers.open_trackers(self.cfg.logging.report_to, info)
 
     def trainer_args(self, train: TrainCfg) -> dict[str, Any]:
         """TrainingArguments keys common to the Trainer-based stages."""
