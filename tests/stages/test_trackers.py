@@ -151,3 +151,22 @@ def test_a_tracker_that_fails_mid_run_warns_once_and_the_stage_completes(tmp_pat
     assert calls == [1, 2]  # not called again after the failure
     steps = [r["step"] for r in read_metrics(cfg.stage_dir("sft") / "metrics.jsonl") if "loss" in r]
     assert steps == [1, 2, 3, 4]  # metrics.jsonl and the other sinks are unaffected
+
+
+def test_the_ppo_loop_logs_its_stats_to_the_tracker(tmp_path, monkeypatch, tiny_model_dir, tiny_reward_dir):
+    from test_ppo import make_cfg, run_ppo
+
+    for key, value in tracker_env(tmp_path).items():
+        monkeypatch.setenv(key, value)
+    from mlflow.tracking import MlflowClient
+
+    cfg = make_cfg(tmp_path, tiny_model_dir, tiny_reward_dir)
+    cfg.logging.report_to = ["mlflow"]
+    run_ppo(cfg)
+    jsonl = read_metrics(cfg.stage_dir("ppo") / "metrics.jsonl")
+    run_id = json.loads((cfg.stage_dir("ppo") / trackers.IDS_FILE).read_text())["mlflow"]
+    client = MlflowClient()
+    for key in ("objective/kl", "policy/loss", "value/loss", "objective/score_mean"):
+        history = {m.step: m.value for m in client.get_metric_history(run_id, key)}
+        assert history == pytest.approx({r["step"]: r[key] for r in jsonl if key in r}) and len(history) == 2, key
+    assert client.get_run(run_id).info.run_name == "t-ppo"
