@@ -1,4 +1,4 @@
-"""`logging.report_to`: a stage's metrics arrive in W&B (offline), MLflow (a file store) and trackio (its local
+"""`logging.report_to`: the metrics of an SFT and a PPO stage arrive in W&B (offline), MLflow (a file store) and trackio (its local
 store) under the same names and steps as metrics.jsonl, with the run name and the resolved config; a resumed
 stage continues its tracker runs; a tracker that fails mid-run warns once and the stage still completes."""
 
@@ -16,6 +16,7 @@ import pytest
 from helpers import ROOT, cli_env, tiny_cfg, tiny_raw, write_cfg
 
 from rlhf import artifacts, trackers
+from rlhf.config import save_resolved
 from rlhf.stages import run_stage
 from rlhf.tracking import read_metrics
 
@@ -50,8 +51,8 @@ def wandb_records(path: Path) -> list:
     return out
 
 
-def wandb_run(stage_dir: Path) -> tuple[str, dict[str, str], dict[int, float]]:
-    """(display name, config, loss by step) of the stage's offline W&B run (all its resumed parts)."""
+def wandb_run(stage_dir: Path, key: str = "loss") -> tuple[str, dict[str, str], dict[int, float]]:
+    """(display name, config, `key` by step) of the stage's offline W&B run (all its resumed parts)."""
     name, config, losses = None, {}, {}
     for path in sorted((stage_dir / "wandb").glob("offline-run-*/run-*.wandb")):
         for record in wandb_records(path):
@@ -62,8 +63,8 @@ def wandb_run(stage_dir: Path) -> tuple[str, dict[str, str], dict[int, float]]:
             elif kind == "history":
                 items = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
                          for item in record.history.item}
-                if "loss" in items:
-                    losses[items["_step"]] = items["loss"]
+                if key in items:
+                    losses[items["_step"]] = items[key]
     return name, config, losses
 
 
@@ -153,20 +154,34 @@ def test_a_tracker_that_fails_mid_run_warns_once_and_the_stage_completes(tmp_pat
     assert steps == [1, 2, 3, 4]  # metrics.jsonl and the other sinks are unaffected
 
 
-def test_the_ppo_loop_logs_its_stats_to_the_tracker(tmp_path, monkeypatch, tiny_model_dir, tiny_reward_dir):
-    from test_ppo import make_cfg, run_ppo
+def test_the_ppo_loop_logs_its_stats_to_every_tracker(tmp_path, monkeypatch, rlhf_cache, tiny_model_dir,
+                                                     tiny_reward_dir):
+    from test_ppo import make_cfg
 
-    for key, value in tracker_env(tmp_path).items():
-        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    cfg = make_cfg(tmp_path, tiny_model_dir, tiny_reward_dir)
+    cfg.logging.report_to = ["wandb", "mlflow", "trackio"]
+    save_resolved(cfg, tmp_path / "ppo.yaml")
+    done = subprocess.run([sys.executable, "-m", "rlhf.cli", "ppo", "--config", str(tmp_path / "ppo.yaml")],
+                          cwd=ROOT, env={**cli_env(rlhf_cache), **tracker_env(tmp_path)}, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    stage_dir = cfg.stage_dir("ppo")
+    jsonl = read_metrics(stage_dir / "metrics.jsonl")
+    ids = json.loads((stage_dir / trackers.IDS_FILE).read_text())
+    key = "objective/kl"
+    expected = {r["step"]: r[key] for r in jsonl if key in r}
+    assert sorted(expected) == [1, 2]
+
     from mlflow.tracking import MlflowClient
 
-    cfg = make_cfg(tmp_path, tiny_model_dir, tiny_reward_dir)
-    cfg.logging.report_to = ["mlflow"]
-    run_ppo(cfg)
-    jsonl = read_metrics(cfg.stage_dir("ppo") / "metrics.jsonl")
-    run_id = json.loads((cfg.stage_dir("ppo") / trackers.IDS_FILE).read_text())["mlflow"]
-    client = MlflowClient()
-    for key in ("objective/kl", "policy/loss", "value/loss", "objective/score_mean"):
-        history = {m.step: m.value for m in client.get_metric_history(run_id, key)}
-        assert history == pytest.approx({r["step"]: r[key] for r in jsonl if key in r}) and len(history) == 2, key
-    assert client.get_run(run_id).info.run_name == "t-ppo"
+    client = MlflowClient((tmp_path / "mlruns").as_uri())
+    assert client.get_run(ids["mlflow"]).info.run_name == "t-ppo"
+    for name in ("objective/kl", "policy/loss", "value/loss", "objective/score_mean"):
+        history = {m.step: m.value for m in client.get_metric_history(ids["mlflow"], name)}
+        assert history == pytest.approx({r["step"]: r[name] for r in jsonl if name in r}), name
+    name, _, history = wandb_run(stage_dir, key)
+    assert name == "t-ppo" and history == pytest.approx(expected)
+    with sqlite3.connect(tmp_path / "trackio" / "rlhf.db") as db:
+        rows = db.execute("SELECT step, metrics FROM metrics WHERE run_name = 't-ppo'").fetchall()
+    assert {step: json.loads(m)[key] for step, m in rows if key in json.loads(m)} == pytest.approx(expected)
