@@ -2,10 +2,12 @@
 
 `run.on_nonfinite: stop` (default) ends the run with a one-line `TrainingError` naming the stage, step and
 quantity; nothing non-finite is ever saved, so the last checkpoint stays the resume point.
-`run.on_nonfinite: skip` drops the update of the bad step (its gradients are discarded, so the weights and
-the optimizer's moments stay as they were; the learning-rate schedule still advances one step, except
-under DeepSpeed, which holds it back on a skipped step) and goes on, with a warning; `run.max_consecutive_skips` skips in a row
-mean the fault is persistent, and the run stops as in `stop` mode.
+`run.on_nonfinite: skip` drops the update of the bad step and goes on, with a warning: its gradients are
+discarded, so the weights and the optimizer's moments stay as they were. Where this package discards them
+(`drop_nonfinite_grads`: plain torch, and PPO's engines at ZeRO stage 0) the optimizer and learning-rate
+scheduler still step, as `engine.PlainEngine.step` does, so the schedule advances one step; where
+DeepSpeed's own check discards the step (it counts it in `skipped_steps`) the scheduler does not step.
+`run.max_consecutive_skips` skips in a row mean the fault is persistent, and the run stops as in `stop` mode.
 
 A CUDA out-of-memory error inside `catch_oom` becomes a one-line `TrainingError` naming the stage, the
 model and what to change, with the last complete checkpoint kept.
