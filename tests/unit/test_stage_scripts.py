@@ -1,9 +1,10 @@
-"""Shell stages: valid bash, thin (<= 30 lines), strict mode, and the launcher command lib.sh builds for
-every launch mode (checked by sourcing lib.sh, nothing is launched)."""
+"""Shell stages: valid bash, thin (<= 30 lines), strict mode, every config file they name exists, and the
+launcher command lib.sh builds for every launch mode (checked by sourcing lib.sh, nothing is launched)."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -12,6 +13,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = sorted([*ROOT.glob("stages/**/*.sh"), *ROOT.glob("stages/slurm/*.sbatch")])
 STAGE_SCRIPTS = sorted([*ROOT.glob("stages/0*.sh"), ROOT / "stages" / "pipeline.sh"])
+# A path under configs/ wherever it stands: a default (`CONFIG=${CONFIG:-configs/x.yaml}`), an argument, a comment.
+CONFIG_REF = re.compile(r"configs/[\w./-]*?\.(?:ya?ml|json)\b")
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: str(p.relative_to(ROOT)))
@@ -25,6 +28,32 @@ def test_stage_scripts_are_thin_and_strict(script):
     text = script.read_text()
     assert len(text.splitlines()) <= 30, f"{script.name}: more than 30 lines"
     assert "set -euo pipefail" in text and "source stages/lib.sh" in text
+
+
+def missing_configs(files: list[Path], root: Path) -> tuple[dict[str, list[str]], list[str]]:
+    """The config paths each file names (files naming none left out), and those that are not files under `root`."""
+    named = {str(f.relative_to(root)): refs for f in files if (refs := CONFIG_REF.findall(f.read_text()))}
+    return named, [f"{name}: {ref}" for name, refs in named.items() for ref in refs if not (root / ref).is_file()]
+
+
+def test_stage_scripts_point_at_existing_configs():
+    files = sorted(p for p in (ROOT / "stages").rglob("*") if p.suffix in (".sh", ".sbatch", ".md"))
+    named, missing = missing_configs(files, ROOT)
+    # the forms in use: quickstart.sh's default, the Slurm script's examples, the README's commands
+    assert {"stages/quickstart.sh", "stages/slurm/stage.sbatch", "stages/README.md"} <= set(named), named
+    assert not missing, "stages/ names config files that do not exist:\n" + "\n".join(missing)
+
+
+def test_config_check_reports_a_missing_file(tmp_path):
+    (tmp_path / "configs" / "deepspeed").mkdir(parents=True)
+    for name in ("a.yaml", "deepspeed/z.json"):
+        (tmp_path / "configs" / name).write_text("")
+    script = tmp_path / "s.sh"
+    script.write_text('CONFIG=${CONFIG:-configs/a.yaml}\n# default configs/gone.yml)\n'
+                      'bash stages/pipeline.sh "configs/b.yaml" --set deepspeed.config_file=configs/deepspeed/z.json\n')
+    named, missing = missing_configs([script], tmp_path)
+    assert named == {"s.sh": ["configs/a.yaml", "configs/gone.yml", "configs/b.yaml", "configs/deepspeed/z.json"]}
+    assert missing == ["s.sh: configs/gone.yml", "s.sh: configs/b.yaml"]
 
 
 def test_slurm_script_starts_every_node_in_no_ssh_mode():
