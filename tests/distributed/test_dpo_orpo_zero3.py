@@ -53,7 +53,8 @@ def _check_saved(stage_dir: Path) -> dict:
 
 @pytest.mark.parametrize("precompute", [True, False], ids=["precomputed_ref", "ref_engine"])
 def test_dpo_zero3_two_ranks(tmp_path, tiny_model_dir, precompute):
-    # precomputed: the pairs are file-backed so both ranks read rank 0's reference cache (CPU-FACTS 2);
+    # precomputed: the pairs are file-backed so both ranks read the reference cache file rank 0 writes into
+    # the dataset's directory (an in-memory dataset's would be in a per-process temporary directory);
     # otherwise TRL's frozen reference copy is a ZeRO-3 inference engine of its own.
     sft = tmp_path / "runs" / "t" / "sft"
     shutil.copytree(tiny_model_dir, sft / "final")

@@ -2,8 +2,9 @@
 
 The reference is the SFT model: TRL loads a frozen copy of it (`ref_model=None`), or, with LoRA, uses the
 actor with its adapters disabled. `dpo.precompute_ref_log_probs` scores the reference once before training
-instead; the pairs are then read from a dataset saved under `<run>/dpo/data/`, because TRL caches the
-reference log-probs next to the dataset's files and every rank must find the same cache (CPU-FACTS 2).
+instead; the pairs are then read from a dataset saved under `<run>/dpo/data/`, because TRL's main process
+writes the reference log-probs to a cache file in the dataset's directory and every rank reads that file
+(an in-memory dataset's cache file would get a random name in a per-process temporary directory).
 
 Pairs go to TRL in the conversational explicit-prompt form (prompt messages, one assistant message per
 side). TRL logs the implicit rewards beta * (log pi - log ref) of both sides, their accuracy and margin.
