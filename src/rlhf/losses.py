@@ -1,5 +1,10 @@
 """Pure tensor losses for every training objective: PPO (policy, value), reward model, DPO family, ORPO.
 
+PPO (`stages/ppo/loop.py`) and ORPO (`stages/orpo.py`) train with theirs. The reward and DPO stages train
+with TRL's RewardTrainer and DPOTrainer; `pairwise_reward_loss` and `dpo_loss`/`ipo_loss`/`hinge_loss`
+(the configured `dpo.loss_type`) compute those stages' held-out loss on the reloaded model
+(`stages.reward.heldout_loss`, `stages.dpo.rewards_report`).
+
 Each loss is a plain function over tensors (no modules, no config objects) that returns
 `(loss, stats)`, where `stats` is a small `dict[str, Tensor]` of detached scalars under a namespace
 (`policy/`, `value/`, `reward/`, `rewards/`, `orpo/`). A new variant is a new function.
