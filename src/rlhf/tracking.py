@@ -1,10 +1,10 @@
 """Metrics: one JSONL line per log step, TensorBoard scalars and the trackers of `logging.report_to`
 (`rlhf.trackers`), written by the main rank only.
 
-Every stage (the Trainer-based ones through the stage callback of `stages.common`, PPO directly) logs
-through `MetricsLogger`, so `metrics.jsonl`, `logs/` and the trackers look the same everywhere. On resume
-from step N, lines past N (written after the checkpoint the run resumes from) are dropped, so a resumed
-run's curve has no duplicates.
+Every stage logs through `MetricsLogger` (the Trainer-based ones from the `on_log` of the callback that
+`stages.common._make_callback` builds, PPO from its loop), so `metrics.jsonl`, `logs/` and the trackers look
+the same everywhere. On resume from step N, lines past N (written after the checkpoint the run resumes from)
+are dropped, so a resumed run's curve has no duplicates.
 """
 
 from __future__ import annotations
