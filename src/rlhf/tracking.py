@@ -2,8 +2,8 @@
 (`rlhf.trackers`), written by the main rank only.
 
 Every stage logs through `MetricsLogger` (the Trainer-based ones from the `on_log` of the callback that
-`stages.common._make_callback` builds, PPO from its loop), so `metrics.jsonl`, `logs/` and the trackers look
-the same everywhere. On resume from step N, lines past N (written after the checkpoint the run resumes from)
+`stages.common._make_callback` builds, then once more with their `eval/` report; PPO from its loop), so
+`metrics.jsonl`, `logs/` and the trackers look the same everywhere. On resume from step N, lines past N (written after the checkpoint the run resumes from)
 are dropped, so a resumed run's curve has no duplicates.
 """
 
