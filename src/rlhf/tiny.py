@@ -6,7 +6,9 @@ safetensors. `build_tiny_reward` writes the same backbone as a 1-label sequence 
 reads repo files or the network, so the package can build its fixtures anywhere.
 
 Special tokens (same ids in every build): `<|endoftext|>` = 0 (pad and unk), `<|im_start|>` = 1 (bos),
-`<|im_end|>` = 2 (eos). Pad differs from eos on purpose, as `rlhf.models` makes it for every tokenizer.
+`<|im_end|>` = 2 (eos). Pad differs from eos, as `rlhf.models` makes it for every tokenizer (why:
+`rlhf.models.tokens`). The template and token strings come from `rlhf.templates`; nothing here imports
+`rlhf.models`, which builds its `tiny-random` alias with `build_tiny`.
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from rlhf.models import CHATML_PATH
+from rlhf import templates
 
-PAD, BOS, EOS = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+PAD, BOS, EOS = templates.ENDOFTEXT, templates.IM_START, templates.IM_END
 
 _SUBJECTS = ("the cat", "a small dog", "my neighbour", "the teacher", "our team", "a curious child",
              "the old farmer", "this model", "the river", "every student", "the pilot", "a quiet robot")
@@ -86,7 +88,7 @@ def _train_tokenizer(corpus: list[str], vocab_size: int):
     tk.train_from_iterator(corpus, trainer)
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=BOS, eos_token=EOS, pad_token=PAD,
                                   unk_token=PAD)
-    tok.chat_template = CHATML_PATH.read_text(encoding="utf-8")
+    tok.chat_template = templates.chatml()
     return tok
 
 

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from rlhf import models
 from rlhf.errors import ModelError
+from rlhf.models import aliases, loading
 from rlhf.tiny import build_tiny
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
@@ -80,10 +81,10 @@ def test_alias_rename_race_is_tolerated(tmp_path: Path, monkeypatch: pytest.Monk
         build_tiny(final)  # the other process renames its complete dir into place first
         (final / "winner").touch()
 
-    monkeypatch.setattr(models, "_file_lock", contextlib.nullcontext)
+    monkeypatch.setattr(aliases, "_file_lock", contextlib.nullcontext)
     monkeypatch.setitem(models.ALIASES, "tiny-random", models.Alias(build_while_another_process_wins))
     assert models.resolve_model("tiny-random") == str(final)
-    assert (final / "winner").exists() and models._is_built(final)
+    assert (final / "winner").exists() and aliases.is_built(final)
     assert sorted(p.name for p in final.parent.iterdir()) == ["tiny-random"]  # our tmp copy is gone
 
 
@@ -287,7 +288,7 @@ def test_reward_head_missing_from_weights(tiny_model_dir: Path, tmp_path: Path) 
 def test_missing_head_reported_by_transformers_also_fails(tiny_model_dir: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """Second safety net (e.g. hub ids, where no header can be read first): transformers' missing keys."""
-    monkeypatch.setattr(models, "_require_score_head", lambda d: None)
+    monkeypatch.setattr(loading, "_require_score_head", lambda d: None)
     with pytest.raises(ModelError, match="no trained score head: score.weight missing"):
         models.load_scalar_model(str(tiny_model_dir), require_head=True)
 
