@@ -131,7 +131,7 @@ def init_distributed() -> None:
         if cuda_available():
             torch.cuda.set_device(device())
         dist.init_process_group(backend=backend())
-    failwatch.start()
+    failwatch.start(store(), rank())
 
 
 @contextlib.contextmanager

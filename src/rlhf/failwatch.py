@@ -29,26 +29,21 @@ POLL_S = 1.0
 
 _stop: threading.Event | None = None
 _thread: threading.Thread | None = None
+_store = None
 _rank = 0
 _announced = False
 
 
-def _store():
-    """The default process group's store, or None without one."""
-    from rlhf import engine
+def start(store, rank: int) -> None:
+    """Start this rank's watcher on the process group's key-value `store` (once; a no-op without a store).
 
-    return engine.store()
-
-
-def start() -> None:
-    """Start this rank's watcher (once; a no-op in a single process)."""
-    global _stop, _thread, _rank
-    store = _store()
+    `engine.init_distributed` calls it with `engine.store()` and `engine.rank()`; nothing here imports
+    `rlhf.engine`, so the dependency goes one way.
+    """
+    global _stop, _thread, _store, _rank
     if store is None or _thread is not None:
         return
-    from rlhf import engine
-
-    _rank = engine.rank()
+    _store, _rank = store, rank
     _stop = threading.Event()
     _thread = threading.Thread(target=_watch, args=(store, _stop, _rank), name="rlhf-failwatch", daemon=True)
     _thread.start()
@@ -75,7 +70,7 @@ def announce(message: str) -> None:
     so their watchers read the announcement (and rank 0's process holds the store). When another rank
     failed first, print its announcement instead: it is the cause."""
     global _announced
-    store = _store()
+    store = _store
     if store is None or _thread is None:  # no watcher started: a single process, or no store to share
         return
     _announced = True
