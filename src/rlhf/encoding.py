@@ -80,3 +80,9 @@ def encode(tokenizer, prompt: list[dict], response: str, max_length: int | None 
     if max_length is not None and len(ids) > max_length:
         return None
     return ids, len(p_ids)
+
+
+def same_tokenizer(a, b) -> bool:
+    """Whether token ids mean the same to both tokenizers (so no re-tokenizing is needed)."""
+    return (a.get_vocab() == b.get_vocab() and a.eos_token_id == b.eos_token_id
+            and a.chat_template == b.chat_template)

@@ -52,7 +52,7 @@ def encode_responses(tokenizer, prompts: list[list[dict]], responses: list[str])
 
 def _batches(seqs: list[tuple[list[int], int]], pad_id: int, batch_size: int, device):
     """Right-padded (batch, input_ids, attention_mask) chunks of (ids, n) sequences, built on `device`."""
-    from rlhf.scoring import right_padded
+    from rlhf.batching import right_padded
 
     for start in range(0, len(seqs), batch_size):
         batch = seqs[start:start + batch_size]
@@ -180,7 +180,7 @@ def load_judge(spec: str | None):
 def eval_prompts(cfg: PipelineConfig, limit: int | None) -> list[list[dict]]:
     """Held-out prompts: data.prompts_eval, else the eval split of the prompt data (as PPO splits it)."""
     from rlhf import data
-    from rlhf.stages.sft import load_rows
+    from rlhf.data import load_rows
 
     if cfg.data.prompts_eval:
         rows = data.load(cfg.data.prompts_eval, "prompt", split=cfg.data.split, bad_rows=cfg.data.bad_rows).rows
@@ -210,27 +210,22 @@ class GenSettings:
 
 
 def generate(model, tokenizer, prompts: list[list[dict]], gen: GenSettings, cand: Candidate) -> None:
-    """Fill `cand` with prompt ids, response ids (up to and including EOS) and decoded responses."""
+    """Fill `cand` with prompt ids, response ids (up to and including EOS) and decoded responses, sampled
+    with `rlhf.generation.sample` (greedy unless `gen.sample`)."""
     import torch
-    from transformers import GenerationConfig
 
-    from rlhf.stages.ppo.rollout import encode_prompts
+    from rlhf.batching import encode_prompts
+    from rlhf.generation import Sampling, hf_config, sample
 
-    config = GenerationConfig(do_sample=gen.sample, max_new_tokens=gen.max_new_tokens,
-                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                              **({"temperature": gen.temperature, "top_p": gen.top_p, "top_k": gen.top_k}
-                                 if gen.sample else {}))
+    sampling = Sampling(temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p, greedy=not gen.sample)
+    config = hf_config(tokenizer, sampling, gen.max_new_tokens)
     torch.manual_seed(gen.seed)
     for start in range(0, len(prompts), gen.batch_size):
         ids, mask = encode_prompts(tokenizer, prompts[start:start + gen.batch_size], gen.max_prompt_length,
                                    model.device)
-        with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
-        for row in out[:, ids.shape[1]:].tolist():
-            # rows that emitted EOS are padded after it; rows that did not ran to max_new_tokens
-            response = row[:row.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in row else row
-            cand.response_ids.append(response)
-            cand.responses.append(tokenizer.decode(response, skip_special_tokens=True))
+        out = sample(model, tokenizer, ids, mask, config)
+        cand.response_ids += out.token_lists()
+        cand.responses += out.texts
         for row, row_mask in zip(ids.tolist(), mask.tolist(), strict=True):
             cand.prompt_ids.append([t for t, m in zip(row, row_mask, strict=True) if m])
 
@@ -362,8 +357,8 @@ def _load(cfg: PipelineConfig, loader, path: str, tokenizer, **kwargs):
 
 def _evaluate_one(cfg: PipelineConfig, name, path, prompts, gen: GenSettings, ref, ref_tok, scorer,
                   judge_fn) -> Candidate:
+    from rlhf.encoding import same_tokenizer
     from rlhf.scoring import score
-    from rlhf.stages.ppo.experience import same_tokenizer
 
     # Every model is prompted with the config's template (the base model's own may differ, e.g. inject a
     # system prompt), so all rows of the table answer the same token sequences.

@@ -203,3 +203,70 @@ class StaticDecoder:
             else:
                 logits = self._decode_forward(model)
         return torch.stack(tokens, dim=1)
+
+
+# ------------------------------------------------------------------------------------ the one way to sample
+
+
+@dataclass
+class Responses:
+    """Responses sampled for a batch of left-padded prompts, cut by the one EOS rule
+    (`advantages.response_mask`: up to and including the first EOS, else up to the last non-pad token)."""
+
+    ids: Tensor  # [B, R] long: sampled tokens, the pad id after each row's first EOS
+    mask: Tensor  # [B, R] float: 1 on the tokens that count
+    has_eos: Tensor  # [B] bool: the row emitted EOS within max_new_tokens
+    texts: list[str]  # the counted tokens decoded without special tokens (so without the EOS)
+
+    def token_lists(self) -> list[list[int]]:
+        """The counted tokens of each row (its EOS included)."""
+        return [row[m.bool()].tolist() for row, m in zip(self.ids, self.mask, strict=True)]
+
+
+def hf_config(tokenizer, sampling: Sampling, max_new_tokens: int):
+    """A complete GenerationConfig for HF generate, so the model's own generation defaults (e.g. top_k=50)
+    cannot leak in; EOS and pad from the tokenizer."""
+    from transformers import GenerationConfig
+
+    common = {"max_new_tokens": max_new_tokens, "eos_token_id": [tokenizer.eos_token_id],
+              "pad_token_id": tokenizer.pad_token_id, "use_cache": True}
+    if sampling.greedy:
+        return GenerationConfig(do_sample=False, **common)
+    return GenerationConfig(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p,
+                            top_k=sampling.top_k, **common)
+
+
+def sampling_of(config) -> Sampling:
+    """The `Sampling` a GenerationConfig from `hf_config` describes (for the static decoder)."""
+    if not config.do_sample:
+        return Sampling(greedy=True)
+    return Sampling(temperature=config.temperature, top_k=config.top_k or 0, top_p=config.top_p)
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, config, *,
+           decoder: StaticDecoder | None = None, synced_gpus: bool = False) -> Responses:
+    """Responses to left-padded prompts ([B, P] ids and mask, on the model's device) under `config` (a
+    GenerationConfig from `hf_config`): through `decoder` (a `StaticDecoder`) when given, else HF generate.
+    PPO rollouts, `rlhf eval` and `rlhf data synth` all sample here, so they share the sampling rules and
+    the EOS rule.
+
+    `synced_gpus` keeps every rank stepping HF generate until all are done: needed whenever the model's
+    forward is a collective (ZeRO-3), or ranks whose rows hit EOS early would leave the others waiting
+    forever. The static decoder runs on a gathered model, whose forward is not a collective."""
+    from rlhf.advantages import response_mask
+
+    eos_ids, pad_id = [tokenizer.eos_token_id], tokenizer.pad_token_id
+    if decoder is not None:
+        ids = decoder.generate(model, prompt_ids, prompt_mask, max_new_tokens=config.max_new_tokens,
+                               sampling=sampling_of(config), eos_ids=eos_ids, pad_id=pad_id)
+    else:
+        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config,
+                             synced_gpus=synced_gpus)
+        ids = out[:, prompt_ids.shape[1]:]
+    if ids.shape[1] == 0:  # cannot happen with max_new_tokens >= 1; keep shapes valid anyway
+        ids = torch.full((prompt_ids.shape[0], 1), tokenizer.eos_token_id, dtype=torch.long, device=prompt_ids.device)
+    mask, has_eos = response_mask(ids, eos_ids, pad_id)
+    ids = torch.where(mask.bool(), ids, pad_id)
+    texts = [tokenizer.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(ids, mask, strict=True)]
+    return Responses(ids=ids, mask=mask, has_eos=has_eos, texts=texts)

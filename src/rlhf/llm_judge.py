@@ -91,7 +91,7 @@ def label_probs(model, tokenizer, chats: list[list[dict]], batch_size: int) -> l
     in left-padded batches on the model's device."""
     import torch
 
-    from rlhf.stages.ppo.rollout import encode_prompts, position_ids
+    from rlhf.batching import encode_prompts, position_ids
 
     id_a, id_b = label_ids(tokenizer)
     out = []

@@ -19,17 +19,10 @@ from pathlib import Path
 
 from rlhf import artifacts, trackers
 from rlhf.config import PipelineConfig
+from rlhf.data.stage_rows import data_source
 from rlhf.errors import RlhfError
 
 log = logging.getLogger("rlhf")
-# Which data each stage reads: (config key, data kind).
-STAGE_DATA = {
-    "sft": ("sft", "sft"),
-    "reward": ("preference", "preference"),
-    "dpo": ("preference", "preference"),
-    "orpo": ("preference", "preference"),
-    "ppo": ("prompts", "prompt"),
-}
 # Rows of each preference source read for the length-bias check (`data.verbosity`).
 VERBOSITY_ROWS = 5000
 # Earlier stages whose outputs a stage reads.
@@ -45,17 +38,6 @@ class Blocker:
 
     def __str__(self) -> str:
         return f"[{self.code}] {self.message}"
-
-
-def data_source(cfg: PipelineConfig, stage: str) -> tuple[str | None, str, str]:
-    """(path, config key, kind) of the data a stage trains on, after the documented fallbacks."""
-    key, kind = STAGE_DATA[stage]
-    path = getattr(cfg.data, key)
-    if path is None and key == "sft" and cfg.data.preference:
-        return cfg.data.preference, "data.preference", kind  # SFT on the chosen responses
-    if path is None and key == "prompts" and cfg.data.preference:
-        return cfg.data.preference, "data.preference", kind  # PPO on the preference prompts
-    return path, f"data.{key}", kind
 
 
 def check(cfg: PipelineConfig, stages: list[str] | None = None, *, standalone: bool = False) -> list[Blocker]:

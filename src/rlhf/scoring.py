@@ -21,6 +21,8 @@ def score(model, tokenizer, prompts: list[list[dict]], responses: list[str], *, 
     """One scalar reward per (prompt, response). Over-long prompts keep their end so every row gets a score."""
     import torch
 
+    from rlhf.batching import right_padded
+
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id
     scores: list[float] = []
@@ -36,18 +38,6 @@ def score(model, tokenizer, prompts: list[list[dict]], responses: list[str], *, 
             logits = model(input_ids=input_ids, attention_mask=attention).logits
         scores.extend(logits[:, 0].float().tolist())
     return scores
-
-
-def right_padded(batch: list[list[int]], pad_id: int, device):
-    """input_ids and attention_mask [B, T] (T = the longest row), right-padded, built on `device`."""
-    import torch
-
-    width = max(len(ids) for ids in batch)
-    input_ids = torch.tensor([list(ids) + [pad_id] * (width - len(ids)) for ids in batch], dtype=torch.long,
-                             device=device)
-    attention = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in batch], dtype=torch.long,
-                             device=device)
-    return input_ids, attention
 
 
 def score_preferences(model, tokenizer, rows: list[dict], *, batch_size: int = 8) -> tuple[list[float], list[float]]:

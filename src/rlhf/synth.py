@@ -124,33 +124,26 @@ class Sample:
 
 
 def generation_config(tokenizer, s: SynthSettings, max_new_tokens: int | None = None):
-    """Sampling with `s`'s settings. A complete config, so the model's own generation defaults (e.g.
-    top_k=50) cannot leak in."""
-    from transformers import GenerationConfig
+    """Sampling with `s`'s settings, as a complete GenerationConfig (`rlhf.generation.hf_config`)."""
+    from rlhf.generation import Sampling, hf_config
 
-    return GenerationConfig(do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                            max_new_tokens=max_new_tokens or s.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                            pad_token_id=tokenizer.pad_token_id)
+    sampling = Sampling(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
+    return hf_config(tokenizer, sampling, max_new_tokens or s.max_new_tokens)
 
 
 def generate_texts(model, tokenizer, chats: list[list[dict]], config, max_prompt_length: int,
                    batch_size: int) -> list[tuple[str, bool]]:
-    """(reply, finished) per chat: left-padded batches of `batch_size` through HF generate on the model's
-    device. A reply is cut at its first EOS (`finished`), or is whatever `config.max_new_tokens` allowed;
-    decoded without special tokens, stripped."""
-    import torch
-
-    from rlhf.stages.ppo.rollout import encode_prompts
+    """(reply, finished) per chat: left-padded batches of `batch_size` sampled on the model's device with
+    `rlhf.generation.sample` under `config`. A reply ends at its first EOS (`finished`), or is whatever
+    `config.max_new_tokens` allowed; decoded without special tokens, stripped."""
+    from rlhf.batching import encode_prompts
+    from rlhf.generation import sample
 
     out = []
     for start in range(0, len(chats), batch_size):
         ids, mask = encode_prompts(tokenizer, chats[start:start + batch_size], max_prompt_length, model.device)
-        with torch.no_grad():
-            gen = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
-        for row in gen[:, ids.shape[1]:].tolist():
-            finished = tokenizer.eos_token_id in row
-            row = row[:row.index(tokenizer.eos_token_id)] if finished else row
-            out.append((tokenizer.decode(row, skip_special_tokens=True).strip(), finished))
+        got = sample(model, tokenizer, ids, mask, config)
+        out += [(text.strip(), bool(done)) for text, done in zip(got.texts, got.has_eos.tolist(), strict=True)]
     return out
 
 
@@ -260,8 +253,8 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 def _read_prompts(path: str, eval_fraction: float, seed: int) -> tuple[list[str], list[str]]:
     """Plain-string single-turn prompts of a prompt file, split into train / held-out."""
     from rlhf import data
+    from rlhf.data import split_rows
     from rlhf.errors import DataError
-    from rlhf.stages.common import split_rows
 
     rows = data.load(path, "prompt").rows
     prompts = []

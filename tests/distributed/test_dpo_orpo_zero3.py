@@ -14,8 +14,8 @@ import yaml
 
 from rlhf import artifacts, models
 from rlhf.config import load_config
+from rlhf.data import load_rows
 from rlhf.stages import dpo
-from rlhf.stages.sft import load_rows
 
 sys.path.insert(0, str(Path(__file__).parent))
 from launch import deepspeed_cli  # noqa: E402

@@ -14,7 +14,7 @@ import yaml
 
 from rlhf import artifacts, metrics, models, scoring
 from rlhf.config import load_config
-from rlhf.stages.sft import load_rows
+from rlhf.data import load_rows
 
 sys.path.insert(0, str(Path(__file__).parent))
 from launch import deepspeed_cli  # noqa: E402

@@ -33,8 +33,8 @@ def test_dpo_raises_heldout_implicit_reward_accuracy(tmp_path, rlhf_cache, tiny_
     cfg = tiny_cfg(tmp_path, ["dpo.max_steps=8", "dpo.learning_rate=5e-4", "dpo.logging_steps=2",
                               "dpo.save_steps=4", "logging.tensorboard=false"])
     fake_sft(cfg, tiny_model_dir)
+    from rlhf.data import load_rows
     from rlhf.stages import dpo
-    from rlhf.stages.sft import load_rows
 
     _, held_out, _ = load_rows(cfg, "dpo", "preference")
     tok = models.load_tokenizer(str(tiny_model_dir))
@@ -138,7 +138,7 @@ def test_dpo_trains_on_ultrafeedback_style_pairs(tmp_path, rlhf_cache, tiny_mode
                                  "score_chosen": 8.0, "score_rejected": 3.0}) + "\n")
     cfg = tiny_cfg(tmp_path, ["dpo.max_steps=2", f"data.preference={uf}", *FAST])
     fake_sft(cfg, tiny_model_dir)
-    from rlhf.stages.sft import load_rows
+    from rlhf.data import load_rows
 
     train, _, _ = load_rows(cfg, "dpo", "preference")
     assert train[0]["prompt"] == [{"role": "user", "content": train[0]["prompt"][0]["content"]}]

@@ -112,7 +112,8 @@ def _models(policy_dir, reward_dir=None):
 def _rollout(tok, prompts, responses: list[list[int]]):
     """A hand-made Rollout: the given response ids, right-padded; mask from the real EOS rule."""
     from rlhf.advantages import response_mask
-    from rlhf.stages.ppo.rollout import Rollout, encode_prompts
+    from rlhf.batching import encode_prompts
+    from rlhf.stages.ppo.rollout import Rollout
 
     p_ids, p_mask = encode_prompts(tok, prompts, 32)
     width = max(len(r) for r in responses)
@@ -173,8 +174,8 @@ def _models_critic(path, tok):
 
 
 def test_score_read_at_eos_not_padding(tiny_model_dir, tiny_reward_dir):
+    from rlhf.batching import position_ids
     from rlhf.stages.ppo.experience import score_at_eos
-    from rlhf.stages.ppo.rollout import position_ids
 
     m = _models(tiny_model_dir, tiny_reward_dir)
     tok, rm = m["tok"], m["reward"]

@@ -56,7 +56,7 @@ def test_every_tensor_the_ppo_stage_makes_names_its_device(tmp_path, tiny_model_
 
 def test_the_watch_catches_a_deviceless_factory():
     # the check itself: a package-side call without `device=` is reported, one with it is not
-    from rlhf.stages.ppo.rollout import encode_prompts
+    from rlhf.batching import encode_prompts
 
     class Tok:
         pad_token_id = 0

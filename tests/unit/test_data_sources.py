@@ -74,7 +74,7 @@ def test_check_source_checks_every_part(tmp_path):
 
 
 def test_stage_rows_hold_out_each_part_before_mixing(tmp_path):
-    from rlhf.stages.sft import load_rows
+    from rlhf.data import load_rows
 
     a = _write(tmp_path / "a.jsonl", [{"prompt": f"a{i}", "completion": "x"} for i in range(10)])
     b = _write(tmp_path / "b.jsonl", [{"prompt": f"b{i}", "completion": "x"} for i in range(10)])

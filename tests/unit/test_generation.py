@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from rlhf import models
+from rlhf.batching import encode_prompts
 from rlhf.generation import Sampling, StaticDecoder, prefill_mask, warp_logits
-from rlhf.stages.ppo.rollout import encode_prompts
 
 QUESTIONS = ["What is the capital of France?", "Hi", "Tell me a long story about penguins and the sea, please.",
              "Why?", "How many legs does a spider have?"]

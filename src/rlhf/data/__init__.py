@@ -13,6 +13,7 @@ from rlhf.data.formats import FORMAT_KINDS, FORMATS, KINDS, detect_format, norma
 from rlhf.data.loaders import iter_rows
 from rlhf.data.report import InspectReport, LengthStats, config_sources, format_report, inspect, mix_lines
 from rlhf.data.sources import Part, label, mix, parts
+from rlhf.data.stage_rows import STAGE_DATA, data_source, load_rows, split_rows
 from rlhf.data.validate import LoadResult, check_source, load, load_parts, token_length
 
 __all__ = [
@@ -23,8 +24,10 @@ __all__ = [
     "LengthStats",
     "LoadResult",
     "Part",
+    "STAGE_DATA",
     "check_source",
     "config_sources",
+    "data_source",
     "detect_format",
     "format_report",
     "inspect",
@@ -32,9 +35,11 @@ __all__ = [
     "label",
     "load",
     "load_parts",
+    "load_rows",
     "mix",
     "mix_lines",
     "normalize_row",
     "parts",
+    "split_rows",
     "token_length",
 ]

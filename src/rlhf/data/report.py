@@ -19,6 +19,7 @@ from typing import Any
 from rlhf import verbosity
 from rlhf.data.formats import FORMAT_KINDS, describe
 from rlhf.data.sources import n_taken, parts
+from rlhf.data.stage_rows import data_source
 from rlhf.data.validate import RowScanner
 from rlhf.errors import DataError
 from rlhf.verbosity import LengthBias
@@ -295,8 +296,6 @@ def mix_lines(name: str, reports: list[InspectReport]) -> list[str]:
 def config_sources(cfg: Any) -> list[tuple[str, str, Any]]:
     """(config key, kind, source) of every source a pipeline config's stages read, as preflight finds
     them (fallbacks included), each followed by its eval source when one is set."""
-    from rlhf.preflight import data_source  # the stages' own lookup; imported here to keep this module light
-
     out: list[tuple[str, str, Any]] = []
     for stage in cfg.stages:
         source, key, kind = data_source(cfg, stage)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import random
 import re
 import shutil
 import signal
@@ -366,17 +365,6 @@ def _mark_complete(run: StageRun, path: Path, step: int) -> None:
         artifacts.mark_checkpoint_complete(path, step)
     except OSError as err:
         raise save_failed(path, "the checkpoint", err, artifacts.latest_checkpoint(run.ckpt_dir)) from err
-
-
-def split_rows(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Deterministic train/eval split; at least one eval row when fraction > 0 and there are 2+ rows."""
-    if fraction <= 0 or len(rows) < 2:
-        return rows, []
-    order = list(range(len(rows)))
-    random.Random(seed).shuffle(order)
-    n_eval = max(1, int(round(len(rows) * fraction)))
-    eval_idx = set(order[:n_eval])
-    return [r for i, r in enumerate(rows) if i not in eval_idx], [r for i, r in enumerate(rows) if i in eval_idx]
 
 
 def check_fitted(where: str, n_total: int, n_kept: int, max_length: int, unit: str = "rows") -> None:

@@ -26,10 +26,10 @@ from pathlib import Path
 
 from rlhf import artifacts, engine, heldout, models
 from rlhf.config import PipelineConfig
+from rlhf.data import load_rows
 from rlhf.guards import catch_oom
 from rlhf.replicate import replicate
 from rlhf.stages.common import StageResult, StageRun
-from rlhf.stages.sft import load_rows
 
 log = logging.getLogger("rlhf")
 PLOT_KEYS = ["loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected"]

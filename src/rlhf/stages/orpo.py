@@ -23,10 +23,10 @@ from collections import defaultdict
 
 from rlhf import encoding, engine, heldout, models
 from rlhf.config import PipelineConfig
+from rlhf.data import load_rows
 from rlhf.evaluation import pair_logps
 from rlhf.guards import catch_oom
 from rlhf.stages.common import StageResult, StageRun, check_fitted, stage_tokenizer
-from rlhf.stages.sft import load_rows
 
 log = logging.getLogger("rlhf")
 PLOT_KEYS = ["loss", "orpo/nll", "orpo/log_odds_ratio", "orpo/accuracy"]
@@ -51,19 +51,13 @@ def encode_pairs(tokenizer, rows: list[dict], max_length: int, where: str) -> li
 
 def collate_pairs(pad_id: int):
     """Features -> right-padded [2B, T] input_ids, attention_mask, completion_mask (chosen rows first)."""
-    import torch
+    from rlhf.batching import right_padded
 
     def collate(features: list[dict]) -> dict:
         seqs = [(f["chosen_ids"], f["chosen_mask"]) for f in features]
         seqs += [(f["rejected_ids"], f["rejected_mask"]) for f in features]
-        width = max(len(ids) for ids, _ in seqs)
-        input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-        attention = torch.zeros((len(seqs), width), dtype=torch.long)
-        completion = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, (ids, mask) in enumerate(seqs):
-            input_ids[i, :len(ids)] = torch.tensor(ids)
-            attention[i, :len(ids)] = 1
-            completion[i, :len(ids)] = torch.tensor(mask)
+        input_ids, attention = right_padded([ids for ids, _ in seqs], pad_id)
+        completion, _ = right_padded([mask for _, mask in seqs], 0)
         return {"input_ids": input_ids, "attention_mask": attention, "completion_mask": completion}
 
     return collate

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from rlhf import artifacts, encoding, engine, heldout, metrics, models, scoring
 from rlhf.config import PipelineConfig
+from rlhf.data import load_rows
 from rlhf.guards import catch_oom
 from rlhf.stages.common import StageResult, StageRun, check_fitted, stage_tokenizer
-from rlhf.stages.sft import load_rows
 
 log = logging.getLogger("rlhf")
 

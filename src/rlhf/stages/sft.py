@@ -11,45 +11,12 @@ import logging
 import math
 from pathlib import Path
 
-from rlhf import data, encoding, engine, models, preflight
+from rlhf import encoding, engine, models
 from rlhf.config import PipelineConfig
-from rlhf.stages.common import StageResult, StageRun, check_fitted, split_rows, stage_tokenizer
+from rlhf.data import load_rows
+from rlhf.stages.common import StageResult, StageRun, check_fitted, stage_tokenizer
 
 log = logging.getLogger("rlhf")
-
-EVAL_KEY = {"sft": "sft_eval", "preference": "preference_eval", "prompt": "prompts_eval"}
-
-
-def load_rows(cfg: PipelineConfig, stage: str, kind: str) -> tuple[list[dict], list[dict], str]:
-    """Train and eval rows (internal schema) for a stage, with the configured bad-row policy, and the
-    source's label.
-
-    Each part of a mixed source is held out on its own before the parts are mixed by weight, so a row
-    repeated by a weight above 1 never lands on both sides; held-out rows are not repeated.
-    """
-    source, key, _ = preflight.data_source(cfg, stage)
-    options = {"split": cfg.data.split, "bad_rows": cfg.data.bad_rows}
-    results = data.load_parts(source, kind, **options)
-    for result in results:
-        if result.n_skipped:
-            log.warning("%s: skipped %d bad rows (data.bad_rows=skip); first: %s", result.source, result.n_skipped,
-                        result.skipped[0] if result.skipped else "")
-    weights, seed = [r.weight for r in results], cfg.run.seed
-    eval_source = getattr(cfg.data, EVAL_KEY[kind])
-    if eval_source:
-        train_parts = [r.rows for r in results]
-        eval_rows = data.load(eval_source, kind, seed=seed, **options).rows
-    else:
-        splits = [split_rows(r.rows, cfg.data.eval_fraction, seed) for r in results]
-        train_parts = [train for train, _ in splits]
-        eval_rows = data.mix([held for _, held in splits], [min(w, 1.0) for w in weights], seed)
-    train_rows = data.mix(train_parts, weights, seed)
-    if len(results) > 1 or weights != [1.0]:
-        shares = ", ".join(f"{r.source} {len(rows)} rows x{r.weight:g}" for r, rows in zip(results, train_parts,
-                                                                                           strict=True))
-        log.info("%s: mixed %d training rows from %s", key, len(train_rows), shares)
-    return train_rows, eval_rows, data.label(source)
-
 
 def encode_sft(tokenizer, rows: list[dict], max_length: int, where: str) -> list[dict]:
     """input_ids + completion_mask per row; rows longer than max_length are dropped and counted.

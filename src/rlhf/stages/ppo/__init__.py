@@ -19,9 +19,10 @@ from pathlib import Path
 
 from rlhf import artifacts, engine, models
 from rlhf.config import PipelineConfig, save_resolved
+from rlhf.encoding import same_tokenizer
 from rlhf.errors import ConfigError
 from rlhf.stages.common import StageResult, StageRun
-from rlhf.stages.ppo.experience import Scorer, same_tokenizer
+from rlhf.stages.ppo.experience import Scorer
 from rlhf.stages.ppo.loop import PPOContext, load_checkpoint, reset_samples, save_checkpoint, train
 from rlhf.stages.ppo.rollout import PromptSampler
 
@@ -166,7 +167,7 @@ def run(cfg: PipelineConfig, *, restart: bool = False, on_step=None) -> StageRes
     `on_step(ctx, stats)` is called after every step (tests use it to watch or interrupt a run).
     """
     from rlhf.advantages import AdaptiveKLController, FixedKLController
-    from rlhf.stages.sft import load_rows
+    from rlhf.data import load_rows
 
     sft_dir = str(artifacts.stage_output(cfg.stage_dir("sft"), "sft", needed_by="the ppo stage",
                                          config_path=cfg.source))

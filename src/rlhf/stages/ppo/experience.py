@@ -21,8 +21,9 @@ import torch
 from torch import Tensor
 
 from rlhf.advantages import gae, last_token_index, per_token_rewards
+from rlhf.batching import position_ids
 from rlhf.losses import entropy_from_logits, logprobs_from_logits, masked_mean, masked_whiten
-from rlhf.stages.ppo.rollout import Rollout, position_ids
+from rlhf.stages.ppo.rollout import Rollout
 
 log = logging.getLogger("rlhf")
 
@@ -151,12 +152,6 @@ class Scorer:
 
         return torch.tensor(score(module, self.tokenizer, rollout.prompts, rollout.responses,
                                   batch_size=self.batch_size), dtype=torch.float32, device=self.device)
-
-
-def same_tokenizer(a, b) -> bool:
-    """Whether token ids mean the same to both tokenizers (so no re-tokenizing is needed)."""
-    return (a.get_vocab() == b.get_vocab() and a.eos_token_id == b.eos_token_id
-            and a.chat_template == b.chat_template)
 
 
 # ------------------------------------------------------------------------------------------ experience
