@@ -66,16 +66,16 @@ def fix_response_length(work: Path) -> list[int]:
     import torch
 
     from rlhf import generation
-    from rlhf.stages.ppo import loop, rollout
+    from rlhf.stages.ppo import loop
 
-    base_config = rollout.generation_config
+    base_config = generation.hf_config
 
-    def fixed_length_config(tokenizer, ppo_cfg, eos_ids):
-        gen = base_config(tokenizer, ppo_cfg, eos_ids)
-        gen.min_new_tokens = ppo_cfg.max_new_tokens
+    def fixed_length_config(tokenizer, sampling, max_new_tokens):
+        gen = base_config(tokenizer, sampling, max_new_tokens)
+        gen.min_new_tokens = max_new_tokens
         return gen
 
-    rollout.generation_config = fixed_length_config
+    generation.hf_config = fixed_length_config
     base_warp = generation.warp_logits
     eos = json.loads((work / "policy" / "config.json").read_text())["eos_token_id"]
     eos_ids = eos if isinstance(eos, list) else [eos]

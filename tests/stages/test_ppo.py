@@ -113,7 +113,7 @@ def _rollout(tok, prompts, responses: list[list[int]]):
     """A hand-made Rollout: the given response ids, right-padded; mask from the real EOS rule."""
     from rlhf.advantages import response_mask
     from rlhf.batching import encode_prompts
-    from rlhf.stages.ppo.rollout import Rollout
+    from rlhf.stages.ppo.experience import Rollout
 
     p_ids, p_mask = encode_prompts(tok, prompts, 32)
     width = max(len(r) for r in responses)
@@ -219,11 +219,11 @@ def test_reused_rollout_forward_gives_the_same_gradients_with_fewer_forwards(tmp
     # the optimizer step must match those of fresh forwards (up to summation order), with one actor and
     # one critic forward fewer in the update.
     from rlhf import engine
-    from rlhf.stages.ppo import loop
+    from rlhf.stages.ppo import update
 
     grads: dict[bool, list[list[torch.Tensor]]] = {}
     calls: dict[bool, dict[str, int]] = {}
-    base_step, base_logits, base_values = engine.step_or_skip, loop.policy_logits, loop.values_of
+    base_step, base_logits, base_values = engine.step_or_skip, update.policy_logits, update.values_of
     for reuse in (False, True):
         seen_grads: list[list[torch.Tensor]] = []
         count = {"actor": 0, "critic": 0}
@@ -242,8 +242,8 @@ def test_reused_rollout_forward_gives_the_same_gradients_with_fewer_forwards(tmp
             return base_values(*a, **kw)
 
         monkeypatch.setattr(engine, "step_or_skip", step)
-        monkeypatch.setattr(loop, "policy_logits", logits)
-        monkeypatch.setattr(loop, "values_of", values)
+        monkeypatch.setattr(update, "policy_logits", logits)
+        monkeypatch.setattr(update, "values_of", values)
         cfg = make_cfg(tmp_path / str(reuse), tiny_model_dir, tiny_reward_dir, steps=1, rollout_batch_size=4,
                        mini_batch_size=4, grad_accum=2, ppo_epochs=1, reuse_rollout_forward=reuse)
         _, seen = run_ppo(cfg)

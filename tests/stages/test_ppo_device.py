@@ -90,7 +90,7 @@ def test_checkpoint_random_state_includes_the_gpu_generator(tmp_path, monkeypatc
     # sampling and shuffles on a GPU draw from its CUDA generator: a resumed run must continue that stream
     from safetensors.torch import load_file, save_file
 
-    from rlhf.stages.ppo import loop
+    from rlhf.stages.ppo import checkpoint
 
     gpu_state = torch.arange(16, dtype=torch.uint8, device="cpu")
     restored = {}
@@ -98,12 +98,12 @@ def test_checkpoint_random_state_includes_the_gpu_generator(tmp_path, monkeypatc
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device=None: restored.update(state=state,
                                                                                                   device=device))
     gpu = torch.device("cuda", 0)
-    plain, tensors = loop.rng_state(gpu)
+    plain, tensors = checkpoint.rng_state(gpu)
     assert torch.equal(tensors["cuda"], gpu_state)
     save_file(tensors, str(tmp_path / "rng-0.safetensors"))
-    loop.set_rng_state(plain, load_file(str(tmp_path / "rng-0.safetensors")), gpu)
+    checkpoint.set_rng_state(plain, load_file(str(tmp_path / "rng-0.safetensors")), gpu)
     assert torch.equal(restored["state"], gpu_state) and restored["device"] == gpu
-    _, cpu_only = loop.rng_state(torch.device("cpu"))
+    _, cpu_only = checkpoint.rng_state(torch.device("cpu"))
     assert set(cpu_only) == {"torch"}
 
 

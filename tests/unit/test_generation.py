@@ -129,7 +129,7 @@ def test_prefill_mask_never_masks_a_whole_row():
 
 def test_generation_setting_picks_the_decoder():
     from rlhf.config import PPOCfg
-    from rlhf.stages.ppo.rollout import make_decoder
+    from rlhf.stages.ppo.experience import make_decoder
 
     static = make_decoder(PPOCfg(generation="static"), 32, "cpu")
     assert isinstance(static, StaticDecoder) and not static.use_graph

@@ -1,10 +1,12 @@
-"""Stage 3: PPO in its classic form (DESIGN.md), with four models each on its own DeepSpeed settings.
+"""Stage 3: PPO in its classic form, with four models each on its own DeepSpeed settings.
 
 actor   <- SFT output, trained (own AdamW)           ref    <- SFT output, frozen (or the LoRA actor
 critic  <- reward model (default) or SFT, trained               with adapters disabled)
 reward  <- reward stage output, frozen (or `ppo.reward_fn`, a Python function)
 
-`rollout` generates, `experience` scores and builds advantages, `loop` updates, checkpoints and resumes.
+This module builds the models and the run's context, then hands over to `loop.train`. One step, top to
+bottom: `loop.train_step` -> `experience` (prompts to Experience) -> `update` (the optimizer steps);
+`checkpoint` saves and resumes. docs/ARCHITECTURE.md traces one step through them.
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ from rlhf.config import PipelineConfig, save_resolved
 from rlhf.encoding import same_tokenizer
 from rlhf.errors import ConfigError
 from rlhf.stages.common import StageResult, StageRun
-from rlhf.stages.ppo.experience import Scorer
-from rlhf.stages.ppo.loop import PPOContext, load_checkpoint, reset_samples, save_checkpoint, train
-from rlhf.stages.ppo.rollout import PromptSampler
+from rlhf.stages.ppo.checkpoint import load_checkpoint, save_checkpoint
+from rlhf.stages.ppo.experience import PromptSampler, Scorer, make_decoder
+from rlhf.stages.ppo.loop import PPOContext, make_guard, reset_samples, train
 
 __all__ = ["run", "save_checkpoint"]
 log = logging.getLogger("rlhf")
@@ -186,7 +188,8 @@ def run(cfg: PipelineConfig, *, restart: bool = False, on_step=None) -> StageRes
               else FixedKLController(ppo.kl_coef))
     ctx = PPOContext(cfg=cfg, stage=stage, tokenizer=tokenizer, actor=built["actor"], critic=built["critic"],
                      ref=built["ref"], scorer=built["scorer"], kl_ctl=kl_ctl, rows=rows,
-                     sampler=PromptSampler(len(rows), cfg.run.seed), reward_stats=built["reward_stats"], device=device)
+                     sampler=PromptSampler(len(rows), cfg.run.seed), reward_stats=built["reward_stats"], device=device,
+                     guard=make_guard(cfg, stage), decoder=make_decoder(ppo, cfg.data.max_prompt_length, device))
     if stage.resume is not None:
         load_checkpoint(ctx, stage.resume)
     reset_samples(stage)

@@ -1,31 +1,77 @@
-"""PPO experience: from a rollout, the actor and reference log-probs, critic values, reward scores,
-shaped per-token rewards, GAE advantages and returns.
+"""PPO, phase 1: from prompts to the experience one update learns from.
 
-Shapes: B = rows, P = padded prompt length, R = response length, T = P + R, V = vocabulary.
-Every forward here and in the update reads positions from the attention mask (`position_ids`), runs
-in chunks of the update's micro-batch size over the same [B, T] tensors, with dropout off, so that
+    prompts --generate--> Rollout --forward_all--> Forwards --make_experience--> Experience
+            (actor samples)         (actor, ref, critic,          (shaped rewards, GAE advantages
+                                     reward: no grad)               and returns; `rlhf.advantages`)
+
+Shapes: B = rows per rank, P = padded prompt length (<= data.max_prompt_length), R = response length
+(<= ppo.max_new_tokens; shorter when every row stopped at EOS), T = P + R, V = vocabulary.
+
+Every forward here and in the update reads positions from the attention mask (`batching.position_ids`),
+runs in chunks of the update's micro-batch size over the same [B, T] tensors, with dropout off, so that
 the update's first log-probs equal these bit for bit (ratio exactly 1).
 
-With `ppo.reuse_rollout_forward` the first chunk's actor and critic forwards keep their autograd
-graphs (`LiveForward`), and the update's first micro-batch backpropagates through them instead of
-running those two forwards again: same weights, same inputs, so the same loss and gradients.
+With `ppo.reuse_rollout_forward` (`rollout_forwards`) the first chunk's actor and critic forwards keep
+their autograd graphs (`LiveForward`), and the update's first micro-batch backpropagates through them
+instead of running those two forwards again: same weights, same inputs, so the same loss and gradients.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
 import torch
 from torch import Tensor
 
 from rlhf.advantages import gae, last_token_index, per_token_rewards
-from rlhf.batching import position_ids
+from rlhf.batching import encode_prompts, position_ids
 from rlhf.losses import entropy_from_logits, logprobs_from_logits, masked_mean, masked_whiten
-from rlhf.stages.ppo.rollout import Rollout
 
 log = logging.getLogger("rlhf")
+Watch = Callable[[str], contextlib.AbstractContextManager]  # role -> context around that model's work
+
+
+# ------------------------------------------------------------------------------------------ records
+
+
+@dataclass
+class Rollout:
+    """One batch of prompts and the responses the actor sampled for them."""
+
+    prompts: list
+    """B prompts in the internal schema (message lists), as given to a reward function."""
+    prompt_ids: Tensor
+    """[B, P] long: prompt tokens, left-padded with the pad id."""
+    prompt_mask: Tensor
+    """[B, P] long: 1 on real prompt tokens, 0 on left padding."""
+    response_ids: Tensor
+    """[B, R] long: sampled tokens; the pad id after the first EOS."""
+    mask: Tensor
+    """[B, R] float: 1 on response tokens that count (up to and including the first EOS), else 0."""
+    has_eos: Tensor
+    """[B] bool: the response emitted EOS within max_new_tokens."""
+    responses: list[str]
+    """B response texts: counted tokens decoded without special tokens (so without the EOS)."""
+
+    def select(self, idx: Tensor) -> Rollout:
+        """These rows, in this order."""
+        rows = idx.tolist()
+        return Rollout(prompts=[self.prompts[i] for i in rows], prompt_ids=self.prompt_ids[idx],
+                       prompt_mask=self.prompt_mask[idx], response_ids=self.response_ids[idx], mask=self.mask[idx],
+                       has_eos=self.has_eos[idx], responses=[self.responses[i] for i in rows])
+
+    @property
+    def input_ids(self) -> Tensor:
+        """[B, T] prompt + response."""
+        return torch.cat([self.prompt_ids, self.response_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> Tensor:
+        """[B, T]: left padding and tokens after the first EOS are masked out."""
+        return torch.cat([self.prompt_mask, self.mask.long()], dim=1)
 
 
 @dataclass
@@ -78,6 +124,70 @@ class Experience:
         return Experience(**{f.name: getattr(self, f.name)[idx] for f in fields(self) if f.name != "live"})
 
 
+# ------------------------------------------------------------------------------------------ rollout
+
+
+class PromptSampler:
+    """Endless shuffled passes over the prompt rows. Its whole state is (epoch, index), for resume.
+
+    Every rank draws the same global batch and keeps its own slice, so ranks see different prompts.
+    """
+
+    def __init__(self, n_rows: int, seed: int):
+        if n_rows <= 0:
+            raise ValueError("no prompts to sample from")
+        self.n_rows, self.seed = n_rows, seed
+        self.epoch, self.index = 0, 0
+
+    def _order(self, epoch: int) -> list[int]:
+        gen = torch.Generator().manual_seed(self.seed + epoch)  # on the host: a list of row numbers
+        return torch.randperm(self.n_rows, generator=gen, device="cpu").tolist()
+
+    def take(self, n: int) -> list[int]:
+        out: list[int] = []
+        while len(out) < n:
+            order = self._order(self.epoch)
+            grab = order[self.index:self.index + n - len(out)]
+            out += grab
+            self.index += len(grab)
+            if self.index >= self.n_rows:
+                self.epoch, self.index = self.epoch + 1, 0
+        return out
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+
+
+def make_decoder(ppo, max_prompt_length: int, device):
+    """The run's static-cache decoder for `ppo.generation: static | graph`, or None for HF generate (`hf`, and
+    `auto` until the graph path is measured faster on GPUs; on CPU the two are equally fast). `device` is
+    where the decoder will run: the place for a per-device choice."""
+    kind = "hf" if ppo.generation == "auto" else ppo.generation
+    if kind == "hf":
+        return None
+    from rlhf.generation import StaticDecoder
+
+    return StaticDecoder(max_prompt_length + ppo.max_new_tokens, use_graph=ppo.generation == "graph")
+
+
+def generate(model, tokenizer, prompts: list, ppo, max_prompt_length: int, *, synced_gpus: bool,
+             device="cpu", decoder=None) -> Rollout:
+    """Sample one response per prompt on `device` (the run's) with `rlhf.generation.sample`. `model` is the
+    bare (unwrapped, gathered) actor module; `decoder` (from `make_decoder`) samples on its static cache
+    instead of HF generate; `synced_gpus` as in `sample` (the actor's forward is a collective under ZeRO-3)."""
+    from rlhf.generation import Sampling, hf_config, sample
+
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, max_prompt_length, device)
+    config = hf_config(tokenizer, Sampling(temperature=ppo.temperature, top_k=ppo.top_k, top_p=ppo.top_p),
+                       ppo.max_new_tokens)
+    out = sample(model, tokenizer, prompt_ids, prompt_mask, config, decoder=decoder, synced_gpus=synced_gpus)
+    return Rollout(prompts=list(prompts), prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=out.ids,
+                   mask=out.mask, has_eos=out.has_eos, responses=out.texts)
+
+
 # ------------------------------------------------------------------------------------------ forwards
 
 
@@ -121,9 +231,6 @@ def score_at_eos(model, input_ids: Tensor, attention_mask: Tensor, pos: Tensor, 
     out = scalar_outputs(model, input_ids, attention_mask, pos)
     at = input_ids.shape[1] - mask.shape[1] + last_token_index(mask)
     return out.gather(1, at.unsqueeze(1)).squeeze(1)
-
-
-# ------------------------------------------------------------------------------------------ scoring
 
 
 class Scorer:
@@ -170,7 +277,7 @@ def normalize_scores(raw: Tensor, has_eos: Tensor, stats: dict | None, missing_e
 
 @torch.no_grad()
 def forward_all(rollout: Rollout, actor, ref, critic, scorer: Scorer, *, micro_batch: int,
-                temperature: float, keep_first: bool = False, watch=None) -> Forwards:
+                temperature: float, keep_first: bool = False, watch: Watch | None = None) -> Forwards:
     """One no-grad pass of each model over the rollout, in micro-batch chunks. `watch(role)` (optional) is a
     context manager around each model's work (the stage turns an out-of-memory error there into one line).
 
@@ -212,6 +319,22 @@ def forward_all(rollout: Rollout, actor, ref, critic, scorer: Scorer, *, micro_b
     with watch("reward"):
         raw_scores = scorer(rollout, chunks)
     return Forwards(**{k: torch.cat(v) for k, v in out.items()}, raw_scores=raw_scores, live=live)
+
+
+def rollout_forwards(rollout: Rollout, actor, ref, critic, scorer: Scorer, ppo, *,
+                     watch: Watch | None = None) -> tuple[Rollout, Forwards]:
+    """Every model's forward over the rollout (`forward_all`), and the one place that acts on
+    `ppo.reuse_rollout_forward`: the rows are first put in the order of the update's first epoch (its
+    shuffle is drawn here instead of there, so the random stream is the same as without reuse), the actor and
+    critic go to the update's (train) mode, dropout being off in both modes, and the first chunk's actor and
+    critic forwards keep their graphs (`Forwards.live`) for the update's first micro-batch."""
+    if ppo.reuse_rollout_forward:
+        rollout = rollout.select(torch.randperm(len(rollout.prompts), device=rollout.prompt_ids.device))
+        actor.train()
+        critic.train()
+    fwd = forward_all(rollout, actor, ref, critic, scorer, micro_batch=ppo.micro_batch_size,
+                      temperature=ppo.temperature, keep_first=ppo.reuse_rollout_forward, watch=watch)
+    return rollout, fwd
 
 
 @torch.no_grad()

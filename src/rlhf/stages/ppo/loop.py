@@ -1,5 +1,8 @@
-"""The PPO loop: one step = rollout -> experience -> update; checkpoints, resume, guards, logging.
+"""PPO, the step and the run: one step is rollout -> experience -> update -> statistics (`train_step`,
+read top to bottom); the run repeats it with logging, samples, checkpoints and a SIGTERM stop (`train`).
 
+The phases live in `experience` (prompts to Experience) and `update` (the optimizer steps); the maths
+they call is pure (`rlhf.advantages`, `rlhf.losses`); models are reached only through `rlhf.engine`.
 Shapes as in `experience`: B = rows per rank, R = response length.
 """
 
@@ -7,279 +10,118 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import random
-import shutil
 import signal
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
-from torch import Tensor
 
-from rlhf import artifacts, engine
+from rlhf import engine
 from rlhf.advantages import KLController
 from rlhf.config import PipelineConfig
 from rlhf.engine import Engine
 from rlhf.errors import StopRequested, TrainingError
-from rlhf.guards import NonFiniteGuard, is_finite
-from rlhf.losses import logprobs_from_logits, ppo_policy_loss, ppo_value_loss
-from rlhf.replicate import replicate
-from rlhf.stages.common import StageRun, save_failed
+from rlhf.guards import NonFiniteGuard, catch_oom, is_finite
+from rlhf.stages.common import StageRun
+from rlhf.stages.ppo.checkpoint import save_checkpoint
 from rlhf.stages.ppo.experience import (
     Experience,
-    LiveForward,
+    Forwards,
+    PromptSampler,
+    Rollout,
     Scorer,
     experience_stats,
-    forward_all,
+    generate,
     make_experience,
-    policy_logits,
-    values_of,
+    rollout_forwards,
 )
-from rlhf.stages.ppo.rollout import PromptSampler, generate, make_decoder
+from rlhf.stages.ppo.update import ppo_update
+
+if TYPE_CHECKING:
+    from rlhf.generation import StaticDecoder
 
 log = logging.getLogger("rlhf")
-KEEP_CHECKPOINTS = 2
 N_SAMPLES = 3
 
 
 @dataclass
 class PPOContext:
-    """The live objects of one PPO run."""
+    """The models and the running state of one PPO run."""
 
     cfg: PipelineConfig
     stage: StageRun
-    tokenizer: Any
-    actor: Engine  # with optimizer
-    critic: Engine  # with optimizer
-    ref: Engine | None  # inference engine, or None: LoRA actor with adapters disabled
+    tokenizer: Any  # the policy's transformers tokenizer, left padding
+    actor: Engine  # trained, with its optimizer
+    critic: Engine  # trained, with its optimizer
+    ref: Engine | None  # frozen; None for a LoRA actor, whose reference is itself with adapters disabled
     scorer: Scorer
     kl_ctl: KLController
-    rows: list[dict]
+    rows: list[dict]  # the prompt rows
     sampler: PromptSampler
-    reward_stats: dict | None
-    device: Any = None  # torch.device: the run's device (engine.device); every tensor the loop builds lives there
+    reward_stats: dict[str, float] | None  # the reward model's score mean/std, for normalising scores
+    device: torch.device  # the run's device (engine.device): every tensor the loop builds lives there
+    guard: NonFiniteGuard
+    decoder: StaticDecoder | None  # for ppo.generation static|graph; None: HF generate
     step: int = 0
     stop_requested: bool = False
     history: list[dict[str, float]] = field(default_factory=list)
-    guard: Any = None  # rlhf.guards.NonFiniteGuard
-    decoder: Any = None  # rlhf.generation.StaticDecoder for ppo.generation static|graph, else None (HF generate)
 
-    def __post_init__(self) -> None:
-        if self.device is None:
-            self.device = torch.device("cpu")
-        if self.decoder is None:
-            self.decoder = make_decoder(self.cfg.ppo, self.cfg.data.max_prompt_length, self.device)
-        if self.guard is None:
-            self.guard = make_guard(self.cfg, self.stage)
+    def watch(self, role: str):
+        """Around one model's work: a CUDA out-of-memory error becomes one line naming the role (exit 3)."""
+        return catch_oom("ppo", role, self.stage.ckpt_dir, self.cfg.source)
 
 
-def watch(ctx: PPOContext, role: str):
-    """Around one model's work: a CUDA out-of-memory error becomes one line naming the role (exit 3)."""
-    from rlhf.guards import catch_oom
-
-    return catch_oom("ppo", role, ctx.stage.ckpt_dir, ctx.cfg.source)
-
-
-# ------------------------------------------------------------------------------------------ update
-
-
-def _train_micro(ctx: PPOContext, mb: Experience, num_tokens: Tensor,
-                 live: LiveForward | None = None) -> tuple[dict[str, float], dict[str, bool]]:
-    """Forward, loss and backward of one micro-batch for actor then critic; `step()` applies the update
-    at the end of the minibatch (the engines count accumulation boundaries). Losses are not scaled by
-    1/grad_accum: they are already divided by the token count of the whole minibatch. With `live` (the
-    rollout's forwards of these very rows, graphs attached) the two forwards are not run again.
-
-    Returns (stats, flags): flags say which loss was non-finite and which engine skipped its update."""
-    ppo = ctx.cfg.ppo
-    skip = ctx.guard.skipping
-    with watch(ctx, "actor"):
-        if live is not None:
-            logprobs = live.logprobs
-        else:
-            logits = policy_logits(ctx.actor, mb.input_ids, mb.attention_mask, mb.position_ids, mb.prompt_len,
-                                   ppo.temperature)
-            logprobs = logprobs_from_logits(logits, mb.response_ids)
-            del logits
-        pg_loss, pg_stats = ppo_policy_loss(logprobs, mb.logprobs, mb.advantages, mb.mask, ppo.clip_range,
-                                            num_tokens=num_tokens)
-        flags = {"policy loss": not is_finite(pg_loss)}
-        if flags["policy loss"] and not skip:
-            raise ctx.guard.stop_error("the policy loss", pg_loss, ctx.step)
-        ctx.actor.backward(pg_loss, scale_wrt_gas=False)
-        flags["actor skipped"] = engine.step_or_skip(ctx.actor, skip)
-    with watch(ctx, "critic"):
-        if live is not None:
-            values = live.values
-        else:
-            values = values_of(ctx.critic.module, mb.input_ids, mb.attention_mask, mb.position_ids, mb.prompt_len)
-        vf_loss, vf_stats = ppo_value_loss(values, mb.values, mb.returns, mb.mask, ppo.clip_range_value,
-                                           num_tokens=num_tokens)
-        flags["value loss"] = not is_finite(vf_loss)
-        if flags["value loss"] and not skip:
-            raise ctx.guard.stop_error("the value loss", vf_loss, ctx.step)
-        ctx.critic.backward(vf_loss, scale_wrt_gas=False)
-        flags["critic skipped"] = engine.step_or_skip(ctx.critic, skip)
-    out = {k: v.item() for k, v in {**pg_stats, **vf_stats}.items()}
-    out.update({"policy/loss": pg_loss.item(), "value/loss": vf_loss.item()})
-    log_ratio = torch.where(mb.mask.bool(), logprobs.detach() - mb.logprobs, 0.0)
-    out["policy/log_ratio_absmax"] = log_ratio.abs().max().item()
-    return out, flags
-
-
-def _minibatch(ctx: PPOContext, exp: Experience, mb_idx: Tensor, live: LiveForward | None = None):
-    """One optimizer step over the rows `mb_idx`: (weighted stat sums, token weight, (ratio mean, max |log
-    ratio|)), or None when its update was skipped (`run.on_nonfinite: skip`). `live` serves the first
-    micro-batch, whose rows must then be exactly the first `live.rows` rows of the rollout."""
-    tokens = engine.all_reduce_sum(exp.mask[mb_idx].sum().reshape(1).clone())
-    num_tokens = tokens.clamp_min(1.0) / engine.world_size()  # DeepSpeed averages grads over ranks
-    mb_ratio, mb_weight, mb_dev = 0.0, 0.0, 0.0
-    mb_totals: dict[str, float] = {}
-    bad: dict[str, bool] = {}
-    for micro_idx in mb_idx.split(ctx.cfg.ppo.micro_batch_size):
-        mb = exp.select(micro_idx)
-        weight = float(mb.mask.sum())
-        if live is not None and not torch.equal(micro_idx, torch.arange(live.rows, device=ctx.device)):
-            raise AssertionError("the reused rollout forward does not match the first micro-batch's rows")
-        stats, flags = _train_micro(ctx, mb, num_tokens, live)
-        live = None
-        bad = {k: bad.get(k, False) or v for k, v in flags.items()}
-        mb_dev = max(mb_dev, stats.pop("policy/log_ratio_absmax"))
-        for key, value in stats.items():
-            # losses are already shares of the minibatch mean: sum them; stats are token means
-            mb_totals[key] = mb_totals.get(key, 0.0) + (value if key.endswith("/loss") else value * weight)
-        mb_ratio += stats["policy/ratio_mean"] * weight
-        mb_weight += weight
-    for loss, skip_flag in (("policy loss", "actor skipped"), ("value loss", "critic skipped")):
-        if bad[loss] and not bad[skip_flag]:  # a non-finite loss whose update was applied anyway
-            raise ctx.guard.stop_error(f"the {loss} (and its update was not skipped)", float("nan"), ctx.step)
-    if ctx.guard.skipping and (bad["actor skipped"] or bad["critic skipped"]
-                               or not all(map(math.isfinite, mb_totals.values()))):
-        return None
-    return mb_totals, mb_weight, (mb_ratio / max(mb_weight, 1.0), mb_dev)
-
-
-def ppo_update(ctx: PPOContext, exp: Experience) -> dict[str, float]:
-    """`ppo_epochs` passes over shuffled minibatches; each minibatch is one optimizer step made of
-    micro-batches whose losses are divided by the token count of the whole minibatch (over all ranks),
-    so the step optimizes the minibatch's token mean however it is split.
-
-    With a `LiveForward` on `exp`, the rows are already in the first epoch's shuffled order (drawn by
-    `rollout_step`, so the random stream is the same as without it), and the first micro-batch reuses
-    its forwards. Also returns policy/ratio_first (token-mean ratio of the first minibatch of the first epoch) and
-    policy/log_ratio_first_absmax (its largest |log ratio|): 1 and 0 when rollout and update agree.
-    With `run.on_nonfinite: skip`, a minibatch with a non-finite loss applies no update (guard/skipped_updates
-    counts them) and its stats are left out of the means.
-    """
-    ppo = ctx.cfg.ppo
-    ctx.actor.train()
-    ctx.critic.train()
-    totals: dict[str, float] = {}
-    weight_sum = 0.0
-    first_ratio = None
-    n_minibatches, skipped = 0, 0
-    live, exp.live = exp.live, None  # used once, then its graphs are freed
-    n_rows = exp.input_ids.shape[0]
-    for _epoch in range(ppo.ppo_epochs):
-        # with `live`, rollout_step already drew this epoch's shuffle and put the rows in its order
-        order = (torch.arange(n_rows, device=ctx.device) if live is not None
-                 else torch.randperm(n_rows, device=ctx.device))
-        for start in range(0, len(order), ppo.mini_batch_size):
-            result = _minibatch(ctx, exp, order[start:start + ppo.mini_batch_size], live)
-            live = None
-            if result is None:
-                skipped += 1
-                continue
-            mb_totals, mb_weight, mb_first = result
-            n_minibatches += 1
-            weight_sum += mb_weight
-            for key, value in mb_totals.items():
-                totals[key] = totals.get(key, 0.0) + value
-            first_ratio = first_ratio or mb_first
-    out = {k: (v / max(n_minibatches, 1) if k.endswith("/loss") else v / max(weight_sum, 1.0))
-           for k, v in totals.items()}
-    if first_ratio is not None:
-        out["policy/ratio_first"], out["policy/log_ratio_first_absmax"] = first_ratio
-    if ctx.guard.skipping:
-        out["guard/skipped_updates"] = float(skipped)
-    norm = engine.grad_norm(ctx.actor)
-    if norm is not None and math.isfinite(norm):
-        out["policy/grad_norm"] = norm
-    return out
+def make_guard(cfg: PipelineConfig, stage: StageRun) -> NonFiniteGuard:
+    return NonFiniteGuard("ppo", cfg.run.on_nonfinite, cfg.run.max_consecutive_skips, stage.ckpt_dir,
+                          "Lower ppo.learning_rate or raise ppo.kl_coef, or check the reward")
 
 
 # ------------------------------------------------------------------------------------------ one step
 
 
-def rollout_step(ctx: PPOContext):
-    """Sample prompts, generate, score: (Rollout, Experience, stats), or None when a reward score or the KL
-    is non-finite on any rank and `run.on_nonfinite` is `skip` (all ranks agree; with `stop` it raises)."""
+def train_step(ctx: PPOContext) -> tuple[dict[str, float], tuple[Rollout, Experience] | None]:
+    """One PPO iteration. Returns its stats (averaged over ranks) and the (rollout, experience) it learnt
+    from, or None when `run.on_nonfinite: skip` dropped the rollout (a non-finite reward or KL on a rank)."""
     cfg, ppo = ctx.cfg, ctx.cfg.ppo
+    start = time.perf_counter()
+
+    # 1. Rollout: every rank draws the same global prompt batch and the actor answers this rank's share.
     b = ppo.rollout_batch_size
     picked = ctx.sampler.take(b * engine.world_size())[engine.rank() * b:(engine.rank() + 1) * b]
-    prompts = [ctx.rows[i]["prompt"] for i in picked]
     ctx.actor.eval()
-    synced = engine.world_size() > 1 and engine.is_zero3(ctx.actor)
-    started = time.perf_counter()
-    with watch(ctx, "actor"), engine.gathered_for_generation(ctx.actor) as module:
-        rollout = generate(module, ctx.tokenizer, prompts, ppo, cfg.data.max_prompt_length, synced_gpus=synced,
-                           device=ctx.device, decoder=ctx.decoder)
+    generating = time.perf_counter()
+    with ctx.watch("actor"), engine.gathered_for_generation(ctx.actor) as module:
+        rollout = generate(module, ctx.tokenizer, [ctx.rows[i]["prompt"] for i in picked], ppo,
+                           cfg.data.max_prompt_length, device=ctx.device, decoder=ctx.decoder,
+                           synced_gpus=engine.world_size() > 1 and engine.is_zero3(ctx.actor))
     generated = time.perf_counter()
-    if ppo.reuse_rollout_forward:
-        # the first epoch's shuffle, drawn now: its first micro-batch is then the first forward chunk
-        rollout = rollout.select(torch.randperm(len(prompts), device=ctx.device))
-        ctx.actor.train()  # the update's mode for the forward it hands over (dropout is off in both)
-        ctx.critic.train()
-    fwd = forward_all(rollout, ctx.actor, ctx.ref, ctx.critic, ctx.scorer, micro_batch=ppo.micro_batch_size,
-                      temperature=ppo.temperature, keep_first=ppo.reuse_rollout_forward,
-                      watch=lambda role: watch(ctx, role))
+
+    # 2. Experience: log-probs, reference log-probs, values and scores; shaped rewards, GAE advantages.
+    rollout, fwd = rollout_forwards(rollout, ctx.actor, ctx.ref, ctx.critic, ctx.scorer, ppo, watch=ctx.watch)
     exp = make_experience(rollout, fwd, ppo, kl_coef=ctx.kl_ctl.value, reward_stats=ctx.reward_stats,
                           reduce=engine.all_reduce_sum)
-    bad = [(what, value) for what, value in (("the reward score", fwd.raw_scores), ("the KL", exp.kl))
-           if not is_finite(value)]
-    if engine.any_rank(bool(bad)):  # one collective; every rank takes the same branch
-        what, value = bad[0] if bad else ("the reward score or the KL (on another rank)", float("nan"))
-        if not ctx.guard.skipping:
-            raise ctx.guard.stop_error(what, value, ctx.step)
-        ctx.guard.skipped(what, value, ctx.step)
-        return None
+    if _skip_rollout(ctx, fwd, exp):  # no update; the KL controller keeps its value, the prompts stay used
+        return {"guard/skipped_rollouts": 1.0, "perf/step_time": time.perf_counter() - start}, None
     stats = experience_stats(exp, fwd.entropy, rollout.has_eos, ctx.kl_ctl.value)
-    stats["perf/generate_time"] = generated - started  # the texts are decoded on the host: the GPU is done
-    return rollout, exp, stats
+    stats["perf/generate_time"] = generated - generating  # the texts are decoded on the host: the GPU is done
 
-
-def _mean_over_ranks(stats: dict[str, float], device) -> dict[str, float]:
-    keys = sorted(stats)
-    values = engine.all_reduce_sum(torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64, device=device))
-    return {k: float(v) / engine.world_size() for k, v in zip(keys, values, strict=True)}
-
-
-def train_step(ctx: PPOContext) -> tuple[dict[str, float], Any]:
-    """One PPO iteration; returns (stats averaged over ranks, (rollout, experience) or None if skipped)."""
-    start = time.perf_counter()
-    result = rollout_step(ctx)
-    if result is None:  # skipped: no update, the KL controller keeps its value, the prompts stay consumed
-        stats = {"guard/skipped_rollouts": 1.0, "perf/step_time": time.perf_counter() - start}
-        return stats, None
-    rollout, exp, stats = result
+    # 3. Update: clipped policy and value losses, ppo_epochs passes over minibatches.
     update_start = time.perf_counter()
     stats.update(ppo_update(ctx, exp))
     stats["perf/update_time"] = time.perf_counter() - update_start  # its stats' .item() calls wait for the GPU
+
+    # 4. Statistics over ranks, the guard's count, the KL ceiling and the KL controller's next coefficient.
     stats = _mean_over_ranks(stats, ctx.device)
     if stats.get("guard/skipped_updates", 0) > 0:
         ctx.guard.skipped("the policy or value loss", float("nan"), ctx.step)
     elif ctx.guard.skipping:
         ctx.guard.ok()
-    kl_ceiling = ctx.cfg.ppo.kl_ceiling
-    if kl_ceiling is not None and stats["objective/kl"] > kl_ceiling:
-        raise TrainingError(f"ppo: mean KL {stats['objective/kl']:.3f} exceeds ppo.kl_ceiling={kl_ceiling} at step "
-                            f"{ctx.step}; the last good checkpoint in {ctx.stage.ckpt_dir} is kept; raise kl_coef "
-                            "or lower the learning rate")
-    n_samples = ctx.cfg.ppo.rollout_batch_size * engine.world_size()
+    if ppo.kl_ceiling is not None and stats["objective/kl"] > ppo.kl_ceiling:
+        raise TrainingError(f"ppo: mean KL {stats['objective/kl']:.3f} exceeds ppo.kl_ceiling={ppo.kl_ceiling} at "
+                            f"step {ctx.step}; the last good checkpoint in {ctx.stage.ckpt_dir} is kept; raise "
+                            "kl_coef or lower the learning rate")
+    n_samples = b * engine.world_size()
     ctx.kl_ctl.update(stats["objective/kl"], n_samples)
     elapsed = time.perf_counter() - start
     tokens = float(exp.mask.sum()) * engine.world_size()
@@ -288,93 +130,30 @@ def train_step(ctx: PPOContext) -> tuple[dict[str, float], Any]:
     return stats, (rollout, exp)
 
 
-# ------------------------------------------------------------------------------------------ checkpoints
+def _skip_rollout(ctx: PPOContext, fwd: Forwards, exp: Experience) -> bool:
+    """Whether a reward score or the KL is non-finite on any rank (one collective: every rank agrees).
+    With `run.on_nonfinite: stop` that ends the run; with `skip` the rollout is dropped and counted."""
+    bad = [(what, value) for what, value in (("the reward score", fwd.raw_scores), ("the KL", exp.kl))
+           if not is_finite(value)]
+    if not engine.any_rank(bool(bad)):
+        return False
+    what, value = bad[0] if bad else ("the reward score or the KL (on another rank)", float("nan"))
+    if not ctx.guard.skipping:
+        raise ctx.guard.stop_error(what, value, ctx.step)
+    ctx.guard.skipped(what, value, ctx.step)
+    return True
 
 
-def rng_state(device) -> tuple[dict, dict[str, Tensor]]:
-    """This rank's random state: Python and NumPy (JSON-able) and torch's CPU generator, plus the CUDA
-    generator of `device` when it is a GPU (sampling and shuffles on the GPU draw from it)."""
-    py = random.getstate()
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    plain = {"python": [py[0], list(py[1]), py[2]],
-             "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)]}
-    tensors = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        tensors["cuda"] = torch.cuda.get_rng_state(device)
-    return plain, tensors
+def _mean_over_ranks(stats: dict[str, float], device) -> dict[str, float]:
+    keys = sorted(stats)
+    values = engine.all_reduce_sum(torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64, device=device))
+    return {k: float(v) / engine.world_size() for k, v in zip(keys, values, strict=True)}
 
 
-def set_rng_state(plain: dict, tensors: dict[str, Tensor], device) -> None:
-    version, state, gauss = plain["python"]
-    random.setstate((version, tuple(state), gauss))
-    kind, keys, pos, has_gauss, cached = plain["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(tensors["torch"])
-    if "cuda" in tensors and device.type == "cuda":
-        torch.cuda.set_rng_state(tensors["cuda"], device)
-    elif "cuda" in tensors or device.type == "cuda":
-        log.warning("ppo: resuming on %s from a checkpoint saved %s a GPU: the GPU's random stream starts "
-                    "from the seed", device, "on" if "cuda" in tensors else "without")
+# ------------------------------------------------------------------------------------------ the run
 
 
-def save_checkpoint(ctx: PPOContext) -> Path:
-    """checkpoint-<step>/: actor/ and critic/ (weights, optimizer, scheduler), trainer_state.json
-    (step, KL controller, reward stats, sampler position) and per-rank RNG states; then the
-    completion marker, and only the last KEEP_CHECKPOINTS are kept. Collective."""
-    from safetensors.torch import save_file
-
-    path = ctx.stage.ckpt_dir / f"checkpoint-{ctx.step}"
-    if engine.is_main() and path.exists():
-        shutil.rmtree(path)
-    engine.barrier()
-    try:
-        engine.save_engine(ctx.actor, path / "actor")
-        engine.save_engine(ctx.critic, path / "critic")
-        plain, tensors = rng_state(ctx.device)
-        rank = engine.rank()
-        artifacts.write_json_atomic(path / f"rng-{rank}.json", plain)
-        save_file(tensors, str(path / f"rng-{rank}.safetensors"))
-        if engine.is_main():
-            artifacts.write_json_atomic(path / "trainer_state.json", {
-                "step": ctx.step, "kl_controller": ctx.kl_ctl.state_dict(), "reward_stats": ctx.reward_stats,
-                "sampler": ctx.sampler.state_dict(), "world_size": engine.world_size()})
-        engine.barrier()
-        if engine.is_main():
-            artifacts.mark_checkpoint_complete(path, ctx.step)
-    except Exception as err:  # disk full, file-size limit, unwritable dir: one line, previous checkpoint kept
-        failure = save_failed(path, "the checkpoint", err, artifacts.latest_checkpoint(ctx.stage.ckpt_dir))
-        if failure is None:
-            raise
-        raise failure from err
-    if engine.is_main():
-        for old in artifacts.list_checkpoints(ctx.stage.ckpt_dir)[:-KEEP_CHECKPOINTS]:
-            shutil.rmtree(old, ignore_errors=True)
-    engine.barrier()
-    replicate(ctx.cfg.run.dir, [path], prune=ctx.stage.ckpt_dir)
-    return path
-
-
-def load_checkpoint(ctx: PPOContext, path: Path) -> None:
-    from safetensors.torch import load_file
-
-    engine.load_engine(ctx.actor, path / "actor")
-    engine.load_engine(ctx.critic, path / "critic")
-    state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
-    ctx.step = int(state["step"])
-    ctx.kl_ctl.load_state_dict(state["kl_controller"])
-    ctx.sampler.load_state_dict(state["sampler"])
-    if state.get("reward_stats") is not None:
-        ctx.reward_stats = state["reward_stats"]
-    rng = path / f"rng-{engine.rank()}.json"
-    if rng.is_file():  # absent when resuming with more ranks than saved: those start from the seed
-        set_rng_state(json.loads(rng.read_text(encoding="utf-8")), load_file(str(rng.with_suffix(".safetensors"))),
-                      ctx.device)
-
-
-# ------------------------------------------------------------------------------------------ run loop
-
-
-def _log_samples(ctx: PPOContext, rollout, exp: Experience) -> None:
+def _log_samples(ctx: PPOContext, rollout: Rollout, exp: Experience) -> None:
     if not engine.is_main():
         return
     rows = []
@@ -398,11 +177,6 @@ def reset_samples(stage: StageRun) -> None:
     keep = stage.resume_step or 0
     lines = [line for line in path.read_text(encoding="utf-8").splitlines() if json.loads(line)["step"] <= keep]
     path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-
-
-def make_guard(cfg: PipelineConfig, stage: StageRun) -> NonFiniteGuard:
-    return NonFiniteGuard("ppo", cfg.run.on_nonfinite, cfg.run.max_consecutive_skips, stage.ckpt_dir,
-                          "Lower ppo.learning_rate or raise ppo.kl_coef, or check the reward")
 
 
 def _on_sigterm(ctx: PPOContext):
