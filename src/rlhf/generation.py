@@ -254,7 +254,7 @@ def sample(model, tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, config, *,
     `synced_gpus` keeps every rank stepping HF generate until all are done: needed whenever the model's
     forward is a collective (ZeRO-3), or ranks whose rows hit EOS early would leave the others waiting
     forever. The static decoder runs on a gathered model, whose forward is not a collective."""
-    from rlhf.advantages import response_mask
+    from rlhf.ppo_math import response_mask
 
     eos_ids, pad_id = [tokenizer.eos_token_id], tokenizer.pad_token_id
     if decoder is not None:

@@ -1,13 +1,15 @@
-"""Pure tensor losses for every training objective: PPO (policy, value), reward model, DPO family, ORPO.
+"""Pure tensor maths shared by the stages: masked statistics, token log-probs and entropy, and the losses
+of the reward model, the DPO family and ORPO. PPO's own maths (KL, whitening, GAE, its losses) is in
+`rlhf.ppo_math`, built on the masked statistics here.
 
-PPO (`stages/ppo/loop.py`) and ORPO (`stages/orpo.py`) train with theirs. The reward and DPO stages train
+ORPO (`stages/orpo.py`) trains with its loss. The reward and DPO stages train
 with TRL's RewardTrainer and DPOTrainer; `pairwise_reward_loss` and `dpo_loss`/`ipo_loss`/`hinge_loss`
 (the configured `dpo.loss_type`) compute those stages' held-out loss on the reloaded model
 (`stages.reward.heldout_loss`, `stages.dpo.rewards_report`).
 
 Each loss is a plain function over tensors (no modules, no config objects) that returns
 `(loss, stats)`, where `stats` is a small `dict[str, Tensor]` of detached scalars under a namespace
-(`policy/`, `value/`, `reward/`, `rewards/`, `orpo/`). A new variant is a new function.
+(`reward/`, `rewards/`, `orpo/`). A new variant is a new function.
 
 Shapes: B = batch, R = response length, T = sequence length, V = vocabulary.
 `mask` is a binary [B, R] tensor (bool or float): 1 for tokens that count (response tokens up to
@@ -19,15 +21,11 @@ This module imports only torch, so the unit tests run without transformers or De
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 Stats = dict[str, Tensor]
-KLEstimator = Literal["k1", "k2", "k3"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -69,33 +67,8 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
     return var
 
 
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8,
-                  reduce: Callable[[Tensor], Tensor] | None = None) -> Tensor:
-    """Scale `x` to masked mean 0 and masked (unbiased) std 1; entries under mask 0 are set to 0.
-
-    With `shift_mean=False` the masked mean is added back (only the scale changes), which is the
-    usual choice for rewards, while advantages are fully whitened. `eps` keeps one element, or
-    equal elements, finite: they whiten to 0. `reduce` (a sum over ranks, e.g.
-    `rlhf.engine.all_reduce_sum`) makes mean and std those of every rank's masked entries together
-    (two collectives, float64); without it they are this tensor's own.
-    """
-    if reduce is None:
-        mean = masked_mean(x, mask)
-        var = masked_var(x, mask, unbiased=True)
-    else:
-        m, xd = mask.to(torch.float64), x.to(torch.float64)
-        total, n = reduce(torch.stack([(xd * m).sum(), m.sum()]))
-        mean64 = total / n.clamp_min(1.0)
-        squares = reduce((((xd - mean64) ** 2) * m).sum().reshape(1))[0]
-        mean, var = mean64.to(x.dtype), (squares / (n - 1.0).clamp_min(1.0)).to(x.dtype)
-    whitened = (x - mean) * torch.rsqrt(var + eps)
-    if not shift_mean:
-        whitened = whitened + mean
-    return torch.where(mask.bool(), whitened, torch.zeros((), dtype=whitened.dtype, device=x.device))
-
-
 # --------------------------------------------------------------------------------------------------
-# log-probabilities, entropy, KL
+# log-probabilities and entropy
 # --------------------------------------------------------------------------------------------------
 
 
@@ -125,104 +98,6 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
         probs = torch.softmax(row_logits, dim=-1)
         rows.append(torch.logsumexp(row_logits, dim=-1) - (probs * row_logits).sum(dim=-1))
     return torch.stack(rows)
-
-
-def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: KLEstimator = "k1") -> Tensor:
-    """Per-token estimate of KL(policy || ref) at tokens sampled from the policy: [B, R] -> [B, R].
-
-    With log p = `logprobs`, log q = `ref_logprobs` and r = q / p (http://joschu.net/blog/kl-approx.html):
-    k1 = log p - log q (unbiased, can be negative per token); k2 = 0.5 * (log p - log q)^2 (biased, >= 0);
-    k3 = (r - 1) - log r (unbiased, >= 0 always, lower variance). Nothing is masked here.
-    """
-    if estimator == "k1":
-        return logprobs - ref_logprobs
-    if estimator == "k2":
-        return 0.5 * (logprobs - ref_logprobs) ** 2
-    if estimator == "k3":
-        log_ratio = ref_logprobs - logprobs
-        return torch.expm1(log_ratio) - log_ratio  # expm1: exact near r = 1, where most tokens sit
-    raise ValueError(f"unknown KL estimator {estimator!r}; expected 'k1', 'k2' or 'k3'")
-
-
-# --------------------------------------------------------------------------------------------------
-# PPO (Schulman et al. 2017, https://arxiv.org/abs/1707.06347)
-# --------------------------------------------------------------------------------------------------
-
-
-def ppo_policy_loss(
-    logprobs: Tensor,
-    old_logprobs: Tensor,
-    advantages: Tensor,
-    mask: Tensor,
-    clip_range: float,
-    num_tokens: Tensor | float | None = None,
-) -> tuple[Tensor, Stats]:
-    """Clipped surrogate loss: token mean of max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)).
-
-    logprobs, old_logprobs, advantages, mask: [B, R]. Only `logprobs` carries gradient;
-    `old_logprobs` and `advantages` are detached here. Tokens under mask 0 get exactly zero gradient.
-
-    `num_tokens` is the divisor of the masked sum (default: this micro-batch's token count). For the
-    token mean over the whole global batch, which is what PPO optimises, pass the global count (divided
-    by the world size when DDP/DeepSpeed averages gradients over ranks): averaging per-rank token means
-    weights a token on a short-response rank more than one on a long-response rank.
-
-    Stats: policy/clipfrac (fraction of tokens where the clipped term is the larger, so the gradient
-    is 0), policy/approx_kl (k3 estimate of KL(old || new) at tokens sampled from old: (r - 1) - log r
-    with r = new / old, http://joschu.net/blog/kl-approx.html, as cleanrl logs it), policy/ratio_mean,
-    policy/ratio_max (0 when the mask is empty).
-    """
-    log_ratio = logprobs - old_logprobs.detach()
-    ratio = torch.exp(log_ratio)
-    advantages = advantages.detach()
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    per_token = torch.maximum(unclipped, clipped)
-    denom = mask.sum().to(per_token.dtype).clamp_min(1.0) if num_tokens is None else num_tokens
-    loss = masked_sum(per_token, mask) / denom
-
-    with torch.no_grad():
-        stats = {
-            "policy/clipfrac": masked_mean((clipped > unclipped).to(per_token.dtype), mask),
-            "policy/approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
-            "policy/ratio_mean": masked_mean(ratio, mask),
-            "policy/ratio_max": torch.where(mask.bool(), ratio, torch.zeros_like(ratio)).max(),
-        }
-    return loss, stats
-
-
-def ppo_value_loss(
-    values: Tensor,
-    old_values: Tensor,
-    returns: Tensor,
-    mask: Tensor,
-    clip_range_value: float,
-    num_tokens: Tensor | float | None = None,
-) -> tuple[Tensor, Stats]:
-    """Clipped value loss: 0.5 * token mean of max((v - R)^2, (clip(v, old - eps, old + eps) - R)^2).
-
-    values, old_values, returns, mask: [B, R]; `old_values` and `returns` are detached here. Inside
-    the clip range the clipped value is `values` itself, so the loss equals the plain squared error;
-    beyond it the max keeps the more pessimistic of the two. `num_tokens` as in `ppo_policy_loss`.
-
-    Stats: value/clipfrac (fraction of tokens where the clipped error is the larger),
-    value/mean_error (masked mean of the unclipped squared error (v - R)^2).
-    """
-    old_values, returns = old_values.detach(), returns.detach()
-    # clamp(v, lo, hi) returns v bit-for-bit inside the range; old + clamp(v - old) would round.
-    values_clipped = torch.clamp(values, old_values - clip_range_value, old_values + clip_range_value)
-    error = (values - returns) ** 2
-    error_clipped = (values_clipped - returns) ** 2
-    per_token = 0.5 * torch.maximum(error, error_clipped)
-    denom = mask.sum().to(per_token.dtype).clamp_min(1.0) if num_tokens is None else num_tokens
-    loss = masked_sum(per_token, mask) / denom
-
-    with torch.no_grad():
-        stats = {
-            "value/clipfrac": masked_mean((error_clipped > error).to(per_token.dtype), mask),
-            "value/mean_error": masked_mean(error, mask),
-        }
-    return loss, stats
 
 
 # --------------------------------------------------------------------------------------------------

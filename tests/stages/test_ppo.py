@@ -111,8 +111,8 @@ def _models(policy_dir, reward_dir=None):
 
 def _rollout(tok, prompts, responses: list[list[int]]):
     """A hand-made Rollout: the given response ids, right-padded; mask from the real EOS rule."""
-    from rlhf.advantages import response_mask
     from rlhf.batching import encode_prompts
+    from rlhf.ppo_math import response_mask
     from rlhf.stages.ppo.experience import Rollout
 
     p_ids, p_mask = encode_prompts(tok, prompts, 32)
@@ -128,7 +128,8 @@ def _rollout(tok, prompts, responses: list[list[int]]):
 def test_post_eos_tokens_carry_no_loss(tiny_model_dir):
     from rlhf import engine
     from rlhf.config import PPOCfg
-    from rlhf.losses import logprobs_from_logits, ppo_policy_loss
+    from rlhf.losses import logprobs_from_logits
+    from rlhf.ppo_math import ppo_policy_loss
     from rlhf.stages.ppo.experience import Scorer, forward_all, make_experience, policy_logits
 
     m = _models(tiny_model_dir)

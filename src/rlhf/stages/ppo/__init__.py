@@ -168,8 +168,8 @@ def run(cfg: PipelineConfig, *, restart: bool = False, on_step=None) -> StageRes
 
     `on_step(ctx, stats)` is called after every step (tests use it to watch or interrupt a run).
     """
-    from rlhf.advantages import AdaptiveKLController, FixedKLController
     from rlhf.data import load_rows
+    from rlhf.ppo_math import AdaptiveKLController, FixedKLController
 
     sft_dir = str(artifacts.stage_output(cfg.stage_dir("sft"), "sft", needed_by="the ppo stage",
                                          config_path=cfg.source))

@@ -2,7 +2,7 @@
 
     prompts --generate--> Rollout --forward_all--> Forwards --make_experience--> Experience
             (actor samples)         (actor, ref, critic,          (shaped rewards, GAE advantages
-                                     reward: no grad)               and returns; `rlhf.advantages`)
+                                     reward: no grad)               and returns; `rlhf.ppo_math`)
 
 Shapes: B = rows per rank, P = padded prompt length (<= data.max_prompt_length), R = response length
 (<= ppo.max_new_tokens; shorter when every row stopped at EOS), T = P + R, V = vocabulary.
@@ -26,9 +26,9 @@ from dataclasses import dataclass, field, fields
 import torch
 from torch import Tensor
 
-from rlhf.advantages import gae, last_token_index, per_token_rewards
 from rlhf.batching import encode_prompts, position_ids
-from rlhf.losses import entropy_from_logits, logprobs_from_logits, masked_mean, masked_whiten
+from rlhf.losses import entropy_from_logits, logprobs_from_logits, masked_mean
+from rlhf.ppo_math import gae, last_token_index, masked_whiten, per_token_rewards
 
 log = logging.getLogger("rlhf")
 Watch = Callable[[str], contextlib.AbstractContextManager]  # role -> context around that model's work

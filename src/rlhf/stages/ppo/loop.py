@@ -2,7 +2,7 @@
 read top to bottom); the run repeats it with logging, samples, checkpoints and a SIGTERM stop (`train`).
 
 The phases live in `experience` (prompts to Experience) and `update` (the optimizer steps); the maths
-they call is pure (`rlhf.advantages`, `rlhf.losses`); models are reached only through `rlhf.engine`.
+they call is pure (`rlhf.ppo_math`, `rlhf.losses`); models are reached only through `rlhf.engine`.
 Shapes as in `experience`: B = rows per rank, R = response length.
 """
 
@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from rlhf import engine
-from rlhf.advantages import KLController
 from rlhf.config import PipelineConfig
 from rlhf.engine import Engine
 from rlhf.errors import StopRequested, TrainingError
 from rlhf.guards import NonFiniteGuard, catch_oom, is_finite
+from rlhf.ppo_math import KLController
 from rlhf.stages.common import StageRun
 from rlhf.stages.ppo.checkpoint import save_checkpoint
 from rlhf.stages.ppo.experience import (

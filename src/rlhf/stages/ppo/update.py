@@ -2,8 +2,8 @@
 minibatch is one optimizer step of the actor and one of the critic, made of micro-batches.
 
     for epoch: for minibatch: for micro-batch:
-        actor log-probs -> clipped policy loss -> backward      (`losses.ppo_policy_loss`)
-        critic values   -> clipped value loss  -> backward      (`losses.ppo_value_loss`)
+        actor log-probs -> clipped policy loss -> backward      (`ppo_math.ppo_policy_loss`)
+        critic values   -> clipped value loss  -> backward      (`ppo_math.ppo_value_loss`)
     step both engines at the minibatch's end (`optimizer_step`: the guard against non-finite losses)
 
 Micro-batch losses are divided by the token count of the whole minibatch over all ranks (not by
@@ -20,7 +20,8 @@ from torch import Tensor
 
 from rlhf import engine
 from rlhf.guards import is_finite
-from rlhf.losses import logprobs_from_logits, ppo_policy_loss, ppo_value_loss
+from rlhf.losses import logprobs_from_logits
+from rlhf.ppo_math import ppo_policy_loss, ppo_value_loss
 from rlhf.stages.ppo.experience import Experience, LiveForward, policy_logits, values_of
 
 if TYPE_CHECKING:
