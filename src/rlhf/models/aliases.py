@@ -40,7 +40,7 @@ def _smollm2_gguf() -> tuple[str, str]:
 
 
 def _build_smollm2(out: Path) -> None:
-    """Dequantize the GGUF once into a plain fp32 safetensors dir (CPU-FACTS 1b), pad = `<|endoftext|>`."""
+    """Dequantize the GGUF once into a plain fp32 safetensors dir, pad = `<|endoftext|>`."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
