@@ -60,15 +60,16 @@ def _batches(seqs: list[tuple[list[int], int]], pad_id: int, batch_size: int, de
 
 
 def _response_logits(model, batch, input_ids, attention):
-    """(float32 logits predicting the tokens from the batch's earliest response start on, that start): the
-    LM head runs on those positions only (`logits_to_keep`), not on the prompt positions before them."""
+    """(float32 logits predicting the tokens from the batch's earliest response start on, that start - 1):
+    `forwards.next_token_logits`, so the LM head runs on those positions only."""
     import torch
 
+    from rlhf.forwards import next_token_logits
+
     start = min(n for _, n in batch) - 1  # position t predicts token t + 1
-    keep = input_ids.shape[1] - start
     with torch.no_grad():
-        out = model(input_ids=input_ids, attention_mask=attention, logits_to_keep=keep)
-    return out.logits[:, -keep:-1].float(), start  # log-softmax in fp32 even for a bf16/fp16 model
+        logits = next_token_logits(model, input_ids, attention, start + 1)
+    return logits.float(), start  # log-softmax in fp32 even for a bf16/fp16 model
 
 
 def sequence_logprobs(model, seqs: list[tuple[list[int], int]], pad_id: int, batch_size: int = 8) -> list:

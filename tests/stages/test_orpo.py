@@ -25,8 +25,9 @@ class BigramModel(torch.nn.Module):
         probs = torch.tensor([0.1, 0.2, 0.3, 0.4])
         self.table = torch.nn.Parameter(probs.log().repeat(4, 1))
 
-    def forward(self, input_ids, attention_mask=None, use_cache=None):
-        return type("Out", (), {"logits": self.table[input_ids]})()
+    def forward(self, input_ids, attention_mask=None, use_cache=None, logits_to_keep=0):
+        logits = self.table[input_ids]  # like an HF causal LM: the last `logits_to_keep` positions (0: all)
+        return type("Out", (), {"logits": logits[:, -logits_to_keep:] if logits_to_keep else logits})()
 
 
 def test_orpo_trainer_loss_equals_the_formula_on_a_hand_computed_pair(tmp_path):

@@ -65,10 +65,11 @@ def collate_pairs(pad_id: int):
 
 def mean_response_logps(model, batch: dict):
     """Mean token log-prob of each row's response, [2B] (differentiable)."""
+    from rlhf.forwards import next_token_logits
     from rlhf.losses import logprobs_from_logits, masked_mean
 
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    token_logps = logprobs_from_logits(logits[:, :-1], batch["input_ids"][:, 1:])
+    logits = next_token_logits(model, batch["input_ids"], batch["attention_mask"], 1)
+    token_logps = logprobs_from_logits(logits, batch["input_ids"][:, 1:])
     return masked_mean(token_logps, batch["completion_mask"][:, 1:], dim=-1)
 
 

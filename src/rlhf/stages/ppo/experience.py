@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from rlhf.batching import encode_prompts, position_ids
+from rlhf.forwards import next_token_logits
 from rlhf.losses import entropy_from_logits, logprobs_from_logits, masked_mean
 from rlhf.ppo_math import gae, last_token_index, masked_whiten, per_token_rewards
 
@@ -193,16 +194,9 @@ def generate(model, tokenizer, prompts: list, ppo, max_prompt_length: int, *, sy
 
 def policy_logits(model, input_ids: Tensor, attention_mask: Tensor, pos: Tensor, prompt_len: int,
                   temperature: float) -> Tensor:
-    """[B, R, V] logits that predict each response token, divided by the sampling temperature (so
-    log-probs are those of the distribution the tokens were drawn from).
-
-    Only the last R + 1 positions go through the LM head (`logits_to_keep`): the prompt positions'
-    vocabulary projections are never needed, and at short responses they are most of the head's cost.
-    """
-    keep = input_ids.shape[1] - prompt_len + 1
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=False,
-                logits_to_keep=keep)
-    return out.logits[:, -keep:-1].float() / temperature
+    """[B, R, V] float32 logits that predict each response token (`forwards.next_token_logits`), divided by
+    the sampling temperature (so log-probs are those of the distribution the tokens were drawn from)."""
+    return next_token_logits(model, input_ids, attention_mask, prompt_len, position_ids=pos).float() / temperature
 
 
 def scalar_outputs(model, input_ids: Tensor, attention_mask: Tensor, pos: Tensor) -> Tensor:
