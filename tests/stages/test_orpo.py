@@ -104,6 +104,21 @@ def test_orpo_lora_and_resume(tmp_path, rlhf_cache):
     models.load_causal_lm(str(final))
 
 
+def test_orpo_lora_runs_are_repeatable(tmp_path, rlhf_cache):
+    """The adapters are initialised from run.seed: two runs of one config train the same weights (before,
+    the random half of each adapter followed whatever the process had drawn before the model was built)."""
+    from safetensors.torch import load_file
+
+    sets = ["final_stage=orpo", "orpo.max_steps=2", "model.lora.enabled=true", "model.lora.r=4", *FAST]
+    weights = []
+    for name in ("first", "second"):
+        torch.manual_seed(len(name))  # a different process state before each run
+        final = run_stage("orpo", tiny_cfg(tmp_path / name, sets)).final_dir
+        weights.append(load_file(final / "model.safetensors"))
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
 @pytest.mark.slow
 def test_pipeline_final_stage_orpo_runs_orpo_alone(tmp_path, rlhf_cache):
     config = write_cfg(tmp_path, tiny_raw(tmp_path))

@@ -115,7 +115,7 @@ def make_trainer(lam: float, **kwargs):
 
 def run(cfg: PipelineConfig, *, restart: bool = False) -> StageResult:
     from datasets import Dataset
-    from transformers import TrainingArguments
+    from transformers import TrainingArguments, set_seed
 
     stage = StageRun(cfg, "orpo", restart=restart)
     base = models.resolve_model(cfg.model.name_or_path)
@@ -124,6 +124,7 @@ def run(cfg: PipelineConfig, *, restart: bool = False) -> StageResult:
     train_ds = Dataset.from_list(encode_pairs(tokenizer, train_rows, cfg.data.max_length, path))
     eval_ds = Dataset.from_list(encode_pairs(tokenizer, eval_rows, cfg.data.max_length, path)) if eval_rows else None
     lora = models.lora_dict(cfg.model.lora)  # new adapters start at zero: the model is still the base model
+    set_seed(cfg.run.seed)  # the adapters' other half is initialised randomly: make it follow run.seed
     model = models.load_causal_lm(base, tokenizer=tokenizer, trust_remote_code=cfg.model.trust_remote_code,
                                   allow_pickle=cfg.model.allow_pickle, dtype=engine.run_dtype(cfg), lora=lora)
     check_rows, size = eval_rows or train_rows, cfg.orpo.eval_batch_size
