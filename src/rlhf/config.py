@@ -482,7 +482,11 @@ class LoggingCfg:
         _require(not unknown, "report_to", f"unknown {', '.join(map(repr, unknown))}; choose from "
                  f"{', '.join(REPORT_TO)}")
         _require(bool(self.project.strip()), "project", "must be a non-empty name")
-        self.tensorboard = self.tensorboard and "tensorboard" in self.report_to
+
+    @property
+    def writes_tensorboard(self) -> bool:
+        """TensorBoard events are written: `tensorboard` in report_to, and not switched off by `tensorboard`."""
+        return self.tensorboard and "tensorboard" in self.report_to
 
 
 REPORT_TO = ("tensorboard", "wandb", "mlflow", "trackio")

@@ -17,6 +17,6 @@ def next_token_logits(model, input_ids: Tensor, attention_mask: Tensor, first: i
     (read at position `first + j - 1`). `first` >= 1; `position_ids` as the model takes them (PPO's
     left-padded rows need them; right-padded rows do not)."""
     keep = input_ids.shape[1] - first + 1
-    extra = {} if position_ids is None else {"position_ids": position_ids}
-    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=keep, **extra)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                logits_to_keep=keep)
     return out.logits[:, -keep:-1]

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from rlhf.ppo_math import response_mask
+
 log = logging.getLogger("rlhf")
 
 
@@ -254,8 +256,6 @@ def sample(model, tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, config, *,
     `synced_gpus` keeps every rank stepping HF generate until all are done: needed whenever the model's
     forward is a collective (ZeRO-3), or ranks whose rows hit EOS early would leave the others waiting
     forever. The static decoder runs on a gathered model, whose forward is not a collective."""
-    from rlhf.ppo_math import response_mask
-
     eos_ids, pad_id = [tokenizer.eos_token_id], tokenizer.pad_token_id
     if decoder is not None:
         ids = decoder.generate(model, prompt_ids, prompt_mask, max_new_tokens=config.max_new_tokens,

@@ -25,7 +25,7 @@ class BigramModel(torch.nn.Module):
         probs = torch.tensor([0.1, 0.2, 0.3, 0.4])
         self.table = torch.nn.Parameter(probs.log().repeat(4, 1))
 
-    def forward(self, input_ids, attention_mask=None, use_cache=None, logits_to_keep=0):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=None, logits_to_keep=0):
         logits = self.table[input_ids]  # like an HF causal LM: the last `logits_to_keep` positions (0: all)
         return type("Out", (), {"logits": logits[:, -logits_to_keep:] if logits_to_keep else logits})()
 

@@ -63,7 +63,7 @@ class StageRun:
         self.resume = self.ckpt_dir / f"checkpoint-{self.resume_step}" if self.resume_step else None
         if self.resume is not None:
             log.info("%s: resuming from %s (step %d)", stage, self.resume, self.resume_step)
-        self.metrics = MetricsLogger(self.dir, jsonl=cfg.logging.jsonl, tensorboard=cfg.logging.tensorboard,
+        self.metrics = MetricsLogger(self.dir, jsonl=cfg.logging.jsonl, tensorboard=cfg.logging.writes_tensorboard,
                                      enabled=engine.is_main(), resume_step=self.resume_step,
                                      trackers=self._trackers() if engine.is_main() else None)
         if engine.is_main():  # the settings of the checkpoints to come: `rlhf export` rebuilds their models
