@@ -91,6 +91,14 @@ def run_dtype(cfg: PipelineConfig) -> str:
     return "bfloat16" if on_gpu and torch.cuda.is_bf16_supported() else "float32"
 
 
+def trained_load_dtype(cfg: PipelineConfig) -> str:
+    """The dtype a model that will be trained is loaded in. DeepSpeed's bf16 and fp16 modes keep fp32 master
+    weights of what it trains, so there the run's dtype; without DeepSpeed, float32: the fp32 weights become
+    the masters (`MasterWeights` in PPO's plain engine; the HF Trainer computes under autocast). Frozen
+    models load in `run_dtype`."""
+    return run_dtype(cfg) if use_deepspeed(cfg.deepspeed) else "float32"
+
+
 def model_device(model) -> str:
     """Where a model's weights live ("cuda:0", "cpu"; under ZeRO-3 the device of this rank's shard)."""
     for param in model.parameters():
@@ -380,21 +388,81 @@ def constant_schedule(optimizer):
     return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
 
 
+class MasterWeights:
+    """fp32 master copies of a half-precision model's trained parameters, as DeepSpeed keeps them in its
+    bf16 and fp16 modes. A bf16 weight updated in place loses every step smaller than ~1/256 of its size
+    (at PPO's learning rates, nearly every step).
+
+    The module computes in its half dtype. Each backward's gradient is added into its master's fp32 `.grad`
+    as soon as it is accumulated, and the module's own is freed, so accumulation over micro-batches is fp32
+    too; the optimizer steps the masters, and `copy_to_module` rounds them into the module's weights in place
+    (the storage keeps its address: a captured CUDA graph of the module stays valid).
+    """
+
+    def __init__(self, params, dtype):
+        import torch
+
+        self.params = list(params)
+        self.masters = [torch.nn.Parameter(p.detach().float().clone()) for p in self.params]
+        for p in self.params:
+            p.data = p.data.to(dtype)
+        self._hooks = [p.register_post_accumulate_grad_hook(self._accumulate_into(m))
+                       for p, m in zip(self.params, self.masters, strict=True)]
+
+    @staticmethod
+    def _accumulate_into(master):
+        def hook(param) -> None:
+            if master.grad is None:
+                master.grad = param.grad.float()
+            else:
+                master.grad.add_(param.grad)
+            param.grad = None
+
+        return hook
+
+    def copy_to_module(self) -> None:
+        import torch
+
+        with torch.no_grad():
+            for p, m in zip(self.params, self.masters, strict=True):
+                p.copy_(m)
+
+    @contextlib.contextmanager
+    def in_module(self):
+        """The masters in place of the module's trained weights for the block (to save or load them);
+        after it the module holds its half-precision weights again, rounded from the masters."""
+        held = [p.data for p in self.params]
+        for p, m in zip(self.params, self.masters, strict=True):
+            p.data = m.data
+        try:
+            yield
+        finally:
+            for p, data in zip(self.params, held, strict=True):
+                p.data = data
+            self.copy_to_module()
+
+
 class PlainEngine:
     """The plain-torch stand-in for a DeepSpeed engine, with the surface the PPO loop uses.
 
     `backward(loss)` accumulates gradients; `step()` counts micro-batches and, at every `grad_accum`-th
     one (the accumulation boundary), averages the gradients over ranks (when a launcher started several),
     clips the gradient norm, steps optimizer and scheduler and zeroes the gradients, as DeepSpeed does.
-    With several ranks the parameters start as rank 0's (a newly initialised head differs per rank), so
-    the ranks stay one model, as under DDP.
+    With `masters` (a half-precision model) the optimizer holds the fp32 masters and every step is
+    rounded into the module's weights. With several ranks the parameters start as rank 0's (a newly
+    initialised head differs per rank), so the ranks stay one model, as under DDP.
     """
 
-    def __init__(self, model, optimizer=None, lr_scheduler=None, *, grad_accum: int = 1, max_grad_norm: float = 0.0):
+    def __init__(self, model, optimizer=None, lr_scheduler=None, *, grad_accum: int = 1, max_grad_norm: float = 0.0,
+                 masters: MasterWeights | None = None):
         self.module, self.optimizer, self.lr_scheduler = model, optimizer, lr_scheduler
-        self.grad_accum, self.max_grad_norm = grad_accum, max_grad_norm
+        self.grad_accum, self.max_grad_norm, self.masters = grad_accum, max_grad_norm, masters
         self.micro_steps, self.grad_norm, self._synced = 0, None, False
         broadcast_parameters(model)
+        if masters is not None:  # rank 0's weights, rounded: the masters must start from what ranks share
+            for master in masters.masters:
+                broadcast(master.data)
+            masters.copy_to_module()
 
     def __call__(self, *args, **kwargs):
         return self.module(*args, **kwargs)
@@ -425,6 +493,8 @@ class PlainEngine:
             if self.max_grad_norm > 0:
                 self.grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))
             self.optimizer.step()
+            if self.masters is not None:
+                self.masters.copy_to_module()
             if self.lr_scheduler is not None:
                 self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -433,12 +503,18 @@ class PlainEngine:
 
     def sync_gradients(self) -> list:
         """Average the trained parameters' gradients over ranks, once per accumulation boundary (before
-        any check of their values, so every rank sees the same ones). Returns the parameters."""
+        any check of their values, so every rank sees the same ones). Returns the optimizer's parameters
+        (the fp32 masters, where the engine keeps them)."""
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if not self._synced:
             average_gradients(params)
             self._synced = True
         return params
+
+    def full_precision(self):
+        """Context manager: the module with its trained weights at full precision (the fp32 masters, where
+        the engine keeps them) for the block, to save or load them."""
+        return self.masters.in_module() if self.masters is not None else contextlib.nullcontext()
 
 
 def offloads_optimizer(role: ZeroRoleCfg) -> bool:
@@ -465,9 +541,18 @@ def wrap(model, ds: DeepSpeedCfg, role: str, *, adamw: AdamW | None = None, micr
             model.to(device)
         if adamw is None:
             return PlainEngine(model)
-        optimizer = adamw.build(params, fused=True)
+        masters = None
+        if dtype != "float32":  # `model` came in float32 (`trained_load_dtype`); it computes in `dtype`
+            if dtype == "float16":
+                raise ConfigError("model.dtype: float16 trains without loss scaling on the plain engine (DeepSpeed "
+                                  "off), so small gradients vanish; use bfloat16 or float32, or turn DeepSpeed on "
+                                  "(deepspeed.enabled: true), whose fp16 mode scales the loss")
+            import torch
+
+            masters = MasterWeights(params, getattr(torch, dtype))
+        optimizer = adamw.build(masters.masters if masters else params, fused=True)
         return PlainEngine(model, optimizer, constant_schedule(optimizer), grad_accum=grad_accum,
-                           max_grad_norm=max_grad_norm)
+                           max_grad_norm=max_grad_norm, masters=masters)
     on_cpu = device is None or getattr(device, "type", str(device)) == "cpu"
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if on_cpu or not cuda_available() else "cuda")
     role_cfg = ds.role(role)
@@ -500,9 +585,10 @@ def step_or_skip(eng, skip_nonfinite: bool = False) -> bool:
     from rlhf.guards import drop_nonfinite_grads
 
     boundary = eng.is_gradient_accumulation_boundary()
+    params = eng.module.parameters()
     if boundary and isinstance(eng, PlainEngine):
-        eng.sync_gradients()
-    dropped = boundary and eng.zero_optimization_stage() == 0 and drop_nonfinite_grads(eng.module.parameters())
+        params = eng.sync_gradients()  # where the gradients are: the fp32 masters, when the engine keeps them
+    dropped = boundary and eng.zero_optimization_stage() == 0 and drop_nonfinite_grads(params)
     before = int(getattr(eng, "skipped_steps", 0))
     eng.step()
     return dropped or int(getattr(eng, "skipped_steps", 0)) > before
@@ -537,6 +623,14 @@ def gathered_for_generation(eng):
             yield unwrapped.module
 
     return gathered()
+
+
+def full_precision(eng):
+    """Context manager: `eng.module` holds its trained weights at full precision for the block (the plain
+    engine's fp32 masters); a no-op for DeepSpeed engines, whose checkpoints hold their masters."""
+    if isinstance(eng, PlainEngine):
+        return eng.full_precision()
+    return contextlib.nullcontext()
 
 
 def full_state_dict(eng) -> dict | None:
@@ -722,7 +816,8 @@ def save_engine(eng, path: Path) -> None:
         eng.save_checkpoint(str(path), tag="state", save_latest=False)
         return
     path.mkdir(parents=True, exist_ok=True)
-    save_model(eng.module, str(path / "model.safetensors"))
+    with eng.full_precision():
+        save_model(eng.module, str(path / "model.safetensors"))
     torch.save(eng.optimizer.state_dict(), path / "optimizer.pt")
     if eng.lr_scheduler is not None:
         torch.save(eng.lr_scheduler.state_dict(), path / "scheduler.pt")
@@ -740,7 +835,8 @@ def load_engine(eng, path: Path) -> None:
         if loaded is None:
             raise ConfigError(f"{path}: not a readable DeepSpeed checkpoint")
         return
-    load_model(eng.module, str(path / "model.safetensors"))
+    with eng.full_precision():
+        load_model(eng.module, str(path / "model.safetensors"))
     eng.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     if eng.lr_scheduler is not None and (path / "scheduler.pt").exists():
         eng.lr_scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))

@@ -177,6 +177,11 @@ def load_ppo(ckpt: Checkpoint, cfg: PipelineConfig | None):
                                                                                        enabled=cfg.ppo.critic_lora)
         model = models.load_scalar_model(base, tokenizer=tokenizer, require_head=False, lora=models.lora_dict(lora),
                                          **common)
+        from rlhf.forwards import ScalarHead
+
+        holder = ScalarHead(model)  # the critic's engine trains (and saves) the model inside a ScalarHead
+        _load_weights(holder, ckpt)
+        return model, tokenizer, base
     _load_weights(model, ckpt)
     return model, tokenizer, base
 

@@ -16,16 +16,13 @@ from rlhf import encoding
 log = logging.getLogger("rlhf")
 
 
-def score(model, tokenizer, prompts: list[list[dict]], responses: list[str], *, batch_size: int = 8,
-          max_length: int | None = None) -> list[float]:
-    """One scalar reward per (prompt, response). Over-long prompts keep their end so every row gets a score."""
-    import torch
-
+def encoded_batches(tokenizer, prompts: list, responses: list[str], batch_size: int, device,
+                    max_length: int | None = None):
+    """(input_ids, attention_mask) batches of (prompt, response) sequences as the reward stage trained on
+    them, right-padded, so each row's score is read at its last attended token. Over-long sequences keep
+    their end (the EOS the score is read at)."""
     from rlhf.batching import right_padded
 
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id
-    scores: list[float] = []
     for start in range(0, len(prompts), batch_size):
         batch = []
         for prompt, response in zip(prompts[start:start + batch_size], responses[start:start + batch_size], strict=True):
@@ -33,7 +30,17 @@ def score(model, tokenizer, prompts: list[list[dict]], responses: list[str], *, 
             if max_length is not None and len(ids) > max_length:
                 ids = ids[-max_length:]
             batch.append(ids)
-        input_ids, attention = right_padded(batch, pad, device)
+        yield right_padded(batch, tokenizer.pad_token_id, device)
+
+
+def score(model, tokenizer, prompts: list[list[dict]], responses: list[str], *, batch_size: int = 8,
+          max_length: int | None = None) -> list[float]:
+    """One scalar reward per (prompt, response). Over-long prompts keep their end so every row gets a score."""
+    import torch
+
+    device = next(model.parameters()).device
+    scores: list[float] = []
+    for input_ids, attention in encoded_batches(tokenizer, prompts, responses, batch_size, device, max_length):
         with torch.no_grad():
             logits = model(input_ids=input_ids, attention_mask=attention).logits
         scores.extend(logits[:, 0].float().tolist())

@@ -176,6 +176,7 @@ def _models_critic(path, tok):
 
 def test_score_read_at_eos_not_padding(tiny_model_dir, tiny_reward_dir):
     from rlhf.batching import position_ids
+    from rlhf.forwards import ScalarHead
     from rlhf.stages.ppo.experience import score_at_eos
 
     m = _models(tiny_model_dir, tiny_reward_dir)
@@ -184,7 +185,7 @@ def test_score_read_at_eos_not_padding(tiny_model_dir, tiny_reward_dir):
     prompts = [[{"role": "user", "content": "Hi"}], [{"role": "user", "content": QUESTIONS[5]}]]
     rollout = _rollout(tok, prompts, [[30, 31, eos], [40, 41, 42, 43, 44, eos]])  # row 0: left pad + right pad
     ids, attn = rollout.input_ids, rollout.attention_mask
-    scores = score_at_eos(rm, ids, attn, position_ids(attn), rollout.mask)
+    scores = score_at_eos(ScalarHead(rm), ids, attn, position_ids(attn), rollout.mask)
     for i in range(2):
         alone = ids[i][attn[i].bool()].unsqueeze(0)  # the sequence with no padding at all, ending at EOS
         assert alone[0, -1] == eos

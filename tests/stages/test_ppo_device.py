@@ -121,8 +121,7 @@ def test_out_of_gpu_memory_in_ppo_names_the_model_and_keeps_the_checkpoint(tmp_p
             def raise_oom(*args, **kwargs):
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB. GPU 0 has a total "
                                              "capacity of 79.10 GiB of which 1.50 GiB is free. Of the allocated ...")
-            critic = ctx.critic.module  # values are read from its backbone (experience.scalar_outputs)
-            getattr(critic, critic.base_model_prefix).register_forward_pre_hook(raise_oom)
+            ctx.critic.module.register_forward_pre_hook(raise_oom)  # the critic's ScalarHead
 
     with pytest.raises(TrainingError) as err:
         run_ppo(cfg, on_step=oom_from_step_2)

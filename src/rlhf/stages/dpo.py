@@ -71,7 +71,7 @@ def run(cfg: PipelineConfig, *, restart: bool = False) -> StageResult:
     train_ds = build_dataset(trl_rows(train_rows), stage.dir / "data" / "train" if on_disk else None)
     eval_ds = build_dataset(trl_rows(eval_rows), stage.dir / "data" / "eval" if on_disk else None) if eval_rows else None
     model = models.load_causal_lm(sft_dir, tokenizer=tokenizer, trust_remote_code=cfg.model.trust_remote_code,
-                                  allow_pickle=cfg.model.allow_pickle, dtype=engine.run_dtype(cfg))
+                                  allow_pickle=cfg.model.allow_pickle, dtype=engine.trained_load_dtype(cfg))
     peft_config = models.lora_config(cfg.model.lora, task_type="CAUSAL_LM")
     kwargs = stage.trainer_args(cfg.dpo)
     # TRL configs default `gradient_checkpointing` to True; the new name wins over the deprecated one.

@@ -126,7 +126,7 @@ def run(cfg: PipelineConfig, *, restart: bool = False) -> StageResult:
     lora = models.lora_dict(cfg.model.lora)  # new adapters start at zero: the model is still the base model
     set_seed(cfg.run.seed)  # the adapters' other half is initialised randomly: make it follow run.seed
     model = models.load_causal_lm(base, tokenizer=tokenizer, trust_remote_code=cfg.model.trust_remote_code,
-                                  allow_pickle=cfg.model.allow_pickle, dtype=engine.run_dtype(cfg), lora=lora)
+                                  allow_pickle=cfg.model.allow_pickle, dtype=engine.trained_load_dtype(cfg), lora=lora)
     check_rows, size = eval_rows or train_rows, cfg.orpo.eval_batch_size
     with catch_oom("orpo", "policy", stage.ckpt_dir, cfg.source, batch_key="orpo.eval_batch_size"):
         model = model.to(engine.device(cfg.run.device)).eval()  # where the Trainer would put it

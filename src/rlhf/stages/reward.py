@@ -64,7 +64,7 @@ def run(cfg: PipelineConfig, *, restart: bool = False) -> StageResult:
     set_seed(cfg.run.seed)  # a new score head is initialised randomly: make it follow run.seed
     model = models.load_scalar_model(base, tokenizer=tokenizer, require_head=False,
                                      trust_remote_code=cfg.model.trust_remote_code,
-                                     allow_pickle=cfg.model.allow_pickle, dtype=engine.run_dtype(cfg))
+                                     allow_pickle=cfg.model.allow_pickle, dtype=engine.trained_load_dtype(cfg))
     args = RewardConfig(**stage.trainer_args(cfg.reward), max_length=cfg.data.max_length,
                         center_rewards_coefficient=cfg.reward.center_rewards_coefficient or None,
                         disable_dropout=True, dataset_num_proc=None)

@@ -57,7 +57,7 @@ def run(cfg: PipelineConfig, *, restart: bool = False) -> StageResult:
     train_ds = Dataset.from_list(encode_sft(tokenizer, train_rows, cfg.data.max_length, path))
     eval_ds = Dataset.from_list(encode_sft(tokenizer, eval_rows, cfg.data.max_length, path)) if eval_rows else None
     model = models.load_causal_lm(base, tokenizer=tokenizer, trust_remote_code=cfg.model.trust_remote_code,
-                                  allow_pickle=cfg.model.allow_pickle, dtype=engine.run_dtype(cfg))
+                                  allow_pickle=cfg.model.allow_pickle, dtype=engine.trained_load_dtype(cfg))
     peft_config = models.lora_config(cfg.model.lora, task_type="CAUSAL_LM")
     args = SFTConfig(**stage.trainer_args(cfg.sft), max_length=cfg.data.max_length, packing=cfg.sft.packing,
                      completion_only_loss=cfg.sft.completion_only_loss, dataset_num_proc=None)

@@ -22,6 +22,7 @@ from pathlib import Path
 from rlhf import artifacts, engine, models
 from rlhf.config import PipelineConfig, save_resolved
 from rlhf.encoding import same_tokenizer
+from rlhf.forwards import ScalarHead
 from rlhf.errors import ConfigError
 from rlhf.stages.common import StageResult, StageRun
 from rlhf.stages.ppo.checkpoint import load_checkpoint, save_checkpoint
@@ -72,8 +73,9 @@ def build_models(cfg: PipelineConfig, sft_dir: str, reward_dir: str | None, toke
     m, ppo, ds = cfg.model, cfg.ppo, cfg.deepspeed
     dtype = engine.run_dtype(cfg)
     common = {"trust_remote_code": m.trust_remote_code, "allow_pickle": m.allow_pickle, "dtype": dtype}
+    trained = {**common, "dtype": engine.trained_load_dtype(cfg)}  # float32 where the engine keeps no masters
     lora = models.lora_dict(m.lora)
-    actor = models.load_causal_lm(sft_dir, tokenizer=tokenizer, lora=lora, **common)
+    actor = models.load_causal_lm(sft_dir, tokenizer=tokenizer, lora=lora, **trained)
     ref = None if lora else models.load_causal_lm(sft_dir, tokenizer=tokenizer, **common).requires_grad_(False)
     reward_tok, reward_model, stats = tokenizer, None, None
     if ppo.reward_fn is None:
@@ -89,19 +91,19 @@ def build_models(cfg: PipelineConfig, sft_dir: str, reward_dir: str | None, toke
     critic_src = sft_dir if ppo.critic_init == "sft" else reward_dir
     critic_lora = m.lora if ppo.critic_lora is None else dataclasses.replace(m.lora, enabled=ppo.critic_lora)
     critic = models.load_scalar_model(critic_src, tokenizer=tokenizer, require_head=False,
-                                      lora=models.lora_dict(critic_lora), **common)
+                                      lora=models.lora_dict(critic_lora), **trained)
     for model in (actor, ref, critic, reward_model):
         if model is not None:
             disable_dropout(model)
     frozen = {"micro_batch": ppo.micro_batch_size, "dtype": dtype, "device": device}
     out = {"actor": _trained(actor, ds, "actor", ppo.learning_rate, ppo, dtype, device),
-           "critic": _trained(critic, ds, "critic", ppo.critic_learning_rate, ppo, dtype, device),
+           "critic": _trained(ScalarHead(critic), ds, "critic", ppo.critic_learning_rate, ppo, dtype, device),
            "ref": None if ref is None else engine.wrap(ref.eval(), ds, "ref", **frozen),
            "reward_stats": stats}
     if reward_model is None:
         out["scorer"] = Scorer(fn=_reward_fn(ppo.reward_fn), device=device)
     else:
-        reward = engine.wrap(reward_model.requires_grad_(False).eval(), ds, "reward", **frozen)
+        reward = engine.wrap(ScalarHead(reward_model.requires_grad_(False)).eval(), ds, "reward", **frozen)
         out["scorer"] = Scorer(engine=reward, tokenizer=reward_tok, same_tokenizer=same,
                                batch_size=ppo.micro_batch_size, device=device)
     return out
@@ -145,7 +147,8 @@ def save_final(ctx: PPOContext, sft_dir: str) -> Path:
                                           dtype=engine.run_dtype(cfg), trust_remote_code=cfg.model.trust_remote_code)
             model.load_state_dict(state)
         tmp = stage.dir / "final.tmp"
-        models.save_pretrained_atomic(model, ctx.tokenizer, tmp)
+        with engine.full_precision(ctx.actor):  # the plain engine's fp32 masters, not their bf16 rounding
+            models.save_pretrained_atomic(model, ctx.tokenizer, tmp)
         save_resolved(cfg, tmp / "config.resolved.yaml")
         if stage.final_dir.exists():
             shutil.rmtree(stage.final_dir)

@@ -199,30 +199,16 @@ def policy_logits(model, input_ids: Tensor, attention_mask: Tensor, pos: Tensor,
     return next_token_logits(model, input_ids, attention_mask, prompt_len, position_ids=pos).float() / temperature
 
 
-def scalar_outputs(model, input_ids: Tensor, attention_mask: Tensor, pos: Tensor) -> Tensor:
-    """[B, T] per-position output of a 1-label sequence-classification model (critic or reward model).
-
-    The backbone and head are called directly (as the classifier's own forward does before it pools),
-    so the caller picks the positions: every response token for values, the EOS for scores.
-    """
-    if hasattr(model, "get_base_model"):  # a peft model: its injected adapters stay active in the base model
-        model = model.get_base_model()
-    backbone = getattr(model, model.base_model_prefix)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos,
-                      use_cache=False).last_hidden_state
-    head = model.score if hasattr(model, "score") else model.classifier
-    return head(hidden).squeeze(-1).float()
+def values_of(critic, input_ids: Tensor, attention_mask: Tensor, pos: Tensor, prompt_len: int) -> Tensor:
+    """[B, R] value of the state before each response token (read at the position that predicts it).
+    `critic`: the critic's engine, whose module is a `forwards.ScalarHead`."""
+    return critic(input_ids, attention_mask, pos)[:, prompt_len - 1:-1]
 
 
-def values_of(model, input_ids: Tensor, attention_mask: Tensor, pos: Tensor, prompt_len: int) -> Tensor:
-    """[B, R] value of the state before each response token (read at the position that predicts it)."""
-    return scalar_outputs(model, input_ids, attention_mask, pos)[:, prompt_len - 1:-1]
-
-
-def score_at_eos(model, input_ids: Tensor, attention_mask: Tensor, pos: Tensor, mask: Tensor) -> Tensor:
+def score_at_eos(reward, input_ids: Tensor, attention_mask: Tensor, pos: Tensor, mask: Tensor) -> Tensor:
     """[B] reward read at each row's last counted response token: its EOS, never the padding after it
-    (the last response token when there is no EOS)."""
-    out = scalar_outputs(model, input_ids, attention_mask, pos)
+    (the last response token when there is no EOS). `reward`: an engine whose module is a `ScalarHead`."""
+    out = reward(input_ids, attention_mask, pos)
     at = input_ids.shape[1] - mask.shape[1] + last_token_index(mask)
     return out.gather(1, at.unsqueeze(1)).squeeze(1)
 
@@ -246,13 +232,16 @@ class Scorer:
         if self.fn is not None:
             values = self.fn(rollout.prompts, rollout.responses)
             return torch.tensor([float(v) for v in values], dtype=torch.float32, device=self.device)
-        module = self.engine.module
         if self.same_tokenizer:
-            return torch.cat([score_at_eos(module, ids, attn, pos, m) for ids, attn, pos, m in chunks])
-        from rlhf.scoring import score
+            return torch.cat([score_at_eos(self.engine, ids, attn, pos, m) for ids, attn, pos, m in chunks])
+        from rlhf.scoring import encoded_batches
 
-        return torch.tensor(score(module, self.tokenizer, rollout.prompts, rollout.responses,
-                                  batch_size=self.batch_size), dtype=torch.float32, device=self.device)
+        scores = []
+        for ids, attn in encoded_batches(self.tokenizer, rollout.prompts, rollout.responses, self.batch_size,
+                                         self.device):  # right-padded: the score is read at the last token
+            out = self.engine(ids, attn)
+            scores.append(out.gather(1, (attn.sum(dim=1, keepdim=True) - 1)).squeeze(1))
+        return torch.cat(scores)
 
 
 # ------------------------------------------------------------------------------------------ experience
@@ -294,20 +283,19 @@ def forward_all(rollout: Rollout, actor, ref, critic, scorer: Scorer, *, micro_b
         keep = keep_first and start == 0
         with torch.set_grad_enabled(keep):
             with watch("actor"):
-                logits = policy_logits(actor if keep else actor.module, *chunk[:3], prompt_len, temperature)
+                logits = policy_logits(actor, *chunk[:3], prompt_len, temperature)
                 logprobs = logprobs_from_logits(logits, labels)
             with watch("critic"):
-                values = values_of(critic.module, *chunk[:3], prompt_len)
+                values = values_of(critic, *chunk[:3], prompt_len)
         if keep:
             live = LiveForward(rows=labels.shape[0], logprobs=logprobs, values=values)
         out["logprobs"].append(logprobs.detach())
         out["entropy"].append(entropy_from_logits(logits.detach()))
         out["values"].append(values.detach())
         del logits
-        ref_module = actor.module if ref is None else ref.module
         adapters_off = actor.module.disable_adapter() if ref is None else contextlib.nullcontext()
         with adapters_off, watch("ref"):
-            ref_logits = policy_logits(ref_module, *chunk[:3], prompt_len, temperature)
+            ref_logits = policy_logits(actor if ref is None else ref, *chunk[:3], prompt_len, temperature)
             out["ref_logprobs"].append(logprobs_from_logits(ref_logits, labels))
         del ref_logits
     with watch("reward"):

@@ -127,7 +127,7 @@ def _train_micro(ctx: PPOContext, mb: Experience, num_tokens: Tensor,
         if live is not None:
             values = live.values
         else:
-            values = values_of(ctx.critic.module, mb.input_ids, mb.attention_mask, mb.position_ids, mb.prompt_len)
+            values = values_of(ctx.critic, mb.input_ids, mb.attention_mask, mb.position_ids, mb.prompt_len)
         vf_loss, vf_stats = ppo_value_loss(values, mb.values, mb.returns, mb.mask, ppo.clip_range_value,
                                            num_tokens=num_tokens)
         bad_vf, critic_skipped = optimizer_step(ctx, ctx.critic, vf_loss, "the value loss")
