@@ -80,6 +80,8 @@ def _ppo_checkpoint(tmp_path: Path, policy: Path, reward: Path, overrides: tuple
     """A PPO run dir with checkpoint-1 written by `engine.save_engine` (plain engines) from perturbed copies
     of the sft and reward models (as `rlhf.stages.ppo.build_models` builds them); returns it and the live
     models."""
+    from rlhf.forwards import ScalarHead
+
     cfg = tiny_cfg(tmp_path, [*FAST, *overrides])
     sft_dir = _finished(cfg.run.dir, "sft", policy)
     reward_dir = _finished(cfg.run.dir, "reward", reward)
@@ -95,7 +97,8 @@ def _ppo_checkpoint(tmp_path: Path, policy: Path, reward: Path, overrides: tuple
             for param in model.parameters():
                 if param.requires_grad:  # trained weights (LoRA: the adapters) differ from the stage inputs
                     param.add_(0.05 * torch.randn_like(param))
-        eng = engine.PlainEngine(model, torch.optim.AdamW(model.parameters()))
+        trained = model if role == "actor" else ScalarHead(model)  # the critic's engine trains a ScalarHead
+        eng = engine.PlainEngine(trained, torch.optim.AdamW(trained.parameters()))
         engine.save_engine(eng, ckpt / role)
     artifacts.mark_checkpoint_complete(ckpt, 1)
     return ckpt, live

@@ -170,8 +170,9 @@ def _no_ds():
 
 def _models_critic(path, tok):
     from rlhf import models
+    from rlhf.forwards import ScalarHead
 
-    return models.load_scalar_model(str(path), tokenizer=tok, require_head=False)
+    return ScalarHead(models.load_scalar_model(str(path), tokenizer=tok, require_head=False))
 
 
 def test_score_read_at_eos_not_padding(tiny_model_dir, tiny_reward_dir):

@@ -70,15 +70,16 @@ def run(cfg: PipelineConfig, *, restart: bool = False) -> StageResult:
     on_disk = cfg.dpo.precompute_ref_log_probs
     train_ds = build_dataset(trl_rows(train_rows), stage.dir / "data" / "train" if on_disk else None)
     eval_ds = build_dataset(trl_rows(eval_rows), stage.dir / "data" / "eval" if on_disk else None) if eval_rows else None
-    model = models.load_causal_lm(sft_dir, tokenizer=tokenizer, trust_remote_code=cfg.model.trust_remote_code,
-                                  allow_pickle=cfg.model.allow_pickle, dtype=engine.trained_load_dtype(cfg))
-    peft_config = models.lora_config(cfg.model.lora, task_type="CAUSAL_LM")
     kwargs = stage.trainer_args(cfg.dpo)
     # TRL configs default `gradient_checkpointing` to True; the new name wins over the deprecated one.
     kwargs["activation_checkpointing"] = cfg.dpo.gradient_checkpointing
+    # The arguments before the model: under ZeRO-3 the model then loads partitioned over the ranks (zero.Init).
     args = DPOConfig(**kwargs, beta=cfg.dpo.beta, loss_type=[cfg.dpo.loss_type], max_length=cfg.data.max_length,
                      precompute_ref_log_probs=cfg.dpo.precompute_ref_log_probs, disable_dropout=True,
                      dataset_num_proc=None)
+    model = models.load_causal_lm(sft_dir, tokenizer=tokenizer, trust_remote_code=cfg.model.trust_remote_code,
+                                  allow_pickle=cfg.model.allow_pickle, dtype=engine.trained_load_dtype(cfg))
+    peft_config = models.lora_config(cfg.model.lora, task_type="CAUSAL_LM")
     trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, callbacks=stage.callbacks(), peft_config=peft_config)
     stage.train(trainer)  # resume, SIGTERM stop, one-line save and out-of-memory failures

@@ -24,7 +24,6 @@ from collections import defaultdict
 from rlhf import encoding, engine, heldout, models
 from rlhf.config import PipelineConfig
 from rlhf.data import load_rows
-from rlhf.evaluation import pair_logps
 from rlhf.guards import catch_oom
 from rlhf.stages.common import StageResult, StageRun, check_fitted, stage_tokenizer
 
@@ -123,18 +122,17 @@ def run(cfg: PipelineConfig, *, restart: bool = False) -> StageResult:
     train_rows, eval_rows, path = load_rows(cfg, "orpo", "preference")
     train_ds = Dataset.from_list(encode_pairs(tokenizer, train_rows, cfg.data.max_length, path))
     eval_ds = Dataset.from_list(encode_pairs(tokenizer, eval_rows, cfg.data.max_length, path)) if eval_rows else None
-    lora = models.lora_dict(cfg.model.lora)  # new adapters start at zero: the model is still the base model
+    check_rows, size = eval_rows or train_rows, cfg.orpo.eval_batch_size
+    with catch_oom("orpo", "policy", stage.ckpt_dir, cfg.source, batch_key="orpo.eval_batch_size"):
+        # new LoRA adapters start at zero, so before training the model is the base model
+        before = log_odds_report(heldout.saved_pair_logps(base, cfg, tokenizer, check_rows, mean=True,
+                                                          batch_size=size))
+    # The arguments before the model: under ZeRO-3 the model then loads partitioned over the ranks (zero.Init).
+    args = TrainingArguments(**stage.trainer_args(cfg.orpo), remove_unused_columns=False)
+    lora = models.lora_dict(cfg.model.lora)
     set_seed(cfg.run.seed)  # the adapters' other half is initialised randomly: make it follow run.seed
     model = models.load_causal_lm(base, tokenizer=tokenizer, trust_remote_code=cfg.model.trust_remote_code,
                                   allow_pickle=cfg.model.allow_pickle, dtype=engine.trained_load_dtype(cfg), lora=lora)
-    check_rows, size = eval_rows or train_rows, cfg.orpo.eval_batch_size
-    with catch_oom("orpo", "policy", stage.ckpt_dir, cfg.source, batch_key="orpo.eval_batch_size"):
-        model = model.to(engine.device(cfg.run.device)).eval()  # where the Trainer would put it
-        means = heldout.map_rows(check_rows, lambda part: pair_logps(model, tokenizer, part, mean=True,
-                                                                     batch_size=size), size)
-    before = log_odds_report(means)
-    model.train()
-    args = TrainingArguments(**stage.trainer_args(cfg.orpo), remove_unused_columns=False)
     trainer = make_trainer(cfg.orpo.beta, model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                            data_collator=collate_pairs(tokenizer.pad_token_id), processing_class=tokenizer,
                            callbacks=stage.callbacks())

@@ -61,13 +61,14 @@ def run(cfg: PipelineConfig, *, restart: bool = False) -> StageResult:
     eval_ds = None
     if eval_rows:
         eval_ds = Dataset.from_list(encode_pairs(tokenizer, eval_rows, cfg.data.max_length, path, cfg.reward.margin))
+    # The arguments before the model: under ZeRO-3 the model then loads partitioned over the ranks (zero.Init).
+    args = RewardConfig(**stage.trainer_args(cfg.reward), max_length=cfg.data.max_length,
+                        center_rewards_coefficient=cfg.reward.center_rewards_coefficient or None,
+                        disable_dropout=True, dataset_num_proc=None)
     set_seed(cfg.run.seed)  # a new score head is initialised randomly: make it follow run.seed
     model = models.load_scalar_model(base, tokenizer=tokenizer, require_head=False,
                                      trust_remote_code=cfg.model.trust_remote_code,
                                      allow_pickle=cfg.model.allow_pickle, dtype=engine.trained_load_dtype(cfg))
-    args = RewardConfig(**stage.trainer_args(cfg.reward), max_length=cfg.data.max_length,
-                        center_rewards_coefficient=cfg.reward.center_rewards_coefficient or None,
-                        disable_dropout=True, dataset_num_proc=None)
     peft_config = models.lora_config(cfg.model.lora, task_type="SEQ_CLS")
     trainer = RewardTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                             processing_class=tokenizer, callbacks=stage.callbacks(), peft_config=peft_config)

@@ -56,11 +56,13 @@ def run(cfg: PipelineConfig, *, restart: bool = False) -> StageResult:
     train_rows, eval_rows, path = load_rows(cfg, "sft", "sft")
     train_ds = Dataset.from_list(encode_sft(tokenizer, train_rows, cfg.data.max_length, path))
     eval_ds = Dataset.from_list(encode_sft(tokenizer, eval_rows, cfg.data.max_length, path)) if eval_rows else None
+    # The arguments first: under ZeRO-3 they register DeepSpeed's config, and transformers then loads the model
+    # already partitioned over the ranks (zero.Init) instead of whole on every rank.
+    args = SFTConfig(**stage.trainer_args(cfg.sft), max_length=cfg.data.max_length, packing=cfg.sft.packing,
+                     completion_only_loss=cfg.sft.completion_only_loss, dataset_num_proc=None)
     model = models.load_causal_lm(base, tokenizer=tokenizer, trust_remote_code=cfg.model.trust_remote_code,
                                   allow_pickle=cfg.model.allow_pickle, dtype=engine.trained_load_dtype(cfg))
     peft_config = models.lora_config(cfg.model.lora, task_type="CAUSAL_LM")
-    args = SFTConfig(**stage.trainer_args(cfg.sft), max_length=cfg.data.max_length, packing=cfg.sft.packing,
-                     completion_only_loss=cfg.sft.completion_only_loss, dataset_num_proc=None)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, callbacks=stage.callbacks(), peft_config=peft_config)
     stage.train(trainer)  # resume, SIGTERM stop, one-line save failures

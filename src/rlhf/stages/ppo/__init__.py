@@ -22,8 +22,8 @@ from pathlib import Path
 from rlhf import artifacts, engine, models
 from rlhf.config import PipelineConfig, save_resolved
 from rlhf.encoding import same_tokenizer
-from rlhf.forwards import ScalarHead
 from rlhf.errors import ConfigError
+from rlhf.forwards import ScalarHead
 from rlhf.stages.common import StageResult, StageRun
 from rlhf.stages.ppo.checkpoint import load_checkpoint, save_checkpoint
 from rlhf.stages.ppo.experience import PromptSampler, Scorer, make_decoder
@@ -69,18 +69,29 @@ def _reward_fn(spec: str):
 
 def build_models(cfg: PipelineConfig, sft_dir: str, reward_dir: str | None, tokenizer, device) -> dict:
     """actor, ref (None for a LoRA actor), critic, scorer and reward stats, each wrapped by `engine.wrap`
-    on `device` (the plain engine moves it there; DeepSpeed places it on this rank's accelerator)."""
+    on `device` (the plain engine moves it there; DeepSpeed places it on this rank's accelerator). A role at
+    ZeRO-3 loads already partitioned over the ranks (`engine.partitioned_loading`)."""
     m, ppo, ds = cfg.model, cfg.ppo, cfg.deepspeed
     dtype = engine.run_dtype(cfg)
     common = {"trust_remote_code": m.trust_remote_code, "allow_pickle": m.allow_pickle, "dtype": dtype}
     trained = {**common, "dtype": engine.trained_load_dtype(cfg)}  # float32 where the engine keeps no masters
+
+    def sharded(role: str, train: bool):
+        return engine.partitioned_loading(ds, role, train=train, micro_batch=ppo.micro_batch_size,
+                                          grad_accum=ppo.grad_accum if train else 1, dtype=dtype, device=device)
+
     lora = models.lora_dict(m.lora)
-    actor = models.load_causal_lm(sft_dir, tokenizer=tokenizer, lora=lora, **trained)
-    ref = None if lora else models.load_causal_lm(sft_dir, tokenizer=tokenizer, **common).requires_grad_(False)
+    with sharded("actor", True):
+        actor = models.load_causal_lm(sft_dir, tokenizer=tokenizer, lora=lora, **trained)
+    ref = None
+    if not lora:
+        with sharded("ref", False):
+            ref = models.load_causal_lm(sft_dir, tokenizer=tokenizer, **common).requires_grad_(False)
     reward_tok, reward_model, stats = tokenizer, None, None
     if ppo.reward_fn is None:
         reward_tok = models.load_tokenizer(reward_dir, trust_remote_code=m.trust_remote_code)
-        reward_model = models.load_scalar_model(reward_dir, tokenizer=reward_tok, require_head=True, **common)
+        with sharded("reward", False):
+            reward_model = models.load_scalar_model(reward_dir, tokenizer=reward_tok, require_head=True, **common)
         stats = models.load_reward_stats(reward_dir) if ppo.normalize_reward else None
         if ppo.normalize_reward and stats is None:
             log.warning("%s: no reward_stats.json; scores are used unnormalized", reward_dir)
@@ -90,8 +101,9 @@ def build_models(cfg: PipelineConfig, sft_dir: str, reward_dir: str | None, toke
                           "initialised from it cannot read policy tokens; set ppo.critic_init: sft")
     critic_src = sft_dir if ppo.critic_init == "sft" else reward_dir
     critic_lora = m.lora if ppo.critic_lora is None else dataclasses.replace(m.lora, enabled=ppo.critic_lora)
-    critic = models.load_scalar_model(critic_src, tokenizer=tokenizer, require_head=False,
-                                      lora=models.lora_dict(critic_lora), **trained)
+    with sharded("critic", True):
+        critic = models.load_scalar_model(critic_src, tokenizer=tokenizer, require_head=False,
+                                          lora=models.lora_dict(critic_lora), **trained)
     for model in (actor, ref, critic, reward_model):
         if model is not None:
             disable_dropout(model)
