@@ -6,12 +6,19 @@
 #                            deepspeed --no_ssh: run the same command on every node with its NODE_RANK
 #   LAUNCHER=torchrun        torchrun --nproc_per_node NUM_GPUS (with NNODES/NODE_RANK/MASTER_ADDR if set)
 # Without a GPU, OMP_WAIT_POLICY defaults to PASSIVE (see below).
+# NET_IFNAME=eth0 names the network interface that reaches the other nodes (see below).
 # Logs go to "<run dir>/logs/<command>.log" (<command>.node<NODE_RANK>.log with NNODES; LOG_DIR overrides
 # the dir) as well as the terminal.
 PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 # Without a GPU, idle OpenMP threads sleep instead of spinning: on a shared CPU machine spinning threads made
 # the CPU work of a run up to 7x slower (OMP_WAIT_POLICY set by the caller wins).
 if ! command -v nvidia-smi >/dev/null 2>&1; then export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}; fi
+# Ranks talk over two transports: gloo's TCP (host-side collectives: flags, step numbers, file copies) and
+# NCCL (GPU tensors). Each picks its own interface and may pick one the other nodes cannot reach (docker0,
+# a management NIC), so one knob sets both; GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME set by the caller win.
+if [ -n "${NET_IFNAME:-}" ]; then
+  export GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-$NET_IFNAME} NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-$NET_IFNAME}
+fi
 
 rlhf_log_dir() {  # ARGS: --config FILE [--set k=v ...] -> the run dir's logs/ (runs/logs if the config is bad)
   [ -n "${LOG_DIR:-}" ] && { echo "$LOG_DIR"; return; }

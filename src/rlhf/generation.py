@@ -9,7 +9,13 @@ tens of milliseconds where reading the weights takes well under one. This path r
   the forward makes no host-side decision from tensor values (graph-safe);
 - on CUDA (`use_graph`), the one-token decode forward captured once as a CUDA graph and replayed for every
   token; captured again only when the batch shape or the weights' storage changes (a ZeRO-3 actor is
-  gathered into new storage for each rollout). Where capture fails, decoding goes on eagerly, with a warning.
+  gathered into new storage for each rollout). Where capture fails, decoding goes on eagerly, with one
+  warning per decoder; capture is tried again for a new batch shape or model, and at the next rollout after
+  running out of memory (which may pass), never again for a shape and model where it failed otherwise;
+- `release()` after a rollout frees the cache, the buffers and the graph's memory pool for the experience
+  and update phases; the next rollout allocates them again;
+- "has every row stopped?" read on the host every DONE_CHECK_EVERY tokens instead of every token, with the
+  tokens past the last row's stop cut off and the random generator put back as it was after that step.
 
 Sampling follows HF's rules exactly (temperature, then top-k, then top-p, on float32 logits, one
 `torch.multinomial` draw per step on the default generator), rows that emitted an EOS get the pad id
@@ -31,6 +37,10 @@ from torch import Tensor
 from rlhf.ppo_math import response_mask
 
 log = logging.getLogger("rlhf")
+
+# Decode steps between host reads of "has every row stopped?": each read waits for the GPU to drain, which
+# stalls the queue of the next steps; a batch that ends early decodes at most this many steps in vain.
+DONE_CHECK_EVERY = 8
 
 
 @dataclass(frozen=True)
@@ -100,6 +110,8 @@ class StaticDecoder:
         self._graph_key = None  # also the weights' storage addresses
         self._bufs: dict[str, Tensor] = {}
         self.capture_seconds: float | None = None
+        self.capture_error: str | None = None  # why the first failed capture failed (warned once)
+        self._failed_key = None  # the buffers' key a capture failed for: not tried again for it
 
     # ------------------------------------------------------------------ buffers
 
@@ -117,6 +129,14 @@ class StaticDecoder:
             self._key, self._graph, self._graph_key = key, None, None
         else:
             self.cache.reset()
+
+    def release(self) -> None:
+        """Free the static cache, the decode buffers and the CUDA graph with its memory pool (call after a
+        rollout, so the experience and update phases have that memory); the next `generate` allocates them
+        again. The memory goes back to torch's caching allocator, which reuses it (a dead graph's pool once
+        it needs the room)."""
+        self.cache, self._key, self._bufs = None, None, {}
+        self._graph, self._graph_key = None, None
 
     def _decode_forward(self, model) -> Tensor:
         """One token per row through the model at the cache's next slot: [B, V] logits (a static buffer
@@ -150,19 +170,33 @@ class StaticDecoder:
         (log.info if first else log.debug)("rollout: decode step captured as a CUDA graph in %.2f s",
                                            self.capture_seconds)
 
+    def _buffers_on_gpu(self) -> bool:
+        """Whether the decode buffers live on a GPU, where a CUDA graph can replay the step on them."""
+        return torch.cuda.is_available() and self._bufs["ids"].is_cuda
+
     def _graph_ready(self, model) -> bool:
-        if not (self.use_graph and torch.cuda.is_available() and self._bufs["ids"].is_cuda):
+        """Whether to replay the graph this rollout, capturing it first when needed (and worth trying)."""
+        if not (self.use_graph and self._buffers_on_gpu()):
             return False
         if self._graph is not None and self._graph_key == self._weights_key(model):
             return True
+        if self._failed_key == self._key:  # same batch shape and model: it would fail the same way
+            return False
         try:
             self._capture(model)
             return True
-        except Exception as err:  # an op the graph cannot hold: decode eagerly for the rest of the run
-            log.warning("rollout: could not capture the decode step as a CUDA graph (%s); decoding without it",
-                        str(err).splitlines()[0] if str(err) else type(err).__name__)
-            self.use_graph, self._graph = False, None
+        except Exception as err:  # an op the graph cannot hold, or no memory for its pool: decode eagerly
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            # out of memory may pass (the next rollout may find the room); anything else would fail again
+            self._failed_key = None if isinstance(err, torch.cuda.OutOfMemoryError) else self._key
+            self._graph = None
             self.cache.reset()
+            if self.capture_error is None:
+                self.capture_error = reason
+                log.warning("rollout: could not capture the decode step as a CUDA graph (%s); decoding without "
+                            "it (tried again for another batch shape or after running out of memory)", reason)
+            else:
+                log.debug("rollout: CUDA graph capture failed again (%s)", reason)
             return False
 
     # ------------------------------------------------------------------ sampling
@@ -172,6 +206,8 @@ class StaticDecoder:
                  eos_ids: list[int], pad_id: int) -> Tensor:
         """[B, R] sampled tokens (R <= max_new_tokens), the pad id after each row's first EOS."""
         batch, p = prompt_ids.shape
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         if p + max_new_tokens > self.max_len:
             raise ValueError(f"prompt {p} + {max_new_tokens} new tokens exceed the cache's {self.max_len} slots")
         device = prompt_ids.device
@@ -188,14 +224,27 @@ class StaticDecoder:
         next_pos = prompt_mask.long().sum(dim=1, keepdim=True)
         eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
         done = torch.zeros(batch, dtype=torch.bool, device=device)
-        tokens = []
+        rng = None if sampling.greedy else _default_generator(device)
+        tokens, after_draw, checked = [], [], 0  # after_draw[i]: the generator's state after step checked + i
         for step in range(max_new_tokens):
             token = next_tokens(logits, sampling)
+            if rng is not None:
+                after_draw.append(rng.get_state())  # host-side (a CUDA generator's seed and offset): no sync
             token = torch.where(done, pad_id, token)
             tokens.append(token)
             done |= torch.isin(token, eos)
-            if step == max_new_tokens - 1 or bool(done.all()):
-                break
+            last = step == max_new_tokens - 1
+            if last or (step + 1) % DONE_CHECK_EVERY == 0:
+                ids = torch.stack(tokens, dim=1)
+                # one host read: the step the last row emitted its (first) EOS at, or -1 while a row goes on
+                stop = int(torch.where(done.all(), torch.isin(ids, eos).int().argmax(dim=1).max(), -1))
+                if stop >= 0:  # end as a check after every token would have, the generator as that step left it
+                    if rng is not None:
+                        rng.set_state(after_draw[stop - checked])
+                    return ids[:, :stop + 1]
+                if last:
+                    break
+                after_draw, checked = [], step + 1
             self._bufs["mask"][..., p + step] = 0  # as HF: every generated slot counts, padding after EOS included
             self._bufs["ids"].copy_(token[:, None])
             self._bufs["pos"].copy_(next_pos + step)
@@ -204,7 +253,14 @@ class StaticDecoder:
                 logits = self._bufs["logits"]
             else:
                 logits = self._decode_forward(model)
-        return torch.stack(tokens, dim=1)
+        return ids
+
+
+def _default_generator(device: torch.device) -> torch.Generator:
+    """The generator `torch.multinomial` draws from for tensors on `device`."""
+    if device.type == "cuda":
+        return torch.cuda.default_generators[device.index]  # a tensor's CUDA device always has its index
+    return torch.default_generator
 
 
 # ------------------------------------------------------------------------------------ the one way to sample

@@ -6,12 +6,17 @@ which these tests run eagerly. Equality with HF is exact here (same float32 math
 
 from __future__ import annotations
 
+import logging
+import sys
+import weakref
+
 import pytest
 import torch
 
-from rlhf import models
+from rlhf import generation, models
 from rlhf.batching import encode_prompts
 from rlhf.generation import Sampling, StaticDecoder, prefill_mask, warp_logits
+from rlhf.ppo_math import response_mask
 
 QUESTIONS = ["What is the capital of France?", "Hi", "Tell me a long story about penguins and the sea, please.",
              "Why?", "How many legs does a spider have?"]
@@ -138,3 +143,130 @@ def test_generation_setting_picks_the_decoder():
     for device in ("cpu", torch.device("cuda", 0)):  # auto: HF generate until graph is measured faster
         assert make_decoder(PPOCfg(generation="auto"), 32, device) is None
         assert make_decoder(PPOCfg(generation="hf"), 32, device) is None
+
+
+SAMPLED, GREEDY = Sampling(temperature=1.0), Sampling(greedy=True)
+
+
+def _kwargs(tok, max_new: int, sampling: Sampling = GREEDY, eos: list[int] | None = None) -> dict:
+    """`StaticDecoder.generate`'s keyword arguments (EOS: the tokenizer's unless given)."""
+    return {"max_new_tokens": max_new, "sampling": sampling, "eos_ids": eos or [tok.eos_token_id],
+            "pad_id": tok.pad_token_id}
+
+
+def _failing_capture(monkeypatch, error: Exception) -> list[int]:
+    """Make every CUDA-graph capture fail with `error` (its first call, the side stream, raises), as on a GPU
+    where the decode step holds an op a graph cannot; returns the list of attempts."""
+    attempts: list[int] = []
+
+    def stream(*args, **kwargs):
+        attempts.append(1)
+        raise error
+
+    monkeypatch.setattr(torch.cuda, "Stream", stream)
+    return attempts
+
+
+def test_a_failed_graph_capture_warns_once_with_its_reason_and_decodes_eagerly(policy, monkeypatch, caplog):
+    tok, model, ids, mask = policy
+    eager = StaticDecoder(64, use_graph=False).generate(model, ids, mask, **_kwargs(tok, 10))
+    attempts = _failing_capture(monkeypatch, RuntimeError("CUDA error: operation not permitted when stream is "
+                                                          "capturing\nCompile with TORCH_USE_CUDA_DSA ..."))
+    decoder = StaticDecoder(64, use_graph=True)
+    monkeypatch.setattr(decoder, "_buffers_on_gpu", lambda: True)  # as on a GPU
+    with caplog.at_level(logging.DEBUG, logger="rlhf"):
+        outs = [decoder.generate(model, ids, mask, **_kwargs(tok, 10)) for _ in range(3)]
+        assert len(attempts) == 1  # the same batch and model would fail the same way: not tried per rollout
+        decoder.generate(model, ids[:2], mask[:2], **_kwargs(tok, 10))  # another batch shape: worth a try
+        assert len(attempts) == 2
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "(CUDA error: operation not permitted when stream is capturing)" in warnings[0]
+    assert decoder.capture_error == "CUDA error: operation not permitted when stream is capturing"
+    assert decoder.use_graph  # still asked for: a later batch shape may capture
+    for out in outs:
+        assert torch.equal(out, eager)
+
+
+def test_a_capture_that_ran_out_of_memory_is_tried_again_next_rollout(policy, monkeypatch, caplog):
+    tok, model, ids, mask = policy
+    eager = StaticDecoder(64, use_graph=False).generate(model, ids, mask, **_kwargs(tok, 6))
+    attempts = _failing_capture(monkeypatch, torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate"))
+    decoder = StaticDecoder(64, use_graph=True)
+    monkeypatch.setattr(decoder, "_buffers_on_gpu", lambda: True)
+    with caplog.at_level(logging.WARNING, logger="rlhf"):
+        outs = [decoder.generate(model, ids, mask, **_kwargs(tok, 6)) for _ in range(3)]
+    assert len(attempts) == 3  # the memory may be there at the next rollout
+    assert [r.levelno for r in caplog.records] == [logging.WARNING]  # still one warning
+    assert all(torch.equal(out, eager) for out in outs)
+
+
+def test_release_frees_the_cache_and_the_next_rollout_allocates_it_again(policy):
+    tok, model, ids, mask = policy
+    decoder = StaticDecoder(64, use_graph=False)
+    first = decoder.generate(model, ids, mask, **_kwargs(tok, 10))
+    layer = decoder.cache.layers[0]
+    keys, ids_buf = weakref.ref(layer.keys), weakref.ref(decoder._bufs["ids"])
+    del layer
+    decoder.release()
+    assert decoder.cache is None and decoder._bufs == {} and decoder._graph is None
+    assert keys() is None and ids_buf() is None  # nothing else holds them: the memory is free
+    again = decoder.generate(model, ids, mask, **_kwargs(tok, 10))
+    assert decoder.cache is not None and torch.equal(again, first)
+
+
+def _host_reads(monkeypatch) -> list[str]:
+    """Record every read of a tensor's value onto the host (a device sync on a GPU) that generation.py makes."""
+    reads: list[str] = []
+    for name in ("__bool__", "__int__", "__float__", "item", "tolist"):
+        real = getattr(torch.Tensor, name)
+
+        def wrapper(self, *args, _real=real, _name=name, **kwargs):
+            if sys._getframe(1).f_code.co_filename == generation.__file__:
+                reads.append(_name)
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, wrapper)
+    return reads
+
+
+def _rollouts(decoder, model, ids, mask, kwargs, seed: int = 11):
+    """Two rollouts in a row from one seed, with the generator's state after them."""
+    torch.manual_seed(seed)
+    first = decoder.generate(model, ids, mask, **kwargs)
+    second = decoder.generate(model, ids, mask, **kwargs)
+    return first, second, torch.get_rng_state()
+
+
+@pytest.mark.parametrize(("sampling", "ends"), [
+    (SAMPLED, [2, 5, 10, 7, 3]), (SAMPLED, [0, 3, 1, 2, 0]), (SAMPLED, [12, 17, 9, 16, 11]), (SAMPLED, None),
+    (GREEDY, [0] * 5), (GREEDY, None),  # the tiny random model repeats one token greedily: all end together
+], ids=["rows_end_at_2_to_10", "all_end_before_the_first_check", "rows_end_at_9_to_17", "sampled_no_end",
+        "greedy_all_end_at_once", "greedy_no_end"])
+def test_checking_for_the_end_every_few_tokens_changes_nothing(policy, monkeypatch, sampling, ends):
+    tok, model, ids, mask = policy
+    torch.manual_seed(11)
+    free = StaticDecoder(64, use_graph=False).generate(model, ids, mask, **_kwargs(tok, 20, sampling, [-1]))
+    # "EOS" ids that end row r at step ends[r] (or earlier, where the row drew another row's "EOS" first)
+    eos = [-1] if ends is None else sorted({int(free[r, at]) for r, at in enumerate(ends)})
+    kwargs = _kwargs(tok, 20, sampling, eos)
+    monkeypatch.setattr(generation, "DONE_CHECK_EVERY", 1)  # the reference: a host check after every token
+    every_token = _rollouts(StaticDecoder(64, use_graph=False), model, ids, mask, kwargs)
+    monkeypatch.setattr(generation, "DONE_CHECK_EVERY", 8)
+    reads = _host_reads(monkeypatch)
+    every_8 = _rollouts(StaticDecoder(64, use_graph=False), model, ids, mask, kwargs)
+    monkeypatch.undo()
+    for ours, ref in zip(every_8[:2], every_token[:2], strict=True):
+        assert torch.equal(ours, ref)
+        for got, want in zip(response_mask(ours, eos, tok.pad_token_id), response_mask(ref, eos, tok.pad_token_id),
+                             strict=True):
+            assert torch.equal(got, want)  # mask and has_eos
+    assert torch.equal(every_8[2], every_token[2])  # the generator left where per-token checks leave it
+    length = every_token[0].shape[1]
+    if ends is None:
+        assert length == 20
+    else:  # the batch ended when its last row did, before max_new_tokens
+        ended = [next(i for i, t in enumerate(row.tolist()) if t in eos) for row in every_token[0]]
+        assert length == max(ended) + 1 < 20
+        assert len(set(ended)) > 1 or sampling.greedy  # rows ended at different steps
+    # a host read per 8 tokens, and two at the end, instead of one per token (2 rollouts)
+    assert len(reads) <= 2 * (length // 8 + 2)

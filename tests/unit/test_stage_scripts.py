@@ -108,3 +108,27 @@ def test_omp_threads_sleep_by_default_without_a_gpu(given, expected, tmp_path):
     out = subprocess.run(["bash", "-c", 'source stages/lib.sh && echo "$OMP_WAIT_POLICY"'], cwd=ROOT, env=env,
                          capture_output=True, text=True, check=True).stdout.strip()
     assert out == expected
+
+
+@pytest.mark.parametrize(("given", "expected"), [
+    ({}, "|"),
+    ({"NET_IFNAME": "eth1"}, "eth1|eth1"),
+    ({"NET_IFNAME": "eth1", "NCCL_SOCKET_IFNAME": "ib0"}, "eth1|ib0"),  # a variable set by the caller wins
+    ({"GLOO_SOCKET_IFNAME": "lo"}, "lo|"),
+])
+def test_one_network_interface_knob_for_gloo_and_nccl(given, expected):
+    env = {k: v for k, v in os.environ.items() if k not in ("NET_IFNAME", "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")}
+    # a child process (the launcher and its ranks) must see them: exported, not just set
+    cmd = """source stages/lib.sh && bash -c 'echo "${GLOO_SOCKET_IFNAME:-}|${NCCL_SOCKET_IFNAME:-}"'"""
+    out = subprocess.run(["bash", "-c", cmd], cwd=ROOT, env={**env, **given}, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == expected
+
+
+def test_network_interface_knob_is_documented_where_multi_node_runs_start():
+    for doc in ("stages/README.md", "stages/slurm/stage.sbatch", "docker/README.md"):
+        text = (ROOT / doc).read_text()
+        assert "NET_IFNAME" in text, doc
+    readme = (ROOT / "stages/README.md").read_text()
+    assert "GLOO_SOCKET_IFNAME" in readme and "NCCL_SOCKET_IFNAME" in readme
+    assert "RLHF_COLLECTIVES_ALWAYS" in readme
