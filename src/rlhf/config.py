@@ -431,8 +431,10 @@ class DeepSpeedCfg:
     """Optimizer state in CPU memory."""
     offload_param: bool = False
     """Parameters in CPU memory (ZeRO-3 only)."""
-    torch_adam: bool | None = None
-    """Use torch's AdamW instead of DeepSpeed's compiled one; None: only when no CUDA is present."""
+    torch_adam: bool = True
+    """torch's AdamW (fused on the GPU), which needs no build. false: DeepSpeed's FusedAdam, or its CPU Adam
+    with offload_optimizer, compiled at first use (nvcc for FusedAdam on a GPU, else a C++ compiler), unless
+    DeepSpeed was installed with them prebuilt (DS_BUILD_OPS=1); preflight checks that it can be loaded."""
     config_file: str | None = None
     """A DeepSpeed JSON used as-is for the Trainer-based stages (overrides the keys above)."""
     actor: ZeroRoleCfg = field(default_factory=ZeroRoleCfg)

@@ -5,6 +5,11 @@ run in a plain process never load it. Two consumers:
 - Trainer-based stages (SFT, reward, DPO, ORPO) call `trainer_kwargs()` for the TrainingArguments
   keys that put the HF Trainer on DeepSpeed (or plain torch) with the right backend.
 - The PPO loop calls `ds_config()` per model role and `initialize()` to wrap each model.
+
+Every collective goes through the helpers at the bottom, and they do nothing at world size 1. With
+`RLHF_COLLECTIVES_ALWAYS=1` they run whenever a process group exists, even of one rank: a check on a
+one-GPU machine (launched with NUM_GPUS=1) then sends each of them through NCCL (GPU tensors) or gloo
+(host-side values), as a multi-GPU run does.
 """
 
 from __future__ import annotations
@@ -71,14 +76,30 @@ def backend() -> str:
 
 
 def device(run_device: str = "auto"):
-    """The run's device (one rule for every stage): `cuda:<local rank>` when CUDA is present and
-    `run.device` is not `cpu`, else the CPU. With fewer visible GPUs than local ranks (a scheduler that
-    shows each rank only its own GPU), the local rank wraps around the visible ones."""
+    """The run's device (one rule for every stage): `cuda:<LOCAL_RANK>` when CUDA is present and
+    `run.device` is not `cpu`, else the CPU.
+
+    That is the GPU DeepSpeed's engine takes as well (it calls `set_device(LOCAL_RANK)`); the deepspeed
+    launcher shows all ranks of a node the node's GPUs (`CUDA_VISIBLE_DEVICES=0,...,N-1`), and torchrun
+    leaves them all visible, so local rank r is visible GPU r. Also accepted: `CUDA_VISIBLE_DEVICES`
+    naming one device (a scheduler that binds each rank to its own GPU) gives `cuda:0` at any local rank;
+    plain torch runs there, while DeepSpeed's engine still asks for `cuda:<LOCAL_RANK>` and fails, so
+    DeepSpeed needs one launcher per node. Any other local rank at or past the visible GPU count is a
+    ConfigError: two ranks would share a GPU (or DeepSpeed would pick another one than this).
+    """
     import torch
 
-    if run_device != "cpu" and cuda_available():
-        return torch.device("cuda", local_rank() % max(torch.cuda.device_count(), 1))
-    return torch.device("cpu")
+    if run_device == "cpu" or not cuda_available():
+        return torch.device("cpu")
+    visible, index = torch.cuda.device_count(), local_rank()
+    if index < visible:
+        return torch.device("cuda", index)
+    shown = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible == 1 and shown is not None and len([d for d in shown.split(",") if d.strip()]) == 1:
+        return torch.device("cuda", 0)  # this rank's own GPU, bound by the scheduler
+    raise ConfigError(f"LOCAL_RANK={index} but this process sees {visible} GPU(s) (CUDA_VISIBLE_DEVICES="
+                      f"{shown if shown is not None else 'unset'}): launch one rank per visible GPU "
+                      f"(e.g. NUM_GPUS={visible})")
 
 
 def run_dtype(cfg: PipelineConfig) -> str:
@@ -195,9 +216,80 @@ def cleanup(wait_for_others: bool = True) -> None:
 
 
 def _torch_adam(ds: DeepSpeedCfg) -> bool:
-    # DeepSpeed's fused/CPU Adam kernels are compiled on first use (about a minute); on CPU-only
-    # machines torch's AdamW is as fast at these sizes.
-    return (not cuda_available()) if ds.torch_adam is None else ds.torch_adam
+    """Whether DeepSpeed builds torch's AdamW (true unless `deepspeed.torch_adam: false`)."""
+    # DeepSpeed's own Adam kernels (FusedAdam on the GPU, CPU Adam with offload) are compiled at first use:
+    # about a minute per fresh machine, and a failed run on an image without nvcc or a C++ compiler.
+    # torch's AdamW needs no build and runs as one fused kernel on the GPU, so it is the default.
+    return ds.torch_adam is not False
+
+
+def _adam_params(ds: DeepSpeedCfg, *, offloaded: bool) -> dict[str, Any]:
+    """The `optimizer.params` keys that pick torch's AdamW (`torch_adam`) or DeepSpeed's compiled one.
+
+    DeepSpeed passes the other params on to `torch.optim.AdamW`, so `fused` runs torch's single-kernel
+    step where the optimizer states live on the GPU (not offloaded)."""
+    params: dict[str, Any] = {"torch_adam": _torch_adam(ds)}
+    if params["torch_adam"] and cuda_available() and not offloaded:
+        params["fused"] = True
+    return params
+
+
+def _timers_off() -> dict[str, Any]:
+    """The `timers` block that turns DeepSpeed's throughput timer off (a new dict: configs get edited)."""
+    # DeepSpeed's throughput timer synchronizes the device at the start of each forward once an engine has
+    # taken two optimizer steps (runtime/engine.py `_forward_prologue`, utils/timer.py): that stalls every
+    # step, and a synchronize inside a CUDA-graph capture raises. Nothing here reads the timer.
+    return {"throughput": {"enabled": False}}
+
+
+def hidden_size_of(config) -> int:
+    """The hidden size transformers' "auto" DeepSpeed keys use: `hidden_size`, else the largest of
+    `hidden_sizes`, else the same from `text_config` (multimodal models)."""
+    from rlhf.errors import ModelError
+
+    for conf in (config, getattr(config, "text_config", None)):
+        if getattr(conf, "hidden_size", None):
+            return int(conf.hidden_size)
+        if getattr(conf, "hidden_sizes", None):
+            return int(max(conf.hidden_sizes))
+    raise ModelError(f"{type(config).__name__}: the model's config has neither hidden_size nor hidden_sizes, "
+                     "which size DeepSpeed's ZeRO buckets; set deepspeed.enabled: false to run it without DeepSpeed")
+
+
+def model_hidden_size(model) -> int:
+    """`hidden_size_of` the config of `model` or of the first submodule that has one (PPO's `ScalarHead`
+    wraps a classifier)."""
+    from rlhf.errors import ModelError
+
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None:
+            return hidden_size_of(config)
+    raise ModelError(f"{type(model).__name__}: no module of the model has a config to size DeepSpeed's ZeRO "
+                     "buckets from; set deepspeed.enabled: false to run it without DeepSpeed")
+
+
+def bucket_sizes(hidden_size: int | str, zero_stage: int) -> dict[str, int | str]:
+    """ZeRO's bucket keys for a model of `hidden_size`, by transformers' "auto" rule: a gradient reduce
+    bucket of hidden^2 elements; under ZeRO-3 parameters are prefetched up to 0.9 hidden^2 elements and
+    those under 10 hidden elements stay gathered; ZeRO-1/2 all-gather the updated weights in chunks of
+    hidden^2 (even: DeepSpeed asserts 2-element alignment). Left unset, DeepSpeed allocates a 5e8-element
+    reduce bucket (0.93 GiB in bf16) per trained engine, whatever the model.
+
+    `hidden_size="auto"` leaves the three keys transformers fills from the model to the HF Trainer; it does
+    not fill the all-gather bucket, which allocates nothing (it gathers into the flat weights in place).
+    """
+    if hidden_size == "auto":
+        stage3 = {"stage3_prefetch_bucket_size": "auto", "stage3_param_persistence_threshold": "auto"}
+        return {"reduce_bucket_size": "auto", **(stage3 if zero_stage == 3 else {})}
+    square = int(hidden_size) * int(hidden_size)
+    sizes: dict[str, int | str] = {"reduce_bucket_size": square}
+    if zero_stage == 3:
+        sizes["stage3_prefetch_bucket_size"] = int(0.9 * square)
+        sizes["stage3_param_persistence_threshold"] = 10 * int(hidden_size)
+    elif zero_stage in (1, 2):
+        sizes["allgather_bucket_size"] = square + square % 2
+    return sizes
 
 
 def zero_section(role: ZeroRoleCfg, *, train: bool) -> dict[str, Any]:
@@ -213,32 +305,38 @@ def zero_section(role: ZeroRoleCfg, *, train: bool) -> dict[str, Any]:
 
 
 def ds_config(ds: DeepSpeedCfg, role: ZeroRoleCfg, *, train: bool, micro_batch: int | str, grad_accum: int | str,
-              max_grad_norm: float | str = "auto", dtype: str = "float32", lr: float | str = "auto",
-              with_optimizer: bool = True) -> dict[str, Any]:
+              hidden_size: int | str, max_grad_norm: float | str = "auto", dtype: str = "float32",
+              lr: float | str = "auto", with_optimizer: bool = True) -> dict[str, Any]:
     """A DeepSpeed config dict for one model.
 
     `train=False` gives an inference engine (no optimizer). `with_optimizer=False` leaves the optimizer to
-    the caller (the PPO loop builds its own AdamW). Values may be "auto" for the HF Trainer to fill in.
+    the caller (the PPO loop builds its own AdamW). `hidden_size` (the model's) sizes ZeRO's buckets
+    (`bucket_sizes`). Values may be "auto" for the HF Trainer to fill in. The throughput timer is off.
     """
+    zero = zero_section(role, train=train)
+    zero.update(bucket_sizes(hidden_size, role.zero_stage))
     cfg: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": grad_accum,
-        "zero_optimization": zero_section(role, train=train),
+        "zero_optimization": zero,
         "bf16": {"enabled": dtype == "bfloat16"},
         "fp16": {"enabled": dtype == "float16"},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
+        "timers": _timers_off(),
     }
     if train:
         cfg["gradient_clipping"] = max_grad_norm
         if with_optimizer:
-            cfg["optimizer"] = {"type": "AdamW", "params": {"lr": lr, "betas": "auto", "eps": "auto",
-                                                            "weight_decay": "auto", "torch_adam": _torch_adam(ds)}}
+            params = {"lr": lr, "betas": "auto", "eps": "auto", "weight_decay": "auto"}
+            cfg["optimizer"] = {"type": "AdamW",
+                                "params": {**params, **_adam_params(ds, offloaded="offload_optimizer" in zero)}}
     return cfg
 
 
 def trainer_ds_config(cfg: PipelineConfig) -> dict[str, Any]:
-    """DeepSpeed config for a Trainer-based stage: the user's JSON file, or one built from `deepspeed`."""
+    """DeepSpeed config for a Trainer-based stage: the user's JSON file, or one built from `deepspeed`
+    (bucket sizes "auto": the HF Trainer fills them from its model's hidden size)."""
     ds = cfg.deepspeed
     if ds.config_file:
         path = Path(ds.config_file)
@@ -250,21 +348,68 @@ def trainer_ds_config(cfg: PipelineConfig) -> dict[str, Any]:
             raise ConfigError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
     role = ZeroRoleCfg(zero_stage=ds.zero_stage, offload_param=ds.offload_param,
                        offload_optimizer=ds.offload_optimizer)
-    return ds_config(ds, role, train=True, micro_batch="auto", grad_accum="auto", dtype=run_dtype(cfg))
+    return ds_config(ds, role, train=True, micro_batch="auto", grad_accum="auto", hidden_size="auto",
+                     dtype=run_dtype(cfg))
+
+
+def _offloaded(zero: dict[str, Any]) -> bool:
+    """Whether a `zero_optimization` block puts the optimizer state in CPU memory or on NVMe."""
+    section = zero.get("offload_optimizer")
+    return isinstance(section, dict) and section.get("device", "none") != "none"
 
 
 def _fit_to_machine(ds_json: dict[str, Any], ds: DeepSpeedCfg) -> dict[str, Any]:
-    """Without CUDA: torch's AdamW instead of a compiled kernel, and no pinned memory."""
+    """A user's DeepSpeed JSON, with what it leaves unset filled in: the throughput timer off, and torch's
+    AdamW for an Adam/AdamW block unless `deepspeed.torch_adam: false` (fused where its states are on the
+    GPU). Without CUDA also torch's AdamW where the file asks for DeepSpeed's (a C++ build on every fresh
+    machine), and no pinned memory."""
+    timers = ds_json.setdefault("timers", {})
+    if isinstance(timers, dict):
+        timers.setdefault("throughput", _timers_off()["throughput"])
+    zero = ds_json.get("zero_optimization", {})
+    optimizer = ds_json.get("optimizer")
+    adam = isinstance(optimizer, dict) and str(optimizer.get("type", "")).lower() in ("adam", "adamw")
+    if adam and _torch_adam(ds):  # DeepSpeed reads torch_adam for these two types only
+        params = optimizer.setdefault("params", {})
+        fused = _adam_params(ds, offloaded=_offloaded(zero)).get("fused", False)
+        if not cuda_available():
+            params["torch_adam"] = True
+        elif params.setdefault("torch_adam", True) and fused and "foreach" not in params:  # torch: not both
+            params.setdefault("fused", True)
     if cuda_available():
         return ds_json
-    optimizer = ds_json.get("optimizer")
-    if isinstance(optimizer, dict) and _torch_adam(ds):
-        optimizer.setdefault("params", {})["torch_adam"] = True
     for key in ("offload_optimizer", "offload_param"):
-        section = ds_json.get("zero_optimization", {}).get(key)
+        section = zero.get(key)
         if isinstance(section, dict):
             section["pin_memory"] = False
     return ds_json
+
+
+def compiled_optimizer_ops(cfg: PipelineConfig, stages: list[str]) -> dict[str, str]:
+    """DeepSpeed op builders whose compiled optimizer `stages` would load under DeepSpeed, each with the
+    setting that asks for it; empty when every optimizer is torch's (the default: nothing to build).
+
+    Trainer stages run the config's Adam/AdamW block: FusedAdam, or CPU Adam when it offloads the optimizer
+    state. PPO hands DeepSpeed its own torch AdamW except for a role whose optimizer is offloaded, where
+    DeepSpeed builds one from the config (`wrap`). Raises ConfigError for an unreadable config file."""
+    ops: dict[str, str] = {}
+    if any(stage != "ppo" for stage in stages):
+        conf = trainer_ds_config(cfg)
+        optimizer = conf.get("optimizer")
+        params = (optimizer.get("params") or {}) if isinstance(optimizer, dict) else {}
+        if (isinstance(optimizer, dict) and str(optimizer.get("type", "")).lower() in ("adam", "adamw")
+                and not params.get("torch_adam", False)):
+            # with deepspeed.torch_adam left true, only the file's own `torch_adam: false` turns it off
+            key = ("deepspeed.torch_adam: false" if not _torch_adam(cfg.deepspeed)
+                   else f"{cfg.deepspeed.config_file}: optimizer.params.torch_adam false")
+            offloaded = _offloaded(conf.get("zero_optimization", {}))
+            ops["CPUAdamBuilder" if offloaded else "FusedAdamBuilder"] = key
+    if "ppo" in stages and not _torch_adam(cfg.deepspeed):
+        for role in ("actor", "critic"):
+            if offloads_optimizer(cfg.deepspeed.role(role)):
+                ops.setdefault("CPUAdamBuilder", f"deepspeed.torch_adam: false with the {role}'s optimizer "
+                               "offloaded")
+    return ops
 
 
 def trainer_kwargs(cfg: PipelineConfig, train: TrainCfg) -> dict[str, Any]:
@@ -522,14 +667,62 @@ def offloads_optimizer(role: ZeroRoleCfg) -> bool:
     return role.offload_optimizer and role.zero_stage > 0
 
 
+def _set_ds_accelerator(device) -> None:
+    """DeepSpeed's accelerator for a run on `device` (it is chosen once, when DeepSpeed is first imported)."""
+    on_cpu = device is None or getattr(device, "type", str(device)) == "cpu"
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if on_cpu or not cuda_available() else "cuda")
+
+
+def role_config(ds: DeepSpeedCfg, role: str, *, train: bool, micro_batch: int, grad_accum: int,
+                max_grad_norm: float = 0.0, dtype: str = "float32", hidden_size: int | str = "auto") -> dict[str, Any]:
+    """The DeepSpeed config of one PPO model (`role`: actor, critic, ref, reward) with its own ZeRO settings,
+    and without an optimizer block (`wrap` adds what it needs). A frozen model (`train=False`) runs at stage
+    3 or 0: ZeRO-1/2 shard only optimizer state and gradients, which it has none of. `hidden_size` (the
+    model's, `model_hidden_size`) sizes ZeRO's buckets; "auto" leaves DeepSpeed's defaults, for a config
+    that builds no engine."""
+    role_cfg = ds.role(role)
+    if not train:
+        role_cfg = ZeroRoleCfg(zero_stage=3 if role_cfg.zero_stage == 3 else 0,
+                               offload_param=role_cfg.offload_param, offload_optimizer=False)
+    conf = ds_config(ds, role_cfg, train=train, micro_batch=micro_batch, grad_accum=grad_accum,
+                     hidden_size=hidden_size, max_grad_norm=max_grad_norm, dtype=dtype, with_optimizer=False)
+    if not train:
+        conf["gradient_accumulation_steps"] = 1
+    return conf
+
+
+@contextlib.contextmanager
+def partitioned_loading(ds: DeepSpeedCfg, role: str, *, train: bool, micro_batch: int, grad_accum: int,
+                        dtype: str, device=None):
+    """Around loading one PPO model. Under DeepSpeed with the role at ZeRO-3, transformers builds the model
+    already partitioned over the ranks (DeepSpeed's zero.Init, from this role's config) and each rank keeps
+    only its shard, where a plain load would hold the whole model on every rank until `wrap` shards it
+    (for an 8B PPO run on 8 ranks, four full models per rank). Collective then: every rank loads.
+    Elsewhere it does nothing."""
+    if not use_deepspeed(ds) or ds.role(role).zero_stage != 3:
+        yield
+        return
+    _set_ds_accelerator(device)
+    skip_cpu_shm_comm()
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    conf = role_config(ds, role, train=train, micro_batch=micro_batch, grad_accum=grad_accum, dtype=dtype)
+    registered = HfDeepSpeedConfig(conf)  # registers itself (by weak reference) for from_pretrained
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+        del registered
+
+
 def wrap(model, ds: DeepSpeedCfg, role: str, *, adamw: AdamW | None = None, micro_batch: int = 1,
          grad_accum: int = 1, max_grad_norm: float = 0.0, dtype: str = "float32", device=None):
     """One PPO model as an engine: DeepSpeed with the role's own ZeRO settings when DeepSpeed is on,
     else a `PlainEngine` on `device`. Without `adamw` the model is inference-only (no optimizer state).
 
     The optimizer is trained parameters only, with a constant schedule. Under DeepSpeed with the role's
-    optimizer offloaded, DeepSpeed builds it from the config (its CPU Adam kernel, or torch's AdamW with
-    `deepspeed.torch_adam`), since it refuses a client optimizer with offload; otherwise it is torch's
+    optimizer offloaded, DeepSpeed builds it from the config (torch's AdamW, or its CPU Adam kernel with
+    `deepspeed.torch_adam: false`), since it refuses a client optimizer with offload; otherwise it is torch's
     AdamW (fused where the device has the kernel, for the plain engine).
 
     Both engines expose `.module`, `.backward(loss)`, `.step()`, `.train()`, `.eval()` and
@@ -553,19 +746,13 @@ def wrap(model, ds: DeepSpeedCfg, role: str, *, adamw: AdamW | None = None, micr
         optimizer = adamw.build(masters.masters if masters else params, fused=True)
         return PlainEngine(model, optimizer, constant_schedule(optimizer), grad_accum=grad_accum,
                            max_grad_norm=max_grad_norm, masters=masters)
-    on_cpu = device is None or getattr(device, "type", str(device)) == "cpu"
-    os.environ.setdefault("DS_ACCELERATOR", "cpu" if on_cpu or not cuda_available() else "cuda")
-    role_cfg = ds.role(role)
+    _set_ds_accelerator(device)
     train = adamw is not None
-    if not train:  # ZeRO-1/2 shard only optimizer state and gradients: without an optimizer, stage 0
-        role_cfg = ZeroRoleCfg(zero_stage=3 if role_cfg.zero_stage == 3 else 0,
-                               offload_param=role_cfg.offload_param, offload_optimizer=False)
-    conf = ds_config(ds, role_cfg, train=train, micro_batch=micro_batch, grad_accum=grad_accum,
-                     max_grad_norm=max_grad_norm, dtype=dtype, with_optimizer=False)
+    conf = role_config(ds, role, train=train, micro_batch=micro_batch, grad_accum=grad_accum,
+                       max_grad_norm=max_grad_norm, dtype=dtype, hidden_size=model_hidden_size(model))
     if not train:
-        conf["train_batch_size"] = micro_batch * world_size()
-        conf["gradient_accumulation_steps"] = 1
         return initialize(model, conf)
+    role_cfg = ds.role(role)
     if offloads_optimizer(role_cfg):
         conf["optimizer"] = adamw.ds_section(_torch_adam(ds))
         conf["zero_force_ds_cpu_optimizer"] = False  # torch's AdamW on the CPU partition, when torch_adam
@@ -664,28 +851,46 @@ def local_numel(eng) -> dict[str, int]:
 
 
 # --------------------------------------------------------------------------- collectives
-# Every torch.distributed call of the package goes through here. A tensor is moved to the device the
-# process group's backend serves (NCCL: the current GPU; gloo, or a group with a `cpu:` backend: the CPU)
-# and the result copied back, so callers build their tensors wherever they live.
+# Every torch.distributed call of the package goes through here. A tensor stays where it lives when the
+# process group's backend serves that device (`cpu:gloo,cuda:nccl`: CUDA tensors over NCCL, CPU ones over
+# gloo); otherwise it is moved to the device the backend does serve (NCCL alone: the current GPU; gloo
+# alone: the CPU) and the result copied back, so callers build their tensors wherever they live.
+
+COLLECTIVES_ALWAYS = "RLHF_COLLECTIVES_ALWAYS"
+# The device type a single-backend group serves here. gloo also takes CUDA tensors, copying them to the
+# host itself; moving them to the CPU here instead keeps one rule for every collective.
+_BACKEND_DEVICE = {"gloo": "cpu", "mpi": "cpu", "nccl": "cuda"}
 
 
 def _dist():
-    """torch.distributed when a process group with more than one rank exists, else None."""
+    """torch.distributed when a process group with more than one rank exists (any process group with
+    RLHF_COLLECTIVES_ALWAYS=1, so a one-GPU check sends every collective through NCCL), else None."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    if dist.get_world_size() > 1 or os.environ.get(COLLECTIVES_ALWAYS, "") not in ("", "0"):
         return dist
     return None
 
 
-def collective_device(backend_name: str | None = None):
-    """Where a tensor must live for the default process group's backend (`backend_name` overrides the
-    group's own, for tests)."""
+def collective_device(tensor_device, backend_name: str | None = None):
+    """Where a collective handles a tensor that lives on `tensor_device`: that device when the group's
+    backend serves its type (a CUDA tensor under `cpu:gloo,cuda:nccl` stays on its GPU), else the CPU when
+    the backend serves the CPU, else the current GPU. Decided from the two arguments alone, so tests on a
+    CPU can check the CUDA cases; `backend_name` defaults to the default process group's backend."""
     import torch
     import torch.distributed as dist
 
     name = str(backend_name if backend_name is not None else dist.get_backend()).lower()
-    if name in ("gloo", "mpi") or "cpu:" in name:
+    if ":" in name:  # "cpu:gloo,cuda:nccl": one backend per device type
+        served = {pair.split(":", 1)[0].strip() for pair in name.split(",")}
+    else:  # an unknown single backend is taken for a GPU one, as NCCL
+        served = {_BACKEND_DEVICE.get(name.strip(), "cuda")}
+    here = torch.device(tensor_device)
+    if here.type in served:
+        return here
+    if "cpu" in served:
         return torch.device("cpu")
     return torch.device("cuda", torch.cuda.current_device())
 
@@ -701,7 +906,7 @@ def all_reduce(tensor, op: str = "sum"):
     if op not in _REDUCE_OPS:
         raise ValueError(f"all_reduce: op must be one of {_REDUCE_OPS}, got {op!r}")
     reduce_op = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op]
-    moved = tensor.to(collective_device())
+    moved = tensor.to(collective_device(tensor.device))
     dist.all_reduce(moved, op=reduce_op)
     if moved is not tensor:
         tensor.copy_(moved)
@@ -725,7 +930,7 @@ def broadcast(tensor, src: int = 0):
     dist = _dist()
     if dist is None:
         return tensor
-    moved = tensor.to(collective_device())
+    moved = tensor.to(collective_device(tensor.device))
     dist.broadcast(moved, src=src)
     if moved is not tensor:
         tensor.copy_(moved)
@@ -735,16 +940,19 @@ def broadcast(tensor, src: int = 0):
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """A picklable object from rank `src` (what other ranks pass is ignored). Sent between the package's
     own ranks only; never used for data read from disk."""
+    import torch
+
     dist = _dist()
     if dist is None:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src, device=collective_device())
+    # the pickle is made in host memory: it stays there when gloo is in the group
+    dist.broadcast_object_list(box, src=src, device=collective_device(torch.device("cpu")))
     return box[0]
 
 
 def all_gather_object(obj: Any) -> list[Any]:
-    """Every rank's `obj`, in rank order."""
+    """Every rank's `obj`, in rank order (torch keeps the pickles on the CPU when the group serves it)."""
     dist = _dist()
     if dist is None:
         return [obj]
@@ -755,8 +963,8 @@ def all_gather_object(obj: Any) -> list[Any]:
 
 def average_gradients(params) -> None:
     """Average the gradients of `params` over ranks (what DDP does at the end of backward), one flat
-    buffer per dtype. A parameter without a gradient on this rank takes part with zeros, so every rank
-    reduces the same tensors; a no-op in a single process."""
+    buffer per (device, dtype), each reduced where it lives. A parameter without a gradient on this rank
+    takes part with zeros, so every rank reduces the same tensors; a no-op in a single process."""
     import torch
 
     dist = _dist()
@@ -766,10 +974,10 @@ def average_gradients(params) -> None:
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    by_dtype: dict[Any, list] = {}
+    groups: dict[tuple, list] = {}
     for p in params:
-        by_dtype.setdefault(p.grad.dtype, []).append(p)
-    for group in by_dtype.values():
+        groups.setdefault((str(p.grad.device), p.grad.dtype), []).append(p)
+    for group in groups.values():
         flat = torch.cat([p.grad.reshape(-1) for p in group])
         all_reduce(flat, "sum").div_(dist.get_world_size())
         offset = 0

@@ -30,15 +30,24 @@ layer's input, and the backward still runs through the frozen layers) plus rank-
 logits cost mb*T*V*4*2 (fp32 logits and their log-softmax). Inference keeps one layer's working set.
 PPO rollouts add the KV cache (2*L*kv_heads*head_dim*B*T*b) and, under ZeRO-3, the actor's full
 gathered weights (the rollout gathers them once, `engine.gathered_for_generation`). ZeRO-3 models also
-hold about two gathered layers (prefetch). A GPU counts as fitting when the peak is under 92% of its
-memory less 1 GiB (CUDA context, communication buffers, fragmentation).
+hold about two gathered layers (prefetch).
+
+DeepSpeed's buffers, sized from each model's hidden size H as the package sets them (`engine.bucket_sizes`)
+and allocated in the weights' dtype: a trained model at ZeRO >= 1 keeps a gradient reduce bucket of H^2
+elements, and a ZeRO-3 model (trained or not) prefetches up to 0.9*H^2 elements of parameters. ZeRO-1/2's
+all-gather bucket is only a chunk size (it gathers into the flat weights in place): no memory.
+
+A GPU counts as fitting when the peak is under 92% of its memory less 1 GiB (CONTEXT_RESERVE_GIB): the
+CUDA context, NCCL's own buffers, cuBLAS workspaces and fragmentation, none of which the estimate holds.
 
 Phases of PPO do not overlap, so the peak is the model states of all four models plus the largest of:
 rollout (gathered actor + KV cache), experience (the largest inference forward of the four models at
 micro-batch), update (the actor's or the critic's training activations, each on its own architecture).
 With `ppo.reuse_rollout_forward` the first micro-batch's actor and critic forwards keep their graphs
 from the experience forwards to the update: both graphs are added to the experience phase, and the
-update holds them together (the critic's graph waits through the actor's backward).
+update holds them together (the critic's graph waits through the actor's backward). With
+`ppo.generation: static | graph` the static decoder allocates its KV cache once and keeps it for the run,
+so the experience and update phases hold it too (and with `graph`, the captured step's B*V output logits).
 """
 
 from __future__ import annotations
@@ -47,11 +56,12 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from rlhf import engine
 from rlhf.config import DeepSpeedCfg, LoraCfg, PipelineConfig, ZeroRoleCfg
 
 GIB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-CONTEXT_RESERVE_GIB = 1.0
+CONTEXT_RESERVE_GIB = 1.0  # CUDA context, NCCL, cuBLAS workspaces, fragmentation: outside the estimate
 USABLE_FRACTION = 0.92
 
 # Architectures for hub ids whose config.json is not on this machine (offline planning). Numbers from the
@@ -227,6 +237,8 @@ class ModelMem:
     optimizer: float = 0.0
     working: float = 0.0
     """ZeRO-3 gathered layers (prefetch)."""
+    buckets: float = 0.0
+    """DeepSpeed's fixed buffers: the gradient reduce bucket (trained, ZeRO >= 1) and the ZeRO-3 prefetch."""
     cpu: float = 0.0
     local_param_numel: float = 0.0
     """Parameter elements this rank holds (its ZeRO-3 shard, else all), as in <run>/ppo/memory.json."""
@@ -235,7 +247,7 @@ class ModelMem:
 
     @property
     def state(self) -> float:
-        return self.weights + self.grads + self.optimizer + self.working
+        return self.weights + self.grads + self.optimizer + self.working + self.buckets
 
 
 def model_memory(role: str, params: int, arch: Arch, zero: ZeroRoleCfg, *, trained: bool, world: int,
@@ -253,6 +265,7 @@ def model_memory(role: str, params: int, arch: Arch, zero: ZeroRoleCfg, *, train
     m.cpu += shard * dtype_bytes if off_param else 0.0
     if z == 3:
         m.working = 2 * arch.largest_layer * dtype_bytes
+    m.buckets = bucket_bytes(arch.hidden, z, trained=trained, dtype_bytes=dtype_bytes)
     if trained:
         opt_shard = trainable / world if z >= 1 else trainable
         m.local_optim_numel = 2 * opt_shard
@@ -265,6 +278,16 @@ def model_memory(role: str, params: int, arch: Arch, zero: ZeroRoleCfg, *, train
             optim = 0.0
         m.grads, m.optimizer = grads, optim
     return m
+
+
+def bucket_bytes(hidden: int, zero_stage: int, *, trained: bool, dtype_bytes: int) -> float:
+    """DeepSpeed's buffers for one model at the bucket sizes `engine.ds_config` sets from `hidden`: the
+    reduce bucket of a trained model at ZeRO >= 1 (one buffer: overlap_comm, which doubles it, is off at
+    ZeRO-1/2 there) and ZeRO-3's prefetched parameters; ZeRO-1/2's all-gather bucket allocates nothing."""
+    sizes = engine.bucket_sizes(hidden, zero_stage)
+    elements = (sizes["reduce_bucket_size"] if trained and zero_stage >= 1 else 0)
+    elements += sizes.get("stage3_prefetch_bucket_size", 0)
+    return float(elements * dtype_bytes)
 
 
 def train_activations(arch: Arch, micro_batch: int, seq: int, dtype_bytes: int, *, lm: bool,
@@ -323,7 +346,8 @@ class Plan:
     def to_json(self) -> dict:
         return {"stage": self.stage, "world": self.world, "gpus": self.gpus, "nodes": self.nodes,
                 "dtype": self.dtype, "arch_source": self.arch_source, "peak_bytes": self.peak,
-                "state_bytes": self.state, "cpu_per_node_bytes": self.cpu_per_node, "phases": self.phases,
+                "state_bytes": self.state, "bucket_bytes": sum(m.buckets for m in self.models),
+                "cpu_per_node_bytes": self.cpu_per_node, "phases": self.phases,
                 "models": [{**asdict(m), "state": m.state} for m in self.models]}
 
 
@@ -401,6 +425,11 @@ def _ppo(cfg: PipelineConfig, plan: Plan, archs: tuple[Arch, Arch], b: int, add,
         plan.phases["update"] = actor_graph + critic_graph
     else:
         plan.phases["update"] = max(actor_graph, critic_graph)
+    # `ppo.generation: auto` samples with HF generate for now (stages/ppo/experience.make_decoder)
+    if ppo.generation in ("static", "graph"):  # the static decoder keeps its cache between rollouts
+        kept = kv + (ppo.rollout_batch_size * arch.vocab * b if ppo.generation == "graph" else 0.0)
+        plan.phases["experience"] += kept
+        plan.phases["update"] += kept
 
 
 # --------------------------------------------------------------------------- suggestions
@@ -465,13 +494,14 @@ def format_table(plan: Plan) -> str:
     lines = [f"{plan.stage}: {plan.world} rank(s) = {plan.gpus} GPU(s) x {plan.nodes} node(s), {plan.dtype} weights; "
              f"architecture from {plan.arch_source}",
              f"{'model':<8} {'params':>8} {'trained':>8} {'zero':>4} {'offload':>9} {'weights':>8} {'grads':>8} "
-             f"{'optim':>8} {'zero3buf':>8} {'state':>8}   ({name} per GPU)"]
+             f"{'optim':>8} {'zero3buf':>8} {'buckets':>8} {'state':>8}   ({name} per GPU)"]
     for m in plan.models:
         off = "+".join(x for x, on in (("opt", m.offload_optimizer), ("param", m.offload_param)) if on) or "-"
         trained = _count(m.trained_params) if m.trained else "-"
         lines.append(f"{m.role:<8} {_count(m.params):>8} {trained:>8} {m.zero_stage:>4} {off:>9} {num(m.weights)} "
-                     f"{num(m.grads)} {num(m.optimizer)} {num(m.working)} {num(m.state)}")
-    lines.append(f"{'states':<8} {'':>8} {'':>8} {'':>4} {'':>9} {'':>8} {'':>8} {'':>8} {'':>8} {num(plan.state)}")
+                     f"{num(m.grads)} {num(m.optimizer)} {num(m.working)} {num(m.buckets)} {num(m.state)}")
+    lines.append(f"{'states':<8} {'':>8} {'':>8} {'':>4} {'':>9} {'':>8} {'':>8} {'':>8} {'':>8} {'':>8} "
+                 f"{num(plan.state)}")
     what = {"rollout": "gathered actor + KV cache + prefill", "experience": "inference forwards (+ kept graphs)",
             "update": "training activations (+ kept graphs)", "train": "training activations"}
     for phase, extra in plan.phases.items():

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import socket
 import tempfile
 from dataclasses import dataclass
@@ -58,6 +59,7 @@ def check(cfg: PipelineConfig, stages: list[str] | None = None, *, standalone: b
     blockers += _check_models(cfg, stages)
     blockers += check_device(cfg, stages)
     blockers += _check_packages(cfg, stages)
+    blockers += check_optimizer_ops(cfg, stages)
     blockers += _check_output(cfg)
     if not blockers:
         blockers += check_fit(cfg, os.environ)
@@ -188,9 +190,106 @@ def _check_packages(cfg: PipelineConfig, stages: list[str]) -> list[Blocker]:
     problem = trackers.mlflow_store_problem(cfg.logging.report_to)
     if problem and not trackers.missing(["mlflow"]):
         out.append(Blocker("tracker.mlflow_store", f"{cfg.source}: logging.report_to has mlflow, but {problem}"))
+    out += check_torch_version()
     if "ppo" in stages and cfg.ppo.reward_fn:
         out += _check_reward_fn(cfg)
     return out
+
+
+def check_torch_version() -> list[Blocker]:
+    """The installed torch against the torch requirement transformers declares in its package metadata
+    (its `torch` extra). Below it transformers quietly runs without torch (`is_torch_available()` is
+    false), so no model loads and the errors name something else. Wheelhouses leave torch as it is."""
+    from importlib.metadata import PackageNotFoundError, requires, version
+
+    from packaging.requirements import InvalidRequirement, Requirement
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        installed, transformers_version = version("torch"), version("transformers")
+        declared = [Requirement(line) for line in requires("transformers") or []]
+        torch_version = Version(installed)
+    except (PackageNotFoundError, InvalidRequirement, InvalidVersion):
+        return []  # a missing package fails at its import with its own message
+    specs = [r.specifier for r in declared
+             if r.name == "torch" and (r.marker is None or r.marker.evaluate({"extra": "torch"}))]
+    if not specs or specs[0].contains(torch_version, prereleases=True):
+        return []
+    return [Blocker("package.torch_too_old", f"torch {installed} does not meet transformers {transformers_version}'s "
+                    f"requirement torch{specs[0]}: transformers then runs without torch and no model loads; install "
+                    f"torch{specs[0]} (on a GPU machine the CUDA build for its driver) or a transformers release "
+                    f"that supports torch {installed}")]
+
+
+def check_optimizer_ops(cfg: PipelineConfig, stages: list[str]) -> list[Blocker]:
+    """Under DeepSpeed with its compiled optimizer asked for (`deepspeed.torch_adam: false`, or a DeepSpeed
+    file's Adam block with `torch_adam: false`), the op each stage would load (`engine.compiled_optimizer_ops`:
+    FusedAdam, or CPU Adam with the optimizer offloaded) must be prebuilt or buildable here. Builds nothing."""
+    from rlhf import engine
+
+    if not engine.use_deepspeed(cfg.deepspeed) or importlib.util.find_spec("deepspeed") is None:
+        return []  # a missing deepspeed is reported by _check_packages
+    try:
+        ops = engine.compiled_optimizer_ops(cfg, stages)
+    except RlhfError as err:
+        return [Blocker("deepspeed.config_file", str(err))]
+    on_gpu = engine.device(cfg.run.device).type == "cuda"
+    out = []
+    for op, asked_by in ops.items():
+        gpu_op = on_gpu and op != "CPUAdamBuilder"  # CPU Adam runs on the host wherever the model is
+        builder = _op_builder(op, on_gpu)
+        problem = f"DeepSpeed has no {op} here" if builder is None else op_problem(builder, gpu_op=gpu_op)
+        if problem:
+            tool = "a CUDA toolkit (nvcc) matching torch's CUDA" if gpu_op else "a C++ compiler"
+            out.append(Blocker("deepspeed.op_unavailable", f"{cfg.source}: {asked_by} makes DeepSpeed load its "
+                               f"compiled {op.removesuffix('Builder')} optimizer, but {problem}; set "
+                               f"deepspeed.torch_adam: true (torch's AdamW, nothing to build), or install {tool} "
+                               "or a DeepSpeed built with its ops (DS_BUILD_OPS=1)"))
+    return out
+
+
+def _op_builder(name: str, on_gpu: bool):
+    """DeepSpeed's op builder `name` for the run's accelerator (None if it has none); nothing is built."""
+    # DeepSpeed picks its accelerator once, when first imported: the same choice engine.wrap makes
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if on_gpu else "cpu")
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().create_op_builder(name)
+
+
+def _prebuilt(builder) -> bool:
+    """Whether this DeepSpeed install ships `builder`'s op compiled for the accelerator in use (the first
+    thing `OpBuilder.load` checks, with the same comparison)."""
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.git_version_info import accelerator_name, installed_ops
+
+    return bool(installed_ops.get(builder.name)) and accelerator_name == get_accelerator()._name
+
+
+def op_problem(builder, *, gpu_op: bool) -> str | None:
+    """Why DeepSpeed can neither load `builder`'s op prebuilt nor JIT-build it here; None when it can.
+    Checks what the build needs without running it: the builder's own compatibility probe, ninja, a C++
+    compiler (`CXX`, else `c++`), and for a CUDA op nvcc under torch's CUDA_HOME."""
+    import torch.utils.cpp_extension as cpp
+
+    if _prebuilt(builder):
+        return None
+    try:
+        compatible = builder.is_compatible(verbose=False)
+    except Exception as err:  # DeepSpeed's probes raise for a missing toolkit; it reads that as "no" too
+        compatible, builder.error_log = False, str(err)
+    if not compatible:
+        why = getattr(builder, "error_log", None) or "its compatibility check failed"
+        return f"it is not prebuilt and cannot be built for this machine ({why})"
+    missing = [] if cpp.is_ninja_available() else ["ninja (`pip install ninja`)"]
+    cxx = os.environ.get("CXX") or "c++"
+    if shutil.which(cxx) is None:
+        missing.append(f"a C++ compiler ({cxx} is not on PATH)")
+    if gpu_op:
+        nvcc = Path(cpp.CUDA_HOME) / "bin" / "nvcc" if cpp.CUDA_HOME else None
+        if nvcc is None or not os.access(nvcc, os.X_OK):
+            missing.append(f"nvcc ({nvcc} is missing)" if nvcc else "nvcc (no CUDA toolkit: CUDA_HOME is not set)")
+    return f"it is not prebuilt and building it needs {' and '.join(missing)}" if missing else None
 
 
 def _check_reward_fn(cfg: PipelineConfig) -> list[Blocker]:

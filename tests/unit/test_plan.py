@@ -272,3 +272,51 @@ def test_auto_dtype_is_planned_as_bf16():
     arch = plan.architecture(auto.model.name_or_path)
     a, b = plan.estimate(auto, gpus=8, arch=arch), plan.estimate(bf16, gpus=8, arch=arch)
     assert a.dtype == "bfloat16" and a.peak == b.peak
+
+
+def test_deepspeed_buckets_by_zero_stage():
+    # ARCH hidden 8, bf16: reduce bucket 8^2 = 64 elements (128 bytes) per trained model at ZeRO >= 1; ZeRO-1/2's
+    # all-gather bucket is a chunk size over the flat weights, no buffer (0 bytes); ZeRO-3 adds a prefetch
+    # bucket of int(0.9 * 64) = 57 elements (114 bytes) to every model, trained or not
+    def buckets(stage: int, trained: bool) -> float:
+        return plan.model_memory("m", 1000, ARCH, ZeroRoleCfg(stage, False, False), trained=trained, world=4,
+                                 dtype_bytes=2).buckets
+
+    assert [buckets(s, True) for s in (0, 1, 2, 3)] == [0, 128, 128, 242]
+    assert [buckets(s, False) for s in (0, 2, 3)] == [0, 0, 114]
+    m = plan.model_memory("m", 1000, ARCH, ZeroRoleCfg(3, False, False), trained=True, world=4, dtype_bytes=2)
+    assert m.state == m.weights + m.grads + m.optimizer + m.working + 242
+
+
+def test_tiny_plan_peak_counts_the_buckets_deepspeed_allocates(capsys, rlhf_cache):
+    # configs/tiny.yaml: hidden 64, ZeRO-3 for all four models, float32 (4 bytes). The actor and the critic
+    # each hold a reduce bucket of 64^2 = 4096 elements; every model a prefetch bucket of
+    # int(0.9 * 4096) = 3686: (2 * 4096 + 4 * 3686) * 4 = 91,744 bytes on top of the peak without them
+    cfg = load_config(ROOT / "configs/tiny.yaml")
+    est = plan.estimate(cfg, gpus=1)
+    without = sum(m.weights + m.grads + m.optimizer + m.working for m in est.models) + max(est.phases.values())
+    assert est.peak == without + 91_744
+    assert {m.role: m.buckets for m in est.models} == {"actor": 31128, "critic": 31128, "ref": 14744, "reward": 14744}
+    assert main(["plan", "--config", str(ROOT / "configs/tiny.yaml"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["bucket_bytes"] == 91_744 and out["peak_bytes"] == est.peak
+    assert main(["plan", "--config", str(ROOT / "configs/tiny.yaml")]) == 0
+    header = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("model"))
+    assert "buckets" in header.split()
+
+
+def test_static_kv_cache_stays_through_experience_and_update(rlhf_cache):
+    # tiny: 2 layers x 2 KV heads x head_dim 16, rollout batch 8, 64 prompt + 16 new tokens, float32:
+    # K and V = 2 * 2 * 2 * 16 * 8 * 80 * 4 = 327,680 bytes, allocated once by the static decoder and kept;
+    # the CUDA graph also keeps its output logits, 8 rows x 1000 vocab x 4 bytes = 32,000
+    cfg = load_config(ROOT / "configs/tiny.yaml")
+    arch = plan.architecture("tiny-random")
+    hf = plan.estimate(cfg, gpus=1, arch=arch).phases
+    cfg.ppo.generation = "static"
+    static = plan.estimate(cfg, gpus=1, arch=arch).phases
+    cfg.ppo.generation = "graph"
+    graph = plan.estimate(cfg, gpus=1, arch=arch).phases
+    assert static["rollout"] == hf["rollout"] == graph["rollout"]
+    for phase in ("experience", "update"):
+        assert static[phase] == hf[phase] + 327_680
+        assert graph[phase] == hf[phase] + 327_680 + 32_000

@@ -187,3 +187,93 @@ def test_an_unknown_tracker_is_a_config_error(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'cfg.yaml'}: logging.report_to: unknown 'neptune'; choose from tensorboard, wandb, mlflow, "
         "trackio (got ['wandb', 'neptune'])"]
+
+
+class _FakeBuilder:
+    """Stands in for a DeepSpeed op builder: `name`, `is_compatible()` and `error_log`, nothing built."""
+
+    def __init__(self, name: str, compatible: bool = True):
+        self.name, self._compatible, self.error_log = name, compatible, "needs AVX512" if not compatible else None
+
+    def is_compatible(self, verbose=False):
+        return self._compatible
+
+
+def _op_blockers(tmp_path, monkeypatch, *, cuda: bool, prebuilt: bool = False, cuda_home=None, cxx="c++",
+                 compatible: bool = True, **sets):
+    import torch
+    import torch.utils.cpp_extension as cpp
+
+    from rlhf import engine
+
+    asked: list[tuple[str, bool]] = []
+    monkeypatch.setattr(engine, "cuda_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(preflight, "_op_builder", lambda name, on_gpu: asked.append((name, on_gpu))
+                        or _FakeBuilder(name, compatible))
+    monkeypatch.setattr(preflight, "_prebuilt", lambda builder: prebuilt)
+    monkeypatch.setattr(cpp, "CUDA_HOME", cuda_home)
+    monkeypatch.setattr(cpp, "is_ninja_available", lambda: True)
+    monkeypatch.setenv("CXX", cxx)
+    raw = _tiny(tmp_path)
+    raw["run"]["device"] = "auto"
+    raw["deepspeed"] = {"enabled": True, **{k: v for k, v in sets.items() if k != "final_stage"}}
+    raw["final_stage"] = sets.get("final_stage", "ppo")
+    cfg = config_from_dict(raw, source="cfg.yaml")
+    return [b for b in preflight.check_optimizer_ops(cfg, cfg.stages)], asked
+
+
+def test_a_compiled_optimizer_that_cannot_be_built_is_a_blocker(tmp_path, monkeypatch):
+    # deepspeed.torch_adam: false on a GPU without nvcc: the Trainer stages' FusedAdam cannot be built
+    blockers, asked = _op_blockers(tmp_path, monkeypatch, cuda=True, torch_adam=False, zero_stage=2)
+    assert asked == [("FusedAdamBuilder", True)]  # sft and reward share one check; PPO's AdamW is torch's
+    (b,) = blockers
+    assert b.code == "deepspeed.op_unavailable" and "\n" not in b.message
+    assert "FusedAdam" in b.message and "nvcc" in b.message and "deepspeed.torch_adam: true" in b.message
+    assert "DS_BUILD_OPS" in b.message
+    # a toolkit with nvcc (and a C++ compiler), or a prebuilt op: nothing to block
+    nvcc = tmp_path / "cuda" / "bin" / "nvcc"
+    nvcc.parent.mkdir(parents=True)
+    nvcc.write_text("#!/bin/sh\n")
+    nvcc.chmod(0o755)
+    assert _op_blockers(tmp_path, monkeypatch, cuda=True, torch_adam=False, cuda_home=str(nvcc.parents[1]))[0] == []
+    assert _op_blockers(tmp_path, monkeypatch, cuda=True, torch_adam=False, prebuilt=True)[0] == []
+
+
+def test_an_offloaded_compiled_optimizer_needs_a_cxx_compiler(tmp_path, monkeypatch):
+    # PPO with the actor's optimizer offloaded builds DeepSpeed's CPU Adam (C++), also on a GPU machine
+    blockers, asked = _op_blockers(tmp_path, monkeypatch, cuda=True, torch_adam=False, zero_stage=2,
+                                   actor={"offload_optimizer": True}, cxx="no-such-compiler")
+    assert ("CPUAdamBuilder", True) in asked  # the CUDA accelerator's CPU Adam is the host op
+    assert [b.code for b in blockers] == ["deepspeed.op_unavailable"] * 2  # the Trainer stages' FusedAdam too
+    assert any("CPUAdam" in b.message and "no-such-compiler" in b.message for b in blockers)
+    blockers, _ = _op_blockers(tmp_path, monkeypatch, cuda=False, torch_adam=False, compatible=False)
+    assert blockers and "needs AVX512" in blockers[0].message
+
+
+def test_torch_adamw_needs_no_op_check(tmp_path, monkeypatch):
+    # the default (torch's AdamW) builds nothing, on a GPU or not, offloaded or not
+    for cuda in (True, False):
+        blockers, asked = _op_blockers(tmp_path, monkeypatch, cuda=cuda, zero_stage=2, offload_optimizer=True)
+        assert (blockers, asked) == ([], [])
+
+
+def test_a_torch_older_than_transformers_needs_is_a_blocker(tmp_path, monkeypatch):
+    # transformers 5.23 declares torch>=2.6 and below that silently runs without torch (no model loads);
+    # a pre-release of 2.6 (NGC images ship 2.6.0a0+...) is older than 2.6 too
+    import importlib.metadata
+
+    real = importlib.metadata.version
+    cfg = config_from_dict(_tiny(tmp_path), source="cfg.yaml")
+
+    def blockers(torch_version: str) -> list:
+        monkeypatch.setattr(importlib.metadata, "version",
+                            lambda name: torch_version if name == "torch" else real(name))
+        return preflight.check(cfg, ["sft"])
+
+    (b,) = blockers("2.5.1")
+    assert b.code == "package.torch_too_old" and "\n" not in b.message
+    assert "torch 2.5.1" in b.message and f"transformers {real('transformers')}" in b.message
+    assert "torch>=2.6" in b.message
+    assert [b.code for b in blockers("2.6.0a0+ecf3bae40a")] == ["package.torch_too_old"]
+    assert blockers("2.6.0") == [] and blockers("2.13.0+cpu") == []
