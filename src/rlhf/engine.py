@@ -636,7 +636,8 @@ class PlainEngine:
         if self.is_gradient_accumulation_boundary():
             params = self.sync_gradients()
             if self.max_grad_norm > 0:
-                self.grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))
+                # a device tensor, read on the host only when the stats are (`grad_norm`)
+                self.grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
             self.optimizer.step()
             if self.masters is not None:
                 self.masters.copy_to_module()
@@ -757,7 +758,8 @@ def wrap(model, ds: DeepSpeedCfg, role: str, *, adamw: AdamW | None = None, micr
         conf["optimizer"] = adamw.ds_section(_torch_adam(ds))
         conf["zero_force_ds_cpu_optimizer"] = False  # torch's AdamW on the CPU partition, when torch_adam
         return initialize(model, conf, model_parameters=params, lr_scheduler=constant_schedule)
-    optimizer = adamw.build(params)
+    on_gpu = device is not None and getattr(device, "type", str(device)).startswith("cuda")
+    optimizer = adamw.build(params, fused=on_gpu)  # torch's fused kernel on the GPU: no compiled DeepSpeed op
     return initialize(model, conf, optimizer=optimizer, lr_scheduler=constant_schedule(optimizer))
 
 
@@ -784,7 +786,7 @@ def step_or_skip(eng, skip_nonfinite: bool = False) -> bool:
 def grad_norm(eng) -> float | None:
     """Gradient norm of the last optimizer step, before clipping (None when unknown)."""
     if isinstance(eng, PlainEngine):
-        return eng.grad_norm
+        return None if eng.grad_norm is None else float(eng.grad_norm)
     value = eng.get_global_grad_norm()
     return None if value is None else float(value)
 

@@ -426,7 +426,9 @@ def _ppo(cfg: PipelineConfig, plan: Plan, archs: tuple[Arch, Arch], b: int, add,
     else:
         plan.phases["update"] = max(actor_graph, critic_graph)
     # `ppo.generation: auto` samples with HF generate for now (stages/ppo/experience.make_decoder)
-    if ppo.generation in ("static", "graph"):  # the static decoder keeps its cache between rollouts
+    # The static decoder keeps its cache between rollouts, except under ZeRO-3, where the actor's gathered
+    # weights move every rollout (the graph is captured anew anyway) and the loop releases it after each.
+    if ppo.generation in ("static", "graph") and actor.zero_stage != 3:
         kept = kv + (ppo.rollout_batch_size * arch.vocab * b if ppo.generation == "graph" else 0.0)
         plan.phases["experience"] += kept
         plan.phases["update"] += kept

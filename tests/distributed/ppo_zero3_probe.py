@@ -56,7 +56,7 @@ def trace(config: str, out: Path) -> None:
             count_resets("critic", ctx.critic)
             count_resets("reward", ctx.scorer.engine)
             return
-        records.append({"step": ctx.step, "resets": dict(counts),
+        records.append({"step": ctx.step, "resets": dict(counts), "kv_cache_kept": ctx.decoder.cache is not None,
                         "complete": {"critic": _coordinator(ctx.critic).is_complete_trace(),
                                      "reward": _coordinator(ctx.scorer.engine).is_complete_trace()}})
 

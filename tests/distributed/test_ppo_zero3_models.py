@@ -4,6 +4,7 @@ the engine's top-level module, and every model is loaded already partitioned ove
 - DeepSpeed starts each forward's parameter trace (and its prefetching from that trace) in a hook on the
   top-level module of an engine. The critic and the reward model are called through one `ScalarHead`
   module, so that hook runs once per forward, and the reward model's trace becomes complete.
+- The static decoder's KV cache (`ppo.generation: static`) is released after every rollout under ZeRO-3.
 - `build_models` loads each ZeRO-3 role under DeepSpeed's zero.Init (`engine.partitioned_loading`): each
   rank's peak resident memory while the four models load is measured against loading them whole. The
   checkpoints are float32 and the run bfloat16, so a whole load converts (copies) every tensor, as a GPU
@@ -35,7 +36,8 @@ def _probe(args: list[str], out: Path) -> list:
 
 def test_critic_and_reward_forwards_start_deepspeeds_trace(tmp_path, tiny_model_dir, tiny_reward_dir):
     config = ppo_config(tmp_path, tiny_model_dir, tiny_reward_dir, zero_stage=3,
-                        ppo={"steps": 3, "mini_batch_size": 4, "grad_accum": 2, "save_steps": 100})
+                        ppo={"steps": 3, "mini_batch_size": 4, "grad_accum": 2, "save_steps": 100,
+                             "generation": "static"})
     for records in _probe(["trace", str(config)], tmp_path / "out"):
         assert [r["step"] for r in records] == [2, 3]
         for r in records:
@@ -44,6 +46,8 @@ def test_critic_and_reward_forwards_start_deepspeeds_trace(tmp_path, tiny_model_
             assert r["resets"]["critic"] >= 3 and r["resets"]["reward"] >= 2, r
             assert r["complete"]["reward"], r  # forward-only, the same modules each time: a complete trace
         assert any(r["complete"]["critic"] for r in records), records
+        # the static decoder's KV cache is freed after each rollout: a ZeRO-3 actor's weights move anyway
+        assert not any(r["kv_cache_kept"] for r in records), records
 
 
 def test_zero3_models_load_partitioned(tmp_path):

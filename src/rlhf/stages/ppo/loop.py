@@ -96,6 +96,10 @@ def train_step(ctx: PPOContext) -> tuple[dict[str, float], tuple[Rollout, Experi
                            cfg.data.max_prompt_length, device=ctx.device, decoder=ctx.decoder,
                            synced_gpus=engine.world_size() > 1 and engine.is_zero3(ctx.actor))
     generated = time.perf_counter()
+    if ctx.decoder is not None and engine.is_zero3(ctx.actor):
+        # the gathered weights move every rollout, so the graph is captured anew anyway: free the cache and
+        # the graph's memory pool for the experience and update phases
+        ctx.decoder.release()
 
     # 2. Experience: log-probs, reference log-probs, values and scores; shaped rewards, GAE advantages.
     rollout, fwd = rollout_forwards(rollout, ctx.actor, ctx.ref, ctx.critic, ctx.scorer, ppo, watch=ctx.watch)

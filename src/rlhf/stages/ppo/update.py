@@ -41,8 +41,9 @@ def ppo_update(ctx: PPOContext, exp: Experience) -> dict[str, float]:
     ppo = ctx.cfg.ppo
     ctx.actor.train()
     ctx.critic.train()
-    totals: dict[str, float] = {}
-    weight_sum, first_ratio, n_minibatches, skipped = 0.0, None, 0, 0
+    totals: dict[str, Tensor] = {}  # on the device, float64: read on the host once, at the end
+    weight_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    first_ratio, n_minibatches, skipped = None, 0, 0
     live, exp.live = exp.live, None  # used once, then its graphs are freed
     n_rows = exp.input_ids.shape[0]
     for _epoch in range(ppo.ppo_epochs):
@@ -60,10 +61,13 @@ def ppo_update(ctx: PPOContext, exp: Experience) -> dict[str, float]:
             for key, value in mb_totals.items():
                 totals[key] = totals.get(key, 0.0) + value
             first_ratio = first_ratio or mb_first
-    out = {k: (v / max(n_minibatches, 1) if k.endswith("/loss") else v / max(weight_sum, 1.0))
-           for k, v in totals.items()}
+    means = {k: (v / max(n_minibatches, 1) if k.endswith("/loss") else v / weight_sum.clamp_min(1.0))
+             for k, v in totals.items()}
     if first_ratio is not None:
-        out["policy/ratio_first"], out["policy/log_ratio_first_absmax"] = first_ratio
+        means["policy/ratio_first"], means["policy/log_ratio_first_absmax"] = first_ratio
+    keys = list(means)
+    values = torch.cat([means[k].double().reshape(1) for k in keys]).tolist() if keys else []
+    out = dict(zip(keys, values, strict=True))
     if ctx.guard.skipping:
         out["guard/skipped_updates"] = float(skipped)
     norm = engine.grad_norm(ctx.actor)
@@ -78,18 +82,18 @@ def _minibatch(ctx: PPOContext, exp: Experience, mb_idx: Tensor, live: LiveForwa
     micro-batch, whose rows must then be exactly the first `live.rows` rows of the rollout."""
     tokens = engine.all_reduce_sum(exp.mask[mb_idx].sum().reshape(1).clone())
     num_tokens = tokens.clamp_min(1.0) / engine.world_size()  # DeepSpeed averages grads over ranks
-    mb_ratio, mb_weight, mb_dev = 0.0, 0.0, 0.0
-    mb_totals: dict[str, float] = {}
+    mb_ratio, mb_weight, mb_dev = 0.0, 0.0, 0.0  # become device tensors: no host sync per micro-batch
+    mb_totals: dict[str, Tensor] = {}
     bad: dict[str, bool] = {}
     for micro_idx in mb_idx.split(ctx.cfg.ppo.micro_batch_size):
         mb = exp.select(micro_idx)
-        weight = float(mb.mask.sum())
+        weight = mb.mask.sum().double()
         if live is not None and not torch.equal(micro_idx, torch.arange(live.rows, device=ctx.device)):
             raise AssertionError("the reused rollout forward does not match the first micro-batch's rows")
         stats, flags = _train_micro(ctx, mb, num_tokens, live)
         live = None
         bad = {k: bad.get(k, False) or v for k, v in flags.items()}
-        mb_dev = max(mb_dev, stats.pop("policy/log_ratio_absmax"))
+        mb_dev = torch.maximum(torch.as_tensor(mb_dev, device=weight.device), stats.pop("policy/log_ratio_absmax"))
         for key, value in stats.items():
             # losses are already shares of the minibatch mean: sum them; stats are token means
             mb_totals[key] = mb_totals.get(key, 0.0) + (value if key.endswith("/loss") else value * weight)
@@ -99,18 +103,19 @@ def _minibatch(ctx: PPOContext, exp: Experience, mb_idx: Tensor, live: LiveForwa
         if bad[loss] and not bad[skip_flag]:  # a non-finite loss whose update was applied anyway
             raise ctx.guard.stop_error(f"the {loss} (and its update was not skipped)", float("nan"), ctx.step)
     if ctx.guard.skipping and (bad["actor skipped"] or bad["critic skipped"]
-                               or not all(map(math.isfinite, mb_totals.values()))):
+                               or not is_finite(torch.cat([v.reshape(1) for v in mb_totals.values()]))):
         return None
-    return mb_totals, mb_weight, (mb_ratio / max(mb_weight, 1.0), mb_dev)
+    return mb_totals, mb_weight, (mb_ratio / mb_weight.clamp_min(1.0), mb_dev)
 
 
 def _train_micro(ctx: PPOContext, mb: Experience, num_tokens: Tensor,
-                 live: LiveForward | None) -> tuple[dict[str, float], dict[str, bool]]:
+                 live: LiveForward | None) -> tuple[dict[str, Tensor], dict[str, bool]]:
     """Forward, loss and backward of one micro-batch for actor then critic; each engine applies the update
     at the minibatch's end (it counts accumulation boundaries). With `live` (the rollout's forwards of these
     very rows, graphs attached) the two forwards are not run again.
 
-    Returns (stats, flags): flags say which loss was non-finite and which engine skipped its update."""
+    Returns (stats, flags): stats as float64 device tensors (no host sync); flags say which loss was
+    non-finite and which engine skipped its update."""
     ppo = ctx.cfg.ppo
     with ctx.watch("actor"):
         if live is not None:
@@ -131,10 +136,10 @@ def _train_micro(ctx: PPOContext, mb: Experience, num_tokens: Tensor,
         vf_loss, vf_stats = ppo_value_loss(values, mb.values, mb.returns, mb.mask, ppo.clip_range_value,
                                            num_tokens=num_tokens)
         bad_vf, critic_skipped = optimizer_step(ctx, ctx.critic, vf_loss, "the value loss")
-    out = {k: v.item() for k, v in {**pg_stats, **vf_stats}.items()}
-    out.update({"policy/loss": pg_loss.item(), "value/loss": vf_loss.item()})
+    out = {k: v.detach().double() for k, v in {**pg_stats, **vf_stats}.items()}
+    out.update({"policy/loss": pg_loss.detach().double(), "value/loss": vf_loss.detach().double()})
     log_ratio = torch.where(mb.mask.bool(), logprobs.detach() - mb.logprobs, 0.0)
-    out["policy/log_ratio_absmax"] = log_ratio.abs().max().item()
+    out["policy/log_ratio_absmax"] = log_ratio.abs().max().double()
     return out, {"policy loss": bad_pg, "actor skipped": actor_skipped,
                  "value loss": bad_vf, "critic skipped": critic_skipped}
 
