@@ -3,13 +3,18 @@
 The claim is `<dir>/claim.json`, created with O_CREAT|O_EXCL (atomic on local disks and on NFS), holding
 who runs there: host, pid, start time and command. While the run lives a thread touches the file every
 `run.claim_timeout_s / 10` seconds (its modification time is the heartbeat), and the run removes it on
-every exit it lives to see: done, error, SIGTERM stop. A start that finds a claim
+every exit it lives to see: done, error, SIGTERM stop, a stop for another rank's failure (`failwatch`).
+The claim also records the scheduler job the run belongs to. A start that finds a claim
 
 - held by a live run refuses, naming the holder (exit 2), and has touched nothing;
 - whose process is gone (same machine: same host, kernel boot and pid namespace, and that pid no longer
   runs the process that claimed) or, from another machine where pids say nothing, whose heartbeat is older
   than `run.claim_timeout_s`, takes it over with a warning; the stage then resumes from its last complete
-  checkpoint as after any stop.
+  checkpoint as after any stop;
+- made by an earlier run of this run's own scheduler job (a requeued Slurm job keeps its SLURM_JOB_ID and
+  counts up SLURM_RESTART_COUNT; `RLHF_JOB_ID`/`RLHF_JOB_RESTART` for other schedulers) takes it over at
+  once, on any host: the scheduler starts a job's next run only after its previous one ended. A claim of
+  another job is judged as above.
 
 One start at a time takes over (under an O_EXCL `claim.json.takeover`), removing the claim only while it is
 still the one judged dead, and then creates its own as any start does: of several starts that find the
@@ -23,6 +28,7 @@ filesystem). Every rank learns the outcome through the process group, so all of 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import logging
 import os
@@ -34,7 +40,7 @@ import time
 import uuid
 from pathlib import Path
 
-from rlhf import engine
+from rlhf import engine, failwatch
 from rlhf.errors import ClaimError
 
 log = logging.getLogger("rlhf")
@@ -83,7 +89,7 @@ class Claim:
                 self.path.unlink(missing_ok=True)
         except OSError as err:  # left behind: the next start takes it over (its process will be gone)
             log.warning("%s: could not remove the claim (%s)", self.path, err.strerror or err)
-        if self in _HELD:
+        with contextlib.suppress(ValueError):  # released twice at once: the main thread and the failure watcher
             _HELD.remove(self)
 
 
@@ -97,6 +103,10 @@ def release_all() -> None:
 
 
 atexit.register(release_all)
+# A rank that another rank's failure stops leaves by os._exit, past atexit and every `finally`. Releasing
+# there is safe: the run is ending on every rank, and what a rank still writes in its last second lands in a
+# checkpoint without its marker, which the next start removes.
+failwatch.before_exit(release_all)
 
 
 def claim(directory: str | Path, timeout_s: float) -> Claim | None:
@@ -104,6 +114,7 @@ def claim(directory: str | Path, timeout_s: float) -> Claim | None:
     first rank of every other node. Raises ClaimError on every rank when another live run holds any node's
     copy. Returns the claim this rank made (None where it made none)."""
     directory = Path(directory)
+    _job()  # a malformed restart count stops every rank here, before any collective
     token, mine, refusal = uuid.uuid4().hex, None, None
     if engine.is_main():
         mine, refusal = _acquire(directory, token, timeout_s)
@@ -150,7 +161,7 @@ def _create(path: Path, token: str) -> bool:
     info = {"token": token, "host": socket.gethostname(), "pid": os.getpid(), "pid_start": _process_start(os.getpid()),
             "machine": _machine(), "started": now, "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z",
                                                                                time.localtime(now)),
-            "command": shlex.join(sys.argv)}
+            "command": shlex.join(sys.argv), "job": _job()}
     try:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
@@ -181,16 +192,56 @@ _OURS = "held by this process"  # an earlier stage run in this process that did 
 
 
 def _dead_because(info: dict, stat: os.stat_result, timeout_s: float) -> str | None:
-    """Why a claim can be taken over, or None while its run lives. On the same machine the pid decides
-    (a stopped but live process keeps its claim); elsewhere the heartbeat does."""
-    if info.get("machine") == _machine():
-        if info.get("pid") == os.getpid():
-            return _OURS
+    """Why a claim can be taken over, or None while its run lives. A claim of an earlier run of this job
+    is dead wherever it was made; otherwise, on the same machine the pid decides (a stopped but live
+    process keeps its claim), elsewhere the heartbeat does."""
+    same_machine = info.get("machine") == _machine()
+    if same_machine and info.get("pid") == os.getpid():
+        return _OURS
+    earlier = _earlier_run(info.get("job"))
+    if earlier is not None:
+        return earlier
+    if same_machine:
         return "its process is gone" if _gone(info) else None
     age = time.time() - stat.st_mtime
     if age > timeout_s:
         return f"its heartbeat stopped {age:.0f} s ago (run.claim_timeout_s={timeout_s:g})"
     return None
+
+
+def _job() -> dict | None:
+    """The scheduler job this process runs in, {"scheduler", "id", "restart"}, or None outside one.
+
+    Slurm keeps a job's id when it requeues the job and counts its runs in SLURM_RESTART_COUNT (unset on
+    the first). `RLHF_JOB_ID` and `RLHF_JOB_RESTART` name a job of any other scheduler the same way, and win.
+    """
+    env = os.environ
+    if env.get("RLHF_JOB_ID"):
+        scheduler, job_id, count_key = "other", env["RLHF_JOB_ID"], "RLHF_JOB_RESTART"
+    elif env.get("SLURM_JOB_ID"):
+        scheduler, job_id, count_key = "slurm", env["SLURM_JOB_ID"], "SLURM_RESTART_COUNT"
+    else:
+        return None
+    count = env.get(count_key, "").strip() or "0"
+    if not count.isdecimal():
+        raise ClaimError(f"{count_key}={count!r} is not a whole number; set it to how many times job {job_id} "
+                         "was restarted (0 on its first run), or unset it")
+    return {"scheduler": scheduler, "id": job_id, "restart": int(count)}
+
+
+def _earlier_run(theirs) -> str | None:
+    """Why a claim's job info (`theirs`) shows an earlier run of this process's own job, else None. The
+    scheduler starts a job's next run once the previous one has ended, so that claim's run is over, on
+    whatever nodes it ran; a claim of the same run or of another job says nothing here."""
+    mine = _job()
+    if mine is None or not isinstance(theirs, dict):
+        return None
+    restart = theirs.get("restart")
+    same_job = (theirs.get("scheduler"), theirs.get("id")) == (mine["scheduler"], mine["id"])
+    if not same_job or type(restart) is not int or restart >= mine["restart"]:
+        return None
+    name = f"Slurm job {mine['id']}" if mine["scheduler"] == "slurm" else f"job {mine['id']} (RLHF_JOB_ID)"
+    return f"it was made by an earlier run of {name} (restart {restart}; this is restart {mine['restart']})"
 
 
 def _gone(info: dict) -> bool:

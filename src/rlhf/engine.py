@@ -35,8 +35,43 @@ SHM_COMM_OP = "deepspeed_shm_comm"  # DeepSpeed's ShareMemCommBuilder.NAME
 
 
 def launched() -> bool:
-    """True when a launcher (deepspeed, torchrun, accelerate, srun wrappers) started this process."""
-    return "LOCAL_RANK" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    """True when a launcher (deepspeed, torchrun, accelerate, srun wrappers) started this process.
+
+    A ConfigError for one of several tasks that srun started with no launcher around them (`srun
+    --ntasks-per-node=8 python -m rlhf.cli ...`): with no RANK/LOCAL_RANK/WORLD_SIZE, each task would be a
+    run of its own, all racing for one stage dir.
+    """
+    if "LOCAL_RANK" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return True
+    tasks, task = _srun_tasks()
+    if tasks > 1:
+        raise ConfigError(f"srun started this process as task {task} of {tasks} (SLURM_PROCID={task}) with no "
+                          "launcher, so every task would run on its own, all racing for one stage dir: start "
+                          "one task per node with stages/slurm/stage.sbatch, which runs a launcher for the node's "
+                          "GPUs (stages/README.md)")
+    return False
+
+
+def _srun_tasks() -> tuple[int, int]:
+    """(tasks, this task's SLURM_PROCID) of the srun step this process is a task of; (1, 0) outside one,
+    and in one task per node of `stages/slurm/stage.sbatch` (NNODES set: lib.sh's launcher runs the ranks,
+    and the plain commands there, such as `rlhf preflight`, are one process per node by design)."""
+    env = os.environ
+    if "SLURM_PROCID" not in env or "NNODES" in env:
+        return 1, 0
+
+    def number(key: str) -> int:
+        value = env.get(key, "").strip()
+        return int(value) if value.isdecimal() else 0
+
+    task = number("SLURM_PROCID")
+    if "SLURM_STEP_NUM_TASKS" in env:  # set by srun alone
+        return max(number("SLURM_STEP_NUM_TASKS"), 1), task
+    # A batch script sees SLURM_NTASKS (what the job asked for) and SLURM_PROCID=0 too, but it is one process:
+    # only a task past the first (of the job, or on this node) shows that srun started several.
+    if task > 0 or number("SLURM_LOCALID") > 0:
+        return max(number("SLURM_NTASKS"), task + 1), task
+    return 1, 0
 
 
 def world_size() -> int:

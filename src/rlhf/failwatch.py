@@ -9,7 +9,9 @@ POLL_S seconds (`start`); a rank that sees another rank's announcement prints it
 
 The store lives in global rank 0's process, and a failing rank keeps its process up for a few polls after
 announcing, so that its peers read the announcement before their collectives fail. A watcher that loses
-the store (rank 0 exited, after success or failure) stops quietly: only an announcement ends a rank. A
+the store (rank 0 exited, after success or failure) stops quietly: only an announcement ends a rank. It
+ends the rank with `os._exit`, which runs no `finally` and no `atexit` handler, so what must happen on the
+way out is registered with `before_exit` (`rlhf.claims` releases the rank's claims there). A
 rank killed outright (SIGKILL, OOM killer) cannot announce anything: the launcher of its node stops the
 ranks there, and the other nodes see the collective fail or time out as before.
 """
@@ -26,12 +28,15 @@ log = logging.getLogger("rlhf")
 
 KEY = "rlhf/failed"
 POLL_S = 1.0
+# The hooks get this long: a hung filesystem (a claim on NFS) must not keep a failed run on its GPUs.
+EXIT_HOOKS_S = 5.0
 
 _stop: threading.Event | None = None
 _thread: threading.Thread | None = None
 _store = None
 _rank = 0
 _announced = False
+_hooks: list = []
 
 
 def start(store, rank: int) -> None:
@@ -61,7 +66,29 @@ def _watch(store, stop: threading.Event, me: int) -> None:
             return
         print(f"error: {message}; stopping rank {me} too", file=sys.stderr, flush=True)
         sys.stdout.flush()
+        _run_hooks()
         os._exit(1)
+
+
+def before_exit(hook) -> None:
+    """Run `hook()` before the watcher ends this rank for another rank's failure (registered twice, it runs
+    once). Hooks run in registration order, within EXIT_HOOKS_S in all; one that raises is logged and
+    skipped."""
+    if hook not in _hooks:
+        _hooks.append(hook)
+
+
+def _run_hooks() -> None:
+    def run() -> None:
+        for hook in list(_hooks):
+            try:
+                hook()
+            except Exception as err:  # the rank stops anyway; what the hook left undone the next start handles
+                log.warning("on the way out: %s failed (%s)", getattr(hook, "__qualname__", hook), err)
+
+    helper = threading.Thread(target=run, name="rlhf-failwatch-exit", daemon=True)
+    helper.start()
+    helper.join(timeout=EXIT_HOOKS_S)
 
 
 def announce(message: str) -> None:

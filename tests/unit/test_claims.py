@@ -1,8 +1,10 @@
 """Claims (`rlhf.claims`): one live run per directory, without models.
 
 Other processes hold claims here as small Python subprocesses (`_holder`), so that "alive" and "gone" are
-real processes on this machine; a claim from another machine is a file written by hand. Then the races:
-several processes starting at once on a free directory, and on a dead run's claim: exactly one wins.
+real processes on this machine; a claim from another machine is a file written by hand, or one made here
+before `socket.gethostname` is patched to name another host. Then the races: several processes starting
+at once on a free directory, and on a dead run's claim: exactly one wins. Scheduler jobs are simulated
+with their environment variables (SLURM_JOB_ID, SLURM_RESTART_COUNT, RLHF_JOB_ID, RLHF_JOB_RESTART).
 """
 
 from __future__ import annotations
@@ -33,6 +35,16 @@ print("claimed", flush=True)
 sys.stdin.read()  # until the test closes stdin
 held.release()
 """
+
+
+JOB_VARS = ("SLURM_JOB_ID", "SLURM_RESTART_COUNT", "RLHF_JOB_ID", "RLHF_JOB_RESTART")
+
+
+@pytest.fixture(autouse=True)
+def _no_scheduler_job(monkeypatch):
+    """Each test starts outside any scheduler job, also when the suite itself runs in one."""
+    for key in JOB_VARS:
+        monkeypatch.delenv(key, raising=False)
 
 
 def _holder(directory: Path) -> subprocess.Popen:
@@ -295,4 +307,91 @@ def test_eval_claims_its_dir(tmp_path, monkeypatch):
     monkeypatch.setattr(evaluation, "_compare", compare)
     with pytest.raises(ClaimError, match="stand-in"):
         evaluation.run_eval(cfg)
+    assert not path.exists()
+
+
+def _in_job(monkeypatch, job_id: str | None, restart: int | None = None, host: str | None = None) -> None:
+    """This process as a run of Slurm job `job_id` (restart count `restart`; unset on a job's first run) on `host`."""
+    for key, value in (("SLURM_JOB_ID", job_id), ("SLURM_RESTART_COUNT", restart)):
+        if value is None:
+            monkeypatch.delenv(key, raising=False)
+        else:
+            monkeypatch.setenv(key, str(value))
+    if host is not None:
+        monkeypatch.setattr(socket, "gethostname", lambda: host)
+
+
+def test_a_requeued_jobs_next_run_takes_over_its_claim_at_once_on_another_host(tmp_path, monkeypatch, caplog):
+    # Run 0 of Slurm job 5001 on node-a stopped uncleanly (os._exit: no release) a moment ago.
+    _in_job(monkeypatch, "5001", host="node-a")
+    proc = subprocess.run([sys.executable, "-c", "import os, sys; from rlhf import claims; "
+                           "claims.claim(sys.argv[1], 300); os._exit(1)", str(tmp_path)],
+                          timeout=120)
+    assert proc.returncode == 1
+    path = tmp_path / claims.CLAIM
+    left = json.loads(path.read_text())
+    assert left["job"] == {"scheduler": "slurm", "id": "5001", "restart": 0}
+    # The subprocess's own host name is this machine's; make the claim node-a's, with a fresh heartbeat.
+    left["host"], left["machine"] = "node-a", "node-a|boot-a|pid:[1]"
+    path.write_text(json.dumps(left), encoding="utf-8")
+    before = path.read_bytes()
+
+    # Another job on node-b: refused as before (a live heartbeat from another machine), nothing touched.
+    _in_job(monkeypatch, "5002", host="node-b")
+    with pytest.raises(ClaimError, match=rf"is in use by pid {left['pid']} on node-a since .*\(last heartbeat \d s ago"):
+        claims.claim(tmp_path, 300)
+    # The same run of job 5001 (another srun of it, say) is refused too: restart 0 is not an earlier run.
+    _in_job(monkeypatch, "5001", host="node-b")
+    with pytest.raises(ClaimError, match="is in use by pid"):
+        claims.claim(tmp_path, 300)
+    assert path.read_bytes() == before
+
+    # Job 5001 requeued: its restart 1 lands on node-b and takes the claim over at once, heartbeat or not.
+    _in_job(monkeypatch, "5001", restart=1, host="node-b")
+    caplog.set_level(logging.WARNING, logger="rlhf")
+    held = claims.claim(tmp_path, 300)
+    assert (f"{tmp_path}: taking over the claim of pid {left['pid']} on node-a (since {_hhmm(left['started'])}): it "
+            "was made by an earlier run of Slurm job 5001 (restart 0; this is restart 1)") in caplog.text
+    now = json.loads(path.read_text())
+    assert (now["host"], now["job"]) == ("node-b", {"scheduler": "slurm", "id": "5001", "restart": 1})
+    held.release()
+    assert not path.exists()
+
+
+def test_a_later_run_of_the_job_keeps_its_claim_from_an_earlier_one(tmp_path, monkeypatch):
+    """A run of the job that still lives after the scheduler started the next (a node it judged dead) cannot take
+    the newer run's claim; nor can a claim without a job, or another scheduler's job of the same id."""
+    for job in ({"scheduler": "slurm", "id": "5001", "restart": 2}, None,
+                {"scheduler": "other", "id": "5001", "restart": 0}, {"scheduler": "slurm", "id": "5001", "restart": "0"}):
+        path = _foreign(tmp_path, heartbeat_age=0)
+        path.write_text(json.dumps(json.loads(path.read_text()) | {"job": job}), encoding="utf-8")
+        _in_job(monkeypatch, "5001", restart=1)
+        with pytest.raises(ClaimError, match="is in use by pid 4242 on node-b"):
+            claims.claim(tmp_path, 300)
+        assert json.loads(path.read_text())["job"] == job
+
+
+def test_the_claim_names_its_job_and_rlhf_job_id_names_any_schedulers(tmp_path, monkeypatch):
+    path = tmp_path / claims.CLAIM
+    claims.claim(tmp_path, 300).release()  # no scheduler
+    held = claims.claim(tmp_path, 300)
+    assert json.loads(path.read_text())["job"] is None
+    held.release()
+    _in_job(monkeypatch, "5001", restart=3)
+    monkeypatch.setenv("RLHF_JOB_ID", "k8s/rlhf-7f3a")  # wins over Slurm's
+    held = claims.claim(tmp_path, 300)
+    assert json.loads(path.read_text())["job"] == {"scheduler": "other", "id": "k8s/rlhf-7f3a", "restart": 0}
+    held.release()
+
+    # restart 0 of that job left a claim from another machine; its restart 1 takes it over at once
+    _foreign(tmp_path, heartbeat_age=0)
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"job": {"scheduler": "other", "id": "k8s/rlhf-7f3a",
+                                                                       "restart": 0}}), encoding="utf-8")
+    monkeypatch.setenv("RLHF_JOB_RESTART", "1")
+    claims.claim(tmp_path, 300).release()
+    monkeypatch.setenv("RLHF_JOB_RESTART", "one")
+    with pytest.raises(ClaimError) as refused:
+        claims.claim(tmp_path, 300)
+    assert str(refused.value) == ("RLHF_JOB_RESTART='one' is not a whole number; set it to how many times job "
+                                  "k8s/rlhf-7f3a was restarted (0 on its first run), or unset it")
     assert not path.exists()
