@@ -16,7 +16,7 @@ import sys
 import traceback
 import warnings
 
-from rlhf.errors import ConfigError, RlhfError
+from rlhf.errors import ConfigError, RlhfError, StopRequested
 
 TRAIN_COMMANDS = ("sft", "reward", "ppo", "dpo", "orpo")
 SYNTH_METHODS = ("program", "constitutional", "judge")
@@ -380,6 +380,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if shutil.which("nvidia-smi") is None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed otherwise probes for GPUs and warns
+    if args.command in (*TRAIN_COMMANDS, "pipeline"):  # training outlives its terminal; `rlhf score | head` need not
+        from rlhf.tracking import survive_closed_output
+
+        survive_closed_output()
     _setup_logging()
     ok, failure = False, "unknown error"
     try:
@@ -389,8 +393,9 @@ def main(argv: list[str] | None = None) -> int:
     except RlhfError as err:
         if os.environ.get("RLHF_DEBUG"):
             traceback.print_exc()
-        ok, failure = err.exit_code == 0, str(err)
-        # A requested stop is not an error; a config error holds one line per problem of the file.
+        # A requested stop is not an error (every rank saved and stops alike; it exits 128 + the signal's number);
+        # a config error holds one line per problem of the file.
+        ok, failure = err.exit_code == 0 or isinstance(err, StopRequested), str(err)
         lines = str(err).splitlines() if isinstance(err, ConfigError) else [str(err)]
         print("\n".join(line if ok else f"error: {line}" for line in lines), file=sys.stderr)
         return err.exit_code

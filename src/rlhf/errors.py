@@ -6,6 +6,8 @@ traceback. Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import signal
+
 
 class RlhfError(Exception):
     """Base class for errors caused by user input (config, data, model dirs, launch environment)."""
@@ -40,6 +42,12 @@ class TrainingError(RlhfError):
 
 
 class StopRequested(RlhfError):
-    """The run was asked to stop (SIGTERM) and saved a checkpoint; re-running the command resumes it."""
+    """The run was asked to stop (SIGTERM, or SIGUSR1 as an early warning) and saved a checkpoint; re-running
+    the command resumes it. The exit status is 128 + the signal's number, what a shell reports for a process
+    that signal ended (143 for SIGTERM, 138 for SIGUSR1 on Linux): not 0, so `rlhf pipeline && rlhf eval`
+    stops there, yet not an error of the run (no `error:` prefix, the other ranks are not told it failed)."""
 
-    exit_code = 0
+    def __init__(self, message: str, signum: int = signal.SIGTERM):
+        super().__init__(message)
+        self.signum = int(signum)
+        self.exit_code = 128 + self.signum

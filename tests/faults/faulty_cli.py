@@ -8,6 +8,7 @@ nothing (no `finally`, no atexit, no flush) runs after it, exactly as when a nod
   kill_before_manifest:S   stage S has renamed final/ into place but not written stage.json
   kill_after_stage:S       right after stage S wrote stage.json (between two stages of a pipeline)
   term_in_step:N           SIGTERM (not SIGKILL) at the start of optimizer step N, as Slurm sends before preemption
+  usr1_in_step:N           SIGUSR1 at the start of optimizer step N, the early warning of `sbatch --signal=USR1@120`
   wait_in_step:N           not a kill: at the start of optimizer step N, creates $RLHF_FAULT_GATE.waiting and waits
                            until $RLHF_FAULT_GATE exists (a run a test holds alive while it starts another)
   nan_grads_in_step:N      not a kill: every gradient of one weight is NaN during optimizer step N only (for
@@ -57,18 +58,18 @@ def _kill_in_step(step: int) -> None:
     loop.ppo_update = ppo_update_then_die
 
 
-def _term_in_step(step: int) -> None:
+def _signal_in_step(signum: int, step: int) -> None:
     from transformers import TrainerCallback
 
     from rlhf.stages import common
 
-    class TermInStep(TrainerCallback):
+    class SignalInStep(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
             if state.global_step + 1 == step:
-                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), signum)
 
     callbacks = common.StageRun.callbacks
-    common.StageRun.callbacks = lambda self: callbacks(self) + [TermInStep()]
+    common.StageRun.callbacks = lambda self: callbacks(self) + [SignalInStep()]
 
 
 def _wait_in_step(step: int) -> None:
@@ -202,7 +203,9 @@ def install(fault: str) -> None:
     if kind == "kill_in_step":
         _kill_in_step(int(arg))
     elif kind == "term_in_step":
-        _term_in_step(int(arg))
+        _signal_in_step(signal.SIGTERM, int(arg))
+    elif kind == "usr1_in_step":
+        _signal_in_step(signal.SIGUSR1, int(arg))
     elif kind == "wait_in_step":
         _wait_in_step(int(arg))
     elif kind == "nan_actor_grads_in_ppo_step":

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import shutil
 import signal
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,41 @@ from rlhf.replicate import agree_on_step, replicate
 from rlhf.tracking import MetricsLogger
 
 log = logging.getLogger("rlhf")
+
+# What stops a run gracefully: SIGTERM (Slurm, Kubernetes and `docker stop` send it before a kill) and SIGUSR1
+# (an early warning, e.g. `sbatch --signal=USR1@120`, that no launcher acts on). Both finish the current step,
+# save a checkpoint there and exit 128 + the signal's number (rlhf.errors.StopRequested).
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name))
+
+
+@contextlib.contextmanager
+def stop_signals(on_stop: Callable[[int], None]) -> Iterator[None]:
+    """While training: each stop signal calls `on_stop(signum)`, which only records it (the loop stops after
+    its step); the previous handlers come back afterwards. Handlers can only be set from the main thread;
+    elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, lambda signum, frame: on_stop(signum)) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+
+def agreed_stop_signal(received: int | None) -> int | None:
+    """The stop signal any rank received, on every rank (one collective; the higher number when ranks got
+    different ones). A signal reaches ranks at different moments, or only some of them: without this, one rank
+    would save while another starts the next step, and their collectives would no longer match."""
+    import torch
+
+    return int(engine.all_reduce(torch.tensor([float(received or 0)]), "max").item()) or None
+
+
+def stop_message(stage: str, signum: int, step: int, ckpt_dir: Path) -> str:
+    return (f"{stage}: stopped on {signal.Signals(signum).name} at step {step} after saving a checkpoint in "
+            f"{ckpt_dir}; resume with the same command")
 
 
 @dataclass
@@ -114,7 +151,8 @@ class StageRun:
         return [self._callback]
 
     def train(self, trainer, role: str = "policy") -> None:
-        """`trainer.train()` from the resume point. SIGTERM saves a checkpoint and ends with `StopRequested`;
+        """`trainer.train()` from the resume point. A stop signal (SIGTERM, SIGUSR1) saves a checkpoint after the
+        current step and ends with `StopRequested`;
         a checkpoint save that fails on I/O (disk full, file-size limit, permissions) ends with a one-line
         `TrainingError` and leaves the previous complete checkpoint as the resume point; so does a CUDA
         out-of-memory error, naming `role` (the model trained: policy, reward) and the settings to try."""
@@ -134,25 +172,25 @@ class StageRun:
 
         trainer._save_checkpoint = guarded_save
         self._callback.trainer = trainer
-        in_main_thread = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGTERM, self._callback.on_sigterm) if in_main_thread else None
         try:
-            with catch_oom(self.stage, role, self.ckpt_dir, self.cfg.source):
+            with (stop_signals(self._callback.on_stop_signal),
+                  catch_oom(self.stage, role, self.ckpt_dir, self.cfg.source)):
                 trainer.train(resume_from_checkpoint=str(self.resume) if self.resume else None)
         except _TrainingDone:
             trainer.is_in_train = False  # what the Trainer's own end of training would reset
             log.info("%s: %s is at the last step; nothing left to train", self.stage, self.resume)
-        finally:
-            if in_main_thread:
-                signal.signal(signal.SIGTERM, previous)
         self.check_stopped(trainer)
 
     def check_stopped(self, trainer) -> None:
-        """After `trainer.train()`: a SIGTERM stop saved a checkpoint; end the command cleanly (exit 0)."""
-        if getattr(self, "_callback", None) is not None and self._callback.stop_requested:
+        """After `trainer.train()`: a stop signal saved a checkpoint; end the command (exit 128 + signal). A signal
+        that came after the last step's check stops every rank too (the Trainer saved that last step)."""
+        if getattr(self, "_callback", None) is None:
+            return
+        self._callback.stop_signal = agreed_stop_signal(self._callback.stop_signal)
+        if self._callback.stop_signal:
             self.metrics.close()
-            raise StopRequested(f"{self.stage}: stopped on SIGTERM at step {trainer.state.global_step} after saving a "
-                                f"checkpoint in {self.ckpt_dir}; resume with the same command")
+            raise StopRequested(stop_message(self.stage, self._callback.stop_signal, trainer.state.global_step,
+                                             self.ckpt_dir), self._callback.stop_signal)
 
     def save_final(self, trainer, tokenizer, *, merge_base: str | None = None,
                    extra_files: dict[str, str] | None = None) -> Path:
@@ -245,14 +283,14 @@ def _remove(path: Path) -> None:
 
 def _make_callback(run: StageRun):
     """A TrainerCallback: metrics to JSONL/TensorBoard, checkpoint completion markers, the non-finite guard
-    (`rlhf.guards`: stop, or skip the optimizer step), SIGTERM."""
+    (`rlhf.guards`: stop, or skip the optimizer step), stop signals."""
     from transformers import TrainerCallback
 
     from rlhf.guards import NonFiniteGuard
 
     class RunCallback(TrainerCallback):
         def __init__(self):
-            self.stop_requested = False
+            self.stop_signal: int | None = None  # the first stop signal received (STOP_SIGNALS)
             self.last_logged = run.resume_step or 0
             self.guard = NonFiniteGuard(run.stage, run.cfg.run.on_nonfinite, run.cfg.run.max_consecutive_skips,
                                         run.ckpt_dir, f"Lower {run.stage}.learning_rate or check the model weights "
@@ -262,8 +300,8 @@ def _make_callback(run: StageRun):
             self._step_skipped = False
             self._ds_skipped = 0
 
-        def on_sigterm(self, signum, frame):  # Slurm sends SIGTERM before preemption; StageRun.train installs it
-            self.stop_requested = True
+        def on_stop_signal(self, signum: int) -> None:  # StageRun.train installs it for STOP_SIGNALS
+            self.stop_signal = self.stop_signal or signum
 
         def _ds_engine(self):
             return getattr(self.trainer, "deepspeed", None) if self.trainer is not None else None
@@ -316,7 +354,8 @@ def _after_optimizer_step(cb) -> None:
 
 
 def _after_step(cb, step: int, control):
-    """Count a skipped step, turn a SIGTERM into save-and-stop, and force a log before every save."""
+    """Count a skipped step, turn a stop signal (on any rank) into save-and-stop, and force a log before every
+    save."""
     if cb._step_skipped:
         cb._step_skipped = False
         cb.skipped_since_log += 1
@@ -324,7 +363,8 @@ def _after_step(cb, step: int, control):
         control.should_log = True  # log the window now, so later windows stay checkable
     else:
         cb.guard.ok()
-    if cb.stop_requested:
+    cb.stop_signal = agreed_stop_signal(cb.stop_signal)
+    if cb.stop_signal:
         control.should_save = True
         control.should_training_stop = True
     if control.should_save:

@@ -1,5 +1,6 @@
 """PPO, the step and the run: one step is rollout -> experience -> update -> statistics (`train_step`,
-read top to bottom); the run repeats it with logging, samples, checkpoints and a SIGTERM stop (`train`).
+read top to bottom); the run repeats it with logging, samples, checkpoints and a graceful stop on SIGTERM
+or SIGUSR1 (`train`).
 
 The phases live in `experience` (prompts to Experience) and `update` (the optimizer steps); the maths
 they call is pure (`rlhf.ppo_math`, `rlhf.losses`); models are reached only through `rlhf.engine`.
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -23,7 +23,7 @@ from rlhf.engine import Engine
 from rlhf.errors import StopRequested, TrainingError
 from rlhf.guards import NonFiniteGuard, catch_oom, is_finite
 from rlhf.ppo_math import KLController
-from rlhf.stages.common import StageRun
+from rlhf.stages.common import StageRun, agreed_stop_signal, stop_message, stop_signals
 from rlhf.stages.ppo.checkpoint import save_checkpoint
 from rlhf.stages.ppo.experience import (
     Experience,
@@ -183,45 +183,47 @@ def reset_samples(stage: StageRun) -> None:
     path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
 
 
-def _on_sigterm(ctx: PPOContext):
-    def handler(signum, frame):  # Slurm and Kubernetes send SIGTERM before preemption
-        ctx.stop_requested = True
-
-    return handler
-
-
 def train(ctx: PPOContext, on_step=None) -> None:
-    """Steps from the resume point to `ppo.steps`, with checkpoints, SIGTERM stop and a progress bar.
+    """Steps from the resume point to `ppo.steps`, with checkpoints, a progress bar and a graceful stop: on
+    SIGTERM or SIGUSR1 every rank finishes the current step, saves a checkpoint there and raises
+    `StopRequested` (exit 128 + the signal's number).
 
     `on_step(ctx, stats)` is called after each step (tests use it to watch or interrupt the run).
     """
     from tqdm.auto import tqdm
 
     ppo = ctx.cfg.ppo
-    previous = signal.signal(signal.SIGTERM, _on_sigterm(ctx))
+    received: list[int] = []  # the stop signals this rank got, in order of arrival
+
+    def on_stop(signum: int) -> None:  # a signal handler: only record it
+        received.append(signum)
+        ctx.stop_requested = True
+
     bar = tqdm(total=ppo.steps, initial=ctx.step, desc="ppo", dynamic_ncols=True,
                disable=not (engine.is_main() and ctx.cfg.logging.progress))
     try:
-        while ctx.step < ppo.steps:
-            ctx.step += 1
-            stats, done = train_step(ctx)
-            if ctx.guard.skipping:
-                stats["guard/skipped_steps"] = float(ctx.guard.total)
-            ctx.stage.metrics.log(ctx.step, stats)
-            ctx.history.append(stats)
-            if done is not None and (ctx.step % ppo.sample_every == 0 or ctx.step == 1):
-                _log_samples(ctx, *done)
-            bar.update(1)
-            if done is not None:
-                bar.set_postfix(score=f"{stats['objective/score_mean']:.3f}", kl=f"{stats['objective/kl']:.3f}")
-            if on_step is not None:
-                on_step(ctx, stats)
-            stop = engine.any_rank(ctx.stop_requested)
-            if stop or ctx.step % ppo.save_steps == 0 or ctx.step == ppo.steps:
-                save_checkpoint(ctx)
-            if stop:
-                raise StopRequested(f"ppo: stopped on SIGTERM at step {ctx.step} after saving a checkpoint in "
-                                    f"{ctx.stage.ckpt_dir}; resume with the same command")
+        with stop_signals(on_stop):
+            stop = None
+            while ctx.step < ppo.steps and not stop:
+                ctx.step += 1
+                stats, done = train_step(ctx)
+                if ctx.guard.skipping:
+                    stats["guard/skipped_steps"] = float(ctx.guard.total)
+                ctx.stage.metrics.log(ctx.step, stats)
+                ctx.history.append(stats)
+                if done is not None and (ctx.step % ppo.sample_every == 0 or ctx.step == 1):
+                    _log_samples(ctx, *done)
+                bar.update(1)
+                if done is not None:
+                    bar.set_postfix(score=f"{stats['objective/score_mean']:.3f}", kl=f"{stats['objective/kl']:.3f}")
+                if on_step is not None:
+                    on_step(ctx, stats)
+                stop = agreed_stop_signal(received[0] if received else None)
+                if stop or ctx.step % ppo.save_steps == 0 or ctx.step == ppo.steps:
+                    save_checkpoint(ctx)
+            # a signal after the last step's check stops every rank too (that step's checkpoint is saved)
+            stop = stop or agreed_stop_signal(received[0] if received else None)
+        if stop:
+            raise StopRequested(stop_message("ppo", stop, ctx.step, ctx.stage.ckpt_dir), stop)
     finally:
         bar.close()
-        signal.signal(signal.SIGTERM, previous)
