@@ -64,6 +64,12 @@ class RunCfg:
     """A run claims its stage dir (`claim.json`) and refreshes the claim every tenth of this. A start finding
     a claim made on another machine takes it over only when the claim went this long without a refresh (on
     the same machine: as soon as its process is gone); until then it refuses to start (exit 2)."""
+    collective_timeout_s: float = 1800.0
+    """Under a launcher: how long a rank waits in one collective or barrier (gloo and NCCL alike), and for
+    the other ranks to join at the start, before its run fails. Healthy waits must fit in it: the other
+    ranks wait at a barrier while rank 0 saves `final/` (minutes for a large model) and while nodes with
+    their own disks receive copies of each checkpoint over the network; raise it for those. A rank that
+    dies without a word (SIGKILL) stops an NCCL run only after this long."""
 
     @property
     def dir(self) -> Path:
@@ -73,6 +79,7 @@ class RunCfg:
         _require(bool(self.name.strip()) and "/" not in self.name, "name", "must be a non-empty name without '/'")
         _require(self.max_consecutive_skips > 0, "max_consecutive_skips", "must be > 0")
         _require(self.claim_timeout_s > 0, "claim_timeout_s", "must be > 0")
+        _require(self.collective_timeout_s > 0, "collective_timeout_s", "must be > 0")
 
 
 @dataclass

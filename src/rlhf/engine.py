@@ -182,19 +182,32 @@ def use_deepspeed(ds: DeepSpeedCfg) -> bool:
     return launched() if ds.enabled is None else ds.enabled
 
 
-def init_distributed() -> None:
-    """Initialise the default process group once, when launched with more than one rank."""
+def init_distributed(timeout_s: float | None = None) -> None:
+    """Initialise the default process group once, when launched with more than one rank.
+
+    `timeout_s` (`run.collective_timeout_s`; None: its default) bounds how long any rank waits in one
+    collective or barrier of this group, under gloo and NCCL alike, and how long the ranks wait for each
+    other to join it. It has to outlast the longest wait of a healthy run: the other ranks sit at a barrier
+    while rank 0 writes a large `final/`, and while node-local disks receive their copies (`rlhf.replicate`).
+    A group that already exists (made by another library) keeps its own timeout.
+    """
+    from datetime import timedelta
+
     import torch
     import torch.distributed as dist
 
     from rlhf import failwatch
+    from rlhf.config import RunCfg
 
     if not launched():
         return
     if not (dist.is_available() and dist.is_initialized()):
         if cuda_available():
             torch.cuda.set_device(device())
-        dist.init_process_group(backend=backend())
+        # Without a timeout torch picks one per backend string (30 min for this one, 10 for plain NCCL):
+        # one setting, stated in the config, for both backends of the group.
+        seconds = RunCfg.collective_timeout_s if timeout_s is None else timeout_s
+        dist.init_process_group(backend=backend(), timeout=timedelta(seconds=seconds))
     failwatch.start(store(), rank())
 
 
@@ -969,6 +982,35 @@ def broadcast(tensor, src: int = 0):
         return tensor
     moved = tensor.to(collective_device(tensor.device))
     dist.broadcast(moved, src=src)
+    if moved is not tensor:
+        tensor.copy_(moved)
+    return tensor
+
+
+_SUBGROUPS: dict[tuple, Any] = {}  # (default group, ranks) -> group: new_group is a collective, made once
+
+
+def subgroup(ranks: list[int]):
+    """A gloo process group of the global `ranks`, for host-memory traffic only some ranks need (file
+    chunks for node-local disks). Every rank calls it, members or not: its first call for a set of ranks is
+    a collective over the default group. None in a single process."""
+    dist = _dist()
+    if dist is None:
+        return None
+    key = (dist.group.WORLD, tuple(sorted(set(ranks))))
+    if key not in _SUBGROUPS:
+        _SUBGROUPS[key] = dist.new_group(list(key[1]), backend="gloo")
+    return _SUBGROUPS[key]
+
+
+def broadcast_in(group, tensor, src: int = 0):
+    """`tensor` from global rank `src` on every rank of `group` (from `subgroup`), in place, through host
+    memory; only the group's ranks call it. Returns it."""
+    dist = _dist()
+    if dist is None or group is None:
+        return tensor
+    moved = tensor.cpu()
+    dist.broadcast(moved, src=src, group=group)
     if moved is not tensor:
         tensor.copy_(moved)
     return tensor

@@ -1,8 +1,9 @@
 """Stop every rank when one rank fails, on every node, with that rank's error.
 
 A launcher only watches the ranks of its own node. When a rank on one node fails, the ranks on the other
-nodes carry on into their next collective. Over NCCL that collective then waits for its timeout (10
-minutes by default) while holding the GPUs; over gloo it fails once the peer's process has exited, with
+nodes carry on into their next collective. Over NCCL that collective then waits for the process group's
+timeout (`run.collective_timeout_s`, 30 minutes by default; `engine.init_distributed` sets it for gloo and
+NCCL alike) while holding the GPUs; over gloo it fails once the peer's process has exited, with
 "Connection closed by peer" and nothing about the cause. So a failing rank announces its error in the
 process group's key-value store (`announce`), and a daemon thread in every rank polls that store every
 POLL_S seconds (`start`); a rank that sees another rank's announcement prints it and exits with status 1.
@@ -108,7 +109,7 @@ def announce(message: str) -> None:
                   flush=True)
             return
         store.set(KEY, f"rank {_rank} failed: {first_line}")
-    except Exception as err:  # best effort: the collective timeout still applies
+    except Exception as err:  # best effort: the collective timeout (run.collective_timeout_s) still applies
         log.debug("could not announce the failure to the other ranks: %s", err)
         return
     time.sleep(3 * POLL_S)

@@ -15,11 +15,12 @@ import platform
 import shutil
 import socket
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from rlhf import artifacts, trackers
-from rlhf.config import PipelineConfig
+from rlhf.config import PipelineConfig, RunCfg
 from rlhf.data.stage_rows import data_source
 from rlhf.errors import RlhfError
 
@@ -64,7 +65,7 @@ def check(cfg: PipelineConfig, stages: list[str] | None = None, *, standalone: b
     if not blockers:
         blockers += check_fit(cfg, os.environ)
     if launch_env(os.environ) and "LOCAL_RANK" not in os.environ:  # before a launch, not inside one
-        blockers += check_launch(os.environ, run_dir=cfg.run.dir)
+        blockers += check_launch(os.environ, run_dir=cfg.run.dir, max_age_s=cfg.run.collective_timeout_s)
     return blockers
 
 
@@ -365,15 +366,18 @@ def check_fit(cfg: PipelineConfig, env) -> list[Blocker]:
     return [Blocker("plan.no_fit", problem)] if problem else []
 
 
-def check_launch(env, *, run_dir: str | Path | None = None) -> list[Blocker]:
+def check_launch(env, *, run_dir: str | Path | None = None,
+                 max_age_s: float = RunCfg.collective_timeout_s) -> list[Blocker]:
     """Multi-node checks, run on each node before it launches (`rlhf preflight` with the launch env).
 
     - HOSTFILE: the file exists and every host in it resolves.
     - MASTER_ADDR/MASTER_PORT (NNODES, torchrun, HOSTFILE, NUM_GPUS): on the master node (NODE_RANK 0, or a
-      single-node launch) the port must be free to bind; on the other nodes MASTER_ADDR must resolve and
-      answer on the port or refuse it (a refusal proves the host is reachable; rank 0 may not be up yet);
-      a timeout or "no route" blocks.
-    - NNODES: package versions equal on every node, see `check_versions`.
+      single-node launch) the port must be free to bind as the launch's store binds it (a port that a
+      finished run's connections still hold in TIME_WAIT is free); on the other nodes MASTER_ADDR must
+      resolve and answer on the port or refuse it (a refusal proves the host is reachable; rank 0 may not
+      be up yet); a timeout or "no route" blocks.
+    - NNODES: package versions equal on every node, see `check_versions` (`max_age_s`: how far apart the
+      nodes of one launch may start, `run.collective_timeout_s`).
     """
     out: list[Blocker] = []
     hostfile = env.get("HOSTFILE")
@@ -388,7 +392,8 @@ def check_launch(env, *, run_dir: str | Path | None = None) -> list[Blocker]:
         out += _check_reachable(addr, port)
     if env.get("NNODES") and int(env["NNODES"]) > 1:
         where = env.get("RLHF_VERSIONS_DIR") or (Path(run_dir) / "launch" if run_dir else None)
-        out += check_versions(where, node_rank, int(env["NNODES"]), reference=env.get("RLHF_VERSIONS_FILE"))
+        out += check_versions(where, node_rank, int(env["NNODES"]), reference=env.get("RLHF_VERSIONS_FILE"),
+                              launch=launch_id(env), max_age_s=max_age_s)
     return out
 
 
@@ -410,6 +415,9 @@ def _check_hostfile(path: Path) -> list[Blocker]:
 
 def _check_port_free(port: int) -> list[Blocker]:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # As torch's TCPStore binds: SO_REUSEADDR lets a port whose last connections are in TIME_WAIT (about
+        # a minute after a run ends) be bound again, while a live listener on it still refuses the bind.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("0.0.0.0", port))
         except OSError as err:
@@ -449,15 +457,32 @@ def package_versions() -> dict[str, str]:
     return found
 
 
-def check_versions(where: str | Path | None, node_rank: int, nnodes: int, *,
-                   reference: str | None = None) -> list[Blocker]:
+def launch_id(env) -> str | None:
+    """The scheduler job run this launch belongs to, the same on every node, or None outside a job: Slurm's
+    job, restart count and step (`slurm:5001.0.3`; each srun is a step of its own), or `RLHF_JOB_ID` and
+    `RLHF_JOB_RESTART` for any other scheduler (these win, as for claims: `rlhf.claims`)."""
+    def part(key: str) -> str:
+        return env.get(key, "").strip()
+
+    if part("RLHF_JOB_ID"):
+        return f"job:{part('RLHF_JOB_ID')}.{part('RLHF_JOB_RESTART') or '0'}"
+    if part("SLURM_JOB_ID"):
+        return f"slurm:{part('SLURM_JOB_ID')}.{part('SLURM_RESTART_COUNT') or '0'}.{part('SLURM_STEP_ID')}"
+    return None
+
+
+def check_versions(where: str | Path | None, node_rank: int, nnodes: int, *, reference: str | None = None,
+                   launch: str | None = None, max_age_s: float = RunCfg.collective_timeout_s) -> list[Blocker]:
     """Same package versions on every node.
 
     Each node writes `<where>/versions-node<NODE_RANK>.json` (default `where`: `<run dir>/launch/`, so on a
     shared filesystem every node sees the others) and compares itself with every file already there; the
-    last node to start catches a difference (files of node ranks >= NNODES, left by a larger earlier
-    launch, are ignored). Without a shared filesystem, copy one node's file to the
-    others and name it with RLHF_VERSIONS_FILE (checked as well).
+    last node to start catches a difference. Only files of this launch count, so a node fixed since an
+    earlier launch is not judged by its old file: under a scheduler job (`launch`, see `launch_id`) those
+    of the same job step; outside one, those written in the last `max_age_s` seconds (the nodes of one
+    launch must join it within `run.collective_timeout_s`, or it fails). Files of node ranks >= NNODES
+    (left by a larger earlier launch) are ignored too. Without a shared filesystem, copy one node's file to
+    the others and name it with RLHF_VERSIONS_FILE (checked as well, whatever its age).
     """
     mine = package_versions()
     others: list[tuple[str, dict]] = []
@@ -470,13 +495,18 @@ def check_versions(where: str | Path | None, node_rank: int, nnodes: int, *,
         where = Path(where)
         own = where / f"versions-node{node_rank}.json"
         try:
-            artifacts.write_json_atomic(own, {**mine, "host": socket.gethostname()})
+            artifacts.write_json_atomic(own, {**mine, "host": socket.gethostname(), "launch": launch,
+                                              "written": time.time()})
         except OSError as err:
             return [Blocker("launch.versions", f"{own}: cannot write this node's versions ({err})")]
         for rank in range(nnodes):
             path = where / f"versions-node{rank}.json"
             if rank != node_rank and path.is_file():
-                others.append((str(path), json.loads(path.read_text(encoding="utf-8"))))
+                theirs = json.loads(path.read_text(encoding="utf-8"))
+                if _same_launch(theirs, launch, max_age_s):
+                    others.append((str(path), theirs))
+                else:
+                    log.debug("%s: written by an earlier launch, not compared", path)
     out = []
     for source, theirs in others:
         diff = [f"{k} {mine[k]} here vs {theirs.get(k)}" for k in mine if theirs.get(k, mine[k]) != mine[k]]
@@ -486,3 +516,12 @@ def check_versions(where: str | Path | None, node_rank: int, nnodes: int, *,
                                f"(host {host}) differ: {'; '.join(diff)}; install the same versions everywhere "
                                "(the Docker image pins them)"))
     return out
+
+
+def _same_launch(info: dict, launch: str | None, max_age_s: float) -> bool:
+    """Whether a versions file (`info`) was written by this launch: the same job step, or with no job on
+    either side, written in the last `max_age_s` seconds."""
+    if info.get("launch") != launch:
+        return False
+    written = info.get("written")
+    return launch is not None or (isinstance(written, (int, float)) and time.time() - written <= max_age_s)

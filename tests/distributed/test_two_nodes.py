@@ -82,6 +82,9 @@ def test_reward_and_one_ppo_step_on_two_loopback_nodes(tmp_path, tiny_model_dir)
     for stage in ("reward", "ppo"):  # one log per node in the run dir
         for node in (0, 1):
             assert (run_dir / "logs" / f"{stage}.node{node}.log").is_file()
+    # both nodes saw the shared run dir: the probe that found it is gone, and nothing was copied
+    assert not list(run_dir.glob(".rlhf-shared-*"))
+    assert not any("replicated" in (run_dir / "logs" / f"{stage}.node1.log").read_text() for stage in ("reward", "ppo"))
 
     # Estimate vs measurement: model-state elements per rank (parameters this rank holds, ZeRO-3 shards,
     # plus Adam m and v of the trained models), as counted by <run>/ppo/memory.json on rank 0.
@@ -120,6 +123,9 @@ def test_nodes_with_their_own_disks_each_get_every_artifact_and_resume(tmp_path,
     _two_nodes("02_reward.sh", config, node_args=own_disk)
     # A Trainer stage resumes on node-local disks too: node 1 received each checkpoint as it was saved.
     # Lose the reward manifest on both nodes and allow one more step: both resume from checkpoint-2.
+    # Node 1 keeps its own rank's random state; rank 0's, which it never reads, is not sent to it.
+    reward_ckpt = dirs[1] / "reward" / "checkpoints" / "checkpoint-2"
+    assert (reward_ckpt / "rng_state_1.pth").is_file() and not (reward_ckpt / "rng_state_0.pth").exists()
     for run_dir in dirs:
         assert artifacts.latest_checkpoint(run_dir / "reward" / "checkpoints").name == "checkpoint-2", run_dir
         (run_dir / "reward" / artifacts.MANIFEST).unlink()
@@ -144,10 +150,13 @@ def test_nodes_with_their_own_disks_each_get_every_artifact_and_resume(tmp_path,
         assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a), stage
         assert {p.name for p in (dirs[0] / stage / "final").iterdir()} == \
             {p.name for p in (dirs[1] / stage / "final").iterdir()}
-    # Node 1's checkpoints are complete (marker included) and hold rank 0's files as well as its own shard.
+    # Node 1's checkpoints are complete (marker included) and hold rank 0's files as well as its own shard
+    # and random state, but not rank 0's shard and random state (each rank reads its own).
     ckpt = [artifacts.latest_checkpoint(d / "ppo" / "checkpoints") for d in dirs]
     assert ckpt[0] is not None and ckpt[1] is not None and ckpt[0].name == ckpt[1].name == "checkpoint-1"
     assert (ckpt[1] / "trainer_state.json").read_text() == (ckpt[0] / "trainer_state.json").read_text()
+    assert (ckpt[1] / "rng-1.json").is_file() and not (ckpt[1] / "rng-0.json").exists()
+    assert list(ckpt[1].rglob("zero_pp_rank_1_*")) and not list(ckpt[1].rglob("zero_pp_rank_0_*"))
 
     # Lose the PPO manifest on both nodes and allow one more step: the stage resumes from checkpoint-1.
     for run_dir in dirs:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from rlhf import preflight
@@ -277,3 +279,71 @@ def test_a_torch_older_than_transformers_needs_is_a_blocker(tmp_path, monkeypatc
     assert "torch>=2.6" in b.message
     assert [b.code for b in blockers("2.6.0a0+ecf3bae40a")] == ["package.torch_too_old"]
     assert blockers("2.6.0") == [] and blockers("2.13.0+cpu") == []
+
+
+def _port_after_a_store_closed() -> int:
+    """A port that a torch TCPStore served and has just closed, its connections left in TIME_WAIT (as
+    for about a minute after a run ends)."""
+    import socket
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = dist.TCPStore("127.0.0.1", port, 2, True, timedelta(seconds=10), wait_for_workers=False)
+    client = dist.TCPStore("127.0.0.1", port, 2, False, timedelta(seconds=10))
+    client.set("k", "v")
+    assert server.get("k") == b"v"
+    del server  # the server side closes first: its end of the connection stays in TIME_WAIT on `port`
+    time.sleep(0.1)
+    del client
+    time.sleep(0.1)
+    return port
+
+
+def test_a_port_in_time_wait_is_free_and_a_live_listener_is_not():
+    import socket
+
+    port = _port_after_a_store_closed()
+    with socket.socket() as plain:  # the test means something: a bind without SO_REUSEADDR fails here
+        with pytest.raises(OSError):
+            plain.bind(("0.0.0.0", port))
+    assert preflight.check_launch({"NUM_GPUS": "2", "MASTER_PORT": str(port)}) == []
+    # a launch that is still running holds a listener there (with SO_REUSEADDR, as TCPStore does)
+    with socket.socket() as live:
+        live.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        live.bind(("0.0.0.0", port))
+        live.listen()
+        (b,) = preflight.check_launch({"NUM_GPUS": "2", "MASTER_PORT": str(port)})
+        assert b.code == "launch.port_busy" and f"MASTER_PORT={port}" in b.message
+
+
+def _versions_file(where, node: int, **changes) -> None:
+    where.mkdir(parents=True, exist_ok=True)
+    info = {**preflight.package_versions(), "host": f"node{node}", **changes}
+    (where / f"versions-node{node}.json").write_text(json.dumps(info), encoding="utf-8")
+
+
+def test_versions_files_of_an_earlier_launch_are_ignored(tmp_path):
+    where = tmp_path / "launch"
+    # node 1 ran an older torch in an earlier launch and was fixed since; node 0 starts first this time
+    _versions_file(where, 1, torch="0.0.1")  # written by a release that recorded no launch
+    assert preflight.check_versions(where, 0, 2) == []
+    _versions_file(where, 1, torch="0.0.1", launch=None, written=time.time() - 3600)  # an hour old
+    assert preflight.check_versions(where, 0, 2, max_age_s=1800) == []
+    _versions_file(where, 1, torch="0.0.1", launch="slurm:5001.0.0", written=time.time())  # the job's first run
+    env = {"SLURM_JOB_ID": "5001", "SLURM_RESTART_COUNT": "1", "SLURM_STEP_ID": "0"}
+    assert preflight.check_versions(where, 0, 2, launch=preflight.launch_id(env)) == []
+    # a file of this launch still counts: the same job run, or no job and written within max_age_s
+    _versions_file(where, 1, torch="0.0.1", launch="slurm:5001.1.0", written=time.time() - 7200)
+    (b,) = preflight.check_versions(where, 0, 2, launch=preflight.launch_id(env))
+    assert b.code == "launch.version_mismatch" and "torch" in b.message and "0.0.1" in b.message
+    _versions_file(where, 1, torch="0.0.1", launch=None, written=time.time() - 60)
+    assert [b.code for b in preflight.check_versions(where, 0, 2)] == ["launch.version_mismatch"]
+    # through the launch checks, the environment names the launch: node 0's file of the job's first run
+    # is left out when node 1 starts in its second (port 1 refuses: the master host is reachable)
+    _versions_file(where, 0, torch="0.0.1", launch="slurm:5001.0.0", written=time.time())
+    assert preflight.check_launch({"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "127.0.0.1",
+                                   "MASTER_PORT": "1", **env}, run_dir=tmp_path) == []

@@ -36,7 +36,7 @@ def run_stage(stage: str, cfg: PipelineConfig, *, restart: bool = False, config_
     """Run one stage after its preflight checks. Returns its StageResult."""
     preflight.check_or_raise(cfg, [stage], standalone=standalone)
     _materialize_aliases(cfg)
-    engine.init_distributed()
+    engine.init_distributed(cfg.run.collective_timeout_s)
     try:
         return _module(stage).run(cfg, restart=restart)
     finally:  # error, SIGTERM stop or done: the stage dir is free again (a SIGKILL leaves the claim behind)
