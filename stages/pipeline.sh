@@ -1,14 +1,21 @@
 #!/usr/bin/env bash
 # Every stage the config's final_stage needs, in order. Complete stages (stage.json present) are skipped,
 # incomplete ones resume from their last checkpoint; a failing stage stops the pipeline with its exit code.
-# Usage: bash stages/pipeline.sh CONFIG [--set key=value ...]    (launch mode: see stages/lib.sh)
+# With NNODES>1 the nodes agree first: a stage runs on all of them unless every node holds it complete.
+# Usage: bash stages/pipeline.sh CONFIG [--set key=value ...]    (launch mode, DRY_RUN: see stages/lib.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CONFIG=${1:?usage: $0 CONFIG [--set key=value ...]}; shift
 source stages/lib.sh
-"$PY" -m rlhf.cli preflight --config "$CONFIG" "$@"
+if [ "${DRY_RUN:-0}" = 0 ]; then
+  "$PY" -m rlhf.cli preflight --config "$CONFIG" "$@"
+else  # preflight probes the master port and writes this node's versions file
+  echo "[dry-run] preflight: $PY -m rlhf.cli preflight --config $CONFIG $*"
+fi
+stages=$("$PY" -m rlhf.cli pipeline --config "$CONFIG" "$@" --stages)
 pending=$("$PY" -m rlhf.cli pipeline --config "$CONFIG" "$@" --pending)
-for stage in $("$PY" -m rlhf.cli pipeline --config "$CONFIG" "$@" --stages); do
+pending=$(rlhf_agree "$stages" "$pending")
+for stage in $stages; do
   case " $pending " in
     *" $stage "*) echo "[pipeline] $stage: starting"; rlhf_run "$stage" --config "$CONFIG" "$@" ;;
     *) echo "[pipeline] $stage: complete, skipping" ;;

@@ -65,19 +65,23 @@ def test_slurm_script_starts_every_node_in_no_ssh_mode():
 
 def _launch(env: dict[str, str]) -> list[str]:
     clean = {k: v for k, v in os.environ.items()
-             if k not in ("NUM_GPUS", "NNODES", "NODE_RANK", "HOSTFILE", "LAUNCHER", "MASTER_ADDR", "MASTER_PORT")}
+             if k not in ("NUM_GPUS", "NNODES", "NODE_RANK", "HOSTFILE", "LAUNCHER", "MASTER_ADDR", "MASTER_PORT",
+                          "DRY_RUN")}
     cmd = 'source stages/lib.sh && rlhf_launcher && printf "%s\\n" "${LAUNCH[@]}"'
     proc = subprocess.run(["bash", "-c", cmd], cwd=ROOT, env={**clean, "PY": "py", **env},
                           capture_output=True, text=True, check=True)
     return proc.stdout.split()
 
 
-def test_launch_modes():
+def test_launch_modes(tmp_path):
     assert _launch({}) == ["py", "-m", "rlhf.cli"]
     cmd = _launch({"NUM_GPUS": "2"})
     assert cmd[:3] == ["py", "-m", "deepspeed.launcher.runner"] and cmd[cmd.index("--num_gpus") + 1] == "2"
-    cmd = _launch({"HOSTFILE": "hosts", "NUM_GPUS": "8"})
+    cmd = _launch({"HOSTFILE": "hosts", "NUM_GPUS": "8", "MASTER_ADDR": "10.0.0.1", "TMPDIR": str(tmp_path)})
     assert cmd[cmd.index("--hostfile") + 1] == "hosts" and "--no_ssh" not in cmd and "--num_gpus" in cmd
+    assert cmd[cmd.index("--master_addr") + 1] == "10.0.0.1"  # never DeepSpeed's guess (stages/README.md)
+    # this launch's DeepSpeed environment file (tests/unit/test_stage_launch.py checks what it forwards)
+    assert cmd[:2] == ["env", f"DS_ENV_FILE={next(tmp_path.glob('rlhf-deepspeed-env.*'))}"]
     cmd = _launch({"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "1234"})
     assert "--no_ssh" in cmd and cmd[cmd.index("--node_rank") + 1] == "1"
     assert cmd[cmd.index("--master_addr") + 1] == "10.0.0.1" and cmd[cmd.index("--master_port") + 1] == "1234"
