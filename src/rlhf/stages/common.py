@@ -49,7 +49,8 @@ def agreed_stop_signal(received: int | None) -> int | None:
     would save while another starts the next step, and their collectives would no longer match."""
     import torch
 
-    return int(engine.all_reduce(torch.tensor([float(received or 0)]), "max").item()) or None
+    flag = torch.tensor([float(received or 0)], device="cpu")  # a host value: it goes over gloo
+    return int(engine.all_reduce(flag, "max").item()) or None
 
 
 def stop_message(stage: str, signum: int, step: int, ckpt_dir: Path) -> str:
