@@ -381,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     if shutil.which("nvidia-smi") is None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed otherwise probes for GPUs and warns
     if args.command in (*TRAIN_COMMANDS, "pipeline"):  # training outlives its terminal; `rlhf score | head` need not
-        from rlhf.tracking import survive_closed_output
+        from rlhf.console import survive_closed_output
 
         survive_closed_output()
     _setup_logging()
