@@ -145,8 +145,12 @@ def test_stage_script_sigterm_to_every_process_saves_and_resumes(tmp_path, rlhf_
         while len(read_metrics(stage_dir / "metrics.jsonl")) < 2 and proc.poll() is None:
             assert time.monotonic() < deadline, "no training step logged within 240 s"
             time.sleep(0.1)
+        # The run is frozen while it is signalled, so no step can pass between the first process's signal and
+        # the last's: a 70 ms step could otherwise run to the end on a loaded machine before the ranks see one.
+        _signal_session(proc.pid, signal.SIGSTOP)
         signalled = time.monotonic()
         names = _signal_session(proc.pid, signal.SIGTERM)
+        _signal_session(proc.pid, signal.SIGCONT)
         assert proc.wait(timeout=60) == 143, (tmp_path / "first.out").read_text()[-3000:]
         took = time.monotonic() - signalled
     finally:
