@@ -118,11 +118,12 @@ def _kill_session(sid: int) -> None:
 
 
 @pytest.mark.distributed
-def test_stage_script_sigterm_to_every_process_saves_and_resumes(tmp_path, rlhf_cache):
+def test_stage_script_sigterm_and_sigusr1_save_and_resume(tmp_path, rlhf_cache):
     """`NUM_GPUS=2 bash stages/01_sft.sh` (deepspeed launcher, 2 CPU ranks), SIGTERM to every process of the
     run mid-training (bash, the log's tee, both launcher processes, both ranks): every rank saves the same
     step well within the launcher's 30 s, the log has the stop line, the script exits 143; the same command
-    resumes from that checkpoint and finishes."""
+    resumes from that checkpoint; SIGUSR1 to the script alone then stops it the same way with 138; the third
+    run finishes."""
     raw = tiny_raw(tmp_path, final_stage=None)
     raw["sft"].update({"max_steps": 20, "save_steps": 1000})  # the only checkpoint before the end: the stop's
     raw["logging"]["progress"] = True
@@ -163,14 +164,61 @@ def test_stage_script_sigterm_to_every_process_saves_and_resumes(tmp_path, rlhf_
     assert stop_line("sft", "SIGTERM", step, ckpts) in text and "BrokenPipeError" not in text
     assert not (stage_dir / artifacts.MANIFEST).exists()
 
+    # Resumed, then SIGUSR1 to the script alone (as `sbatch --signal=B:USR1@120` signals the batch shell): the
+    # script relays it to the launcher's group; the ranks are held until it is pending in both of them.
     proc = launch(tmp_path / "again.out")
     try:
-        assert proc.wait(timeout=240) == 0, (tmp_path / "again.out").read_text()[-3000:]
+        deadline = time.monotonic() + 240
+        while max(logged_steps(stage_dir, "loss")) < step + 2 and proc.poll() is None:
+            assert time.monotonic() < deadline, "no step logged after the resume within 240 s"
+            time.sleep(0.1)
+        ranks = _ranks_of(proc.pid)
+        for pid in ranks:
+            os.kill(pid, signal.SIGSTOP)
+        os.kill(proc.pid, signal.SIGUSR1)
+        while not all(_pending(pid, signal.SIGUSR1) for pid in ranks):
+            assert time.monotonic() < deadline, "the script never relayed SIGUSR1 to the ranks"
+            time.sleep(0.05)
+        for pid in ranks:
+            os.kill(pid, signal.SIGCONT)
+        assert proc.wait(timeout=60) == 138, (tmp_path / "again.out").read_text()[-3000:]
     finally:
         _kill_session(proc.pid)
+    assert len(ranks) == 2
     assert f"resuming from {ckpts / f'checkpoint-{step}'} (step {step})" in log.read_text()
+    usr1_step = artifacts.checkpoint_step(artifacts.latest_checkpoint(ckpts))
+    assert step + 2 <= usr1_step < 20
+    assert stop_line("sft", "SIGUSR1", usr1_step, ckpts) in log.read_text()
+    assert not (stage_dir / artifacts.MANIFEST).exists()
+
+    proc = launch(tmp_path / "last.out")
+    try:
+        assert proc.wait(timeout=240) == 0, (tmp_path / "last.out").read_text()[-3000:]
+    finally:
+        _kill_session(proc.pid)
+    assert f"resuming from {ckpts / f'checkpoint-{usr1_step}'} (step {usr1_step})" in log.read_text()
     assert manifest_step(stage_dir) == 20
     assert logged_steps(stage_dir, "loss") == list(range(1, 21))
+
+
+def _ranks_of(sid: int) -> list[int]:
+    """The ranks of session `sid`: the processes DeepSpeed's launch.py started as `python -u -m rlhf.cli`."""
+    ranks = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        try:
+            if os.getsid(proc.pid) == sid and "-m" in cmd and cmd[cmd.index("-m") + 1:][:1] == ["rlhf.cli"]:
+                ranks.append(proc.pid)
+        except (ProcessLookupError, PermissionError):
+            pass
+    return ranks
+
+
+def _pending(pid: int, signum: int) -> bool:
+    """Whether `signum` waits to be delivered to process `pid` (a stopped process keeps it pending)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    masks = [int(line.split()[1], 16) for line in status.splitlines() if line.startswith(("SigPnd:", "ShdPnd:"))]
+    return any(mask >> (signum - 1) & 1 for mask in masks)
 
 
 FAKE_RANK = """import os, signal, sys, time
