@@ -8,6 +8,8 @@
 #   LAUNCHER=torchrun        torchrun --nproc_per_node NUM_GPUS (NNODES>1 needs NODE_RANK and MASTER_ADDR)
 # With NNODES or torchrun and NUM_GPUS unset, NUM_GPUS is this node's GPU count (1 without a GPU).
 # DRY_RUN=1 prints the command each node would run, with the variables it depends on, and starts nothing.
+# LAUNCH_ARGS="..." adds options to the launcher's own (before the module), e.g. DeepSpeed's
+#   --include/--exclude, --enable_each_rank_log DIR, --bind_cores_to_rank; torchrun's --log-dir, --tee.
 # Without a GPU, OMP_WAIT_POLICY defaults to PASSIVE (see below).
 # NET_IFNAME=eth0 names the network interface that reaches the other nodes (see below).
 # Logs go to "<run dir>/logs/<command>.log" (<command>.node<NODE_RANK>.log with NNODES; LOG_DIR overrides
@@ -118,15 +120,16 @@ rlhf_tmp() {  # VAR NAME TEXT: a new file holding TEXT, its path put in VAR (DRY
 }
 
 rlhf_launcher() {
-  local port=${MASTER_PORT:-29500} hosts env_file i
+  local port=${MASTER_PORT:-29500} hosts env_file i extra=()
   RLHF_TMP=() RLHF_TMP_TEXT=()
+  read -r -a extra <<< "${LAUNCH_ARGS:-}"
   if [ "${LAUNCHER:-}" = torchrun ]; then
     # torchrun starts each worker in a session of its own: only the agent can relay a signal, and by default
     # it relays SIGTERM, SIGINT, SIGHUP and SIGQUIT but dies on SIGUSR1
     # shellcheck disable=SC2054  # the commas separate torchrun's list of signals
     LAUNCH=("$PY" -m torch.distributed.run --nproc_per_node "${NUM_GPUS:-1}" --nnodes "${NNODES:-1}" \
       --node_rank "${NODE_RANK:-0}" --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "$port" \
-      --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 -m rlhf.cli)
+      --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 "${extra[@]}" -m rlhf.cli)
   elif [ -n "${NNODES:-}" ]; then
     hosts=${HOSTFILE:-}
     if [ -z "$hosts" ]; then  # --no_ssh still takes the world layout from a hostfile; the names need not resolve
@@ -134,15 +137,21 @@ rlhf_launcher() {
     fi
     LAUNCH=("$PY" -m deepspeed.launcher.runner --no_ssh --hostfile "$hosts" --num_nodes "$NNODES" \
       --node_rank "$NODE_RANK" --master_addr "$MASTER_ADDR" \
-      --master_port "$port" --num_gpus "${NUM_GPUS:-1}" --module rlhf.cli)
+      --master_port "$port" --num_gpus "${NUM_GPUS:-1}" "${extra[@]}" --module rlhf.cli)
   elif [ -n "${HOSTFILE:-}" ]; then
     # an absolute DS_ENV_FILE replaces both places DeepSpeed looks: this launch's file, the user's merged in
     rlhf_tmp env_file rlhf-deepspeed-env "$(rlhf_env_file_text)"
     LAUNCH=(env "DS_ENV_FILE=$env_file" "$PY" -m deepspeed.launcher.runner --hostfile "$HOSTFILE" \
-      --master_addr "$MASTER_ADDR" --master_port "$port" ${NUM_GPUS:+--num_gpus "$NUM_GPUS"} --module rlhf.cli)
+      --master_addr "$MASTER_ADDR" --master_port "$port" ${NUM_GPUS:+--num_gpus "$NUM_GPUS"} "${extra[@]}" \
+      --module rlhf.cli)
   elif [ -n "${NUM_GPUS:-}" ]; then
-    LAUNCH=("$PY" -m deepspeed.launcher.runner --num_gpus "$NUM_GPUS" --master_port "$port" --module rlhf.cli)
+    LAUNCH=("$PY" -m deepspeed.launcher.runner --num_gpus "$NUM_GPUS" --master_port "$port" "${extra[@]}" \
+      --module rlhf.cli)
   else
+    if [ ${#extra[@]} -gt 0 ]; then
+      echo "error: LAUNCH_ARGS=${LAUNCH_ARGS} needs a launcher (NUM_GPUS, NNODES, HOSTFILE or LAUNCHER=torchrun)" >&2
+      exit 2
+    fi
     LAUNCH=("$PY" -m rlhf.cli)
   fi
 }

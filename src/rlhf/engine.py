@@ -211,6 +211,44 @@ def init_distributed(timeout_s: float | None = None) -> None:
     failwatch.start(store(), rank())
 
 
+def probe_links(record: Any, timeout_s: float) -> tuple[list[Any], dict[str, float]]:
+    """Every rank's `record` (rank order) and the milliseconds of one small all-reduce through each transport
+    of the process group: host memory (gloo) always, GPU memory (NCCL) on CUDA machines. Each transport gets
+    a group of its own whose collectives give up after `timeout_s` (the default group waits
+    `run.collective_timeout_s`, 30 minutes): a rank that never answers is named by gloo's monitored barrier
+    (a RuntimeError listing the missing ranks); an NCCL link that hangs ends the rank through NCCL's own
+    watchdog. One process, no group: ([record], {})."""
+    import time
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return [record], {}
+    timeout = timedelta(seconds=timeout_s)
+    took: dict[str, float] = {}
+    host = dist.new_group(backend="gloo", timeout=timeout)
+    dist.monitored_barrier(group=host, timeout=timeout, wait_all_ranks=True)
+    start = time.perf_counter()
+    dist.all_reduce(torch.ones(1), group=host)
+    took["gloo"] = (time.perf_counter() - start) * 1e3
+    if cuda_available():
+        gpu = dist.new_group(backend="nccl", timeout=timeout)
+        ones = torch.ones(1, device=device())
+        dist.all_reduce(ones, group=gpu)  # the first call also builds the communicator: timed apart
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        dist.all_reduce(ones, group=gpu)
+        torch.cuda.synchronize()
+        took["nccl"] = (time.perf_counter() - start) * 1e3
+        dist.destroy_process_group(gpu)
+    records: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(records, record, group=host)
+    dist.destroy_process_group(host)
+    return records, took
+
+
 @contextlib.contextmanager
 def single_process_loading():
     """Load a full, unsharded model on one rank while a ZeRO-3 Trainer is alive.

@@ -54,3 +54,39 @@ def test_a_failure_on_one_node_stops_the_other_node(tmp_path, tiny_model_dir, ti
     # node 0 learnt of rank 1's error and stopped at once, with rank 1's message
     assert "rank 1 failed: OSError: injected failure on rank 1 at step 2; stopping rank 0 too" in outs[0], outs[0][-3000:]
     assert time.monotonic() - start < 180
+
+
+def test_a_preflight_blocker_on_one_node_stops_every_node_before_loading(tmp_path, tiny_model_dir, tiny_reward_dir):
+    """Rank 1 alone finds a blocker (as a data file missing from one node's disk). It used to raise before the
+    process group existed, and node 0 waited at the rendezvous until run.collective_timeout_s (30 min); now
+    the roll call stops both nodes within seconds, each naming rank 1's blocker, before any weights load."""
+    config = ppo_config(tmp_path, tiny_model_dir, tiny_reward_dir, zero_stage=2,
+                        ppo={"steps": 3, "mini_batch_size": 4, "grad_accum": 1, "save_steps": 10, "sample_every": 10})
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    port = free_port()
+    env = cpu_rank_env(RLHF_FAULT="blocker_on_rank:1")
+    procs = []
+    for node in (0, 1):
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--no_ssh", "--hostfile", str(hostfile),
+               "--num_nodes", "2", "--node_rank", str(node), "--master_addr", "127.0.0.1",
+               "--master_port", str(port), "--num_gpus", "1", str(ROOT / "tests" / "faults" / "faulty_cli.py"),
+               "ppo", "--config", str(config)]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                      start_new_session=True))
+    outs = []
+    try:
+        for proc in procs:
+            outs.append(proc.communicate(timeout=120)[0])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    assert len(outs) == 2, "a node was still waiting 120 s after the start"
+    blocker = "[data.missing] rank 1 on "
+    for node, out in enumerate(outs):
+        assert procs[node].returncode != 0
+        assert blocker in out and "is not on rank 1's disk" in out, out[-3000:]
+    assert "roll call: 2 rank(s) on 2 node(s), all answered" in outs[0]
+    assert "node1: host " in outs[0] and "one all-reduce: gloo " in outs[0]

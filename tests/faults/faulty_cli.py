@@ -18,6 +18,8 @@ nothing (no `finally`, no atexit, no flush) runs after it, exactly as when a nod
                            (its ZeRO-3 partition) unchanged to $RLHF_FAULT_REPORT-<rank>.json
   fail_on_rank:R:N         not a kill: global rank R alone raises OSError at the start of PPO step N's update
                            (a failure the other ranks do not share, such as a node-local disk)
+  blocker_on_rank:R        not a kill: global rank R alone finds a preflight blocker (a data file missing from
+                           one node's disk)
 
 Without RLHF_FAULT it is the plain CLI.
 """
@@ -169,6 +171,20 @@ def _fail_on_rank(spec: str) -> None:
     loop.ppo_update = update_or_fail
 
 
+def _blocker_on_rank(rank: int) -> None:
+    from rlhf import preflight
+
+    check = preflight.check
+
+    def check_here(*args, **kwargs):
+        found = check(*args, **kwargs)
+        if int(os.environ.get("RANK", "0")) == rank:
+            found.append(preflight.Blocker("data.missing", f"injected: data/here.jsonl is not on rank {rank}'s disk"))
+        return found
+
+    preflight.check = check_here
+
+
 def _kill_before_marker(step: int) -> None:
     from rlhf import artifacts
 
@@ -214,6 +230,8 @@ def install(fault: str) -> None:
         _nan_grads_in_step(int(arg))
     elif kind == "fail_on_rank":
         _fail_on_rank(arg)
+    elif kind == "blocker_on_rank":
+        _blocker_on_rank(int(arg))
     elif kind == "kill_before_marker":
         _kill_before_marker(int(arg))
     elif kind == "kill_before_manifest":

@@ -16,7 +16,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 CLEARED = ("NUM_GPUS", "NNODES", "NODE_RANK", "HOSTFILE", "LAUNCHER", "MASTER_ADDR", "MASTER_PORT", "NET_IFNAME",
-           "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "DRY_RUN", "DS_ENV_FILE", "LOG_DIR", "OMP_NUM_THREADS")
+           "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "DRY_RUN", "DS_ENV_FILE", "LOG_DIR", "OMP_NUM_THREADS",
+           "LAUNCH_ARGS")
 
 
 def _env(tmp_path: Path, gpus: int | None = None, **extra: str) -> dict[str, str]:
@@ -49,6 +50,25 @@ def _hostfile(tmp_path: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------- DRY_RUN
+
+@pytest.mark.parametrize(("launch", "before"), [
+    ({"NUM_GPUS": "2"}, "--master_port 29500 --include localhost:1 --enable_each_rank_log /l --module rlhf.cli"),
+    ({"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "h"}, "--num_gpus 1 --include localhost:1 "
+     "--enable_each_rank_log /l --module rlhf.cli"),
+    ({"LAUNCHER": "torchrun"}, "SIGUSR1 --include localhost:1 --enable_each_rank_log /l -m rlhf.cli"),
+])
+def test_launch_args_go_to_the_launcher(launch, before, tmp_path):
+    proc = _launch(_env(tmp_path, 1, LAUNCH_ARGS="--include localhost:1 --enable_each_rank_log /l", **launch))
+    assert proc.returncode == 0, proc.stderr
+    assert before in " ".join(proc.stdout.split())
+
+
+def test_launch_args_without_a_launcher_are_refused(tmp_path):
+    proc = _launch(_env(tmp_path, LAUNCH_ARGS="--bind_cores_to_rank"))
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip() == ("error: LAUNCH_ARGS=--bind_cores_to_rank needs a launcher (NUM_GPUS, NNODES, "
+                                   "HOSTFILE or LAUNCHER=torchrun)")
+
 
 @pytest.mark.parametrize("mode", ["plain", "num_gpus", "nnodes", "torchrun", "hostfile"])
 def test_dry_run_prints_each_nodes_command_and_starts_nothing(mode, tmp_path):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import logging
 
-from rlhf import artifacts, claims, engine, preflight, tracking
+from rlhf import artifacts, claims, engine, preflight, rollcall, tracking
 from rlhf.config import PipelineConfig
 
 log = logging.getLogger("rlhf")
@@ -33,10 +33,17 @@ def _module(stage: str):
 
 def run_stage(stage: str, cfg: PipelineConfig, *, restart: bool = False, config_path: str | None = None,
               standalone: bool = True):
-    """Run one stage after its preflight checks. Returns its StageResult."""
-    preflight.check_or_raise(cfg, [stage], standalone=standalone)
-    _materialize_aliases(cfg)
+    """Run one stage after its preflight checks. Returns its StageResult.
+
+    Under a launcher every rank checks its own view (its disk, its GPUs) and the ranks decide together in
+    the roll call (`rlhf.rollcall`), so a blocker on one node stops all of them at once instead of leaving
+    the others waiting for it at the rendezvous.
+    """
+    blockers = preflight.check(cfg, [stage], standalone=standalone)
+    if not blockers:
+        _materialize_aliases(cfg)
     engine.init_distributed(cfg.run.collective_timeout_s)
+    rollcall.roll_call(blockers)
     try:
         return _module(stage).run(cfg, restart=restart)
     finally:  # error, SIGTERM stop or done: the stage dir is free again (a SIGKILL leaves the claim behind)
