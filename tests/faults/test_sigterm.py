@@ -34,7 +34,6 @@ from faultkit import (
 from rlhf import artifacts, cli
 from rlhf.errors import StopRequested
 from rlhf.stages import run_stage
-from rlhf.tracking import read_metrics
 
 sys.path.insert(0, str(ROOT / "tests" / "distributed"))
 from launch import cpu_rank_env, free_port  # noqa: E402
@@ -122,103 +121,101 @@ def test_stage_script_sigterm_and_sigusr1_save_and_resume(tmp_path, rlhf_cache):
     """`NUM_GPUS=2 bash stages/01_sft.sh` (deepspeed launcher, 2 CPU ranks), SIGTERM to every process of the
     run mid-training (bash, the log's tee, both launcher processes, both ranks): every rank saves the same
     step well within the launcher's 30 s, the log has the stop line, the script exits 143; the same command
-    resumes from that checkpoint; SIGUSR1 to the script alone then stops it the same way with 138; the third
-    run finishes."""
+    resumes from that checkpoint; SIGUSR1 to the script alone (as `sbatch --signal=B:USR1@120` signals the
+    batch shell), relayed by it, stops it the same way with 138; the third run finishes.
+
+    The ranks are held at the start of the step the test signals in (tests/faults/ranksite), so the stop
+    lands on that step: a 70 ms step could otherwise run to the end on a loaded machine first."""
     raw = tiny_raw(tmp_path, final_stage=None)
-    raw["sft"].update({"max_steps": 20, "save_steps": 1000})  # the only checkpoint before the end: the stop's
+    raw["sft"].update({"max_steps": 20, "save_steps": 1000})  # the only checkpoints before the end: the stops'
     raw["logging"]["progress"] = True
     config = write_cfg(tmp_path / "cfg.yaml", raw)
     stage_dir = cfg_of(raw).stage_dir("sft")
     ckpts, log = stage_dir / "checkpoints", cfg_of(raw).run.dir / "logs" / "sft.log"
-    env = cpu_rank_env(**cli_env(rlhf_cache), NUM_GPUS="2", PY=sys.executable)
+    env = cpu_rank_env(**cli_env(rlhf_cache), NUM_GPUS="2", PY=sys.executable,
+                       PYTHONPATH=os.pathsep.join([str(ROOT / "tests" / "faults" / "ranksite"),
+                                                   os.environ.get("PYTHONPATH", "")]))
     for key in LAUNCH_VARS[1:]:
         env.pop(key, None)
 
-    def launch(out: Path) -> subprocess.Popen:
-        with open(out, "w") as terminal:  # a file, as Slurm's slurm-<id>.out: nothing here reads a pipe
+    def launch(name: str, held_at: int | None = None) -> subprocess.Popen:
+        fault = {"RLHF_FAULT": f"wait_in_step:{held_at}", "RLHF_FAULT_GATE": str(tmp_path / f"{name}.gate")}
+        with open(tmp_path / f"{name}.out", "w") as terminal:  # a file, as Slurm's slurm-<id>.out
             return subprocess.Popen(["bash", "stages/01_sft.sh", str(config)], cwd=ROOT,
-                                    env={**env, "MASTER_PORT": str(free_port())}, stdout=terminal,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+                                    env={**env, "MASTER_PORT": str(free_port()), **(fault if held_at else {})},
+                                    stdout=terminal, stderr=subprocess.STDOUT, start_new_session=True)
 
-    proc = launch(tmp_path / "first.out")
+    proc = launch("first", held_at=3)
     try:
-        deadline = time.monotonic() + 240
-        while len(read_metrics(stage_dir / "metrics.jsonl")) < 2 and proc.poll() is None:
-            assert time.monotonic() < deadline, "no training step logged within 240 s"
-            time.sleep(0.1)
-        # The run is frozen while it is signalled, so no step can pass between the first process's signal and
-        # the last's: a 70 ms step could otherwise run to the end on a loaded machine before the ranks see one.
-        _signal_session(proc.pid, signal.SIGSTOP)
+        _wait_until_held(proc, tmp_path / "first")
         signalled = time.monotonic()
         names = _signal_session(proc.pid, signal.SIGTERM)
-        _signal_session(proc.pid, signal.SIGCONT)
+        (tmp_path / "first.gate").touch()
         assert proc.wait(timeout=60) == 143, (tmp_path / "first.out").read_text()[-3000:]
         took = time.monotonic() - signalled
     finally:
         _kill_session(proc.pid)
     assert {"bash", "tee"} <= set(names) and len(names) >= 6  # bash x2, tee, runner, launch.py, 2 ranks
     assert took < 30, f"the stop took {took:.1f} s; the launcher kills its ranks 30 s after a SIGTERM"
-    (step,) = [artifacts.checkpoint_step(p) for p in artifacts.list_checkpoints(ckpts)]
-    assert 2 <= step < 20 and (ckpts / f"checkpoint-{step}" / artifacts.COMPLETE_MARKER).exists()
-    text = log.read_text()
-    assert stop_line("sft", "SIGTERM", step, ckpts) in text and "BrokenPipeError" not in text
+    assert [p.name for p in artifacts.list_checkpoints(ckpts)] == ["checkpoint-3"] and \
+        (ckpts / "checkpoint-3" / artifacts.COMPLETE_MARKER).exists()
+    assert stop_line("sft", "SIGTERM", 3, ckpts) in log.read_text() and "BrokenPipeError" not in log.read_text()
     assert not (stage_dir / artifacts.MANIFEST).exists()
 
-    # Resumed, then SIGUSR1 to the script alone (as `sbatch --signal=B:USR1@120` signals the batch shell): the
-    # script relays it to the launcher's group; the ranks are held until it is pending in both of them.
-    proc = launch(tmp_path / "again.out")
+    proc = launch("again", held_at=6)
     try:
-        deadline = time.monotonic() + 240
-        while max(logged_steps(stage_dir, "loss")) < step + 2 and proc.poll() is None:
-            assert time.monotonic() < deadline, "no step logged after the resume within 240 s"
-            time.sleep(0.1)
-        ranks = _ranks_of(proc.pid)
-        for pid in ranks:
-            os.kill(pid, signal.SIGSTOP)
-        os.kill(proc.pid, signal.SIGUSR1)
-        while not all(_pending(pid, signal.SIGUSR1) for pid in ranks):
-            assert time.monotonic() < deadline, "the script never relayed SIGUSR1 to the ranks"
-            time.sleep(0.05)
-        for pid in ranks:
-            os.kill(pid, signal.SIGCONT)
+        _wait_until_held(proc, tmp_path / "again")
+        _usr1_to_the_script(proc.pid)
+        (tmp_path / "again.gate").touch()
         assert proc.wait(timeout=60) == 138, (tmp_path / "again.out").read_text()[-3000:]
     finally:
         _kill_session(proc.pid)
-    assert len(ranks) == 2
-    assert f"resuming from {ckpts / f'checkpoint-{step}'} (step {step})" in log.read_text()
-    usr1_step = artifacts.checkpoint_step(artifacts.latest_checkpoint(ckpts))
-    assert step + 2 <= usr1_step < 20
-    assert stop_line("sft", "SIGUSR1", usr1_step, ckpts) in log.read_text()
+    assert "resuming from " + str(ckpts / "checkpoint-3") + " (step 3)" in log.read_text()
+    assert artifacts.latest_checkpoint(ckpts).name == "checkpoint-6"
+    assert stop_line("sft", "SIGUSR1", 6, ckpts) in log.read_text()
     assert not (stage_dir / artifacts.MANIFEST).exists()
 
-    proc = launch(tmp_path / "last.out")
+    proc = launch("last")
     try:
         assert proc.wait(timeout=240) == 0, (tmp_path / "last.out").read_text()[-3000:]
     finally:
         _kill_session(proc.pid)
-    assert f"resuming from {ckpts / f'checkpoint-{usr1_step}'} (step {usr1_step})" in log.read_text()
-    assert manifest_step(stage_dir) == 20
-    assert logged_steps(stage_dir, "loss") == list(range(1, 21))
+    assert "resuming from " + str(ckpts / "checkpoint-6") + " (step 6)" in log.read_text()
+    assert (manifest_step(stage_dir), logged_steps(stage_dir, "loss")) == (20, list(range(1, 21)))
 
 
-def _ranks_of(sid: int) -> list[int]:
-    """The ranks of session `sid`: the processes DeepSpeed's launch.py started as `python -u -m rlhf.cli`."""
-    ranks = []
+def _wait_until_held(proc: subprocess.Popen, gate: Path) -> None:
+    """Until a rank waits at the gate (faulty_cli's wait_in_step; the other rank is at most at that step's
+    start: the steps before it end in collectives)."""
+    deadline = time.monotonic() + 240
+    while not gate.with_name(gate.name + ".gate.waiting").exists():
+        assert proc.poll() is None, f"the run ended before the held step: {gate.with_suffix('.out')}"
+        assert time.monotonic() < deadline, "the held step not reached within 240 s"
+        time.sleep(0.1)
+
+
+def _usr1_to_the_script(sid: int) -> None:
+    """SIGUSR1 to the script (the leader of session `sid`) alone; returns once its relay has reached the
+    launcher's process group, which the ranks share: DeepSpeed's runner and launch.py do not handle SIGUSR1,
+    so they end on it."""
+    launchers = []
     for proc in psutil.process_iter(["cmdline"]):
-        cmd = proc.info["cmdline"] or []
-        try:
-            if os.getsid(proc.pid) == sid and "-m" in cmd and cmd[cmd.index("-m") + 1:][:1] == ["rlhf.cli"]:
-                ranks.append(proc.pid)
-        except (ProcessLookupError, PermissionError):
-            pass
-    return ranks
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if ("deepspeed.launcher.runner" in cmd or "deepspeed.launcher.launch" in cmd) and os.getsid(proc.pid) == sid:
+            launchers.append(proc)
+    assert len(launchers) == 2, launchers
+    os.kill(sid, signal.SIGUSR1)
+    deadline = time.monotonic() + 30
+    while any(_running(proc) for proc in launchers):
+        assert time.monotonic() < deadline, "the launcher was still running 30 s after SIGUSR1 reached the script"
+        time.sleep(0.05)
 
 
-def _pending(pid: int, signum: int) -> bool:
-    """Whether `signum` waits to be delivered to process `pid` (a stopped process keeps it pending)."""
-    status = Path(f"/proc/{pid}/status").read_text()
-    masks = [int(line.split()[1], 16) for line in status.splitlines() if line.startswith(("SigPnd:", "ShdPnd:"))]
-    return any(mask >> (signum - 1) & 1 for mask in masks)
+def _running(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 FAKE_RANK = """import os, signal, sys, time

@@ -284,7 +284,7 @@ def test_run_stage_releases_the_claim_when_the_stage_fails(tmp_path, monkeypatch
             assert json.loads((cfg.stage_dir("sft") / claims.CLAIM).read_text())["pid"] == os.getpid()
             raise RuntimeError("a bug in the stage")
 
-    monkeypatch.setattr(preflight, "check_or_raise", lambda *args, **kwargs: None)
+    monkeypatch.setattr(preflight, "check", lambda *args, **kwargs: [])
     monkeypatch.setattr(stages, "_module", lambda stage: Failing)
     with pytest.raises(RuntimeError, match="a bug in the stage"):
         stages.run_stage("sft", cfg)

@@ -51,7 +51,7 @@ def test_every_stage_makes_its_process_group_with_the_configured_timeout(monkeyp
     from rlhf import preflight, stages
 
     seen = []
-    monkeypatch.setattr(preflight, "check_or_raise", lambda *args, **kwargs: None)
+    monkeypatch.setattr(preflight, "check", lambda *args, **kwargs: [])
     monkeypatch.setattr(stages, "_materialize_aliases", lambda cfg: None)
     monkeypatch.setattr(engine, "init_distributed", lambda timeout_s=None: seen.append(timeout_s))
 
