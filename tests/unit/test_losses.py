@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.testing import assert_close
 
+from rlhf import losses
 from rlhf.losses import (
     dpo_loss,
     entropy_from_logits,
@@ -65,6 +68,28 @@ def test_masked_var_hand_values():
     assert_close(masked_var(x, t([1, 0, 0], [0, 0, 0])), torch.tensor(0.0))
 
 
+def test_masked_var_two_and_zero_elements():
+    # n = 2, the smallest n with Bessel's correction: counted [1, 3], mean 2, squared deviations 1 + 1
+    # biased 2 / 2 = 1; unbiased 2 / (2 - 1) = 2
+    x, mask = t([1.0, 3.0, 50.0]), t([1, 1, 0])
+    assert_close(masked_var(x, mask, unbiased=False), torch.tensor(1.0))
+    assert_close(masked_var(x, mask), torch.tensor(2.0))
+    # n = 0: 0, not NaN
+    assert_close(masked_var(x, t([0, 0, 0])), torch.tensor(0.0))
+
+
+def test_masked_statistics_keep_the_dtype_of_x():
+    # a bf16 x with a float32 mask stays bf16 (the count is cast to x's dtype); an integer x sums to an
+    # integer. Values: rows [1, 2 | 4, 8] counted -> means [1.5, 6], all mean 15 / 4 = 3.75,
+    # var: squared deviations 7.5625 + 3.0625 + 0.0625 + 18.0625 = 28.75, unbiased / 3 = 9.583 (bf16 9.5625)
+    bf16 = torch.bfloat16
+    x, mask = t([1.0, 2.0, 7.0], [4.0, 8.0, 7.0]).to(bf16), t([1, 1, 0], [1, 1, 0])
+    assert_close(masked_mean(x, mask, dim=1), torch.tensor([1.5, 6.0], dtype=bf16))
+    assert_close(masked_mean(x, mask), torch.tensor(3.75, dtype=bf16))
+    assert_close(masked_var(x, mask), torch.tensor(28.75 / 3.0, dtype=bf16))
+    assert_close(masked_sum(torch.tensor([1, 2, 3]), t([1, 0, 1])), torch.tensor(4))
+
+
 # ---------------------------------------------------------------------------- log-probs, entropy
 
 
@@ -92,6 +117,26 @@ def test_entropy_from_logits_hand_values():
     assert_close(entropy_from_logits(uniform), torch.tensor([[math.log(4.0)]]))
     skewed = torch.tensor([[[0.0, 0.0, math.log(2.0)]]])
     assert_close(entropy_from_logits(skewed), torch.tensor([[1.5 * math.log(2.0)]]))
+
+
+def test_entropy_from_logits_is_per_position():
+    # [B=2, T=2, V=3]: each position's entropy from its own logits only
+    # uniform over 3 -> ln 3; [0, 0, ln 2] and [0, ln 2, 0] -> 1.5 ln 2; [0, 0, -30] -> uniform over the
+    # first two (the third has p = e^-30 / 2) -> ln 2. A sum over every position would mix them.
+    logits = torch.tensor(
+        [
+            [[0.0, 0.0, 0.0], [0.0, 0.0, math.log(2.0)]],
+            [[0.0, math.log(2.0), 0.0], [0.0, 0.0, -30.0]],
+        ]
+    )
+    expected = torch.tensor([[math.log(3.0), 1.5 * math.log(2.0)], [1.5 * math.log(2.0), math.log(2.0)]])
+    assert_close(entropy_from_logits(logits), expected)
+
+
+def test_logprobs_from_logits_refuses_mismatched_batches():
+    # 2 rows of logits, 3 of labels: an error, not a silent drop of the third row
+    with pytest.raises(ValueError):
+        logprobs_from_logits(torch.zeros(2, 4, 5), torch.zeros(3, 4, dtype=torch.long))
 
 
 # -------------------------------------------------------------------------------------- reward model
@@ -142,11 +187,24 @@ def test_ipo_loss_hand_example():
     assert_close(loss, torch.tensor(1.125))
     assert_close(stats["rewards/accuracy"], torch.tensor(0.5))
 
+    # at beta 0.5 the target 1 / (2 beta) equals 2 beta; at beta 0.25 it is 2 (2 beta would be 0.5):
+    # h = [1, -0.5] -> (1 - 2)^2 = 1, (-0.5 - 2)^2 = 6.25 -> mean 3.625
+    loss, _ = ipo_loss(*PREF, beta=0.25)
+    assert_close(loss, torch.tensor(3.625))
+
 
 def test_hinge_loss_hand_example():
     # relu(1 - beta h) = relu(1 - 0.5) = 0.5, relu(1 + 0.25) = 1.25 -> mean 0.875
     loss, _ = hinge_loss(*PREF, beta=0.5)
     assert_close(loss, torch.tensor(0.875))
+
+
+def test_preference_tie_counts_as_wrong():
+    # policy = reference on both sides: implicit rewards 0 and 0, h = 0 -> loss log 2, accuracy 0
+    loss, stats = dpo_loss(t([-1.0]), t([-2.0]), t([-1.0]), t([-2.0]), beta=0.1)
+    assert_close(loss, torch.tensor(math.log(2.0)))
+    assert_close(stats["rewards/accuracy"], torch.tensor(0.0))
+    assert_close(stats["rewards/margin"], torch.tensor(0.0))
 
 
 @pytest.mark.parametrize("loss_fn", [dpo_loss, ipo_loss, hinge_loss])
@@ -190,3 +248,62 @@ def test_orpo_loss_is_finite_when_probabilities_reach_one():
     assert torch.isfinite(loss)
     assert all(torch.isfinite(v) for v in stats.values())
     assert torch.all(torch.isfinite(chosen.grad)) and torch.all(torch.isfinite(rejected.grad))
+
+
+def test_orpo_loss_gradients_are_finite_in_half_precision():
+    # in bf16, exp(-1e-3) rounds to 1, so log(1 - p) by the far branch log1p(-exp(.)) is -inf there:
+    # each branch's input is clamped to its own side of -log 2, so the unused branch stays finite
+    bf16 = torch.bfloat16
+    chosen = torch.tensor([0.0, -1e-3, -0.5], dtype=bf16, requires_grad=True)
+    rejected = torch.tensor([0.0, -0.3, -2.0], dtype=bf16, requires_grad=True)
+    loss, _ = orpo_loss(torch.tensor([0.0, 0.0, 0.5], dtype=bf16), chosen, rejected, lam=0.1)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert torch.all(torch.isfinite(chosen.grad)) and torch.all(torch.isfinite(rejected.grad))
+
+
+# --------------------------------------------------------------------------------------------- devices
+
+
+class DevicelessFactories(TorchFunctionMode):
+    """Records each tensor factory that rlhf.losses calls without a device (none, or `device=None`).
+
+    On a GPU such a tensor lands on the CPU; on this CPU-only machine both places are the same, so the
+    calls are watched instead (tests/stages/test_ppo_device.py does it for the PPO stage).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        caller = sys._getframe(1)
+        name = getattr(func, "__name__", "")
+        if (
+            name in {"tensor", "full", "zeros", "ones", "empty", "arange"}
+            and kwargs.get("device") is None
+            and caller.f_code.co_filename == losses.__file__
+        ):
+            self.calls.append(f"losses.py:{caller.f_lineno} torch.{name}")
+        return func(*args, **kwargs)
+
+
+def test_every_tensor_losses_makes_names_its_device():
+    x, mask = t([1.0, 2.0, 3.0], [4.0, 5.0, 6.0]), t([1, 1, 0], [1, 0, 0])
+    watch = DevicelessFactories()
+    with watch:
+        masked_sum(x, mask)
+        masked_mean(x, mask, dim=1)
+        masked_var(x, mask)
+        logprobs_from_logits(torch.zeros(1, 2, 3), torch.zeros(1, 2, dtype=torch.long))
+        entropy_from_logits(torch.zeros(1, 2, 3))
+        for loss_fn in (dpo_loss, ipo_loss, hinge_loss):
+            loss_fn(*PREF, beta=0.5)
+        pairwise_reward_loss(t([1.0]), t([0.0]), margin=t([0.5]))
+        orpo_loss(t([0.5]), t([-0.5]), t([-1.5]), lam=0.1)
+    assert not watch.calls, "tensors made without the input's device:\n" + "\n".join(watch.calls)
+    # the watch itself: a deviceless factory run from the module's file is reported
+    with watch:
+        exec(compile("torch.zeros(())", losses.__file__, "exec"), {"torch": torch})
+    assert watch.calls == ["losses.py:1 torch.zeros"]

@@ -4,11 +4,14 @@ whitening, the PPO policy and value losses. No models."""
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.testing import assert_close
 
+from rlhf import ppo_math
 from rlhf.ppo_math import (
     AdaptiveKLController,
     FixedKLController,
@@ -42,6 +45,34 @@ def gae_reference(rewards, values, mask, gamma, lam):
             advantages[b][i] = next_adv
     advantages = torch.tensor(advantages)
     return advantages, torch.where(mask.bool(), advantages + values, 0.0)
+
+
+FACTORIES = {"tensor", "full", "zeros", "ones", "empty", "arange", "linspace", "eye"}
+
+
+class DevicelessFactories(TorchFunctionMode):
+    """Records each tensor factory that rlhf.ppo_math calls without a device (none, or `device=None`).
+
+    On a GPU such a tensor lands on the CPU and the next op that mixes it with the inputs fails; on this
+    CPU-only machine both places are the same, so the calls are watched instead, as
+    tests/stages/test_ppo_device.py does for the PPO stage.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        caller = sys._getframe(1)
+        name = getattr(func, "__name__", "")
+        if (
+            name in FACTORIES
+            and kwargs.get("device") is None
+            and caller.f_code.co_filename == ppo_math.__file__
+        ):
+            self.calls.append(f"ppo_math.py:{caller.f_lineno} torch.{name}")
+        return func(*args, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------------ GAE
@@ -154,6 +185,27 @@ def test_response_mask_several_eos_ids_and_sampled_pad():
     assert_close(mask, t([[1, 1, 1]]))
 
 
+def test_every_tensor_ppo_math_makes_names_its_device():
+    ids = torch.tensor([[5, 2, 0], [5, 6, 0]])
+    logp, mask = t([-1.0, -2.0, -3.0], [-1.0, -1.0, -1.0]), t([1, 1, 0], [1, 1, 1])
+    watch = DevicelessFactories()
+    with watch:
+        response_mask(ids, eos_token_id=[2, 3], pad_token_id=0)
+        response_mask(ids, eos_token_id=2, pad_token_id=None)
+        last_token_index(mask)
+        rewards, _ = per_token_rewards(t(1.0, 2.0), logp, logp - 0.5, mask, kl_coef=0.1)
+        advantages, _ = gae(rewards, logp, mask, gamma=1.0, lam=0.95)
+        masked_whiten(advantages, mask)
+        masked_whiten(advantages, mask, reduce=lambda v: v)
+        ppo_policy_loss(logp, logp - 0.1, advantages, mask, 0.2)
+        ppo_value_loss(logp, logp - 0.3, advantages, mask, 0.2)
+    assert not watch.calls, "tensors made without the input's device:\n" + "\n".join(watch.calls)
+    # the watch itself: a deviceless factory run from the module's file is reported, with its line
+    with watch:
+        exec(compile("\n\ntorch.arange(3)", ppo_math.__file__, "exec"), {"torch": torch})
+    assert watch.calls == ["ppo_math.py:3 torch.arange"]
+
+
 # -------------------------------------------------------------------------------------------- rewards
 
 
@@ -198,6 +250,18 @@ def test_adaptive_kl_controller_moves_by_the_clipped_proportional_rule():
     before = ctl.value
     ctl.update(6.0, n_steps=1000)
     assert ctl.value == pytest.approx(before)
+
+
+def test_adaptive_kl_controller_horizon_edge():
+    # horizon 0 would divide by zero in update: refused, like a negative one
+    for horizon in (0, -1.0):
+        with pytest.raises(ValueError, match="horizon"):
+            AdaptiveKLController(0.1, target_kl=1.0, horizon=horizon)
+    # the smallest sensible horizon, 1 sample, is accepted: KL 2 on target 1 -> error clip(1) = 0.2,
+    # coef *= 1 + 0.2 * 1 / 1 = 1.2 -> 0.5 * 1.2 = 0.6
+    ctl = AdaptiveKLController(0.5, target_kl=1.0, horizon=1)
+    ctl.update(2.0, n_steps=1)
+    assert ctl.value == pytest.approx(0.6)
 
 
 def test_kl_controllers_state_dict_round_trip():
@@ -278,6 +342,32 @@ def test_masked_whiten_degenerate_masks_stay_finite():
     assert_close(masked_whiten(t([2.0, 2.0, 2.0]), t([1, 1, 1])), t([0.0, 0.0, 0.0]))
 
 
+def test_masked_whiten_uses_the_unbiased_variance_hand_value():
+    # counted [1, 3]: mean 2, squared deviations 1 + 1 = 2, unbiased var 2 / (2 - 1) = 2, std sqrt 2
+    # -> [-1/sqrt2, 1/sqrt2] (the biased var 2 / 2 = 1 would give [-1, 1]); the padded 100 -> 0
+    x, mask = t([1.0, 3.0, 100.0]), t([1, 1, 0])
+    s = 1.0 / math.sqrt(2.0)
+    for reduce in (None, lambda v: v):  # this tensor's statistics, and a one-rank reduce
+        assert_close(masked_whiten(x, mask, reduce=reduce), t([-s, s, 0.0]))
+        # shift_mean=False adds the mean 2 back: [2 - 1/sqrt2, 2 + 1/sqrt2]
+        assert_close(masked_whiten(x, mask, shift_mean=False, reduce=reduce), t([2.0 - s, 2.0 + s, 0.0]))
+
+
+def test_masked_whiten_with_a_reduce_degenerate_masks_and_float64_sums():
+    def identity(v):  # one rank: the sum over ranks is the input
+        return v
+
+    x = t([3.0, 8.0, 1.0])
+    # one counted element: mean 3 / 1 = 3, (3 - 3) / sqrt(0 + eps) = 0; no element: 0
+    assert_close(masked_whiten(x, t([1, 0, 0]), reduce=identity), t([0.0, 0.0, 0.0]))
+    assert_close(masked_whiten(x, t([0, 0, 0]), reduce=identity), t([0.0, 0.0, 0.0]))
+    # 2^24 + [2, 4, 6]: float32 holds each value, but a float32 sum (spacing 2 above 2^24, 4 above 2^25)
+    # can round to 3 * 2^24 + 16, a mean of 2^24 + 6; the reduce sums in float64: mean 2^24 + 4 exactly,
+    # unbiased var (4 + 0 + 4) / 2 = 4, so [-2, 0, 2] / 2 = [-1, 0, 1]
+    big = torch.tensor([2.0**24 + 2, 2.0**24 + 4, 2.0**24 + 6])
+    assert_close(masked_whiten(big, t([1, 1, 1]), reduce=identity), t([-1.0, 0.0, 1.0]))
+
+
 # ---------------------------------------------------------------------------------- KL estimators
 
 
@@ -297,6 +387,8 @@ def test_kl_hand_values():
     assert_close(kl_penalty(logp, ref, "k3"), t([math.exp(-0.5) - 0.5, math.e - 2.0, 0.0]))
     with pytest.raises(ValueError, match="k4"):
         kl_penalty(logp, ref, "k4")  # type: ignore[arg-type]
+    # the default estimator is k1
+    assert_close(kl_penalty(logp, ref), t([0.5, -1.0, 0.0]))
 
 
 def test_k3_is_never_negative():
@@ -343,6 +435,43 @@ def test_policy_loss_is_pessimistic_for_negative_advantages():
     loss, stats = ppo_policy_loss(logp, old, t([1.0, -1.0, 2.0]), t([1, 1, 1]), clip_range=0.2)
     assert_close(loss, torch.tensor((math.e - 3.6) / 3.0))
     assert_close(stats["policy/clipfrac"], torch.tensor(2.0 / 3.0))
+
+
+def test_policy_loss_clips_negative_advantages_below_the_lower_bound():
+    old = t([-1.0, -1.0, -1.0])
+    logp = (old - 1.0).requires_grad_(True)
+    # ratio e^-1 = 0.368 < 1 - 0.2, so the clipped ratio is 0.8; A = [-1, -2, 1]
+    # token 0: max(-A r, -A 0.8) = max(0.368, 0.8) = 0.8; token 1: max(0.736, 1.6) = 1.6 (clipped)
+    # token 2 (A > 0): max(-0.368, -0.8) = -e^-1, the unclipped term
+    # loss = (0.8 + 1.6 - e^-1) / 3, clipfrac 2/3
+    loss, stats = ppo_policy_loss(logp, old, t([-1.0, -2.0, 1.0]), t([1, 1, 1]), clip_range=0.2)
+    assert_close(loss, torch.tensor((2.4 - math.exp(-1.0)) / 3.0))
+    assert_close(stats["policy/clipfrac"], torch.tensor(2.0 / 3.0))
+    loss.backward()
+    # the clipped tokens are flat in logp; token 2: d(-A e^(logp - old)) / dlogp / 3 = -e^-1 / 3
+    assert_close(logp.grad, t([0.0, 0.0, -math.exp(-1.0) / 3.0]))
+
+
+def test_ppo_losses_divide_one_counted_token_by_one():
+    # one counted token, ratio 1, A = 3: policy loss -3 / 1; value 1 vs return 3: 0.5 * (1 - 3)^2 / 1 = 2
+    mask = t([[1, 0, 0]])
+    logp = t([[-1.0, -1.0, -1.0]])
+    policy, _ = ppo_policy_loss(logp, logp.clone(), t([[3.0, 5.0, 7.0]]), mask, clip_range=0.2)
+    assert_close(policy, torch.tensor(-3.0))
+    value, _ = ppo_value_loss(t([[1.0, 0.0, 0.0]]), t([[1.0, 0.0, 0.0]]), t([[3.0, 9.0, 9.0]]), mask, 0.2)
+    assert_close(value, torch.tensor(2.0))
+
+
+def test_ppo_losses_keep_a_bf16_dtype():
+    # bf16 log-probs or values (a bf16 critic) give a bf16 loss: the token count follows their dtype
+    # policy: ratio 1, counted A = [1, 2] -> -(1 + 2) / 2 = -1.5; value: 0.5 * (1^2 + 2^2) / 2 = 1.25
+    bf16, mask = torch.bfloat16, t([1, 1, 0])
+    logp = t([-1.0, -2.0, -3.0]).to(bf16)
+    policy, _ = ppo_policy_loss(logp, logp.clone(), t([1.0, 2.0, 9.0]).to(bf16), mask, clip_range=0.2)
+    assert_close(policy, torch.tensor(-1.5, dtype=bf16))
+    values = t([1.0, 2.0, 5.0]).to(bf16)
+    value, _ = ppo_value_loss(values, values.clone(), torch.zeros(3, dtype=bf16), mask, 0.2)
+    assert_close(value, torch.tensor(1.25, dtype=bf16))
 
 
 def test_policy_loss_padding_has_no_loss_and_no_gradient():
@@ -417,6 +546,21 @@ def test_value_loss_hand_example_beyond_clip_range():
     loss.backward()
     # token 0: the clipped branch wins and is flat in v -> zero gradient
     assert_close(values.grad, t([0.0, 0.5 / 3.0, -0.9 / 3.0]))
+
+
+def test_value_loss_hand_example_below_clip_range():
+    # the mirror image of the example above: values below old - eps are clipped up to -0.2
+    old = t([0.0, 0.0, 0.0])
+    values = t([-1.0, -1.0, -0.1]).requires_grad_(True)
+    returns = t([-2.0, -0.5, -1.0])
+    # token 0: (-1 + 2)^2 = 1, clipped v = -0.2 -> (-0.2 + 2)^2 = 3.24 -> max 3.24 (clip binds)
+    # token 1: (-1 + 0.5)^2 = 0.25, clipped -> (-0.2 + 0.5)^2 = 0.09 -> max 0.25
+    # token 2: inside the range -> (-0.1 + 1)^2 = 0.81; loss = 0.5 * 4.3 / 3
+    loss, stats = ppo_value_loss(values, old, returns, t([1, 1, 1]), clip_range_value=0.2)
+    assert_close(loss, torch.tensor(0.5 * 4.3 / 3.0))
+    assert_close(stats["value/clipfrac"], torch.tensor(1.0 / 3.0))
+    loss.backward()
+    assert_close(values.grad, t([0.0, -0.5 / 3.0, 0.9 / 3.0]))
 
 
 def test_value_loss_padding_and_detached_targets():
