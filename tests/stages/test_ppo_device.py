@@ -22,7 +22,7 @@ PACKAGE = str(Path(rlhf.__file__).parent)
 FACTORIES = {"tensor", "full", "zeros", "ones", "empty", "arange", "randperm", "rand", "randn", "randint",
              "linspace", "eye"}
 # engine's collective helpers move whatever they are given to the backend's device: their flags are host-side
-EXEMPT = {str(Path(PACKAGE) / "engine.py")}
+EXEMPT = {str(Path(PACKAGE) / "engine" / "collectives.py")}
 
 
 class DevicelessFactories(TorchFunctionMode):

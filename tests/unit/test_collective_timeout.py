@@ -31,7 +31,7 @@ def _group_timeout(monkeypatch, timeout_s: float | None) -> timedelta:
                        "MASTER_PORT": str(port)}.items():
         monkeypatch.setenv(key, value)
     monkeypatch.delenv(engine.COLLECTIVES_ALWAYS, raising=False)  # no store for a failure watcher at one rank
-    monkeypatch.setattr(engine, "cuda_available", lambda: False)
+    monkeypatch.setattr(engine.ranks, "cuda_available", lambda: False)
     assert not dist.is_initialized()
     try:
         engine.init_distributed() if timeout_s is None else engine.init_distributed(timeout_s)

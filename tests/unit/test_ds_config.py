@@ -109,7 +109,7 @@ class _Head(torch.nn.Module):
 def built(monkeypatch):
     """The configs `wrap` hands to DeepSpeed, captured instead of building engines."""
     confs: list[dict] = []
-    monkeypatch.setattr(engine, "initialize", lambda model, conf, **kw: confs.append(conf) or conf)
+    monkeypatch.setattr(engine.training, "initialize", lambda model, conf, **kw: confs.append(conf) or conf)
     return confs
 
 
@@ -125,7 +125,7 @@ def test_wrap_sizes_the_buckets_from_the_wrapped_model(built, stage):
 
 def test_torch_adamw_is_the_default_on_cuda_and_fused_where_its_states_are_on_the_gpu(tmp_path, monkeypatch,
                                                                                       built):
-    monkeypatch.setattr(engine, "cuda_available", lambda: True)
+    monkeypatch.setattr(engine.ranks, "cuda_available", lambda: True)
 
     def params(conf: dict) -> dict:
         return conf["optimizer"]["params"]
@@ -152,7 +152,7 @@ def test_torch_adamw_is_the_default_on_cuda_and_fused_where_its_states_are_on_th
 
 
 def test_compiled_optimizer_ops_name_the_setting_that_asks_for_them(tmp_path, monkeypatch):
-    monkeypatch.setattr(engine, "cuda_available", lambda: True)
+    monkeypatch.setattr(engine.ranks, "cuda_available", lambda: True)
     assert engine.compiled_optimizer_ops(_cfg(tmp_path), ["sft", "ppo"]) == {}
     assert engine.compiled_optimizer_ops(_cfg(tmp_path, torch_adam=False), ["sft"]) == {
         "FusedAdamBuilder": "deepspeed.torch_adam: false"}

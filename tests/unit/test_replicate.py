@@ -89,6 +89,8 @@ def _shared_worker(rank: int, init_file: str, root: str, out_dir: str) -> None:
         collectives: dict[str, int] = {}
         for name in ("all_reduce", "broadcast", "broadcast_object", "all_gather_object", "barrier"):
             _count(engine, name, collectives, key="collectives")
+            # and where the engine's own helpers call it (engine.any_rank -> all_reduce)
+            _count(engine.ranks if name == "barrier" else engine.collectives, name, collectives, key="collectives")
         written.append(replicate.replicate(run, [run / "sft" / "stage.json"], by_content=True))
         result = {"written": written, "calls": calls, "second_call_collectives": collectives.get("collectives", 0)}
         dist.barrier()  # rank 0 removes the probe after the others have read it
