@@ -25,6 +25,7 @@ from typing import Any
 from rlhf.errors import ArtifactError
 
 MANIFEST = "stage.json"
+RESOLVED_CONFIG = "config.resolved.yaml"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 COMPLETE_MARKER = "checkpoint.complete"
 
@@ -64,6 +65,34 @@ def is_complete(stage_dir: str | Path) -> bool:
     return read_manifest(stage_dir) is not None
 
 
+def holds_training(stage_dir: str | Path) -> bool:
+    """Whether `stage_dir` holds weights a run would resume from or keep: stage.json, a complete checkpoint
+    or final/."""
+    stage_dir = Path(stage_dir)
+    return ((stage_dir / MANIFEST).is_file() or (stage_dir / "final").is_dir()
+            or latest_checkpoint(stage_dir / "checkpoints") is not None)
+
+
+def trained_step(stage_dir: str | Path) -> int | None:
+    """The optimizer step of the newest weights in `stage_dir`: the larger of stage.json's global_step and
+    the newest complete checkpoint's; None when it has neither."""
+    stage_dir = Path(stage_dir)
+    latest = latest_checkpoint(stage_dir / "checkpoints")
+    steps = [(read_manifest(stage_dir) or {}).get("global_step"), checkpoint_step(latest) if latest else None]
+    return max((s for s in steps if isinstance(s, int)), default=None)
+
+
+def recorded_config(stage_dir: str | Path) -> Path | None:
+    """The file that records the settings the weights in `stage_dir` were trained with: the stage dir's
+    config.resolved.yaml (written when a run starts, so it describes the checkpoints), else final/'s; None
+    when neither exists."""
+    stage_dir = Path(stage_dir)
+    for path in (stage_dir / RESOLVED_CONFIG, stage_dir / "final" / RESOLVED_CONFIG):
+        if path.is_file():
+            return path
+    return None
+
+
 def write_manifest(stage_dir: str | Path, stage: str, *, inputs: dict[str, str], config_hash: str,
                    metrics: dict[str, Any], global_step: int | None = None,
                    devices: dict[str, str] | None = None) -> Path:
@@ -99,6 +128,16 @@ def stage_output(stage_dir: str | Path, stage: str, *, needed_by: str, config_pa
         raise ArtifactError(f"{final}: missing although {stage_dir / MANIFEST} says the stage finished; "
                             f"delete {MANIFEST} and re-run `{STAGE_COMMAND[stage]}`")
     return final
+
+
+def final_of_stage_dir(path: str | Path, *, needed_by: str) -> Path | None:
+    """`final/` when `path` is a stage dir (it holds the manifest; checked as `stage_output` checks it), else
+    None: every command that takes a model accepts a stage dir for its final model."""
+    path = Path(path).expanduser()
+    if not (path / MANIFEST).is_file():
+        return None
+    stage = (read_manifest(path) or {}).get("stage", path.name)
+    return stage_output(path, stage, needed_by=needed_by)
 
 
 def checkpoint_step(path: Path) -> int | None:

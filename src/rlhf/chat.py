@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import sys
 import tempfile
 import threading
@@ -28,6 +29,9 @@ from rlhf import artifacts, encoding, models
 from rlhf.errors import ConfigError
 
 log = logging.getLogger("rlhf")
+# C0 and C1 control characters but newline and tab: a reply holding one (a vertical tab, a carriage return,
+# an escape sequence) would move the cursor or restyle the terminal.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 HELP = "/reset new conversation · /system TEXT set the system message (and start over) · /quit"
 
 
@@ -99,9 +103,9 @@ def model_dir(name: str, workdir: Path) -> str:
     """A loadable model dir for `name`: a stage dir's final/, a checkpoint exported into `workdir`, or
     whatever `models.resolve_model` makes of it (dir, alias, hub id)."""
     path = Path(name).expanduser()
-    if path.is_dir() and (path / artifacts.MANIFEST).is_file():
-        stage = (artifacts.read_manifest(path) or {}).get("stage", path.name)
-        return str(artifacts.stage_output(path, stage, needed_by="rlhf chat"))
+    final = artifacts.final_of_stage_dir(path, needed_by="rlhf chat")
+    if final is not None:
+        return str(final)
     if path.is_dir() and _checkpoint_of(path):
         from rlhf.export import export
 
@@ -191,13 +195,14 @@ def stream_reply(speaker: Speaker, messages: list[dict], sampling: Sampling) -> 
 
 
 def answer(speaker: Speaker, messages: list[dict], sampling: Sampling, write: Callable[[str], Any]) -> str:
-    """Stream the reply through `write`; Ctrl-C stops it. Returns the text written."""
+    """Stream the reply through `write`, its control characters but newline and tab written as `\\xNN`
+    escapes; Ctrl-C stops it. Returns the reply as the model wrote it (what the conversation keeps)."""
     pieces: list[str] = []
     replies = stream_reply(speaker, messages, sampling)
     try:
         for piece in replies:
             pieces.append(piece)
-            write(piece)
+            write(_CONTROL.sub(lambda found: f"\\x{ord(found.group()):02x}", piece))
     except KeyboardInterrupt:
         replies.close()
         write(" [stopped]")
@@ -309,7 +314,7 @@ def run_chat(names: list[str], sampling: Sampling, *, device: str = "auto", dtyp
     quiet = logging.getLogger("transformers")
     quiet.setLevel(logging.ERROR)  # generation-flag notes on every reply are noise in a chat
     with tempfile.TemporaryDirectory(prefix="rlhf-chat-") as tmp:
-        run_device = engine.device(device)
+        run_device = engine.usable_device(device, "--device")
         speakers = _labelled([load_speaker(name, Path(tmp), run_device, dtype) for name in names])
         if prompts is None and sys.stdin.isatty() and not jsonl:
             with contextlib.suppress(ImportError):

@@ -105,11 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=_cmd_data_inspect)
     _add_synth_parser(dsub)
     p = sub.add_parser("score", help="score prompt/response rows with a reward model (JSONL out)")
-    p.add_argument("--model", required=True, help="reward model dir")
+    p.add_argument("--model", required=True, help="reward model dir (or the reward stage's dir), alias or hub id")
     p.add_argument("--data", required=True, help="rows with prompt+completion (or prompt/chosen/rejected)")
     p.add_argument("--out", help="output JSONL (default: stdout)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=1024)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when available")
     p.set_defaults(func=_cmd_score)
     p = sub.add_parser("eval", help="compare the run's final models on held-out prompts (table, eval.json, chart)")
     _add_config_args(p)
@@ -173,7 +174,23 @@ def _add_export_parser(sub) -> None:
 def _load(args):
     from rlhf.config import load_config
 
-    return load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides)
+    if not cfg.logging.progress:
+        _progress_bars_off()
+    return cfg
+
+
+def _progress_bars_off() -> None:
+    """`logging.progress: false` for the bars of transformers and huggingface_hub too (weight loading, shard
+    writing). transformers takes huggingface_hub's switch when it is imported, so it is switched here only
+    when it already is (importing it would cost a second)."""
+    from huggingface_hub.utils import disable_progress_bars
+
+    disable_progress_bars()
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 def _cmd_stage(args) -> int:
@@ -186,10 +203,9 @@ def _cmd_stage(args) -> int:
 def _cmd_pipeline(args) -> int:
     cfg = _load(args)
     if args.stages or args.pending:
-        from rlhf import artifacts
+        from rlhf.stages import pending_stages  # refuses a stage trained under other values of its keys
 
-        stages = cfg.stages if args.stages or args.restart else [
-            s for s in cfg.stages if not artifacts.is_complete(cfg.stage_dir(s))]
+        stages = cfg.stages if args.stages or args.restart else pending_stages(cfg)
         print(" ".join(stages))
         return 0
     from rlhf.stages import run_pipeline
@@ -230,6 +246,8 @@ def _cmd_data_inspect(args) -> int:
         print(data.format_report(data.inspect(source, split=args.split, **options)))
         return 0
     cfg = _load(args)
+    if tokenizer is None:  # lengths in the policy's tokens, as preflight counts them (words if it is not here)
+        options["tokenizer"] = data.report.policy_tokenizer(cfg)
     blocks = []
     for name, kind, source in data.config_sources(cfg):
         parts = data.parts(source)
@@ -263,6 +281,12 @@ def _cmd_data_synth(args) -> int:
 
     _check_synth_args(args)
     cfg = _load(args)
+    from rlhf import engine
+    from rlhf.evaluation import load_judge
+
+    load_judge(args.gold_judge, "--gold-judge")  # both fail before any model loads
+    if args.from_samples is None:
+        engine.usable_device(cfg.run.device, source=cfg.source)
     settings = SynthSettings(k=args.k or SYNTH_K[args.method], max_new_tokens=args.max_new_tokens,
                              temperature=args.temperature if args.temperature is not None else cfg.ppo.temperature,
                              top_p=cfg.ppo.top_p, top_k=cfg.ppo.top_k, batch_size=args.batch_size,
@@ -317,7 +341,8 @@ def _synth_command(args, s) -> str:
 def _cmd_score(args) -> int:
     from rlhf.scoring import score_file
 
-    score_file(args.model, args.data, out=args.out, batch_size=args.batch_size, max_length=args.max_length)
+    score_file(args.model, args.data, out=args.out, batch_size=args.batch_size, max_length=args.max_length,
+               device=args.device)
     return 0
 
 

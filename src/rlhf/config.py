@@ -3,7 +3,8 @@
 A pipeline file is YAML with the sections `run`, `model`, `data`, `sft`, `reward`, `final_stage`,
 `ppo`, `dpo`, `orpo`, `deepspeed` and `logging`. Every section is a dataclass below; loading checks
 types and ranges and rejects unknown keys with the closest valid key. `--set a.b=value` overrides are
-merged before validation, so they get the same checks.
+merged before validation, so they get the same checks (their errors name `--set`, not the file).
+`stage_settings`, `RUN_ONLY_KEYS` and `changed_settings` say which keys a stage's weights depend on.
 
 This module imports only the standard library and PyYAML.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import fnmatch
 import hashlib
 import json
 import types
@@ -174,6 +176,10 @@ class DataCfg:
     """Split to read from save_to_disk dirs and hub datasets."""
     eval_fraction: float = 0.1
     """Share of rows held out for evaluation when no eval file is given (0 disables)."""
+    eval_max_rows: int | None = 2000
+    """Held-out rows the SFT, reward, DPO and ORPO stages evaluate at most (their Trainer's eval set and their
+    checks after training): a sample seeded by `run.seed` of the held-out rows within `max_length`; null takes
+    them all."""
     bad_rows: Literal["error", "skip"] = "error"
     """What to do with an invalid row: stop with `file:line: reason`, or skip it and report the count."""
     verbosity: Literal["warn", "block", "off"] = "warn"
@@ -187,6 +193,7 @@ class DataCfg:
 
     def __post_init__(self) -> None:
         _require(0.0 <= self.eval_fraction < 1.0, "eval_fraction", "must be in [0, 1)")
+        _require(self.eval_max_rows is None or self.eval_max_rows > 0, "eval_max_rows", "must be > 0 or null")
         _require(self.max_length > 0, "max_length", "must be > 0")
         if self.max_prompt_length is None:
             self.max_prompt_length = self.max_length // 2
@@ -558,6 +565,87 @@ def _dump(value: Any) -> Any:
     return value
 
 
+# --------------------------------------------------------------------------- what a stage's weights depend on
+
+# Keys that change how a stage runs but not the weights it produces. A stage resumes from its checkpoints,
+# or counts as complete, under a config that differs from the one that trained it only in these (one INFO
+# line names them); any other difference in `stage_settings` is refused (`rlhf.stages.common`), but for
+# GROWING_STEPS below. A key not listed here counts as changing the result. Patterns as in fnmatch: `*` is
+# any section.
+RUN_ONLY_KEYS = (
+    # Where the run lives, and how long to wait for a claim or a collective.
+    "run.name", "run.output_dir", "run.claim_timeout_s", "run.collective_timeout_s",
+    # Guards: whether a bad step or a KL blow-up stops the run, not what a good step computes.
+    "run.on_nonfinite", "run.max_consecutive_skips", "ppo.kl_ceiling",
+    # Permissions: what may be loaded, not what is.
+    "model.trust_remote_code", "model.allow_pickle",
+    # Logging, checkpoint and evaluation cadence; the evaluation batch.
+    "logging.*", "*.logging_steps", "*.save_steps", "*.save_total_limit", "*.eval_steps", "*.eval_batch_size",
+    "ppo.sample_every",
+    # The same maths with other kernels, memory trades or placement: results equal up to rounding.
+    "*.gradient_checkpointing", "ppo.generation", "ppo.reuse_rollout_forward",
+    "deepspeed.enabled", "deepspeed.zero_stage", "deepspeed.offload_optimizer", "deepspeed.offload_param",
+    "deepspeed.torch_adam", "deepspeed.actor.*", "deepspeed.critic.*", "deepspeed.ref.*", "deepspeed.reward.*",
+)
+# A step count that may be raised on resume, to no fewer steps than the weights on disk have had: no PPO step
+# depends on `ppo.steps` (constant learning rates, nothing scheduled over the run), so the first N steps of a
+# longer run are those of an N-step run. A Trainer stage's learning-rate schedule spans its max_steps (or
+# epochs), so a changed count changes every step: it counts as changing the result.
+GROWING_STEPS = {"ppo": "ppo.steps"}
+
+
+def is_run_only(key: str) -> bool:
+    """`key` (dotted, as in `stage_settings`) is one of RUN_ONLY_KEYS."""
+    return any(fnmatch.fnmatchcase(key, pattern) for pattern in RUN_ONLY_KEYS)
+
+
+def stage_settings(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
+    """The settings of one stage's run, as `dotted.key: value`: its own section, `run`, `model`, `deepspeed`
+    and `logging` whole, and of `data` what the stage reads (its source after the fallbacks of
+    `rlhf.data.stage_rows.data_source`, each source with its own key mapping; that kind's held-out source;
+    how rows are read, split and cut). Other stages' sections are left out: an earlier stage's output is an
+    input here, checked when that stage runs. RUN_ONLY_KEYS says which of these leave the weights alone."""
+    from rlhf.data.stage_rows import EVAL_KEY, data_source  # rlhf.data is light, but loads after this module
+
+    full = cfg.to_dict()
+    _, source_key, kind = data_source(cfg, stage)
+    # PPO cuts prompts at max_prompt_length; the other stages cut whole rows at max_length.
+    length_key = "max_prompt_length" if stage == "ppo" else "max_length"
+    data_keys = (source_key.removeprefix("data."), EVAL_KEY[kind], "split", "eval_fraction", "bad_rows", length_key)
+    settings = _flatten({name: full[name] for name in ("run", "model", "deepspeed", "logging", stage)})
+    return {**settings, **{f"data.{key}": full["data"][key] for key in data_keys}}  # a source is one value
+
+
+def changed_settings(trained: PipelineConfig, new: PipelineConfig, stage: str,
+                     trained_step: int | None = None) -> tuple[list[str], list[str]]:
+    """The keys of `stage_settings` whose values differ between the config that trained a stage and a new
+    one, sorted, as (keys that change the weights trained so far, keys that leave them alone). The second
+    group holds RUN_ONLY_KEYS, and the stage's GROWING_STEPS key when the new count is at least
+    `trained_step`, the step of the weights on disk."""
+    old, now = stage_settings(trained, stage), stage_settings(new, stage)
+    changed = sorted(key for key in old.keys() | now.keys() if old.get(key, _UNSET) != now.get(key, _UNSET))
+
+    def harmless(key: str) -> bool:
+        if key == GROWING_STEPS.get(stage):
+            return trained_step is not None and now[key] >= trained_step
+        return is_run_only(key)
+
+    return [k for k in changed if not harmless(k)], [k for k in changed if harmless(k)]
+
+
+_UNSET = object()  # a key only one of two configs has
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 # --------------------------------------------------------------------------- loading
 
 
@@ -588,10 +676,9 @@ def config_from_dict(raw: dict, source: str = "<dict>", overrides: list[str] | N
     """
     raw = json.loads(json.dumps(raw, default=str))  # deep copy, plain types only
     present = tuple(k for k in raw if isinstance(k, str))
-    for item in overrides or []:
-        _apply_override(raw, item)
+    origin = _Origin(source, frozenset(_apply_override(raw, item) for item in overrides or []))
     errors: list[str] = []
-    cfg = _build(PipelineConfig, raw, prefix="", source=source, errors=errors)
+    cfg = _build(PipelineConfig, raw, prefix="", origin=origin, errors=errors)
     if errors:
         raise ConfigError("\n".join(errors))
     cfg.source = source
@@ -599,7 +686,27 @@ def config_from_dict(raw: dict, source: str = "<dict>", overrides: list[str] | N
     return cfg
 
 
-def _apply_override(raw: dict, item: str) -> None:
+@dataclass(frozen=True)
+class _Origin:
+    """Where the values being checked came from, for error messages: the file, or `--set` for the keys
+    an override gave (and everything under them)."""
+
+    path: str
+    overridden: frozenset[str] = frozenset()
+
+    def of(self, key: str) -> str:
+        """`--set` when `key` (dotted, `name[i]` for list items) came from an override, else the file."""
+        given = any(key == k or key.startswith((f"{k}.", f"{k}[")) for k in self.overridden)
+        return "--set" if given else self.path
+
+    def at(self, key: str) -> str:
+        """The start of a message about `key`: `--set sft.batch_size` or `file.yaml: sft.batch_size`."""
+        origin = self.of(key)
+        return f"--set {key}" if origin == "--set" else f"{origin}: {key}"
+
+
+def _apply_override(raw: dict, item: str) -> str:
+    """Merge one `--set key=value` into `raw`; returns the dotted key."""
     if "=" not in item:
         raise ConfigError(f"--set {item}: expected key=value, e.g. --set sft.learning_rate=1e-5")
     key, _, text = item.partition("=")
@@ -614,6 +721,7 @@ def _apply_override(raw: dict, item: str) -> None:
         node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError:
         node[parts[-1]] = text
+    return ".".join(parts)
 
 
 def _closest(name: str, options: list[str], prefix: str = "") -> str:
@@ -625,30 +733,31 @@ def _closest(name: str, options: list[str], prefix: str = "") -> str:
 _INVALID = object()
 
 
-def _build(cls: type, raw: Any, prefix: str, source: str, errors: list[str]) -> Any:
+def _build(cls: type, raw: Any, prefix: str, origin: _Origin, errors: list[str]) -> Any:
     """Section `cls` from a mapping. Each bad key is appended to `errors` and keeps its default, so one pass
     finds every problem; a value that is not a mapping at all raises ConfigError."""
     where = prefix.rstrip(".") or "top level"
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: {where}: expected a mapping of keys, got {_type_name(raw)}")
+        raise ConfigError(f"{origin.at(where)}: expected a mapping of keys, got {_type_name(raw)}")
     fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in raw.items():
         if key not in fields:
-            errors.append(f"{source}: unknown key '{prefix}{key}'{_closest(str(key), list(fields), prefix)}")
+            errors.append(f"{origin.of(f'{prefix}{key}')}: unknown key '{prefix}{key}'"
+                          f"{_closest(str(key), list(fields), prefix)}")
             continue
         try:
-            coerced = _coerce(hints[key], value, f"{prefix}{key}", source, errors)
+            coerced = _coerce(hints[key], value, f"{prefix}{key}", origin, errors)
         except ConfigError as err:
             errors.append(str(err))
             continue
         if coerced is not _INVALID:
             kwargs[key] = coerced
-    return _construct(cls, kwargs, prefix, source, errors)
+    return _construct(cls, kwargs, prefix, origin, errors)
 
 
-def _construct(cls: type, kwargs: dict, prefix: str, source: str, errors: list[str]) -> Any:
+def _construct(cls: type, kwargs: dict, prefix: str, origin: _Origin, errors: list[str]) -> Any:
     """`cls(**kwargs)`. A failed range check is recorded and its key dropped (back to its default) to look
     for the next one; a check that fails again on the same key, or on a key the file did not set, ends it."""
     reported = set()
@@ -660,7 +769,7 @@ def _construct(cls: type, kwargs: dict, prefix: str, source: str, errors: list[s
                 return _INVALID
             reported.add(err.key)
             shown = kwargs.get(err.key, getattr(cls, err.key, None))
-            errors.append(f"{source}: {prefix}{err.key}: {err.message} (got {shown!r})")
+            errors.append(f"{origin.at(prefix + err.key)}: {err.message} (got {shown!r})")
             if err.key not in kwargs:
                 return _INVALID
             kwargs = {k: v for k, v in kwargs.items() if k != err.key}
@@ -670,38 +779,38 @@ def _type_name(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
-def _coerce(tp: Any, value: Any, key: str, source: str, errors: list[str]) -> Any:
+def _coerce(tp: Any, value: Any, key: str, origin: _Origin, errors: list[str]) -> Any:
     """Check `value` against type hint `tp`; convert where YAML is ambiguous (`1e-5` reads as a string).
 
     A value of the wrong shape raises ConfigError; problems inside a section are appended to `errors`.
     """
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        return _coerce_union(typing.get_args(tp), value, key, source, errors)
-    if origin is dict:
+    kind = typing.get_origin(tp)
+    if kind in (typing.Union, types.UnionType):
+        return _coerce_union(typing.get_args(tp), value, key, origin, errors)
+    if kind is dict:
         key_tp, value_tp = typing.get_args(tp)
         if not isinstance(value, dict):
-            raise ConfigError(f"{source}: {key}: expected a mapping, got {_type_name(value)}")
-        return {_coerce(key_tp, k, key, source, errors): _coerce(value_tp, v, f"{key}.{k}", source, errors)
+            raise ConfigError(f"{origin.at(key)}: expected a mapping, got {_type_name(value)}")
+        return {_coerce(key_tp, k, key, origin, errors): _coerce(value_tp, v, f"{key}.{k}", origin, errors)
                 for k, v in value.items()}
-    if origin is Literal:
+    if kind is Literal:
         allowed = typing.get_args(tp)
         if value not in allowed:
             shown = ", ".join(repr(a) for a in allowed)
-            raise ConfigError(f"{source}: {key}: must be one of {shown} (got {value!r})")
+            raise ConfigError(f"{origin.at(key)}: must be one of {shown} (got {value!r})")
         return value
-    if origin is list:
+    if kind is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):
-            raise ConfigError(f"{source}: {key}: expected a list, got {_type_name(value)}")
-        items = [_coerce(item_tp, v, f"{key}[{i}]", source, errors) for i, v in enumerate(value)]
+            raise ConfigError(f"{origin.at(key)}: expected a list, got {_type_name(value)}")
+        items = [_coerce(item_tp, v, f"{key}[{i}]", origin, errors) for i, v in enumerate(value)]
         return [item for item in items if item is not _INVALID]
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, prefix=f"{key}.", source=source, errors=errors)
-    return _coerce_scalar(tp, value, key, source)
+        return _build(tp, value, prefix=f"{key}.", origin=origin, errors=errors)
+    return _coerce_scalar(tp, value, key, origin)
 
 
-def _coerce_union(options: tuple, value: Any, key: str, source: str, errors: list[str]) -> Any:
+def _coerce_union(options: tuple, value: Any, key: str, origin: _Origin, errors: list[str]) -> Any:
     """The first option `value` has the shape of (a mapping fits a section, not a string); its inner
     problems are reported. None of them: the first option's error."""
     if value is None and type(None) in options:
@@ -710,7 +819,7 @@ def _coerce_union(options: tuple, value: Any, key: str, source: str, errors: lis
     for option in (o for o in options if o is not type(None)):
         inner: list[str] = []
         try:
-            coerced = _coerce(option, value, key, source, inner)
+            coerced = _coerce(option, value, key, origin, inner)
         except ConfigError as err:
             failures.append(err)
             continue
@@ -719,8 +828,8 @@ def _coerce_union(options: tuple, value: Any, key: str, source: str, errors: lis
     raise failures[0]
 
 
-def _coerce_scalar(tp: type, value: Any, key: str, source: str) -> Any:
-    bad = ConfigError(f"{source}: {key}: expected {tp.__name__}, got {_type_name(value)} {value!r}")
+def _coerce_scalar(tp: type, value: Any, key: str, origin: _Origin) -> Any:
+    bad = ConfigError(f"{origin.at(key)}: expected {tp.__name__}, got {_type_name(value)} {value!r}")
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -744,7 +853,7 @@ def _coerce_scalar(tp: type, value: Any, key: str, source: str) -> Any:
         if isinstance(value, str):
             return value
         raise bad
-    raise ConfigError(f"{source}: {key}: unsupported type {tp!r}")
+    raise ConfigError(f"{origin.at(key)}: unsupported type {tp!r}")
 
 
 def save_resolved(cfg: PipelineConfig, path: str | Path) -> None:

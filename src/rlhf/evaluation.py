@@ -150,12 +150,16 @@ def default_models(cfg: PipelineConfig) -> list[str]:
 
 
 def resolve(cfg: PipelineConfig, name: str) -> tuple[str, str]:
-    """(display name, model dir or id) for `base`, a stage name of the run, or a model dir/alias/hub id."""
+    """(display name, model dir or id) for `base`, a stage name of the run, a stage dir (its final/), or a
+    model dir/alias/hub id."""
     if name == "base":
         return "base", models.resolve_model(cfg.model.name_or_path)
     if name in STAGES:
         return name, str(artifacts.stage_output(cfg.stage_dir(name), name, needed_by="`rlhf eval`",
                                                 config_path=cfg.source))
+    final = artifacts.final_of_stage_dir(name, needed_by="`rlhf eval`")
+    if final is not None:
+        return final.parent.name, str(final)
     return Path(name).name or name, models.resolve_model(name)
 
 
@@ -164,18 +168,20 @@ def baseline(cfg: PipelineConfig) -> tuple[str, str]:
     return resolve(cfg, "sft") if artifacts.is_complete(cfg.stage_dir("sft")) else resolve(cfg, "base")
 
 
-def load_judge(spec: str | None):
+def load_judge(spec: str | None, flag: str = "--judge"):
+    """The program judge `module:function` named by `spec` (None: none); errors name `flag`, the option
+    that gave it."""
     if spec is None:
         return None
     module, _, name = spec.partition(":")
     if not module or not name:
-        raise ConfigError(f"--judge {spec}: expected module:function")
+        raise ConfigError(f"{flag} {spec}: expected module:function")
     if os.getcwd() not in sys.path:  # judges usually live next to the config, not in an installed package
         sys.path.insert(0, os.getcwd())
     try:
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as err:
-        raise ConfigError(f"--judge {spec}: cannot import it ({err})") from None
+        raise ConfigError(f"{flag} {spec}: cannot import it ({err})") from None
 
 
 def eval_prompts(cfg: PipelineConfig, limit: int | None) -> list[list[dict]]:
@@ -296,7 +302,11 @@ def format_table(rows: list[dict[str, Any]], baseline_name: str) -> str:
 def run_eval(cfg: PipelineConfig, *, model_names: list[str] | None = None, n_prompts: int | None = None,
              judge: str | None = None, sample: bool = False, max_new_tokens: int | None = None) -> dict[str, Any]:
     """Generate, score and compare; returns what eval.json holds. Claims `<run>/eval` first (`rlhf.claims`):
-    its three files must come from one evaluation, so a second eval of the run is refused while one runs."""
+    its three files must come from one evaluation, so a second eval of the run is refused while one runs.
+    A `run.device` this machine does not have is refused before anything is read."""
+    from rlhf import engine
+
+    engine.usable_device(cfg.run.device, source=cfg.source)
     held = claims.claim(cfg.run.dir / "eval", cfg.run.claim_timeout_s)
     try:
         return _compare(cfg, model_names=model_names, n_prompts=n_prompts, judge=judge, sample=sample,
@@ -349,11 +359,11 @@ def _reward_model(cfg: PipelineConfig):
 
 
 def _load(cfg: PipelineConfig, loader, path: str, tokenizer, **kwargs):
-    """A model for evaluation: on the run's device (`engine.device`) in the run's dtype, in eval mode."""
+    """A model for evaluation: on the run's device (`engine.usable_device`) in the run's dtype, in eval mode."""
     from rlhf import engine
 
-    model = loader(path, tokenizer=tokenizer, dtype=engine.run_dtype(cfg), **kwargs)
-    return model.to(engine.device(cfg.run.device)).eval()
+    device = engine.usable_device(cfg.run.device, source=cfg.source)
+    return loader(path, tokenizer=tokenizer, dtype=engine.run_dtype(cfg), **kwargs).to(device).eval()
 
 
 def _evaluate_one(cfg: PipelineConfig, name, path, prompts, gen: GenSettings, ref, ref_tok, scorer,

@@ -78,9 +78,12 @@ def find_checkpoint(path: str | Path, role: str | None = None) -> Checkpoint:
             raise ConfigError(f"--role {role}: {ckpt} is the PPO {ckpt.name}'s dir; drop --role or point to its parent")
         ckpt, role = ckpt.parent, ckpt.name
     if artifacts.checkpoint_step(ckpt) is None or ckpt.parent.name != "checkpoints":
-        raise ArtifactError(f"{ckpt}: not a checkpoint dir; point to <run>/<stage>/checkpoints/checkpoint-<step>")
+        raise _not_a_checkpoint(ckpt)
     if not (ckpt / artifacts.COMPLETE_MARKER).is_file():
         done = artifacts.list_checkpoints(ckpt.parent)
+        if done and artifacts.checkpoint_step(done[-1]) > artifacts.checkpoint_step(ckpt):
+            raise ArtifactError(f"{ckpt}: incomplete because it is being removed: the stage keeps only its last "
+                                f"checkpoints and rotated this one away; export the newest, {done[-1]}")
         earlier = f"; complete ones: {', '.join(p.name for p in done)}" if done else "; there is no complete one"
         raise ArtifactError(f"{ckpt}: incomplete checkpoint (no {artifacts.COMPLETE_MARKER}: the run stopped while "
                             f"saving it){earlier}")
@@ -98,6 +101,18 @@ def find_checkpoint(path: str | Path, role: str | None = None) -> Checkpoint:
     else:
         raise ArtifactError(f"{ckpt}: in a dir named {stage!r}, not a stage ({', '.join(artifacts.STAGE_MODEL_KIND)})")
     return Checkpoint(ckpt, stage, role)
+
+
+def _not_a_checkpoint(path: Path) -> ArtifactError:
+    """The refusal of a dir that is no checkpoint; a model dir (a stage's final/) or a stage dir is named as one."""
+    where = "point to <run>/<stage>/checkpoints/checkpoint-<step>"
+    if (path / artifacts.MANIFEST).is_file():
+        return ArtifactError(f"{path}: a stage dir, not a checkpoint; its final/ is already a plain HF model dir "
+                             f"(use it as it is, or copy it), or, for an earlier step, {where}")
+    if (path / "config.json").is_file() or (path / "adapter_config.json").is_file():
+        return ArtifactError(f"{path}: already a plain HF model dir, which needs no export: use it as it is, or "
+                             f"copy it; to export a checkpoint, {where}")
+    return ArtifactError(f"{path}: not a checkpoint dir; {where}")
 
 
 def not_causal_lm(ckpt: Checkpoint) -> ModelError:
@@ -281,7 +296,18 @@ def export(checkpoint: str | Path, out: str | Path, *, role: str | None = None, 
         raise not_causal_lm(ckpt)
     out = check_out(out)
     cfg = stage_config(ckpt, config_path)
-    model, tokenizer, base = (load_ppo if ckpt.stage == "ppo" else load_trainer)(ckpt, cfg)
+    files = _files(ckpt.path)
+    try:
+        model, tokenizer, base = (load_ppo if ckpt.stage == "ppo" else load_trainer)(ckpt, cfg)
+    except Exception as err:
+        if not _files(ckpt.path) < files:
+            raise
+        # Files went while they were read: a stage still running removed the checkpoint (its rotation).
+        latest = artifacts.latest_checkpoint(ckpt.path.parent)
+        newest = f"the newest, {latest}" if latest is not None else "a newer one"
+        raise ArtifactError(f"{ckpt.path}: removed while it was being exported: the running stage keeps only its "
+                            f"last checkpoints and rotated this one away; export {newest}, or copy a checkpoint "
+                            "aside and export the copy") from err
     lora = _is_peft(model)
     if adapter_only and not lora:
         raise ConfigError(f"--adapter-only: {ckpt.weights} holds no LoRA adapter (full weights were trained); "
@@ -298,6 +324,14 @@ def export(checkpoint: str | Path, out: str | Path, *, role: str | None = None, 
     return out
 
 
+def _files(path: Path) -> set[Path]:
+    """The files under `path` (empty once it is gone, also while it is being removed)."""
+    try:
+        return {p.relative_to(path) for p in path.rglob("*") if not p.is_dir()}
+    except OSError:
+        return set()
+
+
 def _is_peft(model) -> bool:
     import sys
 
@@ -306,7 +340,10 @@ def _is_peft(model) -> bool:
 
 
 def write_dir(model, tokenizer, out: Path, meta: dict) -> None:
-    """save_pretrained (safetensors) + tokenizer + export.json into `<out>.tmp-<pid>`, then one rename."""
+    """save_pretrained (safetensors) + tokenizer + export.json into `<out>.tmp-<pid>`, then one rename; the
+    files get the umask's mode."""
+    from rlhf.models.files import umask_modes
+
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -318,6 +355,7 @@ def write_dir(model, tokenizer, out: Path, meta: dict) -> None:
         pickles = [p.name for p in tmp.iterdir() if p.suffix in _PICKLE_SUFFIXES]
         if pickles:  # never expected: save_pretrained writes safetensors; a guard, not a code path
             raise ModelError(f"{tmp}: the export would contain pickle files ({', '.join(pickles)})")
+        umask_modes(tmp)  # safetensors writes the weights 0600
         if out.is_dir():
             out.rmdir()  # empty (check_out)
         os.replace(tmp, out)

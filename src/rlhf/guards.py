@@ -74,7 +74,8 @@ class NonFiniteGuard:
         kept = artifacts.latest_checkpoint(self.ckpt_dir)
         kept_text = f"the last good checkpoint {kept} is kept" if kept is not None else "no checkpoint was saved yet"
         return TrainingError(f"{self.stage}: {what} is {_show(value)} at step {step}{window}; stopped before saving: "
-                             f"{kept_text}. {self.hint}, then re-run the same command")
+                             f"{kept_text}. {self.hint}, then re-run the same command (add --restart after changing a "
+                             "setting the weights depend on: resuming under it is refused)")
 
     def skipped(self, what: str, value, step: int) -> None:
         """Record a skipped step; raises once `max_consecutive` steps in a row were skipped."""

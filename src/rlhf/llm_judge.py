@@ -180,7 +180,7 @@ def judged_agreement(spec: str, records: list[dict]) -> dict[str, Any]:
     """Over every judged pair the program judge `spec` does not score equal: the share of single-order
     verdicts that agree with it (what judging in one order only would give), and the share where the sign
     of p_xy - p_yx does (the judge's preference with its position bias subtracted, kept pair or not)."""
-    judge_fn = load_judge(spec)
+    judge_fn = load_judge(spec, "--gold-judge")
     single = difference = total = 0
     for r in records:
         scores = judge_fn([user(r["prompt"])] * len(r["samples"]), [smp["text"] for smp in r["samples"]])
@@ -197,13 +197,23 @@ def judged_agreement(spec: str, records: list[dict]) -> dict[str, Any]:
             "difference_agreement": round(difference / total, 4) if total else None}
 
 
+def _no_pairs_reason(cfg, s: SynthSettings, records: list[dict], counts: dict[str, int]) -> str:
+    """Why the judged training prompts gave no pair, for a warning."""
+    finished = sum(smp["finished"] for r in records for smp in r["samples"])
+    if not finished or not counts["pairs_judged"]:
+        return synth.no_pairs_reason(cfg, s, sum(len(r["samples"]) for r in records), finished)
+    return (f"of the {counts['pairs_judged']} pairs judged, the judge's two orders disagreed on "
+            f"{counts['dropped_order_disagree']} and {counts['dropped_within_gap']} were within --min-gap "
+            f"{s.min_gap}; use another --judge-model, or lower --min-gap")
+
+
 def run_judge(cfg, out_dir: str | Path, *, judge_model: str, template_file: str | None = None,
               settings: SynthSettings | None = None, gold_judge: str | None = None, n_prompts: int | None = None,
               n_eval_prompts: int | None = None, prompts_file: str | None = None, command: str = "") -> dict[str, Any]:
     """Sample and judge (resumable), then select, write the sets and the manifest; returns the manifest."""
     s = settings or SynthSettings(k=2)
     template = load_template(template_file)
-    load_judge(gold_judge)  # an unimportable gold judge fails before any model loads
+    load_judge(gold_judge, "--gold-judge")  # an unimportable gold judge fails before any model loads
     out = Path(out_dir)
     train, held = synth.distinct_split(cfg, s.seed, prompts_file, n_prompts, n_eval_prompts)
     started = time.time()
@@ -217,6 +227,8 @@ def run_judge(cfg, out_dir: str | Path, *, judge_model: str, template_file: str 
     sft, pairs, counts = select(records[:len(train)], s.pairs, s.min_gap)
     _, eval_pairs, eval_counts = select(records[len(train):], s.pairs, s.min_gap)
     synth.write_sets(out, train, held, sft, pairs, eval_pairs)
+    if train and not pairs:
+        log.warning("synth: no preference pairs: %s", _no_pairs_reason(cfg, s, records[:len(train)], counts))
     masses = [m for r in records for p in r["pairs"] for m in p["mass"]]
     gold = None
     if gold_judge is not None:  # reported even when no pair was kept: the single orders still tell

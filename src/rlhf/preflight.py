@@ -27,6 +27,8 @@ from rlhf.errors import RlhfError
 log = logging.getLogger("rlhf")
 # Rows of each preference source read for the length-bias check (`data.verbosity`).
 VERBOSITY_ROWS = 5000
+# The blocker of a tracker of `logging.report_to` that could not start (`trackers.start_problem`).
+TRACKER_CODES = {"wandb": "tracker.wandb_auth", "mlflow": "tracker.mlflow_store", "trackio": "tracker.trackio_dir"}
 # Earlier stages whose outputs a stage reads.
 STAGE_INPUTS = {"sft": (), "reward": (), "ppo": ("sft", "reward"), "dpo": ("sft",), "orpo": ()}
 
@@ -53,9 +55,10 @@ def check(cfg: PipelineConfig, stages: list[str] | None = None, *, standalone: b
     if not stages:
         blockers.append(Blocker("config.no_stages", f"{cfg.source}: nothing to run; set final_stage (ppo, dpo or "
                                 "orpo) or add an `sft` or `reward` section"))
+    tokenizer = _verbosity_tokenizer(cfg, stages)
     for stage in stages:
         data_blockers = _check_data(cfg, stage)
-        blockers += data_blockers if data_blockers else _check_verbosity(cfg, stage, blockers)
+        blockers += data_blockers if data_blockers else _check_verbosity(cfg, stage, blockers, tokenizer)
         blockers += _check_inputs(cfg, stage, planned=[] if standalone else stages[: stages.index(stage)])
     blockers += _check_models(cfg, stages)
     blockers += check_device(cfg, stages)
@@ -87,10 +90,20 @@ def _check_data(cfg: PipelineConfig, stage: str) -> list[Blocker]:
     return out
 
 
-def _check_verbosity(cfg: PipelineConfig, stage: str, earlier: list[Blocker]) -> list[Blocker]:
-    """Length bias of a preference stage's training pairs (`rlhf.verbosity`, in words over the first
-    `VERBOSITY_ROWS` rows of each source): logged as a warning, or a blocker with `data.verbosity: block`.
-    A source another stage of the same check already reported is not reported again."""
+def _verbosity_tokenizer(cfg: PipelineConfig, stages: list[str]):
+    """The policy's tokenizer when a stage's length-bias check will run and it is on this machine
+    (`data.report.policy_tokenizer`), so preflight counts what `rlhf data inspect` counts; else None (words)."""
+    from rlhf.data.report import policy_tokenizer
+
+    checked = cfg.data.verbosity != "off" and any(data_source(cfg, s)[2] == "preference" for s in stages)
+    return policy_tokenizer(cfg) if checked else None
+
+
+def _check_verbosity(cfg: PipelineConfig, stage: str, earlier: list[Blocker], tokenizer) -> list[Blocker]:
+    """Length bias of a preference stage's training pairs (`rlhf.verbosity`, over the first `VERBOSITY_ROWS`
+    rows of each source, in the policy's tokens or, without its tokenizer here, in words): logged as a
+    warning, or a blocker with `data.verbosity: block`. A source another stage of the same check already
+    reported is not reported again."""
     from rlhf import data, verbosity
 
     path, key, kind = data_source(cfg, stage)
@@ -98,8 +111,8 @@ def _check_verbosity(cfg: PipelineConfig, stage: str, earlier: list[Blocker]) ->
         return []
     out = []
     for part in data.parts(path):
-        report = data.inspect(part, split=cfg.data.split, kind=kind, n_examples=0, limit=VERBOSITY_ROWS,
-                              streaming=True)
+        report = data.inspect(part, split=cfg.data.split, kind=kind, tokenizer=tokenizer, n_examples=0,
+                              limit=VERBOSITY_ROWS, streaming=True)
         for warning in verbosity.warnings(report.length_bias):
             message = f"{cfg.source}: {key} ({part.path}): {warning}"
             if cfg.data.verbosity == "block":
@@ -188,9 +201,10 @@ def _check_packages(cfg: PipelineConfig, stages: list[str]) -> list[Blocker]:
     for name in trackers.missing(cfg.logging.report_to):
         out.append(Blocker("package.missing", f"{cfg.source}: logging.report_to has {name} but it is not installed; "
                            f"`pip install {trackers.PACKAGES[name]}` or remove it from logging.report_to"))
-    problem = trackers.mlflow_store_problem(cfg.logging.report_to)
-    if problem and not trackers.missing(["mlflow"]):
-        out.append(Blocker("tracker.mlflow_store", f"{cfg.source}: logging.report_to has mlflow, but {problem}"))
+    for name in [n for n in cfg.logging.report_to if n in trackers.TRACKERS and not trackers.missing([n])]:
+        problem = trackers.start_problem(name)  # at every stage's start too: `check_or_raise`
+        if problem:
+            out.append(Blocker(TRACKER_CODES[name], f"{cfg.source}: logging.report_to has {name}, but {problem}"))
     out += check_torch_version()
     if "ppo" in stages and cfg.ppo.reward_fn:
         out += _check_reward_fn(cfg)

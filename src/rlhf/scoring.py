@@ -56,13 +56,18 @@ def score_preferences(model, tokenizer, rows: list[dict], *, batch_size: int = 8
 
 
 def score_file(model_dir: str, data_path: str, *, out: str | None = None, batch_size: int = 8,
-               max_length: int = 1024) -> int:
-    """`rlhf score`: a JSONL line per row with its reward(s). Returns the number of rows scored."""
-    from rlhf import data, models
+               max_length: int = 1024, device: str = "auto") -> int:
+    """`rlhf score`: a JSONL line per row with its reward(s). Returns the number of rows scored.
 
-    path = models.resolve_model(model_dir)
+    `model_dir`: a reward model dir, alias or hub id, or the reward stage's dir (its final/). `device`:
+    auto, cpu or cuda (`engine.usable_device`: cuda without a CUDA GPU is refused before anything loads)."""
+    from rlhf import artifacts, data, engine, models
+
+    run_device = engine.usable_device(device, "--device")
+    final = artifacts.final_of_stage_dir(model_dir, needed_by="rlhf score")
+    path = str(final) if final is not None else models.resolve_model(model_dir)
     tokenizer = models.load_tokenizer(path)
-    model = models.load_scalar_model(path, tokenizer=tokenizer, require_head=True).eval()
+    model = models.load_scalar_model(path, tokenizer=tokenizer, require_head=True).to(run_device).eval()
     kind = "preference" if _is_pairs(data_path) else "sft"
     rows = data.load(data_path, kind).rows
     sink = open(out, "w", encoding="utf-8") if out else sys.stdout

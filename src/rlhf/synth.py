@@ -267,6 +267,18 @@ def _read_prompts(path: str, eval_fraction: float, seed: int) -> tuple[list[str]
     return [r["p"] for r in train], [r["p"] for r in held]
 
 
+def no_pairs_reason(cfg, s: SynthSettings, n_samples: int, n_finished: int) -> str:
+    """Why a synth run made no training pair, for a warning (the sets are written all the same)."""
+    if n_finished == 0:
+        return (f"none of the {n_samples} samples ended with EOS within --max-new-tokens {s.max_new_tokens}, and "
+                f"unfinished ones are not used; the samples come from model.name_or_path ({cfg.model.name_or_path}"
+                f", {cfg.source}): set it to a model that answers (a random model such as tiny-random almost "
+                "never ends a reply), or raise --max-new-tokens")
+    return (f"{n_finished} of the {n_samples} samples finished, but no prompt had two distinct finished samples "
+            f"the judge scores more than --min-gap {s.min_gap} apart; raise --k or --max-new-tokens, or lower "
+            "--min-gap")
+
+
 def _mean(values: list[float]) -> float | None:
     return round(sum(values) / len(values), 4) if values else None
 
@@ -274,11 +286,21 @@ def _mean(values: list[float]) -> float | None:
 def split_prompts(cfg, seed: int, prompts_file: str | None, n_prompts: int | None,
                   n_eval_prompts: int | None) -> tuple[list[str], list[str]]:
     """(train, held-out) prompts: the prompt file's, else the built-in quickstart prompts; the first
-    `n_prompts` / `n_eval_prompts` of each when given (0 takes none)."""
+    `n_prompts` / `n_eval_prompts` of each when given (0 takes none; more than there are: all, with a
+    warning that says why there are fewer)."""
     if prompts_file:
-        train, held = _read_prompts(prompts_file, cfg.data.eval_fraction or 0.2, seed)
+        fraction = cfg.data.eval_fraction or 0.2
+        train, held = _read_prompts(prompts_file, fraction, seed)
+        where = (f"{prompts_file} holds {len(train) + len(held)}, of which {len(held)} are held out by "
+                 f"data.eval_fraction {fraction}")
     else:
         train, held = quickstart_prompts(seed)
+        where = "the built-in quickstart prompts"
+    for flag, wanted, have, split in (("--n-prompts", n_prompts, train, "training"),
+                                      ("--n-eval-prompts", n_eval_prompts, held, "held-out")):
+        if wanted is not None and wanted > len(have):
+            log.warning("%s %d: there are %d %s prompts (%s); using those %d", flag, wanted, len(have), split,
+                        where, len(have))
     return (train if n_prompts is None else train[:n_prompts],
             held if n_eval_prompts is None else held[:n_eval_prompts])
 
@@ -300,10 +322,11 @@ def distinct_split(cfg, seed: int, prompts_file: str | None, n_prompts: int | No
 
 
 def load_generator(cfg, name: str | None = None):
-    """(model, left-padding tokenizer) on the run's device in the run's dtype, in eval mode: the config's
-    model with its `chat_template`, or the model `name` with its own template."""
+    """(model, left-padding tokenizer) on the run's device (`engine.usable_device`) in the run's dtype, in
+    eval mode: the config's model with its `chat_template`, or the model `name` with its own template."""
     from rlhf import engine, models
 
+    device = engine.usable_device(cfg.run.device, source=cfg.source)
     if name is None:
         path = models.resolve_model(cfg.model.name_or_path)
         tok_path = models.resolve_model(cfg.model.tokenizer) if cfg.model.tokenizer else path
@@ -312,7 +335,7 @@ def load_generator(cfg, name: str | None = None):
         path = models.resolve_model(name)
         tokenizer = models.load_tokenizer(path, padding_side="left")
     model = models.load_causal_lm(path, tokenizer=tokenizer, dtype=engine.run_dtype(cfg))
-    return model.to(engine.device(cfg.run.device)).eval(), tokenizer
+    return model.to(device).eval(), tokenizer
 
 
 @dataclass
@@ -347,16 +370,18 @@ def length_report(pairs: list[dict]) -> dict | None:
     warnings, for a manifest."""
     from rlhf import verbosity
 
-    bias = verbosity.length_bias([len(r["chosen"].split()) for r in pairs], [len(r["rejected"].split()) for r in pairs],
+    bias = verbosity.length_bias([verbosity.response_length(r["chosen"]) for r in pairs],
+                                 [verbosity.response_length(r["rejected"]) for r in pairs],
                                  [r.get("margin") for r in pairs])
     return None if bias is None else {**asdict(bias), "warnings": verbosity.warnings(bias)}
 
 
 def gold_report(spec: str | None, pairs: list[dict]) -> dict | None:
-    """How often the program judge `spec` scores chosen above rejected over `pairs` (with the ties)."""
+    """How often the program judge `spec` (`--gold-judge`) scores chosen above rejected over `pairs` (with
+    the ties)."""
     from rlhf.evaluation import load_judge
 
-    judge_fn = load_judge(spec)
+    judge_fn = load_judge(spec, "--gold-judge")
     if judge_fn is None or not pairs:
         return None
     prompts = [user(r["prompt"]) for r in pairs]
@@ -416,6 +441,9 @@ def run_synth(cfg, out_dir: str | Path, *, settings: SynthSettings | None = None
     write_jsonl(out / "samples.jsonl", [{**asdict(x), "score": round(x.score, 4), "split": "train" if i < n_train
                                           else "eval"} for i, x in enumerate(samples)])
     finished = [x.score for x in samples if x.finished]
+    if train and not pairs:
+        log.warning("synth: no preference pairs: %s", no_pairs_reason(cfg, s, n_train, sum(
+            x.finished for x in samples[:n_train])))
     manifest = {
         "command": command, "method": "program", "model": cfg.model.name_or_path,
         "chat_template": cfg.model.chat_template, "judge": judge, "settings": asdict(s),

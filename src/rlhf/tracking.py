@@ -4,17 +4,20 @@
 Every stage logs through `MetricsLogger` (the Trainer-based ones from the `on_log` of the callback that
 `stages.common._make_callback` builds, then once more with their `eval/` report; PPO from its loop), so
 `metrics.jsonl`, `logs/` and the trackers look the same everywhere. On resume from step N, lines past N (written after the checkpoint the run resumes from)
-are dropped, so a resumed run's curve has no duplicates.
+are dropped, so a resumed run's curve has no duplicates, and each tracker is sent the lines it lacks
+(`_backfill`): `metrics.jsonl` is the record every other sink is made whole from.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger("rlhf")
 _OPEN: set[MetricsLogger] = set()  # loggers not closed yet: `close_open` finishes them when a stage fails
 
 
@@ -33,6 +36,8 @@ class MetricsLogger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.jsonl:
             self._truncate(resume_step)
+            if resume_step is not None:
+                self._backfill()
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -48,15 +53,28 @@ class MetricsLogger:
                 if line.strip() and _step_of(line) <= resume_step]
         self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
+    def _backfill(self) -> None:
+        """Send each tracker the kept lines (steps up to the resume step) past the last step its store holds,
+        so a tracker that lost the end of a killed run (or a tracker run new to this stage) gets every step."""
+        rows = [(row["step"], _finite({k: v for k, v in row.items() if k not in ("step", "time")}))
+                for row in read_metrics(self.path) if isinstance(row.get("step"), int)]
+        for tracker in self.trackers:
+            last = tracker.last_step()
+            missing = [(step, scalars) for step, scalars in rows if scalars and (last is None or step > last)]
+            for step, scalars in missing:
+                tracker.log(step, scalars)
+            if missing:
+                log.info("logging.report_to: %s gets steps %d-%d again from %s (its store ended at step %s)",
+                         tracker.name, missing[0][0], missing[-1][0], self.path, last)
+
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if self.jsonl:
             record = {"step": step, "time": round(time.time(), 3), **{k: _clean(v) for k, v in metrics.items()}}
             with open(self.path, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(record) + "\n")
-        finite = {key: value for key, value in scalars.items() if math.isfinite(value)}
+        finite = _finite(metrics)
         if self._tb is not None:
             for key, value in finite.items():
                 self._tb.add_scalar(key, value, step)
@@ -83,6 +101,12 @@ def close_open(ok: bool) -> None:
     """Close every logger still open: a stage that ended by an error records its tracker runs as failed."""
     for logger in list(_OPEN):
         logger.close(ok)
+
+
+def _finite(metrics: dict[str, Any]) -> dict[str, float]:
+    """The finite numbers of `metrics` as floats: what TensorBoard and the trackers take."""
+    scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {key: value for key, value in scalars.items() if math.isfinite(value)}
 
 
 def _clean(value: Any) -> Any:

@@ -120,13 +120,18 @@ def test_nodes_with_their_own_disks_each_get_every_artifact_and_resume(tmp_path,
         return ["--set", f"run.output_dir={roots[node] / 'runs'}"]
 
     dirs = [root / "runs" / "two" for root in roots]
-    _two_nodes("02_reward.sh", config, node_args=own_disk)
+
+    def three_steps(node: int) -> list[str]:
+        return [*own_disk(node), "--set", "reward.max_steps=3"]
+
+    _two_nodes("02_reward.sh", config, node_args=three_steps)
     # A Trainer stage resumes on node-local disks too: node 1 received each checkpoint as it was saved.
-    # Lose the reward manifest on both nodes and allow one more step: both resume from checkpoint-2.
+    # Lose the reward manifest and last checkpoint on both nodes: both resume from checkpoint-2, train step 3.
     # Node 1 keeps its own rank's random state; rank 0's, which it never reads, is not sent to it.
     reward_ckpt = dirs[1] / "reward" / "checkpoints" / "checkpoint-2"
     assert (reward_ckpt / "rng_state_1.pth").is_file() and not (reward_ckpt / "rng_state_0.pth").exists()
     for run_dir in dirs:
+        shutil.rmtree(run_dir / "reward" / "checkpoints" / "checkpoint-3")
         assert artifacts.latest_checkpoint(run_dir / "reward" / "checkpoints").name == "checkpoint-2", run_dir
         (run_dir / "reward" / artifacts.MANIFEST).unlink()
         assert not (run_dir / "reward" / claims.CLAIM).exists(), run_dir  # each node claimed its copy, and released it
@@ -135,7 +140,7 @@ def test_nodes_with_their_own_disks_each_get_every_artifact_and_resume(tmp_path,
     gone.wait()
     (dirs[1] / "reward" / claims.CLAIM).write_text(json.dumps({"token": "gone", "host": "node1", "pid": gone.pid,
                                                                "machine": claims._machine(), "started": 0}))
-    _two_nodes("02_reward.sh", config, node_args=lambda n: [*own_disk(n), "--set", "reward.max_steps=3"])
+    _two_nodes("02_reward.sh", config, node_args=three_steps)
     for run_dir in dirs:
         assert json.loads((run_dir / "reward" / artifacts.MANIFEST).read_text())["global_step"] == 3, run_dir
     log0 = (dirs[0] / "logs" / "reward.node0.log").read_text()

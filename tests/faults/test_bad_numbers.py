@@ -46,7 +46,8 @@ def test_poisoned_weight_exits_3_before_any_checkpoint(tmp_path, rlhf_cache, tin
     assert cli.main(["sft", "--config", str(config)]) == 3
     lines = error_lines(capsys.readouterr().err)
     assert lines == ["error: sft: loss is nan at step 1; stopped before saving: no checkpoint was saved yet. "
-                     "Lower sft.learning_rate or check the model weights and data, then re-run the same command"]
+                     "Lower sft.learning_rate or check the model weights and data, then re-run the same command (add "
+                     "--restart after changing a setting the weights depend on: resuming under it is refused)"]
     assert artifacts.list_checkpoints(cfg_of(raw).stage_dir("sft") / "checkpoints") == []
 
 

@@ -88,12 +88,12 @@ def test_dpo_lora_with_precomputed_reference_saves_a_merged_model(tmp_path, rlhf
 
 
 def test_dpo_resumes_from_its_last_checkpoint(tmp_path, rlhf_cache, tiny_model_dir):
-    cfg = tiny_cfg(tmp_path, ["dpo.max_steps=2", "dpo.save_steps=2", *FAST])
+    cfg = tiny_cfg(tmp_path, ["dpo.max_steps=4", "dpo.save_steps=2", *FAST])
     fake_sft(cfg, tiny_model_dir)
     run_stage("dpo", cfg)
-    (cfg.stage_dir("dpo") / artifacts.MANIFEST).unlink()  # as if stopped after the checkpoint
-    again = tiny_cfg(tmp_path, ["dpo.max_steps=4", "dpo.save_steps=2", *FAST])
-    run_stage("dpo", again)
+    (cfg.stage_dir("dpo") / artifacts.MANIFEST).unlink()  # as if stopped after checkpoint-2
+    shutil.rmtree(cfg.stage_dir("dpo") / "checkpoints" / "checkpoint-4")
+    run_stage("dpo", cfg)
     assert artifacts.read_manifest(cfg.stage_dir("dpo"))["global_step"] == 4
     steps = [r["step"] for r in read_metrics(cfg.stage_dir("dpo") / "metrics.jsonl") if "loss" in r]
     assert steps == [1, 2, 3, 4]

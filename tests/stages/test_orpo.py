@@ -5,6 +5,7 @@ and `final_stage: orpo` runs ORPO alone."""
 from __future__ import annotations
 
 import math
+import shutil
 
 import pytest
 import torch
@@ -93,10 +94,11 @@ def test_orpo_raises_heldout_log_odds_ratio(tmp_path, rlhf_cache):
 @pytest.mark.slow
 def test_orpo_lora_and_resume(tmp_path, rlhf_cache):
     sets = ["final_stage=orpo", "orpo.save_steps=2", "model.lora.enabled=true", "model.lora.r=4", *FAST]
-    cfg = tiny_cfg(tmp_path, ["orpo.max_steps=2", *sets])
+    cfg = tiny_cfg(tmp_path, ["orpo.max_steps=4", *sets])
     run_stage("orpo", cfg)
     (cfg.stage_dir("orpo") / artifacts.MANIFEST).unlink()  # as if stopped after the step-2 checkpoint
-    final = run_stage("orpo", tiny_cfg(tmp_path, ["orpo.max_steps=4", *sets])).final_dir
+    shutil.rmtree(cfg.stage_dir("orpo") / "checkpoints" / "checkpoint-4")
+    final = run_stage("orpo", cfg).final_dir
     assert artifacts.read_manifest(cfg.stage_dir("orpo"))["global_step"] == 4
     steps = [r["step"] for r in read_metrics(cfg.stage_dir("orpo") / "metrics.jsonl") if "loss" in r]
     assert steps == [1, 2, 3, 4]

@@ -17,7 +17,7 @@ from helpers import ROOT, cli_env, tiny_cfg, tiny_raw, write_cfg
 
 from rlhf import artifacts, trackers
 from rlhf.config import save_resolved
-from rlhf.stages import run_stage
+from rlhf.stages import common, run_stage
 from rlhf.tracking import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -112,15 +112,21 @@ def test_a_resumed_stage_continues_its_mlflow_run(tmp_path, rlhf_cache, monkeypa
     for key, value in tracker_env(tmp_path).items():
         monkeypatch.setenv(key, value)
     from mlflow.tracking import MlflowClient
+    from transformers import TrainerCallback
 
-    cfg = tiny_cfg(tmp_path, ["sft.max_steps=2", "sft.save_steps=2", "sft.logging_steps=1",
+    class StopAfterStep2(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = control.should_training_stop or state.global_step == 2
+
+    cfg = tiny_cfg(tmp_path, ["sft.max_steps=4", "sft.save_steps=2", "sft.logging_steps=1",
                               "logging.report_to=[mlflow]"])
-    run_stage("sft", cfg)
+    with pytest.MonkeyPatch.context() as mp:  # ends at step 2 of 4, after checkpoint-2
+        own = common.StageRun.callbacks
+        mp.setattr(common.StageRun, "callbacks", lambda self: own(self) + [StopAfterStep2()])
+        run_stage("sft", cfg)
     first = json.loads((cfg.stage_dir("sft") / trackers.IDS_FILE).read_text())["mlflow"]
     (cfg.stage_dir("sft") / artifacts.MANIFEST).unlink()  # as if it had stopped right after checkpoint-2
-    longer = tiny_cfg(tmp_path, ["sft.max_steps=4", "sft.save_steps=2", "sft.logging_steps=1",
-                                 "logging.report_to=[mlflow]"])
-    run_stage("sft", longer)
+    run_stage("sft", cfg)
     assert json.loads((cfg.stage_dir("sft") / trackers.IDS_FILE).read_text())["mlflow"] == first
     client = MlflowClient()
     assert sorted(m.step for m in client.get_metric_history(first, "loss")) == [1, 2, 3, 4]

@@ -33,12 +33,13 @@ def test_verbosity_bias_warning(tmp_path):
     path = _write_jsonl(tmp_path / "v.jsonl", _verbose_pairs(20, 1))
     report = inspect(path)
     assert report.chosen_longer_share == pytest.approx(0.95)
-    # ratios: 19 pairs at 6/3 = 2.0 and one at 2/3
-    assert report.mean_length_ratio == pytest.approx((19 * 2.0 + 2 / 3) / 20)
+    # mean lengths: chosen (19 * 6 + 2) / 20 = 5.8 words, rejected 3
+    assert report.mean_length_ratio == pytest.approx(5.8 / 3)
     bias = [w for w in report.warnings if w.startswith("verbosity bias")]
     assert bias == [
-        "verbosity bias: chosen is longer in 95% of pairs (mean length ratio 1.9); a reward model trained "
-        "on this may learn 'longer is better' (warned at >= 75%)"
+        "verbosity bias: chosen is longer in 95% of pairs and 1.93x the rejected length on average (+2.8 words); "
+        "a reward model trained on this may learn 'longer is better' (warned at >= 75% of pairs with a mean "
+        "length ratio >= 1.10)"
     ]
 
 

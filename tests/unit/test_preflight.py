@@ -55,7 +55,7 @@ def test_typo_key_exits_2_with_suggestion(tmp_path):
 def test_negative_beta_exits_2(tmp_path):
     proc = _cli("preflight", "--config", _write(tmp_path, _tiny(tmp_path)), "--set", "dpo.beta=-0.1")
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'cfg.yaml'}: dpo.beta: must be > 0 (got -0.1)"]
+    assert proc.stderr.strip().splitlines() == ["error: --set dpo.beta: must be > 0 (got -0.1)"]  # blames the override
 
 
 def test_missing_data_file_exits_2(tmp_path):
@@ -116,7 +116,7 @@ def _device_blockers(tmp_path, monkeypatch, *, cuda: bool, bf16: bool = True, **
 
     from rlhf import engine
 
-    monkeypatch.setattr(engine, "cuda_available", lambda: cuda)
+    monkeypatch.setattr(engine.ranks, "cuda_available", lambda: cuda)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla V100")
@@ -187,7 +187,7 @@ def test_an_unknown_tracker_is_a_config_error(tmp_path):
     proc = _cli("preflight", "--config", _write(tmp_path, _tiny(tmp_path)), "--set", "logging.report_to=[wandb,neptune]")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        f"error: {tmp_path / 'cfg.yaml'}: logging.report_to: unknown 'neptune'; choose from tensorboard, wandb, mlflow, "
+        "error: --set logging.report_to: unknown 'neptune'; choose from tensorboard, wandb, mlflow, "
         "trackio (got ['wandb', 'neptune'])"]
 
 
@@ -209,7 +209,7 @@ def _op_blockers(tmp_path, monkeypatch, *, cuda: bool, prebuilt: bool = False, c
     from rlhf import engine
 
     asked: list[tuple[str, bool]] = []
-    monkeypatch.setattr(engine, "cuda_available", lambda: cuda)
+    monkeypatch.setattr(engine.ranks, "cuda_available", lambda: cuda)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(preflight, "_op_builder", lambda name, on_gpu: asked.append((name, on_gpu))
                         or _FakeBuilder(name, compatible))

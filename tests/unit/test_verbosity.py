@@ -24,7 +24,7 @@ def test_length_bias_counts_both_directions_and_the_margin_correlation():
     # chosen vs rejected lengths: 4>2, 1<3, 5>5? no (tie), 2<6 -> longer 1/4, shorter 2/4
     bias = length_bias([4, 1, 5, 2], [2, 3, 5, 6], [1.0, None, 0.5, 0.0])
     assert (bias.n, bias.chosen_longer, bias.chosen_shorter) == (4, 0.25, 0.5)
-    assert bias.mean_ratio == pytest.approx((2 + 1 / 3 + 1 + 1 / 3) / 4)
+    assert bias.length_ratio == pytest.approx((4 + 1 + 5 + 2) / (2 + 3 + 5 + 6))  # 12 / 16: a ratio of means
     assert bias.mean_diff == pytest.approx((2 - 2 + 0 - 4) / 4)
     # with margins: diffs (2, 0, -4) vs margins (1, .5, 0) -> means -2/3, .5; r = 3 / sqrt(56/3 * .5)
     assert bias.n_margins == 3
@@ -36,8 +36,9 @@ def test_length_bias_counts_both_directions_and_the_margin_correlation():
 def test_warnings_name_the_direction():
     shorter = length_bias([1] * 8 + [5, 5], [4] * 10)  # chosen shorter in 80%
     assert verbosity.warnings(shorter) == [
-        "verbosity bias: chosen is shorter in 80% of pairs (mean length ratio 0.5); a reward model trained on "
-        "this may learn 'shorter is better' (warned at >= 75%)"]
+        "verbosity bias: chosen is shorter in 80% of pairs and 0.45x the rejected length on average (-2.2 words); "
+        "a reward model trained on this may learn 'shorter is better' (warned at >= 75% of pairs with a mean "
+        "length ratio <= 0.91)"]  # means 18 / 10 and 40 / 10
     balanced = length_bias([1, 5] * 10, [3] * 20, [float(i % 2) for i in range(20)])  # margin = longer
     assert [w.split(" (r =")[0] for w in verbosity.warnings(balanced)] == [
         "verbosity bias: the pair margin tracks the length difference"]
@@ -49,9 +50,9 @@ def test_inspect_reports_a_shorter_chosen_side(tmp_path):
              "margin": 1.0} for i in range(10)]
     report = inspect(_write(tmp_path / "p.jsonl", rows))
     assert report.chosen_longer_share == 0.0 and report.length_bias.chosen_shorter == 0.9
-    text = format_report(report)  # ratio (9 * 1/4 + 4/4) / 10, difference (9 * -3 + 0) / 10
-    assert ("verbosity: chosen longer in 0% of pairs, shorter in 90%, mean length ratio chosen/rejected 0.33, "
-            "mean difference -2.7 words") in text.splitlines()  # equal margins: no correlation to report
+    text = format_report(report)  # ratio (9 * 1 + 4) / (10 * 4), difference (9 * -3 + 0) / 10
+    assert ("verbosity: chosen longer in 0% of pairs, shorter in 90%; mean length chosen/rejected 0.33x, "
+            "difference -2.7 words") in text.splitlines()  # equal margins: no correlation to report
     assert any("chosen is shorter in 90% of pairs" in w for w in report.warnings)
 
 

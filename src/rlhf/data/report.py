@@ -103,8 +103,8 @@ class InspectReport:
 
     @property
     def mean_length_ratio(self) -> float | None:
-        """Preference data: mean of len(chosen) / len(rejected)."""
-        return None if self.length_bias is None else self.length_bias.mean_ratio
+        """Preference data: mean chosen length / mean rejected length."""
+        return None if self.length_bias is None else self.length_bias.length_ratio
 
 
 def _truncate(row: dict) -> dict:
@@ -122,10 +122,26 @@ def _truncate(row: dict) -> dict:
 
 
 def _measure(tokenizer: Any) -> Callable[[list[dict]], int]:
-    """A function from a message list to its length in tokens (content only) or words."""
-    if tokenizer is None:
-        return lambda msgs: sum(len(m["content"].split()) for m in msgs)
-    return lambda msgs: sum(len(tokenizer(m["content"], add_special_tokens=False)["input_ids"]) for m in msgs)
+    """A function from a message list to its length in tokens (content only) or words: the sum of
+    `verbosity.response_length` over its messages (chosen and rejected are one assistant message each)."""
+    return lambda msgs: sum(verbosity.response_length(m["content"], tokenizer) for m in msgs)
+
+
+def policy_tokenizer(cfg: Any) -> Any:
+    """The tokenizer a config's policy trains with (`model.tokenizer`, else the model's own), for lengths in
+    its tokens; None, so lengths are in words, when it cannot be had without building a model (an alias
+    not built yet) or from a Hub that is offline with no cached copy."""
+    from rlhf import models
+    from rlhf.errors import ModelError
+    from rlhf.models.aliases import ALIASES, cache_root, is_built
+
+    name = cfg.model.tokenizer or cfg.model.name_or_path
+    if name in ALIASES and not is_built(cache_root() / "models" / name):
+        return None
+    try:
+        return models.load_tokenizer(models.resolve_model(name), trust_remote_code=cfg.model.trust_remote_code)
+    except ModelError:
+        return None
 
 
 def _warnings(report: InspectReport) -> list[str]:
@@ -224,7 +240,8 @@ def inspect(
         weight=found[0].weight,
     )
     if "chosen" in tally.lengths:
-        report.length_bias = verbosity.length_bias(tally.lengths["chosen"], tally.lengths["rejected"], tally.margins)
+        report.length_bias = verbosity.length_bias(tally.lengths["chosen"], tally.lengths["rejected"], tally.margins,
+                                                   unit=report.length_unit)
     report.warnings = _warnings(report)
     return report
 
@@ -264,7 +281,7 @@ def format_report(report: InspectReport) -> str:
         f"duplicates: {report.n_duplicates} identical rows, {report.n_duplicate_prompts} repeated prompts"
     )
     if report.length_bias is not None:
-        lines.append(f"verbosity: {verbosity.describe(report.length_bias, report.length_unit)}")
+        lines.append(f"verbosity: {verbosity.describe(report.length_bias)}")
     if report.bad_rows:
         more = report.n_bad - len(report.bad_rows)
         lines += (

@@ -1,8 +1,10 @@
-"""Small file helpers of the model layer: reading a JSON object, removing a file or dir tree."""
+"""Small file helpers of the model layer: reading a JSON object, removing a file or dir tree, file modes."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -27,3 +29,26 @@ def rmtree(path: Path) -> None:
         shutil.rmtree(path)
     elif path.exists() or path.is_symlink():
         path.unlink()
+
+
+def _umask() -> int:
+    """The process's umask: from /proc (Linux), else by setting and restoring it."""
+    try:
+        found = re.search(r"^Umask:\s*([0-7]+)", Path("/proc/self/status").read_text(), re.MULTILINE)
+    except OSError:
+        found = None
+    if found:
+        return int(found.group(1), 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def umask_modes(root: Path) -> None:
+    """Give every file under `root` the mode a plain open() gives (0666 less the umask). safetensors writes
+    each weights file as a temporary file (mode 0600) renamed into place, so saved weights would otherwise
+    be readable by their owner only, unlike the config and tokenizer files beside them."""
+    mode = 0o666 & ~_umask()
+    for path in Path(root).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(mode)

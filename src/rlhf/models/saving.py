@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from rlhf.models.files import read_json, rmtree
+from rlhf.models.files import read_json, rmtree, umask_modes
 from rlhf.models.loading import load_causal_lm, load_scalar_model, load_tokenizer
 
 
@@ -37,7 +37,8 @@ def save_pretrained_atomic(model, tokenizer, out_dir: str | Path, *,
 
     A PeftModel is saved MERGED (a deep copy is merged, so the caller's model is untouched and memory
     doubles briefly): every later stage then loads a plain HF dir, with no base-model lookup. The dir is
-    written as `<out_dir>.tmp-<pid>` and renamed; an existing `out_dir` is replaced. Call on one rank.
+    written as `<out_dir>.tmp-<pid>` and renamed; an existing `out_dir` is replaced; its files get the
+    umask's mode (`umask_modes`). Call on one rank.
     """
     out = Path(out_dir)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
@@ -50,6 +51,7 @@ def save_pretrained_atomic(model, tokenizer, out_dir: str | Path, *,
             if Path(file_name).name != file_name:
                 raise ValueError(f"extra_files: {file_name!r} must be a plain file name")
             (tmp / file_name).write_text(text, encoding="utf-8")
+        umask_modes(tmp)  # safetensors writes the weights 0600
         _replace_dir(tmp, out)
     finally:
         rmtree(tmp)

@@ -2,8 +2,9 @@
 
 `run_stage` checks preflight blockers for one stage started on its own; `run_pipeline` runs the stages
 the config needs in order, skipping complete ones (their `stage.json` exists) and resuming the rest
-from their last checkpoint. A stage claims its dir before it writes there (`rlhf.claims`): a second start
-on a live run is refused, a dead run's claim is taken over.
+from their last checkpoint. A stage whose weights were trained under other values of keys they depend on
+is neither skipped nor resumed (`common.check_trained_config`). A stage claims its dir before it writes
+there (`rlhf.claims`): a second start on a live run is refused, a dead run's claim is taken over.
 """
 
 from __future__ import annotations
@@ -61,12 +62,32 @@ def _materialize_aliases(cfg: PipelineConfig) -> None:
             models.resolve_model(name)
 
 
+def pending_stages(cfg: PipelineConfig) -> list[str]:
+    """The config's stages that are not complete, in order. First every stage holding trained weights is
+    checked against `cfg` (`common.check_trained_config`), so one trained under other values of keys its
+    weights depend on stops the pipeline before anything runs, instead of being skipped."""
+    from rlhf.config import GROWING_STEPS
+    from rlhf.stages.common import check_trained_config
+
+    pending = []
+    for stage in cfg.stages:
+        accepted = check_trained_config(cfg, stage)
+        # A complete stage whose step count was raised has steps left to train.
+        if not artifacts.is_complete(cfg.stage_dir(stage)) or GROWING_STEPS.get(stage) in accepted:
+            pending.append(stage)
+        elif accepted:
+            log.info("%s: %s differ from the config it was trained with, but its weights are the same under "
+                     "both; kept as complete", stage, ", ".join(accepted))
+    return pending
+
+
 def run_pipeline(cfg: PipelineConfig, *, restart: bool = False, config_path: str | None = None) -> list:
     """All stages of the file, in order; complete ones are skipped unless restart is set."""
+    pending = cfg.stages if restart else pending_stages(cfg)
     preflight.check_or_raise(cfg, cfg.stages, standalone=False)
     results = []
     for stage in cfg.stages:
-        if not restart and artifacts.is_complete(cfg.stage_dir(stage)):
+        if stage not in pending:
             log.info("%s: complete (%s exists), skipping", stage, cfg.stage_dir(stage) / artifacts.MANIFEST)
             continue
         log.info("%s: starting", stage)

@@ -1,4 +1,5 @@
-"""What every stage shares: its directory, resume point, Trainer arguments, callbacks and final save."""
+"""What every stage shares: its directory, resume point (checked against the config that trained it),
+Trainer arguments, callbacks and final save."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from rlhf import artifacts, claims, engine, trackers
-from rlhf.config import PipelineConfig, TrainCfg, save_resolved
-from rlhf.errors import StopRequested, TrainingError
+from rlhf.config import PipelineConfig, TrainCfg, changed_settings, load_config, save_resolved, stage_settings
+from rlhf.errors import ConfigError, StopRequested, TrainingError
 from rlhf.replicate import agree_on_step, replicate
 from rlhf.tracking import MetricsLogger
 
@@ -83,6 +84,8 @@ class StageRun:
         self.final_dir = self.dir / "final"
         # Before anything here is written or deleted (--restart too): one live run per stage dir.
         self.claim = claims.claim(self.dir, cfg.run.claim_timeout_s)
+        if not restart:  # still nothing written: resume or keep only weights this config trains
+            self._check_trained_config()
         if engine.local_rank() == 0:  # the first rank of every node: its disk may be its own (rlhf.replicate)
             try:
                 if restart:
@@ -105,11 +108,30 @@ class StageRun:
                                      enabled=engine.is_main(), resume_step=self.resume_step,
                                      trackers=self._trackers() if engine.is_main() else None)
         if engine.is_main():  # the settings of the checkpoints to come: `rlhf export` rebuilds their models
-            resolved = self.dir / "config.resolved.yaml"
+            resolved = self.dir / artifacts.RESOLVED_CONFIG
             try:
                 save_resolved(cfg, resolved)
             except OSError as err:  # disk full, read-only: one line, like every other failed save
                 raise save_failed(resolved, "the resolved config", err, self.resume) from err
+        # Nodes with their own disks get it now, with the checkpoints it describes, not only at the end: their
+        # `rlhf pipeline --pending` compares it with the config before the stage resumes.
+        replicate(cfg.run.dir, [self.dir / artifacts.RESOLVED_CONFIG], by_content=True)
+
+    def _check_trained_config(self) -> None:
+        """`check_trained_config` on the main rank (its disk holds the record: it wrote it); every rank stops
+        when it refuses."""
+        refused, accepted = None, []
+        if engine.is_main():
+            try:
+                accepted = check_trained_config(self.cfg, self.stage)
+            except ConfigError as err:
+                refused = err
+        if engine.any_rank(refused is not None):
+            raise refused or ConfigError(f"{self.dir}: the main rank refused to resume the {self.stage} stage under "
+                                         "this config; its error names the keys")
+        if accepted:
+            log.info("%s: %s differ from the config its checkpoints were trained with, but the weights trained so "
+                     "far are the same under both; resuming under the new values", self.stage, ", ".join(accepted))
 
     def _trackers(self) -> list:
         """The open trackers of `logging.report_to`, one run each for this stage (`rlhf.trackers`)."""
@@ -217,14 +239,16 @@ class StageRun:
 
     def _finish_final(self, tmp: Path, tokenizer, merge_base: str | None, extra_files: dict[str, str] | None) -> None:
         from rlhf import models
+        from rlhf.models.files import umask_modes
 
         if merge_base is not None and (tmp / "adapter_config.json").exists():
             models.merge_adapter_dir(tmp, merge_base)
         tokenizer.save_pretrained(str(tmp))
         (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; final/ holds safetensors and text only
-        save_resolved(self.cfg, tmp / "config.resolved.yaml")
+        save_resolved(self.cfg, tmp / artifacts.RESOLVED_CONFIG)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")
+        umask_modes(tmp)  # the weights were written 0600
         _remove(self.final_dir)
         tmp.replace(self.final_dir)
 
@@ -233,19 +257,56 @@ class StageRun:
         """Write the manifest last: from here on the stage counts as done. `devices` (role -> device of
         that model's weights during training) goes into stage.json."""
         if engine.is_main():
-            save_resolved(self.cfg, self.dir / "config.resolved.yaml")
+            save_resolved(self.cfg, self.dir / artifacts.RESOLVED_CONFIG)
             artifacts.write_manifest(self.dir, self.stage, inputs=inputs, config_hash=self.cfg.hash(),
                                      metrics=metrics, global_step=global_step,
                                      devices=devices)
             log.info("%s: done -> %s", self.stage, self.final_dir)
         engine.barrier()
         # Nodes with their own disks get final/ (with what was added after the save) first, stage.json last.
-        replicate(self.cfg.run.dir, [self.final_dir, self.dir / "config.resolved.yaml"], by_content=True)
+        replicate(self.cfg.run.dir, [self.final_dir, self.dir / artifacts.RESOLVED_CONFIG], by_content=True)
         replicate(self.cfg.run.dir, [self.dir / artifacts.MANIFEST], by_content=True)
         self.metrics.close()
         if self.claim is not None:
             self.claim.release()
         return StageResult(self.stage, self.final_dir, metrics)
+
+
+def check_trained_config(cfg: PipelineConfig, stage: str) -> list[str]:
+    """Before a stage resumes from its checkpoints or is kept as complete: the config that trained them
+    (`artifacts.recorded_config`) must agree with `cfg` in every key the stage's weights depend on
+    (`rlhf.config.changed_settings`), else a one-line ConfigError naming those keys. Reads only. Returns the
+    keys that differ but leave those weights alone (run-only keys, a raised PPO step count), which are
+    accepted. A stage dir that holds nothing trained passes, and so
+    does one without a record (a node-local copy of a stage still running; a complete one warns)."""
+    stage_dir = cfg.stage_dir(stage)
+    if not artifacts.holds_training(stage_dir):
+        return []
+    record = artifacts.recorded_config(stage_dir)
+    if record is None:
+        if (stage_dir / artifacts.MANIFEST).is_file():
+            log.warning("%s: no %s records the settings its weights were trained with, so they are not compared "
+                        "with this config", stage_dir, artifacts.RESOLVED_CONFIG)
+        return []
+    try:
+        trained = load_config(record)
+    except ConfigError as err:
+        raise ConfigError(f"{record}: cannot be read back as the config that trained the {stage} stage "
+                          f"({str(err).splitlines()[0]}); pass --restart to train it again") from None
+    result, accepted = changed_settings(trained, cfg, stage, artifacts.trained_step(stage_dir))
+    if result:
+        old, new = stage_settings(trained, stage), stage_settings(cfg, stage)
+        shown = ", ".join(f"{key} {_shown(old, key)} -> {_shown(new, key)}" for key in result[:4])
+        more = f" and {len(result) - 4} more" if len(result) > 4 else ""
+        raise ConfigError(f"{stage_dir}: trained under other values of keys its weights depend on: {shown}{more} "
+                          f"(recorded in {record}); pass --restart (`{artifacts.STAGE_COMMAND[stage]} --restart`) "
+                          "to train it again under the new values, or revert them to resume or keep it")
+    return accepted
+
+
+def _shown(values: dict[str, Any], key: str) -> str:
+    text = repr(values[key]) if key in values else "unset"
+    return text if len(text) <= 60 else f"{text[:57]}..."
 
 
 # How an I/O failure reads once a library has wrapped it (safetensors: "I/O error: ... (os error 27)";

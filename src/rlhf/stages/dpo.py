@@ -12,6 +12,10 @@ After saving, the reloaded model is scored against the SFT model on the held-out
 package's own encoding (`rlhf.encoding`) and `losses.dpo_loss`'s statistics: a check independent of TRL,
 split over ranks (`rlhf.heldout`).
 
+The held-out pairs (`rlhf.heldout.select`) are the same for TRL's evaluation and that check: at most
+`data.eval_max_rows`, of those within `data.max_length` as this package encodes them. (Training pairs over
+`data.max_length` are not left out here: TRL truncates them.)
+
 The held-out `loss` is the configured `dpo.loss_type` (`losses.dpo_loss`, `ipo_loss` or `hinge_loss`).
 Note: TRL's `ipo` divides each side's log-ratio by its token count before the loss (as the IPO authors'
 code does), while `losses.ipo_loss` uses whole-sequence log-probs (the paper's formula), so the two `ipo`
@@ -22,9 +26,10 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
-from rlhf import artifacts, engine, heldout, models
+from rlhf import artifacts, encoding, engine, heldout, models
 from rlhf.config import PipelineConfig
 from rlhf.data import load_rows
 from rlhf.guards import catch_oom
@@ -42,6 +47,13 @@ def sft_output(cfg: PipelineConfig) -> str:
 def trl_rows(rows: list[dict]) -> list[dict]:
     """Internal-schema pairs -> TRL's conversational explicit-prompt form (extra columns dropped)."""
     return [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows]
+
+
+def fitting_pairs(tokenizer, rows: list[dict], max_length: int) -> Iterator[dict | None]:
+    """Each pair, or None when a side is over max_length as `rlhf.encoding` encodes it."""
+    encoded = encoding.encode_rows(tokenizer, rows, ("chosen", "rejected"), max_length)
+    for row, enc in zip(rows, encoded, strict=True):
+        yield None if enc is None else row
 
 
 def build_dataset(rows: list[dict], where: Path | None):
@@ -67,9 +79,11 @@ def run(cfg: PipelineConfig, *, restart: bool = False) -> StageResult:
     stage = StageRun(cfg, "dpo", restart=restart)
     tokenizer = models.load_tokenizer(sft_dir, trust_remote_code=cfg.model.trust_remote_code)
     train_rows, eval_rows, path = load_rows(cfg, "dpo", "preference")
+    held_rows, _ = heldout.select(eval_rows or train_rows,
+                                  lambda rows: fitting_pairs(tokenizer, rows, cfg.data.max_length), cfg, "dpo")
     on_disk = cfg.dpo.precompute_ref_log_probs
     train_ds = build_dataset(trl_rows(train_rows), stage.dir / "data" / "train" if on_disk else None)
-    eval_ds = build_dataset(trl_rows(eval_rows), stage.dir / "data" / "eval" if on_disk else None) if eval_rows else None
+    eval_ds = build_dataset(trl_rows(held_rows), stage.dir / "data" / "eval" if on_disk else None) if eval_rows else None
     kwargs = stage.trainer_args(cfg.dpo)
     # TRL configs default `gradient_checkpointing` to True; the new name wins over the deprecated one.
     kwargs["activation_checkpointing"] = cfg.dpo.gradient_checkpointing
@@ -83,14 +97,15 @@ def run(cfg: PipelineConfig, *, restart: bool = False) -> StageResult:
     trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, callbacks=stage.callbacks(), peft_config=peft_config)
     stage.train(trainer)  # resume, SIGTERM stop, one-line save and out-of-memory failures
-    report = {"train_pairs": len(train_ds), "eval_pairs": len(eval_rows), "global_step": trainer.state.global_step,
+    report = {"train_pairs": len(train_ds), "eval_pairs": len(held_rows) if eval_rows else 0,
+              "global_step": trainer.state.global_step,
               "beta": cfg.dpo.beta, "loss_type": cfg.dpo.loss_type}
     if eval_ds is not None:
         with catch_oom("dpo", "policy", stage.ckpt_dir, cfg.source, batch_key="dpo.eval_batch_size"):
             ev = trainer.evaluate()
         report.update({f"trl_{k}": v for k, v in ev.items() if k.startswith("eval_rewards/")})
     final = stage.save_final(trainer, tokenizer, merge_base=sft_dir if peft_config is not None else None)
-    report.update(heldout_report(final, sft_dir, eval_rows or train_rows, cfg, stage.ckpt_dir))
+    report.update(heldout_report(final, sft_dir, held_rows, cfg, stage.ckpt_dir))
     if engine.is_main():
         stage.metrics.log(trainer.state.global_step, {f"eval/{k}": v for k, v in report.items()
                                                       if isinstance(v, float)})
@@ -140,7 +155,8 @@ def heldout_report(final_dir: Path, ref_dir: str, rows: list[dict], cfg: Pipelin
     for role, path in (("policy", final_dir), ("ref", ref_dir)):  # one model in memory at a time
         with catch_oom("dpo", role, ckpt_dir, cfg.source, batch_key="dpo.eval_batch_size"):
             logps[role] = heldout.saved_pair_logps(path, cfg, tokenizer, rows, mean=False,
-                                                   batch_size=cfg.dpo.eval_batch_size)
+                                                   batch_size=cfg.dpo.eval_batch_size,
+                                                   desc=f"dpo: held-out check ({role})")
     stats = rewards_report(logps["policy"], logps["ref"], cfg.dpo.beta, cfg.dpo.loss_type)
     if engine.is_main():
         log.info("dpo: held-out implicit-reward accuracy %.3f, margin %.3f (%d pairs)",

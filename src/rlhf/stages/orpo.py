@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Iterator
 
 from rlhf import encoding, engine, heldout, models
 from rlhf.config import PipelineConfig
@@ -31,21 +32,20 @@ log = logging.getLogger("rlhf")
 PLOT_KEYS = ["loss", "orpo/nll", "orpo/log_odds_ratio", "orpo/accuracy"]
 
 
-def encode_pairs(tokenizer, rows: list[dict], max_length: int, where: str) -> list[dict]:
-    """chosen/rejected ids with completion masks (1 on response tokens); over-long pairs are left out."""
-    out = []
-    for row in rows:
+def encode_pairs(tokenizer, rows: list[dict], max_length: int, where: str) -> Iterator[dict | None]:
+    """Per pair, chosen/rejected ids with completion masks (1 on response tokens), or None when a side is
+    over max_length; after the last pair, the count of those left out (`check_fitted`)."""
+    n_kept = 0
+    for enc in encoding.encode_rows(tokenizer, rows, ("chosen", "rejected"), max_length):
+        if enc is None:
+            yield None
+            continue
         item = {}
-        for side in ("chosen", "rejected"):
-            enc = encoding.encode(tokenizer, row["prompt"], encoding.content(row[side]), max_length)
-            if enc is None:
-                break
-            ids, n_prompt = enc
+        for side, (ids, n_prompt) in zip(("chosen", "rejected"), enc, strict=True):
             item[f"{side}_ids"], item[f"{side}_mask"] = ids, [0] * n_prompt + [1] * (len(ids) - n_prompt)
-        else:
-            out.append(item)
-    check_fitted(where, len(rows), len(out), max_length, "pairs")
-    return out
+        n_kept += 1
+        yield item
+    check_fitted(where, len(rows), n_kept, max_length, "pairs")
 
 
 def collate_pairs(pad_id: int):
@@ -120,13 +120,20 @@ def run(cfg: PipelineConfig, *, restart: bool = False) -> StageResult:
     base = models.resolve_model(cfg.model.name_or_path)
     tokenizer = stage_tokenizer(cfg, base)
     train_rows, eval_rows, path = load_rows(cfg, "orpo", "preference")
-    train_ds = Dataset.from_list(encode_pairs(tokenizer, train_rows, cfg.data.max_length, path))
-    eval_ds = Dataset.from_list(encode_pairs(tokenizer, eval_rows, cfg.data.max_length, path)) if eval_rows else None
-    check_rows, size = eval_rows or train_rows, cfg.orpo.eval_batch_size
+
+    def encode(rows: list[dict]) -> Iterator[dict | None]:
+        return encode_pairs(tokenizer, rows, cfg.data.max_length, path)
+
+    train_ds = encoding.encoded_dataset(encode(train_rows), len(train_rows), desc="orpo: tokenizing pairs",
+                                        progress=cfg.logging.progress and engine.is_main())
+    # One held-out set, bounded by data.eval_max_rows: the Trainer's evaluation and the checks before and after.
+    check_rows, held_items = heldout.select(eval_rows or train_rows, encode, cfg, "orpo")
+    eval_ds = Dataset.from_list(held_items) if eval_rows else None
+    size = cfg.orpo.eval_batch_size
     with catch_oom("orpo", "policy", stage.ckpt_dir, cfg.source, batch_key="orpo.eval_batch_size"):
         # new LoRA adapters start at zero, so before training the model is the base model
         before = log_odds_report(heldout.saved_pair_logps(base, cfg, tokenizer, check_rows, mean=True,
-                                                          batch_size=size))
+                                                          batch_size=size, desc="orpo: held-out check before"))
     # The arguments before the model: under ZeRO-3 the model then loads partitioned over the ranks (zero.Init).
     args = TrainingArguments(**stage.trainer_args(cfg.orpo), remove_unused_columns=False)
     lora = models.lora_dict(cfg.model.lora)
@@ -137,7 +144,8 @@ def run(cfg: PipelineConfig, *, restart: bool = False) -> StageResult:
                            data_collator=collate_pairs(tokenizer.pad_token_id), processing_class=tokenizer,
                            callbacks=stage.callbacks())
     stage.train(trainer)  # resume, SIGTERM stop, one-line save and out-of-memory failures
-    report = {"train_pairs": len(train_ds), "eval_pairs": len(eval_rows), "global_step": trainer.state.global_step,
+    report = {"train_pairs": len(train_ds), "eval_pairs": len(check_rows) if eval_rows else 0,
+              "global_step": trainer.state.global_step,
               "lambda": cfg.orpo.beta, **{f"heldout_{k}_before": v for k, v in before.items()}}
     if eval_ds is not None and len(eval_ds):
         with catch_oom("orpo", "policy", stage.ckpt_dir, cfg.source, batch_key="orpo.eval_batch_size"):
@@ -145,7 +153,7 @@ def run(cfg: PipelineConfig, *, restart: bool = False) -> StageResult:
     final = stage.save_final(trainer, tokenizer, merge_base=base if lora else None)
     with catch_oom("orpo", "policy", stage.ckpt_dir, cfg.source, batch_key="orpo.eval_batch_size"):
         after = log_odds_report(heldout.saved_pair_logps(final, cfg, tokenizer, check_rows, mean=True,
-                                                         batch_size=size))
+                                                         batch_size=size, desc="orpo: held-out check after"))
     report.update({f"heldout_{k}_after": v for k, v in after.items()})
     if engine.is_main():
         log.info("orpo: held-out log odds ratio %.3f -> %.3f, accuracy %.3f -> %.3f (%d pairs)",

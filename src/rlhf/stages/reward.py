@@ -11,6 +11,7 @@ the weights).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 from rlhf import artifacts, encoding, engine, heldout, metrics, models, scoring
@@ -32,20 +33,22 @@ def base_model(cfg: PipelineConfig) -> str:
     return models.resolve_model(cfg.model.name_or_path)
 
 
-def encode_pairs(tokenizer, rows: list[dict], max_length: int, where: str, use_margin: bool) -> list[dict]:
-    """chosen_ids / rejected_ids (and margin) per pair; pairs with a side over max_length are left out."""
-    out = []
-    for row in rows:
-        chosen = encoding.encode(tokenizer, row["prompt"], encoding.content(row["chosen"]), max_length)
-        rejected = encoding.encode(tokenizer, row["prompt"], encoding.content(row["rejected"]), max_length)
-        if chosen is None or rejected is None:
+def encode_pairs(tokenizer, rows: list[dict], max_length: int, where: str,
+                 use_margin: bool) -> Iterator[dict | None]:
+    """Per pair, chosen_ids / rejected_ids (and margin), or None when a side is over max_length; after the
+    last pair, the count of those left out (`check_fitted`)."""
+    n_kept = 0
+    for row, enc in zip(rows, encoding.encode_rows(tokenizer, rows, ("chosen", "rejected"), max_length),
+                        strict=True):
+        if enc is None:
+            yield None
             continue
-        item = {"chosen_ids": chosen[0], "rejected_ids": rejected[0]}
+        item = {"chosen_ids": enc[0][0], "rejected_ids": enc[1][0]}
         if use_margin:
             item["margin"] = float(row.get("margin") or 0.0)
-        out.append(item)
-    check_fitted(where, len(rows), len(out), max_length, "pairs")
-    return out
+        n_kept += 1
+        yield item
+    check_fitted(where, len(rows), n_kept, max_length, "pairs")
 
 
 def run(cfg: PipelineConfig, *, restart: bool = False) -> StageResult:
@@ -57,10 +60,15 @@ def run(cfg: PipelineConfig, *, restart: bool = False) -> StageResult:
     base = base_model(cfg)
     tokenizer = stage_tokenizer(cfg, base)
     train_rows, eval_rows, path = load_rows(cfg, "reward", "preference")
-    train_ds = Dataset.from_list(encode_pairs(tokenizer, train_rows, cfg.data.max_length, path, cfg.reward.margin))
-    eval_ds = None
-    if eval_rows:
-        eval_ds = Dataset.from_list(encode_pairs(tokenizer, eval_rows, cfg.data.max_length, path, cfg.reward.margin))
+
+    def encode(rows: list[dict]) -> Iterator[dict | None]:
+        return encode_pairs(tokenizer, rows, cfg.data.max_length, path, cfg.reward.margin)
+
+    train_ds = encoding.encoded_dataset(encode(train_rows), len(train_rows), desc="reward: tokenizing pairs",
+                                        progress=cfg.logging.progress and engine.is_main())
+    # One held-out set, bounded by data.eval_max_rows: the Trainer's evaluations and the checks after training.
+    held_rows, held_items = heldout.select(eval_rows or train_rows, encode, cfg, "reward")
+    eval_ds = Dataset.from_list(held_items) if eval_rows else None
     # The arguments before the model: under ZeRO-3 the model then loads partitioned over the ranks (zero.Init).
     args = RewardConfig(**stage.trainer_args(cfg.reward), max_length=cfg.data.max_length,
                         center_rewards_coefficient=cfg.reward.center_rewards_coefficient or None,
@@ -73,12 +81,13 @@ def run(cfg: PipelineConfig, *, restart: bool = False) -> StageResult:
     trainer = RewardTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                             processing_class=tokenizer, callbacks=stage.callbacks(), peft_config=peft_config)
     stage.train(trainer, role="reward")  # resume, SIGTERM stop, one-line save and out-of-memory failures
-    check_rows = (eval_rows or train_rows)[:16]
+    check_rows = held_rows[:16]
     live = _live_scores(trainer, tokenizer, check_rows, cfg.reward.eval_batch_size)  # all ranks: may be sharded
     final = stage.save_final(trainer, tokenizer, merge_base=base if peft_config is not None else None)
-    report = {"train_pairs": len(train_ds), "eval_pairs": len(eval_rows), "global_step": trainer.state.global_step}
+    report = {"train_pairs": len(train_ds), "eval_pairs": len(held_rows) if eval_rows else 0,
+              "global_step": trainer.state.global_step}
     with catch_oom("reward", "reward", stage.ckpt_dir, cfg.source, batch_key="reward.eval_batch_size"):
-        report.update(evaluate_reward_model(final, eval_rows or train_rows, cfg, live=(check_rows, live)))
+        report.update(evaluate_reward_model(final, held_rows, cfg, live=(check_rows, live)))
     if engine.is_main():
         stage.metrics.log(trainer.state.global_step, {f"eval/{k}": v for k, v in report.items()})
         _plot(cfg, stage)
@@ -113,7 +122,8 @@ def evaluate_reward_model(final_dir: Path, rows: list[dict], cfg: PipelineConfig
     tokenizer = models.load_tokenizer(str(final_dir))
     model = heldout.load_saved(final_dir, models.load_scalar_model, cfg, tokenizer, require_head=True)
     size = cfg.reward.eval_batch_size
-    pairs = heldout.map_rows(rows, lambda part: pair_scores(model, tokenizer, part, size), size)
+    pairs = heldout.map_rows(rows, lambda part: pair_scores(model, tokenizer, part, size), size,
+                             desc="reward: held-out check", progress=cfg.logging.progress)
     report = metrics.preference_report([c for c, _ in pairs], [r for _, r in pairs])
     report["loss"] = heldout_loss(pairs, rows, cfg.reward.margin)
     if live is not None:

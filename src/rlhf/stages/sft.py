@@ -9,41 +9,43 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
-from rlhf import encoding, engine, models
+from rlhf import encoding, engine, heldout, models
 from rlhf.config import PipelineConfig
 from rlhf.data import load_rows
 from rlhf.stages.common import StageResult, StageRun, check_fitted, stage_tokenizer
 
 log = logging.getLogger("rlhf")
 
-def encode_sft(tokenizer, rows: list[dict], max_length: int, where: str) -> list[dict]:
-    """input_ids + completion_mask per row; rows longer than max_length are dropped and counted.
+def encode_sft(tokenizer, rows: list[dict], max_length: int, where: str) -> Iterator[dict | None]:
+    """Per row, input_ids + completion_mask, or None when it is longer than max_length; after the last row,
+    the count of those left out (`check_fitted`).
 
     The mask is 1 on the reply and on every earlier assistant turn of a multi-turn conversation, so with
     `sft.completion_only_loss` (TRL turns the mask into -100 labels) each assistant turn is trained and
     nothing else is.
     """
-    out, n_unplaced = [], 0
-    for row in rows:
-        enc = encoding.encode(tokenizer, row["prompt"], encoding.content(row["completion"]), max_length)
+    n_kept = n_unplaced = 0
+    for row, enc in zip(rows, encoding.encode_rows(tokenizer, rows, ("completion",), max_length), strict=True):
         if enc is None:
+            yield None
             continue
-        ids, n_prompt = enc
+        ids, n_prompt = enc[0]
         mask = [0] * n_prompt + [1] * (len(ids) - n_prompt)
         if any(m["role"] == "assistant" for m in row["prompt"]):
             spans = encoding.assistant_spans(tokenizer, row["prompt"], ids[:n_prompt])
             n_unplaced += spans is None
             for start, end in spans or ():
                 mask[start:end] = [1] * (end - start)
-        out.append({"input_ids": ids, "completion_mask": mask})
-    check_fitted(where, len(rows), len(out), max_length, "rows")
+        n_kept += 1
+        yield {"input_ids": ids, "completion_mask": mask}
+    check_fitted(where, len(rows), n_kept, max_length, "rows")
     if n_unplaced:
         log.warning("%s: %d multi-turn rows train only their last reply: the chat template renders the start "
                     "of a conversation differently on its own, so earlier assistant turns cannot be placed",
                     where, n_unplaced)
-    return out
 
 
 def run(cfg: PipelineConfig, *, restart: bool = False) -> StageResult:
@@ -54,8 +56,15 @@ def run(cfg: PipelineConfig, *, restart: bool = False) -> StageResult:
     base = models.resolve_model(cfg.model.name_or_path)
     tokenizer = stage_tokenizer(cfg, base)
     train_rows, eval_rows, path = load_rows(cfg, "sft", "sft")
-    train_ds = Dataset.from_list(encode_sft(tokenizer, train_rows, cfg.data.max_length, path))
-    eval_ds = Dataset.from_list(encode_sft(tokenizer, eval_rows, cfg.data.max_length, path)) if eval_rows else None
+
+    def encode(rows: list[dict]) -> Iterator[dict | None]:
+        return encode_sft(tokenizer, rows, cfg.data.max_length, path)
+
+    train_ds = encoding.encoded_dataset(encode(train_rows), len(train_rows), desc="sft: tokenizing rows",
+                                        progress=cfg.logging.progress and engine.is_main())
+    eval_ds = None
+    if eval_rows:  # bounded by data.eval_max_rows, the rows over data.max_length left out as in training
+        eval_ds = Dataset.from_list(heldout.select(eval_rows, encode, cfg, "sft", "rows")[1])
     # The arguments first: under ZeRO-3 they register DeepSpeed's config, and transformers then loads the model
     # already partitioned over the ranks (zero.Init) instead of whole on every rank.
     args = SFTConfig(**stage.trainer_args(cfg.sft), max_length=cfg.data.max_length, packing=cfg.sft.packing,
