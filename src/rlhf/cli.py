@@ -196,7 +196,7 @@ def _progress_bars_off() -> None:
 def _cmd_stage(args) -> int:
     from rlhf.stages import run_stage
 
-    result = run_stage(args.stage, _load(args), restart=args.restart, config_path=args.config)
+    result = run_stage(args.stage, _load(args), restart=args.restart)
     return 0 if result is not None else 1
 
 
@@ -210,7 +210,7 @@ def _cmd_pipeline(args) -> int:
         return 0
     from rlhf.stages import run_pipeline
 
-    run_pipeline(cfg, restart=args.restart, config_path=args.config)
+    run_pipeline(cfg, restart=args.restart)
     return 0
 
 

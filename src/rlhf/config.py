@@ -1,47 +1,34 @@
 """One typed schema for a pipeline file.
 
 A pipeline file is YAML with the sections `run`, `model`, `data`, `sft`, `reward`, `final_stage`,
-`ppo`, `dpo`, `orpo`, `deepspeed` and `logging`. Every section is a dataclass below; loading checks
-types and ranges and rejects unknown keys with the closest valid key. `--set a.b=value` overrides are
-merged before validation, so they get the same checks (their errors name `--set`, not the file).
-`stage_settings`, `RUN_ONLY_KEYS` and `changed_settings` say which keys a stage's weights depend on.
+`ppo`, `dpo`, `orpo`, `deepspeed` and `logging`. Every section is a dataclass below, with its defaults and
+its range rules (`__post_init__`); `rlhf.coerce` fills them from the YAML, checking types and rejecting
+unknown keys with the closest valid key. `--set a.b=value` overrides are merged before validation, so they
+get the same checks (their errors name `--set`, not the file). `stage_settings`, `RUN_ONLY_KEYS` and
+`changed_settings` say which keys a stage's weights depend on.
 
-This module imports only the standard library and PyYAML.
+Importing this module loads the standard library, PyYAML, `rlhf.errors` and `rlhf.coerce`. The checks of
+key mappings and `stage_settings` import `rlhf.data` (its formats and its stage sources) when they run;
+that package imports neither torch, transformers nor datasets.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import fnmatch
 import hashlib
 import json
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-from rlhf.errors import ConfigError
+from rlhf import coerce
+from rlhf.coerce import require
 
 STAGE_ORDER = ("sft", "reward", "ppo", "dpo", "orpo")
 FINAL_STAGES = ("ppo", "dpo", "orpo")
-
-
-class _FieldError(Exception):
-    """Raised inside `__post_init__`; the loader adds the file and section to the message."""
-
-    def __init__(self, key: str, message: str):
-        super().__init__(message)
-        self.key = key
-        self.message = message
-
-
-def _require(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise _FieldError(key, message)
 
 
 # --------------------------------------------------------------------------- sections
@@ -78,10 +65,10 @@ class RunCfg:
         return Path(self.output_dir) / self.name
 
     def __post_init__(self) -> None:
-        _require(bool(self.name.strip()) and "/" not in self.name, "name", "must be a non-empty name without '/'")
-        _require(self.max_consecutive_skips > 0, "max_consecutive_skips", "must be > 0")
-        _require(self.claim_timeout_s > 0, "claim_timeout_s", "must be > 0")
-        _require(self.collective_timeout_s > 0, "collective_timeout_s", "must be > 0")
+        require(bool(self.name.strip()) and "/" not in self.name, "name", "must be a non-empty name without '/'")
+        require(self.max_consecutive_skips > 0, "max_consecutive_skips", "must be > 0")
+        require(self.claim_timeout_s > 0, "claim_timeout_s", "must be > 0")
+        require(self.collective_timeout_s > 0, "collective_timeout_s", "must be > 0")
 
 
 @dataclass
@@ -98,9 +85,9 @@ class LoraCfg:
     """Module names to adapt, or `all-linear`."""
 
     def __post_init__(self) -> None:
-        _require(self.r > 0, "r", "must be > 0")
-        _require(self.alpha > 0, "alpha", "must be > 0")
-        _require(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
+        require(self.r > 0, "r", "must be > 0")
+        require(self.alpha > 0, "alpha", "must be > 0")
+        require(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
 
 
 @dataclass
@@ -127,7 +114,7 @@ def _check_columns(columns: dict[str, str], key: str) -> None:
     from rlhf.data.formats import ROW_KEYS  # imported here: rlhf.data is light, but loads after this module
 
     unknown = sorted(set(columns) - set(ROW_KEYS))
-    _require(not unknown, key, f"maps {', '.join(map(repr, unknown))}, which no format reads; map onto one of "
+    require(not unknown, key, f"maps {', '.join(map(repr, unknown))}, which no format reads; map onto one of "
              f"{', '.join(ROW_KEYS)} (as `schema key: your key`)")
 
 
@@ -144,8 +131,8 @@ class SourceCfg:
     over `data.columns`."""
 
     def __post_init__(self) -> None:
-        _require(bool(self.path.strip()), "path", "is required: a data file, save_to_disk dir or hub dataset name")
-        _require(self.weight > 0, "weight", "must be > 0")
+        require(bool(self.path.strip()), "path", "is required: a data file, save_to_disk dir or hub dataset name")
+        require(self.weight > 0, "weight", "must be > 0")
         _check_columns(self.columns, "columns")
 
 
@@ -192,12 +179,12 @@ class DataCfg:
     """Maximum prompt tokens (PPO rollouts); longer prompts keep their end. Default: half of max_length."""
 
     def __post_init__(self) -> None:
-        _require(0.0 <= self.eval_fraction < 1.0, "eval_fraction", "must be in [0, 1)")
-        _require(self.eval_max_rows is None or self.eval_max_rows > 0, "eval_max_rows", "must be > 0 or null")
-        _require(self.max_length > 0, "max_length", "must be > 0")
+        require(0.0 <= self.eval_fraction < 1.0, "eval_fraction", "must be in [0, 1)")
+        require(self.eval_max_rows is None or self.eval_max_rows > 0, "eval_max_rows", "must be > 0 or null")
+        require(self.max_length > 0, "max_length", "must be > 0")
         if self.max_prompt_length is None:
             self.max_prompt_length = self.max_length // 2
-        _require(0 < self.max_prompt_length < self.max_length, "max_prompt_length", "must be in (0, max_length)")
+        require(0 < self.max_prompt_length < self.max_length, "max_prompt_length", "must be in (0, max_length)")
         _check_columns(self.columns, "columns")
         if self.columns:  # carried by each source, so whoever reads a source reads it mapped
             for key in SOURCE_KEYS:
@@ -251,16 +238,16 @@ class TrainCfg:
     """Recompute activations in backward to save memory."""
 
     def __post_init__(self) -> None:
-        _require(self.learning_rate > 0, "learning_rate", "must be > 0")
-        _require(self.epochs > 0, "epochs", "must be > 0")
-        _require(self.max_steps == -1 or self.max_steps > 0, "max_steps", "must be > 0, or -1 to use epochs")
+        require(self.learning_rate > 0, "learning_rate", "must be > 0")
+        require(self.epochs > 0, "epochs", "must be > 0")
+        require(self.max_steps == -1 or self.max_steps > 0, "max_steps", "must be > 0, or -1 to use epochs")
         for key in ("batch_size", "grad_accum", "eval_batch_size", "logging_steps", "save_steps"):
-            _require(getattr(self, key) > 0, key, "must be > 0")
-        _require(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", "must be in [0, 1)")
-        _require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
-        _require(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0")
-        _require(self.save_total_limit > 0, "save_total_limit", "must be > 0")
-        _require(self.eval_steps >= 0, "eval_steps", "must be >= 0")
+            require(getattr(self, key) > 0, key, "must be > 0")
+        require(0.0 <= self.warmup_ratio < 1.0, "warmup_ratio", "must be in [0, 1)")
+        require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        require(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0")
+        require(self.save_total_limit > 0, "save_total_limit", "must be > 0")
+        require(self.eval_steps >= 0, "eval_steps", "must be >= 0")
 
 
 @dataclass
@@ -286,7 +273,7 @@ class RewardCfg(TrainCfg):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _require(self.center_rewards_coefficient >= 0, "center_rewards_coefficient", "must be >= 0")
+        require(self.center_rewards_coefficient >= 0, "center_rewards_coefficient", "must be >= 0")
 
 
 @dataclass
@@ -301,7 +288,7 @@ class ZeroRoleCfg:
     """Keep optimizer state in CPU memory (ZeRO-1/2/3; trained models only)."""
 
     def __post_init__(self) -> None:
-        _require(self.zero_stage is None or self.zero_stage in (0, 1, 2, 3), "zero_stage", "must be 0, 1, 2 or 3")
+        require(self.zero_stage is None or self.zero_stage in (0, 1, 2, 3), "zero_stage", "must be 0, 1, 2 or 3")
 
 
 @dataclass
@@ -382,25 +369,25 @@ class PPOCfg:
     def __post_init__(self) -> None:
         for key in ("steps", "rollout_batch_size", "mini_batch_size", "grad_accum", "ppo_epochs",
                     "max_new_tokens", "save_steps", "sample_every"):
-            _require(getattr(self, key) > 0, key, "must be > 0")
-        _require(self.learning_rate > 0, "learning_rate", "must be > 0")
-        _require(self.critic_learning_rate > 0, "critic_learning_rate", "must be > 0")
-        _require(self.rollout_batch_size % self.mini_batch_size == 0, "mini_batch_size",
+            require(getattr(self, key) > 0, key, "must be > 0")
+        require(self.learning_rate > 0, "learning_rate", "must be > 0")
+        require(self.critic_learning_rate > 0, "critic_learning_rate", "must be > 0")
+        require(self.rollout_batch_size % self.mini_batch_size == 0, "mini_batch_size",
                  f"must divide rollout_batch_size ({self.rollout_batch_size})")
-        _require(self.mini_batch_size % self.grad_accum == 0, "grad_accum",
+        require(self.mini_batch_size % self.grad_accum == 0, "grad_accum",
                  f"must divide mini_batch_size ({self.mini_batch_size})")
-        _require(self.temperature > 0, "temperature", "must be > 0")
-        _require(0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]")
-        _require(self.top_k >= 0, "top_k", "must be >= 0")
-        _require(0.0 <= self.gamma <= 1.0, "gamma", "must be in [0, 1]")
-        _require(0.0 <= self.lam <= 1.0, "lam", "must be in [0, 1]")
-        _require(0.0 < self.clip_range < 1.0, "clip_range", "must be in (0, 1)")
-        _require(self.clip_range_value > 0, "clip_range_value", "must be > 0")
-        _require(self.kl_coef >= 0, "kl_coef", "must be >= 0")
-        _require(self.target_kl > 0, "target_kl", "must be > 0")
-        _require(self.kl_horizon > 0, "kl_horizon", "must be > 0")
-        _require(self.kl_ceiling is None or self.kl_ceiling > 0, "kl_ceiling", "must be > 0 or null")
-        _require(self.reward_fn is None or ":" in self.reward_fn, "reward_fn", "must look like 'module:function'")
+        require(self.temperature > 0, "temperature", "must be > 0")
+        require(0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]")
+        require(self.top_k >= 0, "top_k", "must be >= 0")
+        require(0.0 <= self.gamma <= 1.0, "gamma", "must be in [0, 1]")
+        require(0.0 <= self.lam <= 1.0, "lam", "must be in [0, 1]")
+        require(0.0 < self.clip_range < 1.0, "clip_range", "must be in (0, 1)")
+        require(self.clip_range_value > 0, "clip_range_value", "must be > 0")
+        require(self.kl_coef >= 0, "kl_coef", "must be >= 0")
+        require(self.target_kl > 0, "target_kl", "must be > 0")
+        require(self.kl_horizon > 0, "kl_horizon", "must be > 0")
+        require(self.kl_ceiling is None or self.kl_ceiling > 0, "kl_ceiling", "must be > 0 or null")
+        require(self.reward_fn is None or ":" in self.reward_fn, "reward_fn", "must look like 'module:function'")
 
     @property
     def micro_batch_size(self) -> int:
@@ -420,7 +407,7 @@ class DPOCfg(TrainCfg):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _require(self.beta > 0, "beta", "must be > 0")
+        require(self.beta > 0, "beta", "must be > 0")
 
 
 @dataclass
@@ -432,7 +419,7 @@ class ORPOCfg(TrainCfg):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _require(self.beta > 0, "beta", "must be > 0")
+        require(self.beta > 0, "beta", "must be > 0")
 
 
 @dataclass
@@ -461,8 +448,8 @@ class DeepSpeedCfg:
     """PPO frozen reward model overrides (inference only)."""
 
     def __post_init__(self) -> None:
-        _require(self.zero_stage in (0, 1, 2, 3), "zero_stage", "must be 0, 1, 2 or 3")
-        _require(not self.offload_param or self.zero_stage == 3, "offload_param", "needs zero_stage 3")
+        require(self.zero_stage in (0, 1, 2, 3), "zero_stage", "must be 0, 1, 2 or 3")
+        require(not self.offload_param or self.zero_stage == 3, "offload_param", "needs zero_stage 3")
 
     def role(self, name: str) -> ZeroRoleCfg:
         """Settings for one PPO role with inherited values filled in."""
@@ -495,9 +482,9 @@ class LoggingCfg:
         if isinstance(self.report_to, str):
             self.report_to = [self.report_to]
         unknown = [name for name in self.report_to if name not in REPORT_TO]
-        _require(not unknown, "report_to", f"unknown {', '.join(map(repr, unknown))}; choose from "
+        require(not unknown, "report_to", f"unknown {', '.join(map(repr, unknown))}; choose from "
                  f"{', '.join(REPORT_TO)}")
-        _require(bool(self.project.strip()), "project", "must be a non-empty name")
+        require(bool(self.project.strip()), "project", "must be a non-empty name")
 
     @property
     def writes_tensorboard(self) -> bool:
@@ -546,23 +533,13 @@ class PipelineConfig:
         return self.run.dir / stage
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: _dump(getattr(self, f.name)) for f in dataclasses.fields(self) if not f.metadata.get("internal")}
+        return coerce.dump(self)
 
     def hash(self, sections: tuple[str, ...] | None = None) -> str:
         """Short content hash of the given sections (all when None), for stage manifests."""
         full = self.to_dict()
         picked = full if sections is None else {k: full[k] for k in sections}
         return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _dump(value: Any) -> Any:
-    if dataclasses.is_dataclass(value):
-        return {f.name: _dump(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, list):
-        return [_dump(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _dump(v) for k, v in value.items()}
-    return value
 
 
 # --------------------------------------------------------------------------- what a stage's weights depend on
@@ -651,22 +628,7 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
     """Read, merge `--set` overrides into, and validate a pipeline YAML file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such config file")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not valid UTF-8; save the config as UTF-8") from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
-    return config_from_dict(raw, source=str(path), overrides=overrides)
+    return config_from_dict(coerce.read_mapping(path), source=str(Path(path)), overrides=overrides)
 
 
 def config_from_dict(raw: dict, source: str = "<dict>", overrides: list[str] | None = None) -> PipelineConfig:
@@ -674,186 +636,12 @@ def config_from_dict(raw: dict, source: str = "<dict>", overrides: list[str] | N
 
     Every problem of the file is reported at once: the ConfigError holds one line per problem.
     """
-    raw = json.loads(json.dumps(raw, default=str))  # deep copy, plain types only
-    present = tuple(k for k in raw if isinstance(k, str))
-    origin = _Origin(source, frozenset(_apply_override(raw, item) for item in overrides or []))
-    errors: list[str] = []
-    cfg = _build(PipelineConfig, raw, prefix="", origin=origin, errors=errors)
-    if errors:
-        raise ConfigError("\n".join(errors))
+    present = tuple(k for k in raw if isinstance(k, str))  # a key of another type is an unknown key
+    cfg = coerce.build(PipelineConfig, raw, source=source, overrides=overrides,
+                       override_example="sft.learning_rate=1e-5")
     cfg.source = source
     cfg.present = present
     return cfg
-
-
-@dataclass(frozen=True)
-class _Origin:
-    """Where the values being checked came from, for error messages: the file, or `--set` for the keys
-    an override gave (and everything under them)."""
-
-    path: str
-    overridden: frozenset[str] = frozenset()
-
-    def of(self, key: str) -> str:
-        """`--set` when `key` (dotted, `name[i]` for list items) came from an override, else the file."""
-        given = any(key == k or key.startswith((f"{k}.", f"{k}[")) for k in self.overridden)
-        return "--set" if given else self.path
-
-    def at(self, key: str) -> str:
-        """The start of a message about `key`: `--set sft.batch_size` or `file.yaml: sft.batch_size`."""
-        origin = self.of(key)
-        return f"--set {key}" if origin == "--set" else f"{origin}: {key}"
-
-
-def _apply_override(raw: dict, item: str) -> str:
-    """Merge one `--set key=value` into `raw`; returns the dotted key."""
-    if "=" not in item:
-        raise ConfigError(f"--set {item}: expected key=value, e.g. --set sft.learning_rate=1e-5")
-    key, _, text = item.partition("=")
-    parts = key.strip().split(".")
-    node = raw
-    for part in parts[:-1]:
-        nxt = node.setdefault(part, {})
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"--set {key}: '{part}' is not a section")
-        node = nxt
-    try:
-        node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError:
-        node[parts[-1]] = text
-    return ".".join(parts)
-
-
-def _closest(name: str, options: list[str], prefix: str = "") -> str:
-    match = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
-    return f" (did you mean '{prefix}{match[0]}'?)" if match else f"; valid keys: {', '.join(options)}"
-
-
-# Returned for a section that could not be built; its parent leaves the key at its default.
-_INVALID = object()
-
-
-def _build(cls: type, raw: Any, prefix: str, origin: _Origin, errors: list[str]) -> Any:
-    """Section `cls` from a mapping. Each bad key is appended to `errors` and keeps its default, so one pass
-    finds every problem; a value that is not a mapping at all raises ConfigError."""
-    where = prefix.rstrip(".") or "top level"
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{origin.at(where)}: expected a mapping of keys, got {_type_name(raw)}")
-    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for key, value in raw.items():
-        if key not in fields:
-            errors.append(f"{origin.of(f'{prefix}{key}')}: unknown key '{prefix}{key}'"
-                          f"{_closest(str(key), list(fields), prefix)}")
-            continue
-        try:
-            coerced = _coerce(hints[key], value, f"{prefix}{key}", origin, errors)
-        except ConfigError as err:
-            errors.append(str(err))
-            continue
-        if coerced is not _INVALID:
-            kwargs[key] = coerced
-    return _construct(cls, kwargs, prefix, origin, errors)
-
-
-def _construct(cls: type, kwargs: dict, prefix: str, origin: _Origin, errors: list[str]) -> Any:
-    """`cls(**kwargs)`. A failed range check is recorded and its key dropped (back to its default) to look
-    for the next one; a check that fails again on the same key, or on a key the file did not set, ends it."""
-    reported = set()
-    while True:
-        try:
-            return cls(**kwargs)
-        except _FieldError as err:
-            if err.key in reported:
-                return _INVALID
-            reported.add(err.key)
-            shown = kwargs.get(err.key, getattr(cls, err.key, None))
-            errors.append(f"{origin.at(prefix + err.key)}: {err.message} (got {shown!r})")
-            if err.key not in kwargs:
-                return _INVALID
-            kwargs = {k: v for k, v in kwargs.items() if k != err.key}
-
-
-def _type_name(value: Any) -> str:
-    return "null" if value is None else type(value).__name__
-
-
-def _coerce(tp: Any, value: Any, key: str, origin: _Origin, errors: list[str]) -> Any:
-    """Check `value` against type hint `tp`; convert where YAML is ambiguous (`1e-5` reads as a string).
-
-    A value of the wrong shape raises ConfigError; problems inside a section are appended to `errors`.
-    """
-    kind = typing.get_origin(tp)
-    if kind in (typing.Union, types.UnionType):
-        return _coerce_union(typing.get_args(tp), value, key, origin, errors)
-    if kind is dict:
-        key_tp, value_tp = typing.get_args(tp)
-        if not isinstance(value, dict):
-            raise ConfigError(f"{origin.at(key)}: expected a mapping, got {_type_name(value)}")
-        return {_coerce(key_tp, k, key, origin, errors): _coerce(value_tp, v, f"{key}.{k}", origin, errors)
-                for k, v in value.items()}
-    if kind is Literal:
-        allowed = typing.get_args(tp)
-        if value not in allowed:
-            shown = ", ".join(repr(a) for a in allowed)
-            raise ConfigError(f"{origin.at(key)}: must be one of {shown} (got {value!r})")
-        return value
-    if kind is list:
-        (item_tp,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise ConfigError(f"{origin.at(key)}: expected a list, got {_type_name(value)}")
-        items = [_coerce(item_tp, v, f"{key}[{i}]", origin, errors) for i, v in enumerate(value)]
-        return [item for item in items if item is not _INVALID]
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, prefix=f"{key}.", origin=origin, errors=errors)
-    return _coerce_scalar(tp, value, key, origin)
-
-
-def _coerce_union(options: tuple, value: Any, key: str, origin: _Origin, errors: list[str]) -> Any:
-    """The first option `value` has the shape of (a mapping fits a section, not a string); its inner
-    problems are reported. None of them: the first option's error."""
-    if value is None and type(None) in options:
-        return None
-    failures = []
-    for option in (o for o in options if o is not type(None)):
-        inner: list[str] = []
-        try:
-            coerced = _coerce(option, value, key, origin, inner)
-        except ConfigError as err:
-            failures.append(err)
-            continue
-        errors.extend(inner)
-        return coerced
-    raise failures[0]
-
-
-def _coerce_scalar(tp: type, value: Any, key: str, origin: _Origin) -> Any:
-    bad = ConfigError(f"{origin.at(key)}: expected {tp.__name__}, got {_type_name(value)} {value!r}")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise bad
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise bad
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                raise bad from None
-        raise bad
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise bad
-    raise ConfigError(f"{origin.at(key)}: unsupported type {tp!r}")
 
 
 def save_resolved(cfg: PipelineConfig, path: str | Path) -> None:

@@ -269,7 +269,7 @@ def _default_generator(device: torch.device) -> torch.Generator:
 @dataclass
 class Responses:
     """Responses sampled for a batch of left-padded prompts, cut by the one EOS rule
-    (`advantages.response_mask`: up to and including the first EOS, else up to the last non-pad token)."""
+    (`ppo_math.response_mask`: up to and including the first EOS, else up to the last non-pad token)."""
 
     ids: Tensor  # [B, R] long: sampled tokens, the pad id after each row's first EOS
     mask: Tensor  # [B, R] float: 1 on the tokens that count

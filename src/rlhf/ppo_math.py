@@ -1,13 +1,16 @@
-"""PPO's maths, every piece a pure tensor function with a hand-worked test (tests/unit/test_ppo_math.py):
+"""PPO's maths, each piece with a hand-worked test (tests/unit/test_ppo_math.py). Every piece is a pure
+tensor function except the KL controllers: objects that hold the current kl_coef as `value`, which the
+adaptive one's `update` changes after each step (the fixed one's leaves it), saved and restored through
+`state_dict` / `load_state_dict`.
 
     response_mask       which sampled tokens count (up to and including the first EOS)
-    kl_penalty          per-token KL estimate of the policy against the reference (k1, k2, k3)
+    kl_penalty          per-token KL estimate of the policy against the reference (k1, k3)
     per_token_rewards   the score at the last counted token, -kl_coef * KL on every token
     gae                 generalized advantage estimates and returns
     masked_whiten       advantages whitened over the counted tokens (of all ranks, given a reduce)
     ppo_policy_loss     the clipped surrogate objective, as a token mean
     ppo_value_loss      the clipped value loss, as a token mean
-    KL controllers      the fixed or adaptive kl_coef
+    KL controllers      the fixed or adaptive kl_coef (stateful)
 
 Shapes: B = batch, R = response length. `mask` is a binary [B, R] tensor (bool or float), 1 for
 response tokens up to and including the first EOS, 0 after it and for padding. The experience maths runs
@@ -26,7 +29,7 @@ from torch import Tensor
 
 from rlhf.losses import Stats, masked_mean, masked_sum, masked_var
 
-KLEstimator = Literal["k1", "k2", "k3"]
+KLEstimator = Literal["k1", "k3"]  # `ppo.kl_estimator`
 
 
 # --------------------------------------------------------------------------------------------------
@@ -186,17 +189,15 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: KLEstimator = 
     """Per-token estimate of KL(policy || ref) at tokens sampled from the policy: [B, R] -> [B, R].
 
     With log p = `logprobs`, log q = `ref_logprobs` and r = q / p (http://joschu.net/blog/kl-approx.html):
-    k1 = log p - log q (unbiased, can be negative per token); k2 = 0.5 * (log p - log q)^2 (biased, >= 0);
-    k3 = (r - 1) - log r (unbiased, >= 0 always, lower variance). Nothing is masked here.
+    k1 = log p - log q (unbiased, can be negative per token); k3 = (r - 1) - log r (unbiased, >= 0 always,
+    lower variance). Nothing is masked here.
     """
     if estimator == "k1":
         return logprobs - ref_logprobs
-    if estimator == "k2":
-        return 0.5 * (logprobs - ref_logprobs) ** 2
     if estimator == "k3":
         log_ratio = ref_logprobs - logprobs
         return torch.expm1(log_ratio) - log_ratio  # expm1: exact near r = 1, where most tokens sit
-    raise ValueError(f"unknown KL estimator {estimator!r}; expected 'k1', 'k2' or 'k3'")
+    raise ValueError(f"unknown KL estimator {estimator!r}; expected 'k1' or 'k3'")
 
 
 def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8,

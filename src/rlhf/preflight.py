@@ -18,11 +18,15 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rlhf import artifacts, trackers
 from rlhf.config import PipelineConfig, RunCfg
 from rlhf.data.stage_rows import data_source
 from rlhf.errors import RlhfError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("rlhf")
 # Rows of each preference source read for the length-bias check (`data.verbosity`).
@@ -50,6 +54,8 @@ def check(cfg: PipelineConfig, stages: list[str] | None = None, *, standalone: b
     standalone=True means each stage is started on its own, so the outputs of earlier stages must
     already exist; in a pipeline run they are produced on the way.
     """
+    from rlhf import engine
+
     stages = cfg.stages if stages is None else stages
     blockers: list[Blocker] = []
     if not stages:
@@ -61,9 +67,10 @@ def check(cfg: PipelineConfig, stages: list[str] | None = None, *, standalone: b
         blockers += data_blockers if data_blockers else _check_verbosity(cfg, stage, blockers, tokenizer)
         blockers += _check_inputs(cfg, stage, planned=[] if standalone else stages[: stages.index(stage)])
     blockers += _check_models(cfg, stages)
-    blockers += check_device(cfg, stages)
+    device = engine.device(cfg.run.device)  # decided once for the checks that depend on it
+    blockers += check_device(cfg, device)
     blockers += _check_packages(cfg, stages)
-    blockers += check_optimizer_ops(cfg, stages)
+    blockers += check_optimizer_ops(cfg, stages, device)
     blockers += _check_output(cfg)
     if not blockers:
         blockers += check_fit(cfg, os.environ)
@@ -163,25 +170,27 @@ def _check_models(cfg: PipelineConfig, stages: list[str]) -> list[Blocker]:
     return out
 
 
-def check_device(cfg: PipelineConfig, stages: list[str]) -> list[Blocker]:
-    """The run's device and dtype: `run.device: cuda` needs a GPU torch can see (never a silent CPU run),
-    bf16 needs a GPU that has it, and fp16 trains only with DeepSpeed's loss scaling."""
+def check_device(cfg: PipelineConfig, device: torch.device) -> list[Blocker]:
+    """The run's device (`engine.device(cfg.run.device)`) and dtype: `run.device: cuda` needs a GPU torch can
+    see (never a silent CPU run), bf16 needs a GPU that has it, and fp16 trains only with DeepSpeed's loss
+    scaling."""
     import torch
 
     from rlhf import engine
 
     out = []
-    on_gpu = engine.device(cfg.run.device).type == "cuda"
+    on_gpu = device.type == "cuda"
+    dtype = engine.run_dtype(cfg, device)
     if cfg.run.device == "cuda" and not on_gpu:
         build = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
         out.append(Blocker("device.no_cuda", f"{cfg.source}: run.device is cuda but torch sees no CUDA GPU "
                            f"(torch {torch.__version__}, {build}); install a CUDA build of torch, check "
                            "CUDA_VISIBLE_DEVICES, or set run.device: auto"))
-    if on_gpu and engine.run_dtype(cfg) == "bfloat16" and not torch.cuda.is_bf16_supported():
+    if on_gpu and dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
         out.append(Blocker("device.no_bf16", f"{cfg.source}: model.dtype is bfloat16 but "
-                           f"{torch.cuda.get_device_name(engine.device(cfg.run.device))} has no bfloat16; "
+                           f"{torch.cuda.get_device_name(device)} has no bfloat16; "
                            "set model.dtype: float16 (DeepSpeed's loss scaling) or float32"))
-    if on_gpu and engine.run_dtype(cfg) == "float16" and not engine.use_deepspeed(cfg.deepspeed):
+    if on_gpu and dtype == "float16" and not engine.use_deepspeed(cfg.deepspeed):
         out.append(Blocker("device.fp16_plain", f"{cfg.source}: model.dtype float16 trains only under DeepSpeed, "
                            "whose loss scaling keeps small gradients from vanishing; start the stages with a "
                            "launcher (stages/*.sh with NUM_GPUS) or set deepspeed.enabled: true, or use bfloat16"))
@@ -236,7 +245,7 @@ def check_torch_version() -> list[Blocker]:
                     f"that supports torch {installed}")]
 
 
-def check_optimizer_ops(cfg: PipelineConfig, stages: list[str]) -> list[Blocker]:
+def check_optimizer_ops(cfg: PipelineConfig, stages: list[str], device: torch.device) -> list[Blocker]:
     """Under DeepSpeed with its compiled optimizer asked for (`deepspeed.torch_adam: false`, or a DeepSpeed
     file's Adam block with `torch_adam: false`), the op each stage would load (`engine.compiled_optimizer_ops`:
     FusedAdam, or CPU Adam with the optimizer offloaded) must be prebuilt or buildable here. Builds nothing."""
@@ -245,10 +254,10 @@ def check_optimizer_ops(cfg: PipelineConfig, stages: list[str]) -> list[Blocker]
     if not engine.use_deepspeed(cfg.deepspeed) or importlib.util.find_spec("deepspeed") is None:
         return []  # a missing deepspeed is reported by _check_packages
     try:
-        ops = engine.compiled_optimizer_ops(cfg, stages)
+        ops = engine.compiled_optimizer_ops(cfg, stages, device)
     except RlhfError as err:
         return [Blocker("deepspeed.config_file", str(err))]
-    on_gpu = engine.device(cfg.run.device).type == "cuda"
+    on_gpu = device.type == "cuda"
     out = []
     for op, asked_by in ops.items():
         gpu_op = on_gpu and op != "CPUAdamBuilder"  # CPU Adam runs on the host wherever the model is
@@ -345,10 +354,6 @@ class PreflightError(RlhfError):
     def __init__(self, blockers: list[Blocker]):
         super().__init__(format_blockers(blockers))
         self.blockers = blockers
-
-
-def writable(path: str | Path) -> bool:
-    return os.access(Path(path), os.W_OK)
 
 
 # --------------------------------------------------------------------------- launches (stages/lib.sh modes)

@@ -321,12 +321,12 @@ def distinct_split(cfg, seed: int, prompts_file: str | None, n_prompts: int | No
     return list(dict.fromkeys(train)), [p for p in dict.fromkeys(held) if p not in seen]
 
 
-def load_generator(cfg, name: str | None = None):
-    """(model, left-padding tokenizer) on the run's device (`engine.usable_device`) in the run's dtype, in
-    eval mode: the config's model with its `chat_template`, or the model `name` with its own template."""
+def load_generator(cfg, device, name: str | None = None):
+    """(model, left-padding tokenizer) on `device` (the run's device, `engine.usable_device`, decided once
+    by the caller) in the run's dtype, in eval mode: the config's model with its `chat_template`, or the
+    model `name` with its own template."""
     from rlhf import engine, models
 
-    device = engine.usable_device(cfg.run.device, source=cfg.source)
     if name is None:
         path = models.resolve_model(cfg.model.name_or_path)
         tok_path = models.resolve_model(cfg.model.tokenizer) if cfg.model.tokenizer else path
@@ -334,7 +334,7 @@ def load_generator(cfg, name: str | None = None):
     else:
         path = models.resolve_model(name)
         tokenizer = models.load_tokenizer(path, padding_side="left")
-    model = models.load_causal_lm(path, tokenizer=tokenizer, dtype=engine.run_dtype(cfg))
+    model = models.load_causal_lm(path, tokenizer=tokenizer, dtype=engine.run_dtype(cfg, device))
     return model.to(device).eval(), tokenizer
 
 
@@ -351,12 +351,13 @@ class ModelPair:
 def load_pair(cfg, other: str | None) -> ModelPair:
     """The config's model and `other` (a critic or judge), each with its tokenizer; `other` is the policy
     itself (same objects, the config's chat template) when None or when it names the same model."""
-    from rlhf import models
+    from rlhf import engine, models
 
-    policy, policy_tok = load_generator(cfg)
+    device = engine.usable_device(cfg.run.device, source=cfg.source)  # one decision for both models
+    policy, policy_tok = load_generator(cfg, device)
     if other is None or models.resolve_model(other) == models.resolve_model(cfg.model.name_or_path):
         return ModelPair(policy, policy_tok, policy, policy_tok)
-    return ModelPair(policy, policy_tok, *load_generator(cfg, other))
+    return ModelPair(policy, policy_tok, *load_generator(cfg, device, other))
 
 
 def lazy_pair(cfg, other: str | None) -> Callable[[], ModelPair]:
@@ -410,6 +411,7 @@ def run_synth(cfg, out_dir: str | Path, *, settings: SynthSettings | None = None
               n_prompts: int | None = None, n_eval_prompts: int | None = None, prompts_file: str | None = None,
               samples_file: str | None = None, command: str = "") -> dict[str, Any]:
     """Sample, judge, select and write the sets (see the module docstring). Returns the manifest."""
+    from rlhf import engine
     from rlhf.evaluation import load_judge
 
     s = settings or SynthSettings()
@@ -425,7 +427,7 @@ def run_synth(cfg, out_dir: str | Path, *, settings: SynthSettings | None = None
         held = list(dict.fromkeys(x.prompt for x in held_samples))
     else:
         train, held = split_prompts(cfg, s.seed, prompts_file, n_prompts, n_eval_prompts)
-        model, tokenizer = load_generator(cfg)
+        model, tokenizer = load_generator(cfg, engine.usable_device(cfg.run.device, source=cfg.source))
         samples = sample_responses(model, tokenizer, train + held, s, cfg.data.max_prompt_length,
                                    progress=cfg.logging.progress)
     gen_seconds = time.time() - started

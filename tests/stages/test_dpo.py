@@ -1,5 +1,6 @@
 """DPO stage on the tiny fixture: held-out implicit-reward accuracy rises, artifacts follow the contract,
-loss variants and LoRA run, a stopped run resumes, and `final_stage: dpo` runs SFT then DPO only.
+the configured loss variant is the one trained, LoRA runs, a stopped run resumes, and `final_stage: dpo`
+runs SFT then DPO only.
 
 The SFT input is faked as in test_ppo.py: the tiny fixture model copied into <run>/sft/final with its
 manifest. Data: data/tiny/preference.jsonl (separable pairs), 20% held out.
@@ -67,13 +68,18 @@ def test_dpo_raises_heldout_implicit_reward_accuracy(tmp_path, rlhf_cache, tiny_
     assert artifacts.latest_checkpoint(cfg.stage_dir("dpo") / "checkpoints") is not None
 
 
-@pytest.mark.parametrize("loss_type", ["ipo", "hinge"])
-def test_dpo_loss_variants_run(tmp_path, rlhf_cache, tiny_model_dir, loss_type):
+# The first step's loss is computed before any update, with the policy equal to its reference: every pair's
+# log-ratio margin h is 0. sigmoid: -log sigmoid(0) = log 2 = 0.693; ipo: (h - 1/(2 beta))^2 = (1/0.2)^2 = 25
+# at beta 0.1; hinge: max(0, 1 - beta h) = 1. So the logged value names the loss TRL ran.
+@pytest.mark.parametrize(("loss_type", "first_loss"), [("ipo", 25.0), ("hinge", 1.0)])
+def test_dpo_trains_with_the_configured_loss(tmp_path, rlhf_cache, tiny_model_dir, loss_type, first_loss):
     cfg = tiny_cfg(tmp_path, ["dpo.max_steps=2", f"dpo.loss_type={loss_type}", *FAST])
+    assert cfg.dpo.beta == 0.1
     fake_sft(cfg, tiny_model_dir)
     run_stage("dpo", cfg)
-    metrics = artifacts.read_manifest(cfg.stage_dir("dpo"))["metrics"]
-    assert metrics["loss_type"] == loss_type and metrics["global_step"] == 2
+    assert artifacts.read_manifest(cfg.stage_dir("dpo"))["global_step"] == 2
+    (first,) = [r for r in read_metrics(cfg.stage_dir("dpo") / "metrics.jsonl") if r["step"] == 1 and "loss" in r]
+    assert first["loss"] == pytest.approx(first_loss, rel=1e-5)
 
 
 def test_dpo_lora_with_precomputed_reference_saves_a_merged_model(tmp_path, rlhf_cache, tiny_model_dir):

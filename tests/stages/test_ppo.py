@@ -322,12 +322,24 @@ def test_refuses_a_reward_dir_that_is_not_a_reward_model(tmp_path, tiny_model_di
 
 
 def test_reward_model_with_another_tokenizer_rescored_from_text(tmp_path, tiny_model_dir):
+    """Each response is re-encoded from its text with the reward model's own tokenizer and scored by that
+    model: the scores PPO saved with its samples are the ones `rlhf.scoring.score` gives them with the
+    configured reward model (another model, or the policy's ids fed to this one, would give others)."""
+    from rlhf import models, scoring
     from rlhf.tiny import build_tiny_reward
 
     other = build_tiny_reward(tmp_path / "other_rm", corpus=[f"zebra{i} quokka{i} marmot{i}" for i in range(300)])
-    cfg = make_cfg(tmp_path, tiny_model_dir, other, critic_init="sft", steps=1, ppo_epochs=1)
+    # raw scores in samples.jsonl: no normalisation, no missing-EOS penalty
+    cfg = make_cfg(tmp_path, tiny_model_dir, other, critic_init="sft", steps=1, ppo_epochs=1,
+                   normalize_reward=False, missing_eos_penalty=None)
     result, seen = run_ppo(cfg)
-    assert math.isfinite(seen[0]["objective/score_raw_mean"]) and seen[0]["objective/score_raw_std"] > 0
+    assert seen[0]["objective/score_raw_std"] > 0
+    samples = [json.loads(line) for line in (result.final_dir.parent / "samples.jsonl").read_text().splitlines()]
+    tokenizer = models.load_tokenizer(str(other))
+    reward = models.load_scalar_model(str(other), tokenizer=tokenizer, require_head=True).eval()
+    prompts = [[{"role": "user", "content": s["prompt"]}] for s in samples]  # one user turn, as make_cfg writes
+    expected = scoring.score(reward, tokenizer, prompts, [s["response"] for s in samples])
+    assert len(samples) == 3 and [s["score"] for s in samples] == pytest.approx(expected, rel=1e-4, abs=1e-5)
 
 
 if __name__ == "__main__":

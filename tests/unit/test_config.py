@@ -1,9 +1,13 @@
-"""Config schema: types, ranges, unknown keys with suggestions, --set overrides, shipped files."""
+"""Config schema: types, ranges, unknown keys with suggestions, --set overrides, shipped files; the coercer
+on a schema of its own."""
 
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
+from rlhf import coerce
 from rlhf.config import PipelineConfig, config_from_dict, load_config, save_resolved
 from rlhf.errors import ConfigError
 
@@ -155,3 +159,35 @@ def test_bad_data_sources_name_the_key(data, message):
     with pytest.raises(ConfigError) as err:
         config_from_dict({"data": data}, source="my.yaml")
     assert str(err.value).startswith(f"my.yaml: {message}")
+
+
+@dataclass
+class _Inner:
+    rate: float = 0.5
+    tags: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        coerce.require(0 < self.rate < 1, "rate", "must be in (0, 1)")
+
+
+@dataclass
+class _Outer:
+    inner: _Inner = field(default_factory=_Inner)
+    mode: Literal["a", "b"] = "a"
+    note: str = field(default="", metadata={"internal": True})
+
+
+def test_the_coercer_knows_no_schema():
+    """`rlhf.coerce` builds any dataclass tree: types converted, overrides merged, every problem named."""
+    built = coerce.build(_Outer, {"inner": {"rate": "1e-1"}}, source="x.yaml", overrides=["mode=b", "inner.tags=[t]"])
+    assert built == _Outer(inner=_Inner(rate=0.1, tags=["t"]), mode="b")
+    assert coerce.dump(built) == {"inner": {"rate": 0.1, "tags": ["t"]}, "mode": "b"}  # no internal field
+    with pytest.raises(ConfigError) as err:
+        coerce.build(_Outer, {"inner": {"rate": 2, "tgas": []}, "note": "n"}, source="x.yaml", overrides=["mode=c"])
+    assert str(err.value).splitlines() == [
+        "x.yaml: unknown key 'inner.tgas' (did you mean 'inner.tags'?)",
+        "x.yaml: inner.rate: must be in (0, 1) (got 2.0)",
+        "x.yaml: unknown key 'note' (did you mean 'mode'?)",  # an internal field is no key
+        "--set mode: must be one of 'a', 'b' (got 'c')"]
+    with pytest.raises(ConfigError, match=r"^--set mode: expected key=value, e.g. --set section.key=value$"):
+        coerce.build(_Outer, {}, source="x.yaml", overrides=["mode"])

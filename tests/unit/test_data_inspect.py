@@ -32,9 +32,9 @@ def _verbose_pairs(n: int, n_chosen_shorter: int) -> list[dict]:
 def test_verbosity_bias_warning(tmp_path):
     path = _write_jsonl(tmp_path / "v.jsonl", _verbose_pairs(20, 1))
     report = inspect(path)
-    assert report.chosen_longer_share == pytest.approx(0.95)
+    assert report.length_bias.chosen_longer == pytest.approx(0.95)
     # mean lengths: chosen (19 * 6 + 2) / 20 = 5.8 words, rejected 3
-    assert report.mean_length_ratio == pytest.approx(5.8 / 3)
+    assert report.length_bias.length_ratio == pytest.approx(5.8 / 3)
     bias = [w for w in report.warnings if w.startswith("verbosity bias")]
     assert bias == [
         "verbosity bias: chosen is longer in 95% of pairs and 1.93x the rejected length on average (+2.8 words); "
@@ -45,7 +45,7 @@ def test_verbosity_bias_warning(tmp_path):
 
 def test_no_verbosity_warning_below_threshold(tmp_path):
     report = inspect(_write_jsonl(tmp_path / "v.jsonl", _verbose_pairs(20, 6)))  # 70% longer
-    assert report.chosen_longer_share == pytest.approx(0.7)
+    assert report.length_bias.chosen_longer == pytest.approx(0.7)
     assert not any(w.startswith("verbosity bias") for w in report.warnings)
 
 
@@ -53,8 +53,8 @@ def test_tiny_preference_report_is_clean():
     report = inspect(str(TINY / "preference.jsonl"))
     assert (report.format, report.n_rows, report.n_bad, report.n_read) == ("preference", 128, 0, 128)
     assert report.kinds == ("sft", "preference", "prompt")
-    assert report.chosen_longer_share < 0.5
-    assert report.mean_length_ratio == pytest.approx(1.0, abs=0.1)
+    assert report.length_bias.chosen_longer < 0.5
+    assert report.length_bias.length_ratio == pytest.approx(1.0, abs=0.1)
     assert report.warnings == []
     assert report.length_unit == "words"
     assert set(report.lengths) == {"prompt", "chosen", "rejected"}
@@ -103,7 +103,7 @@ def test_duplicates_lengths_and_examples(tmp_path):
     assert len(report.examples) == 2
     long = inspect(_write_jsonl(tmp_path / "l.jsonl", rows[3:])).examples[0]["completion"][0]["content"]
     assert len(long) == 160 and long.endswith("...")
-    assert report.chosen_longer_share is None
+    assert report.length_bias is None  # not preference data
 
 
 def test_no_valid_rows_gives_unknown_format(tmp_path):

@@ -185,12 +185,6 @@ def test_broken_chat_template_is_a_row_error(tmp_path, tokenizer):
         load(path, "sft", tokenizer=broken, max_length=5)
 
 
-def test_to_dataset():
-    ds = load(str(TINY / "preference.jsonl"), "preference").to_dataset()
-    assert ds.column_names == ["prompt", "chosen", "rejected"] and len(ds) == 128
-    assert ds[0]["chosen"][0]["role"] == "assistant"
-
-
 def test_check_source(tmp_path):
     assert check_source(str(TINY / "preference.jsonl"), "preference") == "preference"
     assert check_source(str(TINY / "sft.jsonl"), "sft") == "prompt_completion"

@@ -126,7 +126,7 @@ def _device_blockers(tmp_path, monkeypatch, *, cuda: bool, bf16: bool = True, **
         section, name = key.split("__")
         raw.setdefault(section, {})[name] = value
     cfg = config_from_dict(raw, source="cfg.yaml")
-    return [b for b in preflight.check_device(cfg, cfg.stages)]
+    return [b for b in preflight.check_device(cfg, engine.device(cfg.run.device))]
 
 
 def test_cuda_asked_on_a_machine_without_cuda_is_a_blocker_not_a_cpu_run(tmp_path, monkeypatch):
@@ -222,7 +222,7 @@ def _op_blockers(tmp_path, monkeypatch, *, cuda: bool, prebuilt: bool = False, c
     raw["deepspeed"] = {"enabled": True, **{k: v for k, v in sets.items() if k != "final_stage"}}
     raw["final_stage"] = sets.get("final_stage", "ppo")
     cfg = config_from_dict(raw, source="cfg.yaml")
-    return [b for b in preflight.check_optimizer_ops(cfg, cfg.stages)], asked
+    return [b for b in preflight.check_optimizer_ops(cfg, cfg.stages, engine.device(cfg.run.device))], asked
 
 
 def test_a_compiled_optimizer_that_cannot_be_built_is_a_blocker(tmp_path, monkeypatch):

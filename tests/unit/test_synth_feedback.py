@@ -240,7 +240,7 @@ def test_verdict_reads_both_orders():
 def test_label_probs_on_the_tiny_model_match_unpadded_rows(cfg):
     import torch
 
-    model, tok = synth.load_generator(cfg)
+    model, tok = synth.load_generator(cfg, torch.device("cpu"))
     chats = [llm_judge.judge_chat(llm_judge.DEFAULT_TEMPLATE, "Tell me a story.", "Once upon a time.", "No."),
              llm_judge.judge_chat(llm_judge.DEFAULT_TEMPLATE, "Hi?", "Hello there, how are you doing today?", "Hi.")]
     batched = llm_judge.label_probs(model, tok, chats, batch_size=2)  # the second chat is left-padded

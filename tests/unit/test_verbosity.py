@@ -49,7 +49,7 @@ def test_inspect_reports_a_shorter_chosen_side(tmp_path):
     rows = [{"prompt": f"q{i}", "chosen": "yes" if i < 9 else "yes it is fine", "rejected": "no it is not",
              "margin": 1.0} for i in range(10)]
     report = inspect(_write(tmp_path / "p.jsonl", rows))
-    assert report.chosen_longer_share == 0.0 and report.length_bias.chosen_shorter == 0.9
+    assert report.length_bias.chosen_longer == 0.0 and report.length_bias.chosen_shorter == 0.9
     text = format_report(report)  # ratio (9 * 1 + 4) / (10 * 4), difference (9 * -3 + 0) / 10
     assert ("verbosity: chosen longer in 0% of pairs, shorter in 90%; mean length chosen/rejected 0.33x, "
             "difference -2.7 words") in text.splitlines()  # equal margins: no correlation to report

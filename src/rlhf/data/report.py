@@ -96,16 +96,6 @@ class InspectReport:
     weight: float = 1.0
     """The source's mixing weight."""
 
-    @property
-    def chosen_longer_share(self) -> float | None:
-        """Preference data: share of pairs where chosen is longer than rejected."""
-        return None if self.length_bias is None else self.length_bias.chosen_longer
-
-    @property
-    def mean_length_ratio(self) -> float | None:
-        """Preference data: mean chosen length / mean rejected length."""
-        return None if self.length_bias is None else self.length_bias.length_ratio
-
 
 def _truncate(row: dict) -> dict:
     """A copy of a normalized row with each message's content cut to `EXAMPLE_CHARS`."""

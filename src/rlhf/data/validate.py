@@ -44,12 +44,6 @@ class LoadResult:
     parts: list[LoadResult] = field(default_factory=list)
     """For a mix of several parts: each part's own result; `rows` are then the weighted mix."""
 
-    def to_dataset(self) -> Any:
-        """The rows as a `datasets.Dataset` (imports `datasets` on first use)."""
-        import datasets
-
-        return datasets.Dataset.from_list(self.rows)
-
 
 class RowScanner:
     """Iterate `(location, normalized_row | DataError)` over a source.

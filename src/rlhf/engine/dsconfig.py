@@ -9,16 +9,19 @@ import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rlhf.config import DeepSpeedCfg, PipelineConfig, TrainCfg, ZeroRoleCfg
 from rlhf.engine import ranks
 from rlhf.errors import ConfigError
 
+if TYPE_CHECKING:
+    import torch
+
 SHM_COMM_OP = "deepspeed_shm_comm"  # DeepSpeed's ShareMemCommBuilder.NAME
 
 
-def _torch_adam(ds: DeepSpeedCfg) -> bool:
+def uses_torch_adam(ds: DeepSpeedCfg) -> bool:
     """Whether DeepSpeed builds torch's AdamW (true unless `deepspeed.torch_adam: false`)."""
     # DeepSpeed's own Adam kernels (FusedAdam on the GPU, CPU Adam with offload) are compiled at first use:
     # about a minute per fresh machine, and a failed run on an image without nvcc or a C++ compiler.
@@ -31,7 +34,7 @@ def _adam_params(ds: DeepSpeedCfg, *, offloaded: bool) -> dict[str, Any]:
 
     DeepSpeed passes the other params on to `torch.optim.AdamW`, so `fused` runs torch's single-kernel
     step where the optimizer states live on the GPU (not offloaded)."""
-    params: dict[str, Any] = {"torch_adam": _torch_adam(ds)}
+    params: dict[str, Any] = {"torch_adam": uses_torch_adam(ds)}
     if params["torch_adam"] and ranks.cuda_available() and not offloaded:
         params["fused"] = True
     return params
@@ -137,9 +140,10 @@ def ds_config(ds: DeepSpeedCfg, role: ZeroRoleCfg, *, train: bool, micro_batch: 
     return cfg
 
 
-def trainer_ds_config(cfg: PipelineConfig) -> dict[str, Any]:
+def trainer_ds_config(cfg: PipelineConfig, torch_device: torch.device | None = None) -> dict[str, Any]:
     """DeepSpeed config for a Trainer-based stage: the user's JSON file, or one built from `deepspeed`
-    (bucket sizes "auto": the HF Trainer fills them from its model's hidden size)."""
+    (bucket sizes "auto": the HF Trainer fills them from its model's hidden size). `torch_device`: the run's
+    device, as in `ranks.run_dtype`."""
     ds = cfg.deepspeed
     if ds.config_file:
         path = Path(ds.config_file)
@@ -152,7 +156,7 @@ def trainer_ds_config(cfg: PipelineConfig) -> dict[str, Any]:
     role = ZeroRoleCfg(zero_stage=ds.zero_stage, offload_param=ds.offload_param,
                        offload_optimizer=ds.offload_optimizer)
     return ds_config(ds, role, train=True, micro_batch="auto", grad_accum="auto", hidden_size="auto",
-                     dtype=ranks.run_dtype(cfg))
+                     dtype=ranks.run_dtype(cfg, torch_device))
 
 
 def _offloaded(zero: dict[str, Any]) -> bool:
@@ -172,7 +176,7 @@ def _fit_to_machine(ds_json: dict[str, Any], ds: DeepSpeedCfg) -> dict[str, Any]
     zero = ds_json.get("zero_optimization", {})
     optimizer = ds_json.get("optimizer")
     adam = isinstance(optimizer, dict) and str(optimizer.get("type", "")).lower() in ("adam", "adamw")
-    if adam and _torch_adam(ds):  # DeepSpeed reads torch_adam for these two types only
+    if adam and uses_torch_adam(ds):  # DeepSpeed reads torch_adam for these two types only
         params = optimizer.setdefault("params", {})
         fused = _adam_params(ds, offloaded=_offloaded(zero)).get("fused", False)
         if not ranks.cuda_available():
@@ -188,26 +192,28 @@ def _fit_to_machine(ds_json: dict[str, Any], ds: DeepSpeedCfg) -> dict[str, Any]
     return ds_json
 
 
-def compiled_optimizer_ops(cfg: PipelineConfig, stages: list[str]) -> dict[str, str]:
+def compiled_optimizer_ops(cfg: PipelineConfig, stages: list[str],
+                           torch_device: torch.device | None = None) -> dict[str, str]:
     """DeepSpeed op builders whose compiled optimizer `stages` would load under DeepSpeed, each with the
     setting that asks for it; empty when every optimizer is torch's (the default: nothing to build).
 
     Trainer stages run the config's Adam/AdamW block: FusedAdam, or CPU Adam when it offloads the optimizer
     state. PPO hands DeepSpeed its own torch AdamW except for a role whose optimizer is offloaded, where
-    DeepSpeed builds one from the config (`wrap`). Raises ConfigError for an unreadable config file."""
+    DeepSpeed builds one from the config (`wrap`). Raises ConfigError for an unreadable config file.
+    `torch_device`: the run's device, as in `ranks.run_dtype`."""
     ops: dict[str, str] = {}
     if any(stage != "ppo" for stage in stages):
-        conf = trainer_ds_config(cfg)
+        conf = trainer_ds_config(cfg, torch_device)
         optimizer = conf.get("optimizer")
         params = (optimizer.get("params") or {}) if isinstance(optimizer, dict) else {}
         if (isinstance(optimizer, dict) and str(optimizer.get("type", "")).lower() in ("adam", "adamw")
                 and not params.get("torch_adam", False)):
             # with deepspeed.torch_adam left true, only the file's own `torch_adam: false` turns it off
-            key = ("deepspeed.torch_adam: false" if not _torch_adam(cfg.deepspeed)
+            key = ("deepspeed.torch_adam: false" if not uses_torch_adam(cfg.deepspeed)
                    else f"{cfg.deepspeed.config_file}: optimizer.params.torch_adam false")
             offloaded = _offloaded(conf.get("zero_optimization", {}))
             ops["CPUAdamBuilder" if offloaded else "FusedAdamBuilder"] = key
-    if "ppo" in stages and not _torch_adam(cfg.deepspeed):
+    if "ppo" in stages and not uses_torch_adam(cfg.deepspeed):
         for role in ("actor", "critic"):
             if offloads_optimizer(cfg.deepspeed.role(role)):
                 ops.setdefault("CPUAdamBuilder", f"deepspeed.torch_adam: false with the {role}'s optimizer "
@@ -215,19 +221,21 @@ def compiled_optimizer_ops(cfg: PipelineConfig, stages: list[str]) -> dict[str, 
     return ops
 
 
-def trainer_kwargs(cfg: PipelineConfig, train: TrainCfg) -> dict[str, Any]:
-    """TrainingArguments keys that place the HF Trainer on CPU/GPU, plain torch or DeepSpeed."""
-    on_cpu = cfg.run.device == "cpu" or not ranks.cuda_available()
+def trainer_kwargs(cfg: PipelineConfig, train: TrainCfg, torch_device: torch.device) -> dict[str, Any]:
+    """TrainingArguments keys that place the HF Trainer on CPU/GPU, plain torch or DeepSpeed, for a stage on
+    `torch_device` (the run's device, `ranks.device`): the Trainer only learns whether that is the CPU."""
+    on_cpu = torch_device.type == "cpu"
+    dtype = ranks.run_dtype(cfg, torch_device)
     kwargs: dict[str, Any] = {
-        "bf16": ranks.run_dtype(cfg) == "bfloat16" and not on_cpu,
-        "fp16": ranks.run_dtype(cfg) == "float16" and not on_cpu,
+        "bf16": dtype == "bfloat16" and not on_cpu,
+        "fp16": dtype == "float16" and not on_cpu,
         "ddp_backend": "gloo" if on_cpu and ranks.launched() else None,
         "seed": cfg.run.seed,
         "data_seed": cfg.run.seed,
     }
     if ranks.use_deepspeed(cfg.deepspeed):
         _require_deepspeed(cfg)
-        kwargs["deepspeed"] = trainer_ds_config(cfg)
+        kwargs["deepspeed"] = trainer_ds_config(cfg, torch_device)
         if on_cpu:
             skip_cpu_shm_comm()
             # With a DeepSpeed config, TrainingArguments passes no backend to accelerate, which then

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rlhf.config import DeepSpeedCfg, PipelineConfig
 from rlhf.engine import collectives
 from rlhf.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def launched() -> bool:
@@ -91,10 +94,11 @@ def backend() -> str:
 
 def device(run_device: str = "auto"):
     """The run's device: `cuda:<LOCAL_RANK>` when CUDA is present and `run.device` is not `cpu`, else the CPU.
-    PPO, the Trainer stages' held-out checks and the commands that load a model outside training (through
-    `usable_device`) put their models there, and `init_distributed` makes `device()`'s GPU the current one.
-    The Trainer stages' training does not ask it: `trainer_kwargs` tells the HF Trainer only whether to run
-    on the CPU, and the Trainer (accelerate, or DeepSpeed's engine) picks the local rank's GPU itself.
+    Each entry decides it once and passes it on: preflight's checks, a stage (`StageRun.device`), a command
+    that loads a model outside training (through `usable_device`). PPO, the Trainer stages' held-out checks
+    and those commands put their models there, and `init_distributed` makes `device()`'s GPU the current one.
+    The Trainer stages' training only learns whether it is the CPU (`trainer_kwargs`): the HF Trainer
+    (accelerate, or DeepSpeed's engine) picks the local rank's GPU itself.
 
     That is the GPU DeepSpeed's engine takes as well (it calls `set_device(LOCAL_RANK)`); the deepspeed
     launcher shows all ranks of a node the node's GPUs (`CUDA_VISIBLE_DEVICES=0,...,N-1`), and torchrun
@@ -134,22 +138,24 @@ def usable_device(run_device: str, where: str = "run.device", source: str | None
     return device(run_device)
 
 
-def run_dtype(cfg: PipelineConfig) -> str:
-    """`model.dtype` with `auto` resolved: bfloat16 on a GPU that has it, else float32."""
+def run_dtype(cfg: PipelineConfig, torch_device: torch.device | None = None) -> str:
+    """`model.dtype` with `auto` resolved: bfloat16 on a GPU that has it, else float32. `torch_device`: the
+    run's device as the caller decided it (`device(cfg.run.device)`); for a caller without one it is
+    decided here, when `auto` needs it."""
     import torch
 
     if cfg.model.dtype != "auto":
         return cfg.model.dtype
-    on_gpu = device(cfg.run.device).type == "cuda"
+    on_gpu = (device(cfg.run.device) if torch_device is None else torch_device).type == "cuda"
     return "bfloat16" if on_gpu and torch.cuda.is_bf16_supported() else "float32"
 
 
-def trained_load_dtype(cfg: PipelineConfig) -> str:
+def trained_load_dtype(cfg: PipelineConfig, torch_device: torch.device | None = None) -> str:
     """The dtype a model that will be trained is loaded in. DeepSpeed's bf16 and fp16 modes keep fp32 master
     weights of what it trains, so there the run's dtype; without DeepSpeed, float32: the fp32 weights become
     the masters (`MasterWeights` in PPO's plain engine; the HF Trainer computes under autocast). Frozen
-    models load in `run_dtype`."""
-    return run_dtype(cfg) if use_deepspeed(cfg.deepspeed) else "float32"
+    models load in `run_dtype`. `torch_device` as in `run_dtype`."""
+    return run_dtype(cfg, torch_device) if use_deepspeed(cfg.deepspeed) else "float32"
 
 
 def use_deepspeed(ds: DeepSpeedCfg) -> bool:

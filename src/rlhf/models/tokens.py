@@ -3,7 +3,7 @@
 Why pad != eos: with pad == eos, masks built as `ids != pad` drop every EOS, and HF's sequence
 classifiers (which read the score at the last non-pad token) read it at the token before the EOS
 instead of at the EOS. PPO's own response masks end at the first EOS either way
-(`advantages.response_mask`), so they do not depend on it.
+(`ppo_math.response_mask`), so they do not depend on it.
 """
 
 from __future__ import annotations

@@ -32,8 +32,7 @@ def _module(stage: str):
         raise
 
 
-def run_stage(stage: str, cfg: PipelineConfig, *, restart: bool = False, config_path: str | None = None,
-              standalone: bool = True):
+def run_stage(stage: str, cfg: PipelineConfig, *, restart: bool = False, standalone: bool = True):
     """Run one stage after its preflight checks. Returns its StageResult.
 
     Under a launcher every rank checks its own view (its disk, its GPUs) and the ranks decide together in
@@ -81,7 +80,7 @@ def pending_stages(cfg: PipelineConfig) -> list[str]:
     return pending
 
 
-def run_pipeline(cfg: PipelineConfig, *, restart: bool = False, config_path: str | None = None) -> list:
+def run_pipeline(cfg: PipelineConfig, *, restart: bool = False) -> list:
     """All stages of the file, in order; complete ones are skipped unless restart is set."""
     pending = cfg.stages if restart else pending_stages(cfg)
     preflight.check_or_raise(cfg, cfg.stages, standalone=False)

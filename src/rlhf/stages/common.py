@@ -74,11 +74,14 @@ class StageRun:
     <run>/<stage>/final                     (renamed into place when fully written)
     <run>/<stage>/stage.json                (last)
     <run>/<stage>/claim.json                while the run lives (rlhf.claims)
+
+    `device` is the run's device (`engine.device`), decided once here for everything the stage places.
     """
 
     def __init__(self, cfg: PipelineConfig, stage: str, *, restart: bool = False):
         self.cfg = cfg
         self.stage = stage
+        self.device = engine.device(cfg.run.device)
         self.dir = cfg.stage_dir(stage)
         self.ckpt_dir = self.dir / "checkpoints"
         self.final_dir = self.dir / "final"
@@ -166,7 +169,7 @@ class StageRun:
             "report_to": "none",
             "disable_tqdm": not self.cfg.logging.progress,
             "dataloader_num_workers": 0,
-            **engine.trainer_kwargs(self.cfg, train),
+            **engine.trainer_kwargs(self.cfg, train, self.device),
         }
 
     def callbacks(self) -> list:

@@ -76,7 +76,8 @@ def run(cfg: PipelineConfig, *, restart: bool = False) -> StageResult:
     set_seed(cfg.run.seed)  # a new score head is initialised randomly: make it follow run.seed
     model = models.load_scalar_model(base, tokenizer=tokenizer, require_head=False,
                                      trust_remote_code=cfg.model.trust_remote_code,
-                                     allow_pickle=cfg.model.allow_pickle, dtype=engine.trained_load_dtype(cfg))
+                                     allow_pickle=cfg.model.allow_pickle,
+                                     dtype=engine.trained_load_dtype(cfg, stage.device))
     peft_config = models.lora_config(cfg.model.lora, task_type="SEQ_CLS")
     trainer = RewardTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                             processing_class=tokenizer, callbacks=stage.callbacks(), peft_config=peft_config)

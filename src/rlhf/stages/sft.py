@@ -70,7 +70,8 @@ def run(cfg: PipelineConfig, *, restart: bool = False) -> StageResult:
     args = SFTConfig(**stage.trainer_args(cfg.sft), max_length=cfg.data.max_length, packing=cfg.sft.packing,
                      completion_only_loss=cfg.sft.completion_only_loss, dataset_num_proc=None)
     model = models.load_causal_lm(base, tokenizer=tokenizer, trust_remote_code=cfg.model.trust_remote_code,
-                                  allow_pickle=cfg.model.allow_pickle, dtype=engine.trained_load_dtype(cfg))
+                                  allow_pickle=cfg.model.allow_pickle,
+                                  dtype=engine.trained_load_dtype(cfg, stage.device))
     peft_config = models.lora_config(cfg.model.lora, task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, callbacks=stage.callbacks(), peft_config=peft_config)
