@@ -139,7 +139,7 @@ class Recorder:
         ppo = ctx.cfg.ppo
         if self.static is None:
             static = dataclasses.replace(ppo, generation="static")
-            self.static = make_decoder(static, ctx.cfg.data.max_prompt_length, ctx.device)
+            self.static = make_decoder(static, ctx.cfg.data.max_prompt_length)
         decoders = {"hf": None, "static": self.static, "graph": ctx.decoder}
         # As many rows as a rollout has, so the run's graph decoder keeps its buffers and graph (same shape).
         prompts = mixed_prompts(ctx.rows, ppo.rollout_batch_size)

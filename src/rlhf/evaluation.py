@@ -34,98 +34,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rlhf import artifacts, claims, encoding, models
+from rlhf import artifacts, claims, models
 from rlhf.config import PipelineConfig
 from rlhf.errors import ConfigError
 
 log = logging.getLogger("rlhf")
 STAGES = ("sft", "ppo", "dpo", "orpo")
-
-
-# --------------------------------------------------------------------------------------------- log-probs
-
-
-def encode_responses(tokenizer, prompts: list[list[dict]], responses: list[str]) -> list[tuple[list[int], int]]:
-    """(ids, prompt length) per pair, the package's one encoding: chat prompt + response + EOS."""
-    return [encoding.encode(tokenizer, p, r) for p, r in zip(prompts, responses, strict=True)]
-
-
-def _batches(seqs: list[tuple[list[int], int]], pad_id: int, batch_size: int, device):
-    """Right-padded (batch, input_ids, attention_mask) chunks of (ids, n) sequences, built on `device`."""
-    from rlhf.batching import right_padded
-
-    for start in range(0, len(seqs), batch_size):
-        batch = seqs[start:start + batch_size]
-        yield (batch, *right_padded([ids for ids, _ in batch], pad_id, device))
-
-
-def _response_logits(model, batch, input_ids, attention):
-    """(float32 logits predicting the tokens from the batch's earliest response start on, that start - 1):
-    `forwards.next_token_logits`, so the LM head runs on those positions only."""
-    import torch
-
-    from rlhf.forwards import next_token_logits
-
-    start = min(n for _, n in batch) - 1  # position t predicts token t + 1
-    with torch.no_grad():
-        logits = next_token_logits(model, input_ids, attention, start + 1)
-    return logits.float(), start  # log-softmax in fp32 even for a bf16/fp16 model
-
-
-def sequence_logprobs(model, seqs: list[tuple[list[int], int]], pad_id: int, batch_size: int = 8) -> list:
-    """Log-probs of the response tokens (ids[n:]) of each (ids, n) sequence: a float32 [len(ids) - n] tensor
-    each, on the model's device.
-
-    Right-padded batches; no gradient. The model should be in eval mode (dropout off).
-    """
-    from rlhf.losses import logprobs_from_logits
-
-    out = []
-    for batch, input_ids, attention in _batches(seqs, pad_id, batch_size, _device(model)):
-        logits, start = _response_logits(model, batch, input_ids, attention)
-        token_logps = logprobs_from_logits(logits, input_ids[:, start + 1:])  # column j predicts token start+1+j
-        out.extend(token_logps[i, n - 1 - start:len(ids) - 1 - start] for i, (ids, n) in enumerate(batch))
-    return out
-
-
-def pair_logps(model, tokenizer, rows: list[dict], *, mean: bool = False, batch_size: int = 8) -> list[list[float]]:
-    """[chosen, rejected] response log-prob of `model` per internal-schema preference row: the sum over the
-    response tokens (DPO's log pi(y|x)), or with `mean` their mean (ORPO's log p)."""
-    import torch
-
-    if not rows:
-        return []
-    prompts = [r["prompt"] for r in rows]
-    sides = []
-    for side in ("chosen", "rejected"):
-        seqs = encode_responses(tokenizer, prompts, [encoding.content(r[side]) for r in rows])
-        logps = sequence_logprobs(model, seqs, tokenizer.pad_token_id, batch_size)
-        sides.append(torch.stack([lp.mean() if mean else lp.sum() for lp in logps]).tolist())
-    return [[chosen, rejected] for chosen, rejected in zip(*sides, strict=True)]
-
-
-def _device(model):
-    return next(model.parameters()).device
-
-
-def sequence_kl(policy, ref, seqs: list[tuple[list[int], int]], pad_id: int, batch_size: int = 8) -> list[float]:
-    """Per (ids, n) sequence: the sum over its response positions of the exact KL(policy || ref) between the
-    two next-token distributions (over the whole vocabulary), along the policy's own response.
-
-    Never negative, and 0 exactly when the two models agree at every position; on sampled responses its
-    mean is the sequence-level KL, with less noise than the sampled log-ratio (which on greedy responses
-    is not a KL at all and can come out negative)."""
-    import torch
-
-    out = []
-    for batch, input_ids, attention in _batches(seqs, pad_id, batch_size, _device(policy)):
-        logits, start = _response_logits(policy, batch, input_ids, attention)
-        logp = torch.log_softmax(logits, dim=-1)
-        logq = torch.log_softmax(_response_logits(ref, batch, input_ids, attention)[0], dim=-1)
-        per_pos = (logp.exp() * (logp - logq)).sum(-1).clamp_min(0.0)  # clamp: float rounding
-        out.extend(torch.stack([per_pos[i, n - 1 - start:len(ids) - 1 - start].sum()
-                                for i, (ids, n) in enumerate(batch)]).tolist())
-    return out
 
 
 # ----------------------------------------------------------------------------------------------- models
@@ -238,7 +152,10 @@ def generate(model, tokenizer, prompts: list[list[dict]], gen: GenSettings, cand
 
 
 def response_kl(policy, ref, pad_id: int, cand: Candidate) -> list[float]:
-    """Per response: KL(policy || reference) summed over its tokens (`sequence_kl`), on the policy's ids."""
+    """Per response: KL(policy || reference) summed over its tokens (`forwards.sequence_kl`), on the policy's
+    ids."""
+    from rlhf.forwards import sequence_kl
+
     seqs = [(p + r, len(p)) for p, r in zip(cand.prompt_ids, cand.response_ids, strict=True)]
     return sequence_kl(policy, ref, seqs, pad_id)
 

@@ -17,7 +17,6 @@ safetensors, JSON and tokenizer files only, written as `<out>.tmp-<pid>` and ren
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -175,29 +174,24 @@ def _load_state(model, state: dict, where: Path) -> None:
 
 
 def load_ppo(ckpt: Checkpoint, cfg: PipelineConfig | None):
-    """(model, tokenizer, base dir) of a PPO actor or critic, rebuilt as `rlhf.stages.ppo.build_models` builds it."""
+    """(model, tokenizer, base dir) of a PPO actor or critic, rebuilt by `ppo_models.load_trained` (as the
+    stage builds it) from this run dir's sft (and reward) outputs, then given the checkpoint's weights."""
+    from rlhf import ppo_models
+
     if cfg is None:
         raise ConfigError(f"{ckpt.stage_dir}: no config.resolved.yaml, so the actor's and critic's settings (LoRA, "
                           f"critic_init) are unknown; pass the run's config: rlhf export --checkpoint {ckpt.path} "
                           "--config FILE --out DIR")
     sft_dir = _input_dir(ckpt, "sft")
     tokenizer = models.load_tokenizer(sft_dir, trust_remote_code=cfg.model.trust_remote_code)
-    common = _common(cfg)
-    if ckpt.role == "actor":
-        base = sft_dir
-        model = models.load_causal_lm(base, tokenizer=tokenizer, lora=models.lora_dict(cfg.model.lora), **common)
-    else:  # as build_models: from the sft or the reward output, LoRA per ppo.critic_lora
-        base = sft_dir if cfg.ppo.critic_init == "sft" else _input_dir(ckpt, "reward")
-        lora = cfg.model.lora if cfg.ppo.critic_lora is None else dataclasses.replace(cfg.model.lora,
-                                                                                       enabled=cfg.ppo.critic_lora)
-        model = models.load_scalar_model(base, tokenizer=tokenizer, require_head=False, lora=models.lora_dict(lora),
-                                         **common)
+    reward_dir = _input_dir(ckpt, "reward") if ckpt.role == "critic" and cfg.ppo.critic_init == "reward" else None
+    model, base = ppo_models.load_trained(ckpt.role, cfg, sft_dir, reward_dir, tokenizer, dtype=_common(cfg)["dtype"])
+    if ckpt.role == "critic":
         from rlhf.forwards import ScalarHead
 
-        holder = ScalarHead(model)  # the critic's engine trains (and saves) the model inside a ScalarHead
-        _load_weights(holder, ckpt)
-        return model, tokenizer, base
-    _load_weights(model, ckpt)
+        _load_weights(ScalarHead(model), ckpt)  # the critic's engine trains (and saves) the model inside one
+    else:
+        _load_weights(model, ckpt)
     return model, tokenizer, base
 
 

@@ -116,10 +116,10 @@ def load_saved(path: str | Path, loader: Callable, cfg: PipelineConfig, tokenize
 
 def saved_pair_logps(path: str | Path, cfg: PipelineConfig, tokenizer, rows: list[dict], *, mean: bool,
                      batch_size: int, desc: str = "held-out log-probs") -> list[list[float]]:
-    """Per preference row, [chosen, rejected] response log-probs (`evaluation.pair_logps`) of the causal LM
+    """Per preference row, [chosen, rejected] response log-probs (`forwards.pair_logps`) of the causal LM
     saved at `path`, under a progress bar named `desc`. Collective."""
     from rlhf import models
-    from rlhf.evaluation import pair_logps
+    from rlhf.forwards import pair_logps
 
     model = load_saved(path, models.load_causal_lm, cfg, tokenizer)
     return map_rows(rows, lambda part: pair_logps(model, tokenizer, part, mean=mean, batch_size=batch_size),

@@ -52,10 +52,10 @@ def _kill_in_step(step: int) -> None:
     common.StageRun.callbacks = lambda self: callbacks(self) + [KillInStep()]
     ppo_update = loop.ppo_update
 
-    def ppo_update_then_die(ctx, exp):  # the rollout of step N is done, its update not applied
-        if ctx.step == step:
+    def ppo_update_then_die(actor, critic, exp, ppo, guard, at_step, **kwargs):  # step N's rollout done, no update
+        if at_step == step:
             _die()
-        return ppo_update(ctx, exp)
+        return ppo_update(actor, critic, exp, ppo, guard, at_step, **kwargs)
 
     loop.ppo_update = ppo_update_then_die
 
@@ -133,22 +133,22 @@ def _nan_actor_grads_in_ppo_step(step: int) -> None:
 
     ppo_update = loop.ppo_update
 
-    def poisoned_update(ctx, exp):
-        if ctx.step != step:
-            return ppo_update(ctx, exp)
+    def poisoned_update(actor, critic, exp, ppo, guard, at_step, **kwargs):
+        if at_step != step:
+            return ppo_update(actor, critic, exp, ppo, guard, at_step, **kwargs)
 
         def held(eng):  # what this rank holds: its ZeRO-3 partition, else the whole parameter
             return [getattr(p, "ds_tensor", p).detach().clone() for p in eng.module.parameters()]
 
-        before = {role: held(eng) for role, eng in (("actor", ctx.actor), ("critic", ctx.critic))}
-        weight = next(p for p in ctx.actor.module.parameters() if p.requires_grad)
+        before = {role: held(eng) for role, eng in (("actor", actor), ("critic", critic))}
+        weight = next(p for p in actor.module.parameters() if p.requires_grad)
         handle = weight.register_hook(lambda grad: torch.full_like(grad, float("nan")))
         try:
-            out = ppo_update(ctx, exp)
+            out = ppo_update(actor, critic, exp, ppo, guard, at_step, **kwargs)
         finally:
             handle.remove()
         report = {f"{role}_unchanged": all(torch.equal(a, b) for a, b in zip(before[role], held(eng), strict=True))
-                  for role, eng in (("actor", ctx.actor), ("critic", ctx.critic))}
+                  for role, eng in (("actor", actor), ("critic", critic))}
         with open(f"{os.environ['RLHF_FAULT_REPORT']}-{engine.rank()}.json", "w", encoding="utf-8") as fh:
             json.dump(report, fh)
         return out
@@ -163,10 +163,10 @@ def _fail_on_rank(spec: str) -> None:
     rank, step = (int(x) for x in spec.split(":"))
     ppo_update = loop.ppo_update
 
-    def update_or_fail(ctx, exp):
-        if ctx.step == step and engine.rank() == rank:
+    def update_or_fail(actor, critic, exp, ppo, guard, at_step, **kwargs):
+        if at_step == step and engine.rank() == rank:
             raise OSError(f"injected failure on rank {rank} at step {step}")
-        return ppo_update(ctx, exp)
+        return ppo_update(actor, critic, exp, ppo, guard, at_step, **kwargs)
 
     loop.ppo_update = update_or_fail
 

@@ -90,7 +90,7 @@ def test_sequence_kl_is_the_exact_per_position_kl_and_never_negative(tiny_model_
     import torch
 
     from rlhf import models
-    from rlhf.evaluation import sequence_kl
+    from rlhf.forwards import sequence_kl
     from rlhf.tiny import build_tiny
 
     tok = models.load_tokenizer(str(tiny_model_dir))

@@ -226,7 +226,7 @@ def test_reused_rollout_forward_gives_the_same_gradients_with_fewer_forwards(tmp
 
     grads: dict[bool, list[list[torch.Tensor]]] = {}
     calls: dict[bool, dict[str, int]] = {}
-    base_step, base_logits, base_values = engine.step_or_skip, update.policy_logits, update.values_of
+    base_step, base_logits, base_values = engine.step_or_skip, update.response_logprobs, update.values_of
     for reuse in (False, True):
         seen_grads: list[list[torch.Tensor]] = []
         count = {"actor": 0, "critic": 0}
@@ -245,7 +245,7 @@ def test_reused_rollout_forward_gives_the_same_gradients_with_fewer_forwards(tmp
             return base_values(*a, **kw)
 
         monkeypatch.setattr(engine, "step_or_skip", step)
-        monkeypatch.setattr(update, "policy_logits", logits)
+        monkeypatch.setattr(update, "response_logprobs", logits)
         monkeypatch.setattr(update, "values_of", values)
         cfg = make_cfg(tmp_path / str(reuse), tiny_model_dir, tiny_reward_dir, steps=1, rollout_batch_size=4,
                        mini_batch_size=4, grad_accum=2, ppo_epochs=1, reuse_rollout_forward=reuse)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from rlhf import data, heldout, models
-from rlhf.evaluation import pair_logps
+from rlhf.forwards import pair_logps
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -1,13 +1,14 @@
-"""The modules of `rlhf` import each other one way only: no import cycle, at module level or in a function.
+"""The modules of `rlhf` import each other one way only: no import cycle, at module level, in a function or
+for type annotations; and none uses another module's private (underscore) names.
 
 The graph is read from the source with `ast`, so nothing is imported. An edge A -> B means that A
-imports B somewhere: at the top, inside a function, relatively, or by name for importlib (a string
-that is exactly "rlhf.b" or "rlhf.b:function"); names assembled at run time are not seen, and imports
-under `if TYPE_CHECKING:` are left out, as they never run. Importing
-`rlhf.x.y` also runs the `__init__` of package `rlhf.x`, so that is an edge too, unless A lies inside
-`rlhf.x`: then `rlhf.x` is already being imported when A runs. A package importing its own submodules
-is therefore no cycle, while a submodule that takes names from its package's `__init__` (which imports
-the submodule) is one.
+imports B somewhere: at the top, inside a function, under `if TYPE_CHECKING:` (it never runs, but a
+module that needs another's types to be read depends on it as much as one that calls it), relatively, or
+by name for importlib (a string that is exactly "rlhf.b" or "rlhf.b:function"); names assembled at run
+time are not seen. Importing `rlhf.x.y` also runs the `__init__` of package `rlhf.x`, so that is an edge
+too, unless A lies inside `rlhf.x`: then `rlhf.x` is already being imported when A runs. A package
+importing its own submodules is therefore no cycle, while a submodule that takes names from its
+package's `__init__` (which imports the submodule) is one.
 """
 
 from __future__ import annotations
@@ -51,26 +52,16 @@ def _from_base(module: str, node: ast.ImportFrom, is_package: bool) -> str:
     return ".".join(base + ([node.module] if node.module else []))
 
 
-def _type_checking_only(tree: ast.Module) -> set[int]:
-    """ids of the nodes under `if TYPE_CHECKING:`: imports for annotations only, never run."""
-    guarded = [node for node in ast.walk(tree) if isinstance(node, ast.If)
-               and "TYPE_CHECKING" in (getattr(node.test, "id", None), getattr(node.test, "attr", None))]
-    return {id(inner) for node in guarded for stmt in node.body for inner in ast.walk(stmt)}
-
-
 def imports(module: str, path: Path, modules: dict[str, Path]) -> list[tuple[str, int]]:
-    """(rlhf module, line) for each import in `module`'s source, at any depth; other packages are skipped.
+    """(rlhf module, line) for each import in `module`'s source, at any depth (`if TYPE_CHECKING:` blocks
+    included); other packages are skipped.
 
     `from P import n` imports submodule P.n when there is one, else takes name n from P itself. A string
     constant naming an rlhf module (other than "rlhf", also a logger name) counts as an import by name.
-    Imports under `if TYPE_CHECKING:` are left out: they never run.
     """
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
-    skipped = _type_checking_only(tree)
     found: list[tuple[str | None, int]] = []
     for node in ast.walk(tree):
-        if id(node) in skipped:
-            continue
         if isinstance(node, ast.Import):
             found += [(_known(alias.name, modules), node.lineno) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -167,6 +158,58 @@ def cycles_in(root: Path) -> list[str]:
     return [describe(graph, modules, shortest_cycle(graph, group), root) for group in strongly_connected(graph)]
 
 
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def _dotted(node: ast.expr) -> str | None:
+    """"a.b.c" for the expression a.b.c (names and attributes only), else None."""
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    return ".".join([node.id, *reversed(parts)]) if isinstance(node, ast.Name) else None
+
+
+def private_uses(module: str, path: Path, modules: dict[str, Path]) -> list[tuple[str, int]]:
+    """("rlhf.b._name", line) for each private name of another `rlhf` module that `module` uses: imported
+    (`from rlhf.b import _name`) or read off the module (`b._name` after `from rlhf import b`, `import
+    rlhf.b as b` or `import rlhf.b`). A local name bound to a module anywhere in the file counts as that
+    module everywhere in it."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    bound: dict[str, str] = {}  # local name -> the rlhf module it names
+    found: list[tuple[str, int]] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if _known(alias.name, modules):
+                    local = alias.asname or alias.name.split(".")[0]
+                    bound[local] = alias.name if alias.asname else local
+        elif isinstance(node, ast.ImportFrom):
+            base = _from_base(module, node, path.name == "__init__.py")
+            for alias in node.names:
+                if f"{base}.{alias.name}" in modules:
+                    bound[alias.asname or alias.name] = f"{base}.{alias.name}"
+                elif _private(alias.name) and base in modules and base != module:
+                    found.append((f"{base}.{alias.name}", node.lineno))
+    for node in ast.walk(tree):
+        owner = _dotted(node.value) if isinstance(node, ast.Attribute) and _private(node.attr) else None
+        if owner is None or owner.split(".")[0] not in bound:
+            continue
+        head, _, rest = owner.partition(".")
+        target = ".".join(p for p in (bound[head], rest) if p)
+        if target in modules and target != module:
+            found.append((f"{target}.{node.attr}", node.lineno))
+    return found
+
+
+def private_names_used_elsewhere(root: Path) -> list[str]:
+    """"rlhf/a.py:3 uses rlhf.b._name" for every use of a module's private name outside it."""
+    modules = package_modules(root)
+    return [f"{path.relative_to(root)}:{line} uses {name}" for module, path in modules.items()
+            for name, line in sorted(private_uses(module, path, modules), key=lambda item: item[1])]
+
+
 def test_no_import_cycles():
     modules = package_modules(SRC)
     graph = import_graph(modules)
@@ -174,6 +217,11 @@ def test_no_import_cycles():
     report = [f"{describe(graph, modules, shortest_cycle(graph, group), SRC)}\n    (all of this group: "
               f"{', '.join(group)})" for group in groups]
     assert not groups, "import cycles between rlhf modules, one shortest cycle per group:\n" + "\n".join(report)
+
+
+def test_no_module_uses_another_modules_private_names():
+    found = private_names_used_elsewhere(SRC)
+    assert not found, "private names used outside their module (make them public or move the code):\n" + "\n".join(found)
 
 
 # ------------------------------------------------------------------------------ the reader on small trees
@@ -219,10 +267,24 @@ def test_importing_into_a_package_runs_its_init(tmp_path: Path):
     assert cycles_in(root) == ["rlhf.pkg (rlhf/pkg/__init__.py:2) -> rlhf.user (rlhf/user.py:1) -> rlhf.pkg"]
 
 
-def test_names_for_importlib_count_and_type_checking_imports_do_not(tmp_path: Path):
+def test_names_for_importlib_and_type_checking_imports_count(tmp_path: Path):
     root = _tree(tmp_path, {"rlhf/a.py": "JUDGE = 'rlhf.b:score'\nlog_name = 'rlhf'\n",
                             "rlhf/b.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from rlhf.a import X\n"
                                          "else:\n    import rlhf.c\n",
                             "rlhf/c.py": ""})
-    assert import_graph(package_modules(root)) == {"rlhf": {}, "rlhf.a": {"rlhf.b": 1}, "rlhf.b": {"rlhf.c": 5},
-                                                   "rlhf.c": {}}
+    assert import_graph(package_modules(root)) == {"rlhf": {}, "rlhf.a": {"rlhf.b": 1},
+                                                   "rlhf.b": {"rlhf.a": 3, "rlhf.c": 5}, "rlhf.c": {}}
+    assert cycles_in(root) == ["rlhf.a (rlhf/a.py:1) -> rlhf.b (rlhf/b.py:3) -> rlhf.a"]
+
+
+def test_private_names_used_outside_their_module(tmp_path: Path):
+    root = _tree(tmp_path, {"rlhf/pkg/__init__.py": "",
+                            "rlhf/pkg/a.py": "def _helper():\n    pass\n\n\ndef public():\n    return _helper()\n",
+                            "rlhf/pkg/b.py": "from rlhf.pkg import a\n\n\ndef f():\n    return a._helper()\n",
+                            "rlhf/c.py": "from rlhf.pkg.a import _helper, public\nimport rlhf.pkg.a\n"
+                                         "import rlhf.pkg.a as mod\n\nX = rlhf.pkg.a._helper, mod._helper, mod.__name__\n",
+                            "rlhf/d.py": "class T:\n    def _own(self):\n        return self._own\n\n\n"
+                                         "def g(t, a):\n    return t._own, a._helper\n"})
+    assert private_names_used_elsewhere(root) == [
+        "rlhf/c.py:1 uses rlhf.pkg.a._helper", "rlhf/c.py:5 uses rlhf.pkg.a._helper",
+        "rlhf/c.py:5 uses rlhf.pkg.a._helper", "rlhf/pkg/b.py:5 uses rlhf.pkg.a._helper"]

@@ -8,13 +8,9 @@ from __future__ import annotations
 
 import logging
 import random
-from typing import TYPE_CHECKING
 
 from rlhf.data.sources import label, mix
 from rlhf.data.validate import load, load_parts
-
-if TYPE_CHECKING:
-    from rlhf.config import PipelineConfig
 
 log = logging.getLogger("rlhf")
 
@@ -30,8 +26,9 @@ STAGE_DATA = {
 EVAL_KEY = {"sft": "sft_eval", "preference": "preference_eval", "prompt": "prompts_eval"}
 
 
-def data_source(cfg: PipelineConfig, stage: str) -> tuple[str | None, str, str]:
-    """(path, config key, kind) of the data a stage trains on, after the documented fallbacks."""
+def data_source(cfg, stage: str) -> tuple[str | None, str, str]:
+    """(path, config key, kind) of the data a stage trains on, after the documented fallbacks. `cfg`: a
+    `rlhf.config.PipelineConfig` (not imported, even for the type: `rlhf.config` imports this module)."""
     key, kind = STAGE_DATA[stage]
     path = getattr(cfg.data, key)
     if path is None and key == "sft" and cfg.data.preference:
@@ -52,7 +49,7 @@ def split_rows(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict]
     return [r for i, r in enumerate(rows) if i not in eval_idx], [r for i, r in enumerate(rows) if i in eval_idx]
 
 
-def load_rows(cfg: PipelineConfig, stage: str, kind: str) -> tuple[list[dict], list[dict], str]:
+def load_rows(cfg, stage: str, kind: str) -> tuple[list[dict], list[dict], str]:
     """Train and eval rows (internal schema) for a stage, with the configured bad-row policy, and the
     source's label.
 

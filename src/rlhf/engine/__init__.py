@@ -83,6 +83,7 @@ from rlhf.engine.training import (
     Engine,
     MasterWeights,
     PlainEngine,
+    adapters_disabled,
     compute_device,
     constant_schedule,
     full_precision,
@@ -101,7 +102,7 @@ from rlhf.engine.training import (
 
 __all__ = [
     "COLLECTIVES_ALWAYS", "SHM_COMM_OP", "AdamW", "Engine", "MasterWeights", "PlainEngine",
-    "all_gather_object", "all_reduce", "all_reduce_sum", "any_rank", "average_gradients", "backend",
+    "adapters_disabled", "all_gather_object", "all_reduce", "all_reduce_sum", "any_rank", "average_gradients", "backend",
     "barrier", "broadcast", "broadcast_in", "broadcast_object", "broadcast_parameters", "bucket_sizes",
     "cleanup", "collective_device", "compiled_optimizer_ops", "compute_device", "constant_schedule",
     "cuda_available", "deepspeed_state_dict", "device", "ds_config", "full_precision", "full_state_dict",

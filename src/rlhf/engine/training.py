@@ -281,7 +281,7 @@ def wrap(model, ds: DeepSpeedCfg, role: str, *, adamw: AdamW | None = None, micr
         return initialize(model, conf)
     role_cfg = ds.role(role)
     if dsconfig.offloads_optimizer(role_cfg):
-        conf["optimizer"] = adamw.ds_section(dsconfig._torch_adam(ds))
+        conf["optimizer"] = adamw.ds_section(dsconfig.uses_torch_adam(ds))
         conf["zero_force_ds_cpu_optimizer"] = False  # torch's AdamW on the CPU partition, when torch_adam
         return initialize(model, conf, model_parameters=params, lr_scheduler=constant_schedule)
     on_gpu = device is not None and getattr(device, "type", str(device)).startswith("cuda")
@@ -338,6 +338,13 @@ def gathered_for_generation(eng):
             yield unwrapped.module
 
     return gathered()
+
+
+def adapters_disabled(eng):
+    """Context manager: the engine's LoRA adapters off for the block, so that calling the engine runs its
+    base model (a LoRA actor's reference is the actor without its adapters). The engine's forward is the
+    one that runs: under ZeRO-3 its hooks still gather the base weights."""
+    return eng.module.disable_adapter()
 
 
 def full_precision(eng):

@@ -120,7 +120,7 @@ LOSSES = {"sigmoid": "dpo_loss", "ipo": "ipo_loss", "hinge": "hinge_loss"}  # dp
 def implicit_rewards(policy, ref, tokenizer, rows: list[dict], beta: float,
                      loss_type: str = "sigmoid") -> dict[str, float]:
     """Held-out implicit-reward statistics of `policy` against `ref` in this process (`rewards_report`)."""
-    from rlhf.evaluation import pair_logps
+    from rlhf.forwards import pair_logps
 
     return rewards_report(pair_logps(policy, tokenizer, rows), pair_logps(ref, tokenizer, rows), beta, loss_type)
 

@@ -22,7 +22,7 @@ import logging
 from collections import defaultdict
 from collections.abc import Iterator
 
-from rlhf import encoding, engine, heldout, models
+from rlhf import encoding, engine, forwards, heldout, models
 from rlhf.config import PipelineConfig
 from rlhf.data import load_rows
 from rlhf.guards import catch_oom
@@ -62,16 +62,6 @@ def collate_pairs(pad_id: int):
     return collate
 
 
-def mean_response_logps(model, batch: dict):
-    """Mean token log-prob of each row's response, [2B] (differentiable)."""
-    from rlhf.forwards import next_token_logits
-    from rlhf.losses import logprobs_from_logits, masked_mean
-
-    logits = next_token_logits(model, batch["input_ids"], batch["attention_mask"], 1)
-    token_logps = logprobs_from_logits(logits, batch["input_ids"][:, 1:])
-    return masked_mean(token_logps, batch["completion_mask"][:, 1:], dim=-1)
-
-
 def make_trainer(lam: float, **kwargs):
     """A transformers Trainer whose loss is `losses.orpo_loss` on paired batches from `collate_pairs`."""
     import torch
@@ -87,7 +77,7 @@ def make_trainer(lam: float, **kwargs):
             self._stats = {"train": defaultdict(list), "eval": defaultdict(list)}
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            chosen, rejected = mean_response_logps(model, inputs).chunk(2)
+            chosen, rejected = forwards.mean_response_logps(model, inputs).chunk(2)
             loss, stats = losses.orpo_loss(-chosen, chosen, rejected, lam)
             stats["orpo/accuracy"] = (chosen > rejected).float().mean()  # log odds are monotone in log p
             values = self.accelerator.gather(torch.stack(list(stats.values())).detach()[None])  # [ranks, k]

@@ -4,14 +4,14 @@ actor   <- SFT output, trained (own AdamW)           ref    <- SFT output, froze
 critic  <- reward model (default) or SFT, trained               with adapters disabled)
 reward  <- reward stage output, frozen (or `ppo.reward_fn`, a Python function)
 
-This module builds the models and the run's context, then hands over to `loop.train`. One step, top to
-bottom: `loop.train_step` -> `experience` (prompts to Experience) -> `update` (the optimizer steps);
-`checkpoint` saves and resumes. docs/ARCHITECTURE.md traces one step through them.
+This module builds the models (the actor and critic by `rlhf.ppo_models`, as `rlhf export` rebuilds them)
+and the run's `context.PPOContext`, then hands over to `loop.train`. One step, top to bottom:
+`loop.train_step` -> `experience` (prompts to Experience) -> `update` (the optimizer steps); `checkpoint`
+saves and resumes. docs/ARCHITECTURE.md traces one step through them.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import logging
 import os
@@ -19,15 +19,16 @@ import random
 import shutil
 from pathlib import Path
 
-from rlhf import artifacts, engine, models
+from rlhf import artifacts, engine, models, ppo_models
 from rlhf.config import PipelineConfig, save_resolved
 from rlhf.encoding import same_tokenizer
 from rlhf.errors import ConfigError
 from rlhf.forwards import ScalarHead
 from rlhf.stages.common import StageResult, StageRun
 from rlhf.stages.ppo.checkpoint import load_checkpoint, save_checkpoint
+from rlhf.stages.ppo.context import PPOContext, make_guard
 from rlhf.stages.ppo.experience import PromptSampler, Scorer, make_decoder
-from rlhf.stages.ppo.loop import PPOContext, make_guard, reset_samples, train
+from rlhf.stages.ppo.loop import reset_samples, train
 
 __all__ = ["run", "save_checkpoint"]
 log = logging.getLogger("rlhf")
@@ -68,23 +69,24 @@ def _reward_fn(spec: str):
 
 
 def build_models(cfg: PipelineConfig, sft_dir: str, reward_dir: str | None, tokenizer, device) -> dict:
-    """actor, ref (None for a LoRA actor), critic, scorer and reward stats, each wrapped by `engine.wrap`
-    on `device` (the plain engine moves it there; DeepSpeed places it on this rank's accelerator). A role at
-    ZeRO-3 loads already partitioned over the ranks (`engine.partitioned_loading`)."""
+    """actor, ref (None for a LoRA actor), critic (inside a `ScalarHead`) and the scorer's reward model, each
+    wrapped by `engine.wrap` on `device` (the plain engine moves it there; DeepSpeed places it on this rank's
+    accelerator); the scorer (that reward engine, or `ppo.reward_fn`) and the reward stats. The actor and
+    critic as `ppo_models.load_trained` builds them. A role at ZeRO-3 loads already partitioned over the
+    ranks (`engine.partitioned_loading`)."""
     m, ppo, ds = cfg.model, cfg.ppo, cfg.deepspeed
     dtype = engine.run_dtype(cfg)
     common = {"trust_remote_code": m.trust_remote_code, "allow_pickle": m.allow_pickle, "dtype": dtype}
-    trained = {**common, "dtype": engine.trained_load_dtype(cfg)}  # float32 where the engine keeps no masters
 
     def sharded(role: str, train: bool):
         return engine.partitioned_loading(ds, role, train=train, micro_batch=ppo.micro_batch_size,
                                           grad_accum=ppo.grad_accum if train else 1, dtype=dtype, device=device)
 
-    lora = models.lora_dict(m.lora)
+    trained_dtype = engine.trained_load_dtype(cfg)  # float32 where the engine keeps no masters
     with sharded("actor", True):
-        actor = models.load_causal_lm(sft_dir, tokenizer=tokenizer, lora=lora, **trained)
+        actor, _ = ppo_models.load_trained("actor", cfg, sft_dir, reward_dir, tokenizer, dtype=trained_dtype)
     ref = None
-    if not lora:
+    if not m.lora.enabled:
         with sharded("ref", False):
             ref = models.load_causal_lm(sft_dir, tokenizer=tokenizer, **common).requires_grad_(False)
     reward_tok, reward_model, stats = tokenizer, None, None
@@ -99,11 +101,8 @@ def build_models(cfg: PipelineConfig, sft_dir: str, reward_dir: str | None, toke
     if ppo.critic_init == "reward" and not same:
         raise ConfigError(f"{reward_dir}: the reward model's tokenizer differs from the policy's, so a critic "
                           "initialised from it cannot read policy tokens; set ppo.critic_init: sft")
-    critic_src = sft_dir if ppo.critic_init == "sft" else reward_dir
-    critic_lora = m.lora if ppo.critic_lora is None else dataclasses.replace(m.lora, enabled=ppo.critic_lora)
     with sharded("critic", True):
-        critic = models.load_scalar_model(critic_src, tokenizer=tokenizer, require_head=False,
-                                          lora=models.lora_dict(critic_lora), **trained)
+        critic, _ = ppo_models.load_trained("critic", cfg, sft_dir, reward_dir, tokenizer, dtype=trained_dtype)
     for model in (actor, ref, critic, reward_model):
         if model is not None:
             disable_dropout(model)
@@ -155,8 +154,7 @@ def save_final(ctx: PPOContext, sft_dir: str) -> Path:
     if engine.is_main():
         model = ctx.actor.module
         if state is not None:  # rebuild unsharded, then load the gathered weights
-            model = models.load_causal_lm(sft_dir, tokenizer=ctx.tokenizer, lora=models.lora_dict(cfg.model.lora),
-                                          dtype=engine.run_dtype(cfg), trust_remote_code=cfg.model.trust_remote_code)
+            model, _ = ppo_models.load_trained("actor", cfg, sft_dir, None, ctx.tokenizer, dtype=engine.run_dtype(cfg))
             model.load_state_dict(state)
         tmp = stage.dir / "final.tmp"
         with engine.full_precision(ctx.actor):  # the plain engine's fp32 masters, not their bf16 rounding
@@ -204,7 +202,7 @@ def run(cfg: PipelineConfig, *, restart: bool = False, on_step=None) -> StageRes
     ctx = PPOContext(cfg=cfg, stage=stage, tokenizer=tokenizer, actor=built["actor"], critic=built["critic"],
                      ref=built["ref"], scorer=built["scorer"], kl_ctl=kl_ctl, rows=rows,
                      sampler=PromptSampler(len(rows), cfg.run.seed), reward_stats=built["reward_stats"], device=device,
-                     guard=make_guard(cfg, stage), decoder=make_decoder(ppo, cfg.data.max_prompt_length, device))
+                     guard=make_guard(cfg, stage), decoder=make_decoder(ppo, cfg.data.max_prompt_length))
     if stage.resume is not None:
         load_checkpoint(ctx, stage.resume)
     reset_samples(stage)

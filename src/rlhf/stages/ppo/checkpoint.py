@@ -23,7 +23,7 @@ from rlhf.replicate import replicate
 from rlhf.stages.common import save_failed
 
 if TYPE_CHECKING:
-    from rlhf.stages.ppo.loop import PPOContext
+    from rlhf.stages.ppo.context import PPOContext
 
 log = logging.getLogger("rlhf")
 KEEP_CHECKPOINTS = 2

@@ -7,13 +7,12 @@
 Shapes: B = rows per rank, P = padded prompt length (<= data.max_prompt_length), R = response length
 (<= ppo.max_new_tokens; shorter when every row stopped at EOS), T = P + R, V = vocabulary.
 
-Every forward here and in the update reads positions from the attention mask (`batching.position_ids`),
-runs in chunks of the update's micro-batch size over the same [B, T] tensors, with dropout off, so that
-the update's first log-probs equal these bit for bit (ratio exactly 1).
-
-With `ppo.reuse_rollout_forward` (`rollout_forwards`) the first chunk's actor and critic forwards keep
-their autograd graphs (`LiveForward`), and the update's first micro-batch backpropagates through them
-instead of running those two forwards again: same weights, same inputs, so the same loss and gradients.
+Every forward here and in the update is one of `rlhf.forwards`, called on the engines: positions read
+from the attention mask (`batching.position_ids`), in chunks of the update's micro-batch size over the
+same [B, T] tensors, with dropout off, so that the update's first log-probs equal these bit for bit
+(ratio exactly 1). With `ppo.reuse_rollout_forward` the first chunk's actor and critic forwards keep
+their graphs (`KeptForward`), and the update's first micro-batch backpropagates through them instead of
+running them again (`loop.train_step` puts the rows in the update's first-epoch order first).
 """
 
 from __future__ import annotations
@@ -21,15 +20,16 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
 
 from rlhf.batching import encode_prompts, position_ids
-from rlhf.forwards import next_token_logits
+from rlhf.engine import adapters_disabled
+from rlhf.forwards import policy_logits, response_logprobs, score_at_eos, values_of
 from rlhf.losses import entropy_from_logits, logprobs_from_logits, masked_mean
-from rlhf.ppo_math import gae, last_token_index, masked_whiten, per_token_rewards
+from rlhf.ppo_math import gae, masked_whiten, per_token_rewards
 
 log = logging.getLogger("rlhf")
 Watch = Callable[[str], contextlib.AbstractContextManager]  # role -> context around that model's work
@@ -76,10 +76,10 @@ class Rollout:
 
 
 @dataclass
-class LiveForward:
-    """The rollout's forwards of its first `rows` rows, still attached to their autograd graphs."""
+class KeptForward:
+    """The actor's and critic's forwards of a rollout's first micro-batch, still attached to their graphs
+    (`ppo.reuse_rollout_forward`), for the update's first micro-batch to backpropagate through."""
 
-    rows: int
     logprobs: Tensor  # [rows, R] actor log-probs (requires grad)
     values: Tensor  # [rows, R] critic values (requires grad)
 
@@ -93,7 +93,7 @@ class Forwards:
     values: Tensor  # [B, R] critic values
     entropy: Tensor  # [B, R] actor entropy per position
     raw_scores: Tensor  # [B] reward before normalisation
-    live: LiveForward | None = None  # with `keep_first`: the first chunk's graphs, for the update
+    kept: KeptForward | None = None  # with `keep_first`: the first chunk's graphs
 
 
 @dataclass
@@ -114,15 +114,13 @@ class Experience:
     rewards: Tensor  # [B, R] shaped rewards
     advantages: Tensor  # [B, R] (whitened when configured)
     returns: Tensor  # [B, R]
-    live: LiveForward | None = field(default=None, repr=False)
-    """Graphs of the first rows' forwards, for the update's first micro-batch (not carried by `select`)."""
 
     @property
     def prompt_len(self) -> int:
         return self.input_ids.shape[1] - self.response_ids.shape[1]
 
     def select(self, idx: Tensor) -> Experience:
-        return Experience(**{f.name: getattr(self, f.name)[idx] for f in fields(self) if f.name != "live"})
+        return Experience(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
 
 
 # ------------------------------------------------------------------------------------------ rollout
@@ -162,10 +160,9 @@ class PromptSampler:
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
 
 
-def make_decoder(ppo, max_prompt_length: int, device):
+def make_decoder(ppo, max_prompt_length: int):
     """The run's static-cache decoder for `ppo.generation: static | graph`, or None for HF generate (`hf`, and
-    `auto` until the graph path is measured faster on GPUs; on CPU the two are equally fast). `device` is
-    where the decoder will run: the place for a per-device choice."""
+    `auto` until the graph path is measured faster on GPUs; on CPU the two are equally fast)."""
     kind = "hf" if ppo.generation == "auto" else ppo.generation
     if kind == "hf":
         return None
@@ -190,27 +187,6 @@ def generate(model, tokenizer, prompts: list, ppo, max_prompt_length: int, *, sy
 
 
 # ------------------------------------------------------------------------------------------ forwards
-
-
-def policy_logits(model, input_ids: Tensor, attention_mask: Tensor, pos: Tensor, prompt_len: int,
-                  temperature: float) -> Tensor:
-    """[B, R, V] float32 logits that predict each response token (`forwards.next_token_logits`), divided by
-    the sampling temperature (so log-probs are those of the distribution the tokens were drawn from)."""
-    return next_token_logits(model, input_ids, attention_mask, prompt_len, position_ids=pos).float() / temperature
-
-
-def values_of(critic, input_ids: Tensor, attention_mask: Tensor, pos: Tensor, prompt_len: int) -> Tensor:
-    """[B, R] value of the state before each response token (read at the position that predicts it).
-    `critic`: the critic's engine, whose module is a `forwards.ScalarHead`."""
-    return critic(input_ids, attention_mask, pos)[:, prompt_len - 1:-1]
-
-
-def score_at_eos(reward, input_ids: Tensor, attention_mask: Tensor, pos: Tensor, mask: Tensor) -> Tensor:
-    """[B] reward read at each row's last counted response token: its EOS, never the padding after it
-    (the last response token when there is no EOS). `reward`: an engine whose module is a `ScalarHead`."""
-    out = reward(input_ids, attention_mask, pos)
-    at = input_ids.shape[1] - mask.shape[1] + last_token_index(mask)
-    return out.gather(1, at.unsqueeze(1)).squeeze(1)
 
 
 class Scorer:
@@ -261,62 +237,43 @@ def normalize_scores(raw: Tensor, has_eos: Tensor, stats: dict | None, missing_e
 @torch.no_grad()
 def forward_all(rollout: Rollout, actor, ref, critic, scorer: Scorer, *, micro_batch: int,
                 temperature: float, keep_first: bool = False, watch: Watch | None = None) -> Forwards:
-    """One no-grad pass of each model over the rollout, in micro-batch chunks. `watch(role)` (optional) is a
-    context manager around each model's work (the stage turns an out-of-memory error there into one line).
+    """One pass of each model over the rollout, in micro-batch chunks, without gradient but, with
+    `keep_first`, for the first chunk's actor and critic forwards: `Forwards.kept` holds those with their
+    graphs (run through the engines as the update runs them, so the update can use them as its own).
+    `watch(role)` (optional) is a context manager around each model's work (the stage turns an
+    out-of-memory error there into one line).
 
-    `ref=None` means a LoRA actor: the reference is the same module with its adapters disabled.
-    Returns `Forwards` (all detached), whose `live` holds, with `keep_first`, the first chunk's actor and
-    critic forwards with their graphs (run through the engines exactly as the update runs them).
+    `ref=None` means a LoRA actor: the reference is the actor's engine with its adapters disabled.
     """
     watch = watch or (lambda role: contextlib.nullcontext())
     ids, attn = rollout.input_ids, rollout.attention_mask
     pos = position_ids(attn)
     prompt_len = rollout.prompt_ids.shape[1]
     out: dict[str, list[Tensor]] = {"logprobs": [], "ref_logprobs": [], "values": [], "entropy": []}
-    chunks = []
-    live = None
+    chunks, kept = [], None
     for start in range(0, ids.shape[0], micro_batch):
         sl = slice(start, start + micro_batch)
         chunk = (ids[sl], attn[sl], pos[sl], rollout.mask[sl])
         chunks.append(chunk)
         labels = rollout.response_ids[sl]
         keep = keep_first and start == 0
-        with torch.set_grad_enabled(keep):
-            with watch("actor"):
-                logits = policy_logits(actor, *chunk[:3], prompt_len, temperature)
-                logprobs = logprobs_from_logits(logits, labels)
-            with watch("critic"):
-                values = values_of(critic, *chunk[:3], prompt_len)
-        if keep:
-            live = LiveForward(rows=labels.shape[0], logprobs=logprobs, values=values)
+        with watch("actor"), torch.set_grad_enabled(keep):
+            logits = policy_logits(actor, *chunk[:3], prompt_len, temperature)  # the entropy needs them whole
+            logprobs = logprobs_from_logits(logits, labels)
         out["logprobs"].append(logprobs.detach())
         out["entropy"].append(entropy_from_logits(logits.detach()))
-        out["values"].append(values.detach())
         del logits
-        adapters_off = actor.module.disable_adapter() if ref is None else contextlib.nullcontext()
-        with adapters_off, watch("ref"):
-            ref_logits = policy_logits(actor if ref is None else ref, *chunk[:3], prompt_len, temperature)
-            out["ref_logprobs"].append(logprobs_from_logits(ref_logits, labels))
-        del ref_logits
+        with watch("critic"), torch.set_grad_enabled(keep):
+            values = values_of(critic, *chunk[:3], prompt_len)
+        out["values"].append(values.detach())
+        if keep:
+            kept = KeptForward(logprobs=logprobs, values=values)
+        with adapters_disabled(actor) if ref is None else contextlib.nullcontext(), watch("ref"):
+            out["ref_logprobs"].append(response_logprobs(actor if ref is None else ref, *chunk[:3], labels,
+                                                         temperature))
     with watch("reward"):
         raw_scores = scorer(rollout, chunks)
-    return Forwards(**{k: torch.cat(v) for k, v in out.items()}, raw_scores=raw_scores, live=live)
-
-
-def rollout_forwards(rollout: Rollout, actor, ref, critic, scorer: Scorer, ppo, *,
-                     watch: Watch | None = None) -> tuple[Rollout, Forwards]:
-    """Every model's forward over the rollout (`forward_all`), and the one place that acts on
-    `ppo.reuse_rollout_forward`: the rows are first put in the order of the update's first epoch (its
-    shuffle is drawn here instead of there, so the random stream is the same as without reuse), the actor and
-    critic go to the update's (train) mode, dropout being off in both modes, and the first chunk's actor and
-    critic forwards keep their graphs (`Forwards.live`) for the update's first micro-batch."""
-    if ppo.reuse_rollout_forward:
-        rollout = rollout.select(torch.randperm(len(rollout.prompts), device=rollout.prompt_ids.device))
-        actor.train()
-        critic.train()
-    fwd = forward_all(rollout, actor, ref, critic, scorer, micro_batch=ppo.micro_batch_size,
-                      temperature=ppo.temperature, keep_first=ppo.reuse_rollout_forward, watch=watch)
-    return rollout, fwd
+    return Forwards(**{k: torch.cat(v) for k, v in out.items()}, raw_scores=raw_scores, kept=kept)
 
 
 @torch.no_grad()
@@ -337,8 +294,7 @@ def make_experience(rollout: Rollout, fwd: Forwards, ppo, *, kl_coef: float,
     return Experience(input_ids=rollout.input_ids, attention_mask=attn, position_ids=position_ids(attn),
                       response_ids=rollout.response_ids, mask=mask, logprobs=fwd.logprobs,
                       ref_logprobs=fwd.ref_logprobs, values=values, raw_scores=fwd.raw_scores.float(),
-                      scores=scores, kl=kl, rewards=rewards, advantages=advantages, returns=returns,
-                      live=fwd.live)
+                      scores=scores, kl=kl, rewards=rewards, advantages=advantages, returns=returns)
 
 
 def experience_stats(exp: Experience, entropy: Tensor, has_eos: Tensor, kl_coef: float) -> dict[str, float]:

@@ -2,8 +2,10 @@
 read top to bottom); the run repeats it with logging, samples, checkpoints and a graceful stop on SIGTERM
 or SIGUSR1 (`train`).
 
-The phases live in `experience` (prompts to Experience) and `update` (the optimizer steps); the maths
-they call is pure (`rlhf.ppo_math`, `rlhf.losses`); models are reached only through `rlhf.engine`.
+The phases live in `experience` (prompts to Experience) and `update` (the optimizer steps); the
+models' forwards are `rlhf.forwards`, called on the engines (`rlhf.engine.wrap`); the maths is pure
+(`rlhf.ppo_math`, `rlhf.losses`). The rollout samples from the actor's bare module
+(`engine.gathered_for_generation`: under ZeRO-3, its parameters gathered once for the whole rollout).
 Shapes as in `experience`: B = rows per rank, R = response length.
 """
 
@@ -12,69 +14,28 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
 
 import torch
 
 from rlhf import engine
-from rlhf.config import PipelineConfig
-from rlhf.engine import Engine
 from rlhf.errors import StopRequested, TrainingError
-from rlhf.guards import NonFiniteGuard, catch_oom, is_finite
-from rlhf.ppo_math import KLController
+from rlhf.guards import is_finite
 from rlhf.stages.common import StageRun, agreed_stop_signal, stop_message, stop_signals
 from rlhf.stages.ppo.checkpoint import save_checkpoint
+from rlhf.stages.ppo.context import PPOContext
 from rlhf.stages.ppo.experience import (
     Experience,
     Forwards,
-    PromptSampler,
     Rollout,
-    Scorer,
     experience_stats,
+    forward_all,
     generate,
     make_experience,
-    rollout_forwards,
 )
 from rlhf.stages.ppo.update import ppo_update
 
-if TYPE_CHECKING:
-    from rlhf.generation import StaticDecoder
-
 log = logging.getLogger("rlhf")
 N_SAMPLES = 3
-
-
-@dataclass
-class PPOContext:
-    """The models and the running state of one PPO run."""
-
-    cfg: PipelineConfig
-    stage: StageRun
-    tokenizer: Any  # the policy's transformers tokenizer, left padding
-    actor: Engine  # trained, with its optimizer
-    critic: Engine  # trained, with its optimizer
-    ref: Engine | None  # frozen; None for a LoRA actor, whose reference is itself with adapters disabled
-    scorer: Scorer
-    kl_ctl: KLController
-    rows: list[dict]  # the prompt rows
-    sampler: PromptSampler
-    reward_stats: dict[str, float] | None  # the reward model's score mean/std, for normalising scores
-    device: torch.device  # the run's device (engine.device): every tensor the loop builds lives there
-    guard: NonFiniteGuard
-    decoder: StaticDecoder | None  # for ppo.generation static|graph; None: HF generate
-    step: int = 0
-    stop_requested: bool = False
-    history: list[dict[str, float]] = field(default_factory=list)
-
-    def watch(self, role: str):
-        """Around one model's work: a CUDA out-of-memory error becomes one line naming the role (exit 3)."""
-        return catch_oom("ppo", role, self.stage.ckpt_dir, self.cfg.source)
-
-
-def make_guard(cfg: PipelineConfig, stage: StageRun) -> NonFiniteGuard:
-    return NonFiniteGuard("ppo", cfg.run.on_nonfinite, cfg.run.max_consecutive_skips, stage.ckpt_dir,
-                          "Lower ppo.learning_rate or raise ppo.kl_coef, or check the reward")
 
 
 # ------------------------------------------------------------------------------------------ one step
@@ -102,7 +63,15 @@ def train_step(ctx: PPOContext) -> tuple[dict[str, float], tuple[Rollout, Experi
         ctx.decoder.release()
 
     # 2. Experience: log-probs, reference log-probs, values and scores; shaped rewards, GAE advantages.
-    rollout, fwd = rollout_forwards(rollout, ctx.actor, ctx.ref, ctx.critic, ctx.scorer, ppo, watch=ctx.watch)
+    # ppo.reuse_rollout_forward: the update's first micro-batch backpropagates through the first chunk's actor
+    # and critic forwards (`fwd.kept`), so the rows go in the update's first-epoch order (its shuffle drawn
+    # here: the random stream is the one without the reuse) and the two models in its (train) mode.
+    if ppo.reuse_rollout_forward:
+        rollout = rollout.select(torch.randperm(len(rollout.prompts), device=ctx.device))
+        ctx.actor.train()
+        ctx.critic.train()
+    fwd = forward_all(rollout, ctx.actor, ctx.ref, ctx.critic, ctx.scorer, micro_batch=ppo.micro_batch_size,
+                      temperature=ppo.temperature, keep_first=ppo.reuse_rollout_forward, watch=ctx.watch)
     exp = make_experience(rollout, fwd, ppo, kl_coef=ctx.kl_ctl.value, reward_stats=ctx.reward_stats,
                           reduce=engine.all_reduce_sum)
     if _skip_rollout(ctx, fwd, exp):  # no update; the KL controller keeps its value, the prompts stay used
@@ -112,8 +81,8 @@ def train_step(ctx: PPOContext) -> tuple[dict[str, float], tuple[Rollout, Experi
 
     # 3. Update: clipped policy and value losses, ppo_epochs passes over minibatches.
     update_start = time.perf_counter()
-    stats.update(ppo_update(ctx, exp))
-    stats["perf/update_time"] = time.perf_counter() - update_start  # its stats' .item() calls wait for the GPU
+    stats.update(ppo_update(ctx.actor, ctx.critic, exp, ppo, ctx.guard, ctx.step, watch=ctx.watch, kept=fwd.kept))
+    stats["perf/update_time"] = time.perf_counter() - update_start  # reading its stats waits for the GPU
 
     # 4. Statistics over ranks, the guard's count, the KL ceiling and the KL controller's next coefficient.
     stats = _mean_over_ranks(stats, ctx.device)
@@ -197,7 +166,6 @@ def train(ctx: PPOContext, on_step=None) -> None:
 
     def on_stop(signum: int) -> None:  # a signal handler: only record it
         received.append(signum)
-        ctx.stop_requested = True
 
     bar = tqdm(total=ppo.steps, initial=ctx.step, desc="ppo", dynamic_ncols=True,
                disable=not (engine.is_main() and ctx.cfg.logging.progress))

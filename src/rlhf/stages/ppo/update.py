@@ -1,156 +1,149 @@
 """PPO, phase 2: the update. `ppo_epochs` passes over shuffled minibatches of one `Experience`; each
-minibatch is one optimizer step of the actor and one of the critic, made of micro-batches.
+minibatch is one optimizer step of the actor and one of the critic, made of micro-batches:
 
-    for epoch: for minibatch: for micro-batch:
-        actor log-probs -> clipped policy loss -> backward      (`ppo_math.ppo_policy_loss`)
-        critic values   -> clipped value loss  -> backward      (`ppo_math.ppo_value_loss`)
-    step both engines at the minibatch's end (`optimizer_step`: the guard against non-finite losses)
+    for epoch: shuffle; for minibatch: for micro-batch:
+        actor log-probs (forwards.response_logprobs) -> ppo_math.ppo_policy_loss -> backward, step
+        critic values   (forwards.values_of)         -> ppo_math.ppo_value_loss  -> backward, step
+    each engine applies its update at the minibatch's last micro-batch (it counts accumulation boundaries)
 
 Micro-batch losses are divided by the token count of the whole minibatch over all ranks (not by
-grad_accum), so a step optimizes the minibatch's token mean however it is split.
+grad_accum), so a step optimizes the minibatch's token mean however it is split over micro-batches and
+ranks. The statistics stay on the device and are read once, after the loops; only the non-finite guard
+looks at each loss as it comes (`backward_step`). With `ppo.reuse_rollout_forward` the first micro-batch
+takes its log-probs and values from the rollout's own forwards (`experience.KeptForward`).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from rlhf import engine
-from rlhf.guards import is_finite
-from rlhf.losses import logprobs_from_logits
+from rlhf.forwards import response_logprobs, values_of
+from rlhf.guards import NonFiniteGuard, is_finite
 from rlhf.ppo_math import ppo_policy_loss, ppo_value_loss
-from rlhf.stages.ppo.experience import Experience, LiveForward, policy_logits, values_of
 
 if TYPE_CHECKING:
+    from rlhf.config import PPOCfg
     from rlhf.engine import Engine
-    from rlhf.stages.ppo.loop import PPOContext
+    from rlhf.stages.ppo.experience import Experience, KeptForward, Watch
 
 
-def ppo_update(ctx: PPOContext, exp: Experience) -> dict[str, float]:
-    """All optimizer steps of one PPO iteration; returns the token-weighted mean stats of the applied ones.
+@dataclass
+class Faults:
+    """The non-finite events of one minibatch on this rank (`run.on_nonfinite`): a loss that was NaN or inf
+    in any of its micro-batches, and an engine that dropped its update at the minibatch's end."""
 
-    With a `LiveForward` on `exp` (`experience.rollout_forwards`), the rows are already in the first
-    epoch's shuffled order and the first micro-batch reuses those forwards. Also returns policy/ratio_first
-    (token-mean ratio of the first minibatch of the first epoch) and policy/log_ratio_first_absmax (its
-    largest |log ratio|): 1 and 0 when rollout and update agree. With `run.on_nonfinite: skip`, a minibatch
-    with a non-finite loss applies no update (guard/skipped_updates counts them) and its stats are left out.
+    policy_loss: bool = False
+    value_loss: bool = False
+    actor_skipped: bool = False
+    critic_skipped: bool = False
+
+    def applied_anyway(self) -> str | None:
+        """The loss that was non-finite while its engine still applied the update, if any."""
+        if self.policy_loss and not self.actor_skipped:
+            return "policy loss"
+        if self.value_loss and not self.critic_skipped:
+            return "value loss"
+        return None
+
+
+def ppo_update(actor: Engine, critic: Engine, exp: Experience, ppo: PPOCfg, guard: NonFiniteGuard, step: int, *,
+               watch: Watch, kept: KeptForward | None = None) -> dict[str, float]:
+    """All optimizer steps of one PPO iteration over `exp` (this rank's rows); `step` names the PPO step in
+    messages, `watch(role)` a context manager around each model's work (the stage turns an
+    out-of-memory error there into one line). With `kept` (`ppo.reuse_rollout_forward`: the rollout's own
+    actor and critic forwards of `exp`'s first micro-batch of rows, graphs attached), `exp`'s rows are
+    already in the first epoch's order, and its first micro-batch backpropagates through those forwards
+    instead of running them again.
+
+    Returns this rank's statistics of the minibatches whose update was applied:
+    - policy/loss and value/loss: the mean over those minibatches of the minibatch's loss (its token
+      mean over every rank's tokens, as this rank's share: `train_step` averages it over ranks);
+    - every other policy/ and value/ stat of `ppo_math` (clipfrac, approx_kl, ratio_mean, ratio_max,
+      mean_error): the token-weighted mean over all their micro-batches of each micro-batch's value
+      (for ratio_max: of each micro-batch's largest ratio);
+    - policy/ratio_first and policy/log_ratio_first_absmax: the token-mean ratio and the largest
+      |log ratio| of the first applied minibatch (1 and 0 when rollout and update agree);
+    - guard/skipped_updates (with `run.on_nonfinite: skip`): minibatches whose update was dropped (a
+      non-finite loss or gradient on this rank; left out of the stats above);
+    - policy/grad_norm: the actor's gradient norm at its last step, when the engine knows it.
+    A non-finite loss stops the run (`stop`) before its backward; under `skip` one whose update an engine
+    applied anyway stops it too.
     """
-    ppo = ctx.cfg.ppo
-    ctx.actor.train()
-    ctx.critic.train()
-    totals: dict[str, Tensor] = {}  # on the device, float64: read on the host once, at the end
-    weight_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
-    first_ratio, n_minibatches, skipped = None, 0, 0
-    live, exp.live = exp.live, None  # used once, then its graphs are freed
-    n_rows = exp.input_ids.shape[0]
-    for _epoch in range(ppo.ppo_epochs):
-        order = (torch.arange(n_rows, device=ctx.device) if live is not None  # already in this epoch's order
-                 else torch.randperm(n_rows, device=ctx.device))
-        for start in range(0, len(order), ppo.mini_batch_size):
-            result = _minibatch(ctx, exp, order[start:start + ppo.mini_batch_size], live)
-            live = None
-            if result is None:
+    actor.train()
+    critic.train()
+    device, n_rows = exp.mask.device, exp.mask.shape[0]
+    sums: dict[str, Tensor] = {}  # float64 on the device: summed over the applied minibatches
+    weight = torch.zeros((), dtype=torch.float64, device=device)  # their tokens
+    first, applied, skipped = None, 0, 0
+    for epoch in range(ppo.ppo_epochs):
+        reordered = kept is not None and epoch == 0  # the rows are in this epoch's order (`train_step` drew it)
+        order = torch.arange(n_rows, device=device) if reordered else torch.randperm(n_rows, device=device)
+        for mb_idx in order.split(ppo.mini_batch_size):
+            tokens = engine.all_reduce_sum(exp.mask[mb_idx].sum().reshape(1).clone())  # on every rank
+            num_tokens = tokens.clamp_min(1.0) / engine.world_size()  # DeepSpeed averages grads over ranks
+            mb_sums, mb_weight, mb_absmax, faults = {}, 0.0, 0.0, Faults()  # this minibatch's, as above
+            for micro_idx in mb_idx.split(ppo.micro_batch_size):
+                mb = exp.select(micro_idx)
+                with watch("actor"):
+                    logprobs = kept.logprobs if kept is not None else response_logprobs(
+                        actor, mb.input_ids, mb.attention_mask, mb.position_ids, mb.response_ids, ppo.temperature)
+                    pg_loss, pg_stats = ppo_policy_loss(logprobs, mb.logprobs, mb.advantages, mb.mask,
+                                                        ppo.clip_range, num_tokens=num_tokens)
+                    bad, dropped = backward_step(actor, pg_loss, guard, step, "the policy loss")
+                    faults.policy_loss |= bad
+                    faults.actor_skipped |= dropped
+                with watch("critic"):
+                    values = kept.values if kept is not None else values_of(
+                        critic, mb.input_ids, mb.attention_mask, mb.position_ids, mb.prompt_len)
+                    vf_loss, vf_stats = ppo_value_loss(values, mb.values, mb.returns, mb.mask, ppo.clip_range_value,
+                                                       num_tokens=num_tokens)
+                    bad, dropped = backward_step(critic, vf_loss, guard, step, "the value loss")
+                    faults.value_loss |= bad
+                    faults.critic_skipped |= dropped
+                kept, w = None, mb.mask.sum().double()  # the kept graphs served once, then they are freed
+                stats = {**pg_stats, **vf_stats, "policy/loss": pg_loss.detach(), "value/loss": vf_loss.detach()}
+                for key, value in stats.items():  # a loss is already its share of the minibatch's token mean
+                    mb_sums[key] = mb_sums.get(key, 0.0) + (value.double() if key.endswith("/loss")
+                                                            else value.double() * w)
+                log_ratio = torch.where(mb.mask.bool(), logprobs.detach() - mb.logprobs, 0.0)
+                mb_absmax = torch.maximum(torch.as_tensor(mb_absmax, device=device), log_ratio.abs().max().double())
+                mb_weight = mb_weight + w
+            landed = faults.applied_anyway()
+            if landed is not None:
+                raise guard.stop_error(f"the {landed} (and its update was not skipped)", float("nan"), step)
+            if guard.skipping and (faults.actor_skipped or faults.critic_skipped
+                                   or not is_finite(torch.cat([v.reshape(1) for v in mb_sums.values()]))):
                 skipped += 1
                 continue
-            mb_totals, mb_weight, mb_first = result
-            n_minibatches += 1
-            weight_sum += mb_weight
-            for key, value in mb_totals.items():
-                totals[key] = totals.get(key, 0.0) + value
-            first_ratio = first_ratio or mb_first
-    means = {k: (v / max(n_minibatches, 1) if k.endswith("/loss") else v / weight_sum.clamp_min(1.0))
-             for k, v in totals.items()}
-    if first_ratio is not None:
-        means["policy/ratio_first"], means["policy/log_ratio_first_absmax"] = first_ratio
-    keys = list(means)
-    values = torch.cat([means[k].double().reshape(1) for k in keys]).tolist() if keys else []
-    out = dict(zip(keys, values, strict=True))
-    if ctx.guard.skipping:
+            applied, weight = applied + 1, weight + mb_weight
+            sums = {key: sums.get(key, 0.0) + value for key, value in mb_sums.items()}
+            if first is None:
+                first = (mb_sums["policy/ratio_mean"] / mb_weight.clamp_min(1.0), mb_absmax)
+    means = {k: v / max(applied, 1) if k.endswith("/loss") else v / weight.clamp_min(1.0) for k, v in sums.items()}
+    if first is not None:
+        means["policy/ratio_first"], means["policy/log_ratio_first_absmax"] = first
+    out = dict(zip(means, torch.cat([v.reshape(1) for v in means.values()]).tolist() if means else [], strict=True))
+    if guard.skipping:
         out["guard/skipped_updates"] = float(skipped)
-    norm = engine.grad_norm(ctx.actor)
+    norm = engine.grad_norm(actor)
     if norm is not None and math.isfinite(norm):
         out["policy/grad_norm"] = norm
     return out
 
 
-def _minibatch(ctx: PPOContext, exp: Experience, mb_idx: Tensor, live: LiveForward | None):
-    """One optimizer step over the rows `mb_idx`: (weighted stat sums, token weight, (ratio mean, max |log
-    ratio|)), or None when its update was skipped (`run.on_nonfinite: skip`). `live` serves the first
-    micro-batch, whose rows must then be exactly the first `live.rows` rows of the rollout."""
-    tokens = engine.all_reduce_sum(exp.mask[mb_idx].sum().reshape(1).clone())
-    num_tokens = tokens.clamp_min(1.0) / engine.world_size()  # DeepSpeed averages grads over ranks
-    mb_ratio, mb_weight, mb_dev = 0.0, 0.0, 0.0  # become device tensors: no host sync per micro-batch
-    mb_totals: dict[str, Tensor] = {}
-    bad: dict[str, bool] = {}
-    for micro_idx in mb_idx.split(ctx.cfg.ppo.micro_batch_size):
-        mb = exp.select(micro_idx)
-        weight = mb.mask.sum().double()
-        if live is not None and not torch.equal(micro_idx, torch.arange(live.rows, device=ctx.device)):
-            raise AssertionError("the reused rollout forward does not match the first micro-batch's rows")
-        stats, flags = _train_micro(ctx, mb, num_tokens, live)
-        live = None
-        bad = {k: bad.get(k, False) or v for k, v in flags.items()}
-        mb_dev = torch.maximum(torch.as_tensor(mb_dev, device=weight.device), stats.pop("policy/log_ratio_absmax"))
-        for key, value in stats.items():
-            # losses are already shares of the minibatch mean: sum them; stats are token means
-            mb_totals[key] = mb_totals.get(key, 0.0) + (value if key.endswith("/loss") else value * weight)
-        mb_ratio += stats["policy/ratio_mean"] * weight
-        mb_weight += weight
-    for loss, skip_flag in (("policy loss", "actor skipped"), ("value loss", "critic skipped")):
-        if bad[loss] and not bad[skip_flag]:  # a non-finite loss whose update was applied anyway
-            raise ctx.guard.stop_error(f"the {loss} (and its update was not skipped)", float("nan"), ctx.step)
-    if ctx.guard.skipping and (bad["actor skipped"] or bad["critic skipped"]
-                               or not is_finite(torch.cat([v.reshape(1) for v in mb_totals.values()]))):
-        return None
-    return mb_totals, mb_weight, (mb_ratio / mb_weight.clamp_min(1.0), mb_dev)
-
-
-def _train_micro(ctx: PPOContext, mb: Experience, num_tokens: Tensor,
-                 live: LiveForward | None) -> tuple[dict[str, Tensor], dict[str, bool]]:
-    """Forward, loss and backward of one micro-batch for actor then critic; each engine applies the update
-    at the minibatch's end (it counts accumulation boundaries). With `live` (the rollout's forwards of these
-    very rows, graphs attached) the two forwards are not run again.
-
-    Returns (stats, flags): stats as float64 device tensors (no host sync); flags say which loss was
-    non-finite and which engine skipped its update."""
-    ppo = ctx.cfg.ppo
-    with ctx.watch("actor"):
-        if live is not None:
-            logprobs = live.logprobs
-        else:
-            logits = policy_logits(ctx.actor, mb.input_ids, mb.attention_mask, mb.position_ids, mb.prompt_len,
-                                   ppo.temperature)
-            logprobs = logprobs_from_logits(logits, mb.response_ids)
-            del logits
-        pg_loss, pg_stats = ppo_policy_loss(logprobs, mb.logprobs, mb.advantages, mb.mask, ppo.clip_range,
-                                            num_tokens=num_tokens)
-        bad_pg, actor_skipped = optimizer_step(ctx, ctx.actor, pg_loss, "the policy loss")
-    with ctx.watch("critic"):
-        if live is not None:
-            values = live.values
-        else:
-            values = values_of(ctx.critic, mb.input_ids, mb.attention_mask, mb.position_ids, mb.prompt_len)
-        vf_loss, vf_stats = ppo_value_loss(values, mb.values, mb.returns, mb.mask, ppo.clip_range_value,
-                                           num_tokens=num_tokens)
-        bad_vf, critic_skipped = optimizer_step(ctx, ctx.critic, vf_loss, "the value loss")
-    out = {k: v.detach().double() for k, v in {**pg_stats, **vf_stats}.items()}
-    out.update({"policy/loss": pg_loss.detach().double(), "value/loss": vf_loss.detach().double()})
-    log_ratio = torch.where(mb.mask.bool(), logprobs.detach() - mb.logprobs, 0.0)
-    out["policy/log_ratio_absmax"] = log_ratio.abs().max().double()
-    return out, {"policy loss": bad_pg, "actor skipped": actor_skipped,
-                 "value loss": bad_vf, "critic skipped": critic_skipped}
-
-
-def optimizer_step(ctx: PPOContext, eng: Engine, loss: Tensor, what: str) -> tuple[bool, bool]:
+def backward_step(eng: Engine, loss: Tensor, guard: NonFiniteGuard, step: int, what: str) -> tuple[bool, bool]:
     """Backward of `loss`, then the engine's step (an optimizer update at an accumulation boundary), with
-    the non-finite guard around it: a non-finite loss stops the run (`run.on_nonfinite: stop`), or the
-    engine drops the step's gradients (`skip`). Returns (the loss was non-finite, the engine skipped)."""
-    skip = ctx.guard.skipping
+    the non-finite guard around it: a non-finite loss stops the run (`run.on_nonfinite: stop`) before its
+    backward, or the engine drops the step's gradients (`skip`). Returns (the loss was non-finite, the engine
+    dropped its update)."""
     bad = not is_finite(loss)
-    if bad and not skip:
-        raise ctx.guard.stop_error(what, loss, ctx.step)
+    if bad and not guard.skipping:
+        raise guard.stop_error(what, loss, step)
     eng.backward(loss, scale_wrt_gas=False)
-    return bad, engine.step_or_skip(eng, skip)
+    return bad, engine.step_or_skip(eng, guard.skipping)
