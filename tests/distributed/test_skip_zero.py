@@ -1,5 +1,5 @@
 """`run.on_nonfinite: skip` under `deepspeed --num_gpus 2` with ZeRO: one optimizer step (Trainer stage) or
-actor update (PPO, ZeRO 1-3) whose gradients are NaN (injected by tests/faults/faulty_cli.py) applies no update on any
+actor update (PPO, ZeRO 2 and 3) whose gradients are NaN (injected by tests/faults/faulty_cli.py) applies no update on any
 rank, is counted, and the run finishes."""
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("zero_stage", [1, 2, 3])
+# ZeRO-3 only: the Trainer's skip is the same callback at every stage; stage 3, with parameters partitioned
+# too, is the one whose engine step differs most (stages 1 and 2 share DeepSpeed's ZeRO optimizer class).
+@pytest.mark.parametrize("zero_stage", [3])
 def test_skip_discards_a_nan_step_under_zero(tmp_path, rlhf_cache, zero_stage):
     raw = yaml.safe_load((ROOT / "configs" / "reward_only.yaml").read_text())
     raw["run"].update({"output_dir": str(tmp_path / "runs"), "on_nonfinite": "skip"})
@@ -46,7 +48,8 @@ def test_skip_discards_a_nan_step_under_zero(tmp_path, rlhf_cache, zero_stage):
     assert rows[2]["skipped_steps"] == 0 and rows[3]["skipped_steps"] == 1 and rows[5]["skipped_steps"] == 1
 
 
-@pytest.mark.parametrize("zero_stage", [1, 2, 3])
+# Stage 1 left out: it shares DeepSpeed's ZeRO optimizer class with stage 2 (gradients partitioned there too).
+@pytest.mark.parametrize("zero_stage", [2, 3])
 def test_ppo_skip_discards_a_nan_actor_update_under_zero(tmp_path, tiny_model_dir, tiny_reward_dir, zero_stage):
     config = ppo_config(tmp_path, tiny_model_dir, tiny_reward_dir, zero_stage=zero_stage, run={"on_nonfinite": "skip"},
                         ppo={"steps": 3, "mini_batch_size": 4, "grad_accum": 1, "learning_rate": 1e-3,

@@ -122,7 +122,8 @@ def test_stage_script_sigterm_and_sigusr1_save_and_resume(tmp_path, rlhf_cache):
     run mid-training (bash, the log's tee, both launcher processes, both ranks): every rank saves the same
     step well within the launcher's 30 s, the log has the stop line, the script exits 143; the same command
     resumes from that checkpoint; SIGUSR1 to the script alone (as `sbatch --signal=B:USR1@120` signals the
-    batch shell), relayed by it, stops it the same way with 138; the third run finishes.
+    batch shell), relayed by it, stops it the same way with 138. (A resumed run reaching the full step count:
+    the other tests here.)
 
     The ranks are held at the start of the step the test signals in (tests/faults/ranksite), so the stop
     lands on that step: a 70 ms step could otherwise run to the end on a loaded machine first."""
@@ -175,13 +176,7 @@ def test_stage_script_sigterm_and_sigusr1_save_and_resume(tmp_path, rlhf_cache):
     assert stop_line("sft", "SIGUSR1", 6, ckpts) in log.read_text()
     assert not (stage_dir / artifacts.MANIFEST).exists()
 
-    proc = launch("last")
-    try:
-        assert proc.wait(timeout=240) == 0, (tmp_path / "last.out").read_text()[-3000:]
-    finally:
-        _kill_session(proc.pid)
-    assert "resuming from " + str(ckpts / "checkpoint-6") + " (step 6)" in log.read_text()
-    assert (manifest_step(stage_dir), logged_steps(stage_dir, "loss")) == (20, list(range(1, 21)))
+    assert logged_steps(stage_dir, "loss") == list(range(1, 7))  # each resumed run logged from its checkpoint on
 
 
 def _wait_until_held(proc: subprocess.Popen, gate: Path) -> None:
