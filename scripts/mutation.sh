@@ -75,6 +75,7 @@ for entry in "${MODULES[@]}"; do
   find "$copy/src" -name __pycache__ -prune -exec rm -rf {} +
   cp pyproject.toml "$copy/"
   cp tests/conftest.py "$copy/tests/"
+  mkdir -p "$copy/tests/unit" && cp tests/unit/deviceless.py "$copy/tests/unit/"
   for test in "${tests[@]}"; do mkdir -p "$copy/$(dirname "$test")"; cp "$test" "$copy/$test"; done
   {
     echo "[mutmut]"

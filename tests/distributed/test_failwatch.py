@@ -26,28 +26,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_a_failure_on_one_node_stops_the_other_node(tmp_path, tiny_model_dir, tiny_reward_dir):
     config = ppo_config(tmp_path, tiny_model_dir, tiny_reward_dir, zero_stage=2,
                         ppo={"steps": 3, "mini_batch_size": 4, "grad_accum": 1, "save_steps": 10, "sample_every": 10})
-    hostfile = tmp_path / "hostfile"
-    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
-    port = free_port()
-    env = cpu_rank_env(RLHF_FAULT="fail_on_rank:1:2")
-    procs = []
-    for node in (0, 1):
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--no_ssh", "--hostfile", str(hostfile),
-               "--num_nodes", "2", "--node_rank", str(node), "--master_addr", "127.0.0.1",
-               "--master_port", str(port), "--num_gpus", "1", str(ROOT / "tests" / "faults" / "faulty_cli.py"),
-               "ppo", "--config", str(config)]
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                      start_new_session=True))
     start = time.monotonic()
-    outs = []
-    try:
-        for proc in procs:
-            outs.append(proc.communicate(timeout=180)[0])
-    finally:
-        for proc in procs:
-            if proc.poll() is None:  # the whole launcher session: launcher and its rank
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+    procs, outs = _two_nodes(tmp_path, config, "fail_on_rank:1:2", timeout=180)
     assert len(outs) == 2, "a node was still running 180 s after the start (waiting in a collective)"
     assert "injected failure on rank 1 at step 2" in outs[1]
     assert procs[1].returncode != 0 and procs[0].returncode != 0
@@ -62,10 +42,23 @@ def test_a_preflight_blocker_on_one_node_stops_every_node_before_loading(tmp_pat
     the roll call stops both nodes within seconds, each naming rank 1's blocker, before any weights load."""
     config = ppo_config(tmp_path, tiny_model_dir, tiny_reward_dir, zero_stage=2,
                         ppo={"steps": 3, "mini_batch_size": 4, "grad_accum": 1, "save_steps": 10, "sample_every": 10})
+    procs, outs = _two_nodes(tmp_path, config, "blocker_on_rank:1", timeout=120)
+    assert len(outs) == 2, "a node was still waiting 120 s after the start"
+    blocker = "[data.missing] rank 1 on "
+    for node, out in enumerate(outs):
+        assert procs[node].returncode != 0
+        assert blocker in out and "is not on rank 1's disk" in out, out[-3000:]
+    assert "roll call: 2 rank(s) on 2 node(s), all answered" in outs[0]
+    assert "node1: host " in outs[0] and "one all-reduce: gloo " in outs[0]
+
+
+def _two_nodes(tmp_path: Path, config: Path, fault: str, *, timeout: float):
+    """PPO under `fault` on two loopback nodes, one rank each, each node's own `deepspeed --no_ssh`; returns
+    (processes, outputs of those that ended within `timeout`). Whatever is still running is killed."""
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
     port = free_port()
-    env = cpu_rank_env(RLHF_FAULT="blocker_on_rank:1")
+    env = cpu_rank_env(RLHF_FAULT=fault)
     procs = []
     for node in (0, 1):
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--no_ssh", "--hostfile", str(hostfile),
@@ -77,16 +70,12 @@ def test_a_preflight_blocker_on_one_node_stops_every_node_before_loading(tmp_pat
     outs = []
     try:
         for proc in procs:
-            outs.append(proc.communicate(timeout=120)[0])
+            outs.append(proc.communicate(timeout=timeout)[0])
+    except subprocess.TimeoutExpired:
+        pass
     finally:
         for proc in procs:
-            if proc.poll() is None:
+            if proc.poll() is None:  # the whole launcher session: launcher and its rank
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-    assert len(outs) == 2, "a node was still waiting 120 s after the start"
-    blocker = "[data.missing] rank 1 on "
-    for node, out in enumerate(outs):
-        assert procs[node].returncode != 0
-        assert blocker in out and "is not on rank 1's disk" in out, out[-3000:]
-    assert "roll call: 2 rank(s) on 2 node(s), all answered" in outs[0]
-    assert "node1: host " in outs[0] and "one all-reduce: gloo " in outs[0]
+    return procs, outs

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import math
-import sys
 
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
+from deviceless import DevicelessFactories
 from torch.testing import assert_close
 
 from rlhf import losses
@@ -265,33 +264,11 @@ def test_orpo_loss_gradients_are_finite_in_half_precision():
 # --------------------------------------------------------------------------------------------- devices
 
 
-class DevicelessFactories(TorchFunctionMode):
-    """Records each tensor factory that rlhf.losses calls without a device (none, or `device=None`).
-
-    On a GPU such a tensor lands on the CPU; on this CPU-only machine both places are the same, so the
-    calls are watched instead (tests/stages/test_ppo_device.py does it for the PPO stage).
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.calls: list[str] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        caller = sys._getframe(1)
-        name = getattr(func, "__name__", "")
-        if (
-            name in {"tensor", "full", "zeros", "ones", "empty", "arange"}
-            and kwargs.get("device") is None
-            and caller.f_code.co_filename == losses.__file__
-        ):
-            self.calls.append(f"losses.py:{caller.f_lineno} torch.{name}")
-        return func(*args, **kwargs)
 
 
 def test_every_tensor_losses_makes_names_its_device():
     x, mask = t([1.0, 2.0, 3.0], [4.0, 5.0, 6.0]), t([1, 1, 0], [1, 0, 0])
-    watch = DevicelessFactories()
+    watch = DevicelessFactories(losses)
     with watch:
         masked_sum(x, mask)
         masked_mean(x, mask, dim=1)

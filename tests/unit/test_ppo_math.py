@@ -4,11 +4,10 @@ whitening, the PPO policy and value losses. No models."""
 from __future__ import annotations
 
 import math
-import sys
 
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
+from deviceless import DevicelessFactories
 from torch.testing import assert_close
 
 from rlhf import ppo_math
@@ -47,32 +46,8 @@ def gae_reference(rewards, values, mask, gamma, lam):
     return advantages, torch.where(mask.bool(), advantages + values, 0.0)
 
 
-FACTORIES = {"tensor", "full", "zeros", "ones", "empty", "arange", "linspace", "eye"}
 
 
-class DevicelessFactories(TorchFunctionMode):
-    """Records each tensor factory that rlhf.ppo_math calls without a device (none, or `device=None`).
-
-    On a GPU such a tensor lands on the CPU and the next op that mixes it with the inputs fails; on this
-    CPU-only machine both places are the same, so the calls are watched instead, as
-    tests/stages/test_ppo_device.py does for the PPO stage.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.calls: list[str] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        caller = sys._getframe(1)
-        name = getattr(func, "__name__", "")
-        if (
-            name in FACTORIES
-            and kwargs.get("device") is None
-            and caller.f_code.co_filename == ppo_math.__file__
-        ):
-            self.calls.append(f"ppo_math.py:{caller.f_lineno} torch.{name}")
-        return func(*args, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------------ GAE
@@ -188,7 +163,7 @@ def test_response_mask_several_eos_ids_and_sampled_pad():
 def test_every_tensor_ppo_math_makes_names_its_device():
     ids = torch.tensor([[5, 2, 0], [5, 6, 0]])
     logp, mask = t([-1.0, -2.0, -3.0], [-1.0, -1.0, -1.0]), t([1, 1, 0], [1, 1, 1])
-    watch = DevicelessFactories()
+    watch = DevicelessFactories(ppo_math)
     with watch:
         response_mask(ids, eos_token_id=[2, 3], pad_token_id=0)
         response_mask(ids, eos_token_id=2, pad_token_id=None)
