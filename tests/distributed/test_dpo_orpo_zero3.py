@@ -15,6 +15,7 @@ import yaml
 from rlhf import artifacts, models
 from rlhf.config import load_config
 from rlhf.data import load_rows
+from rlhf.forwards import pair_logps
 from rlhf.stages import dpo
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -69,7 +70,7 @@ def test_dpo_zero3_two_ranks(tmp_path, tiny_model_dir, precompute):
     tok = models.load_tokenizer(str(tmp_path / "runs" / "t" / "dpo" / "final"))
     policy, ref = (models.load_causal_lm(str(d / "final"), tokenizer=tok).eval()
                    for d in (tmp_path / "runs" / "t" / "dpo", sft))
-    expected = dpo.implicit_rewards(policy, ref, tok, eval_rows, 0.1)
+    expected = dpo.rewards_report(pair_logps(policy, tok, eval_rows), pair_logps(ref, tok, eval_rows), 0.1)
     assert len(eval_rows) == 13 and expected["rewards/accuracy"] == metrics["heldout_rewards/accuracy"]
     for key, value in expected.items():
         assert metrics[f"heldout_{key}"] == pytest.approx(value, rel=1e-5, abs=1e-6), key

@@ -35,12 +35,14 @@ def test_dpo_raises_heldout_implicit_reward_accuracy(tmp_path, rlhf_cache, tiny_
                               "dpo.save_steps=4", "logging.tensorboard=false"])
     fake_sft(cfg, tiny_model_dir)
     from rlhf.data import load_rows
+    from rlhf.forwards import pair_logps
     from rlhf.stages import dpo
 
     _, held_out, _ = load_rows(cfg, "dpo", "preference")
     tok = models.load_tokenizer(str(tiny_model_dir))
     sft_model = models.load_causal_lm(str(tiny_model_dir), tokenizer=tok).eval()
-    before = dpo.implicit_rewards(sft_model, sft_model, tok, held_out, cfg.dpo.beta)
+    logps = pair_logps(sft_model, tok, held_out)
+    before = dpo.rewards_report(logps, logps, cfg.dpo.beta)  # the policy is its reference
     result = run_stage("dpo", cfg)
     manifest = artifacts.read_manifest(cfg.stage_dir("dpo"))
     after = manifest["metrics"]

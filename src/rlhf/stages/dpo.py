@@ -117,14 +117,6 @@ def run(cfg: PipelineConfig, *, restart: bool = False) -> StageResult:
 LOSSES = {"sigmoid": "dpo_loss", "ipo": "ipo_loss", "hinge": "hinge_loss"}  # dpo.loss_type -> rlhf.losses
 
 
-def implicit_rewards(policy, ref, tokenizer, rows: list[dict], beta: float,
-                     loss_type: str = "sigmoid") -> dict[str, float]:
-    """Held-out implicit-reward statistics of `policy` against `ref` in this process (`rewards_report`)."""
-    from rlhf.forwards import pair_logps
-
-    return rewards_report(pair_logps(policy, tokenizer, rows), pair_logps(ref, tokenizer, rows), beta, loss_type)
-
-
 def rewards_report(policy_logps: list[list[float]], ref_logps: list[list[float]], beta: float,
                    loss_type: str = "sigmoid") -> dict[str, float]:
     """The implicit-reward statistics and the `loss_type` loss (`LOSSES`) from per-row [chosen, rejected]
