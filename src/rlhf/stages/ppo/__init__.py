@@ -194,7 +194,7 @@ def run(cfg: PipelineConfig, *, restart: bool = False, on_step=None) -> StageRes
     _seed(cfg.run.seed + engine.rank())
     tokenizer = models.load_tokenizer(sft_dir, trust_remote_code=cfg.model.trust_remote_code, padding_side="left")
     rows, _, data_path = load_rows(cfg, "ppo", "prompt")
-    device = engine.device(cfg.run.device)
+    device = stage.device  # decided once, when the stage started
     built = build_models(cfg, sft_dir, reward_dir, tokenizer, device)
     ppo = cfg.ppo
     kl_ctl = (AdaptiveKLController(ppo.kl_coef, ppo.target_kl, ppo.kl_horizon) if ppo.adaptive_kl
