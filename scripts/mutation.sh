@@ -13,7 +13,7 @@ ROOT=$PWD
 
 # module under src/rlhf/ : the unit test files that must notice every change to it (comma-separated)
 MODULES=(
-  "ppo_math:tests/unit/test_ppo_math.py"
+  "ppo_math:tests/unit/test_ppo_math.py,tests/unit/test_advantage_estimators.py"
   "losses:tests/unit/test_losses.py"
 )
 

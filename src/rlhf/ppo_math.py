@@ -1,20 +1,26 @@
-"""PPO's maths, each piece with a hand-worked test (tests/unit/test_ppo_math.py). Every piece is a pure
-tensor function except the KL controllers: objects that hold the current kl_coef as `value`, which the
-adaptive one's `update` changes after each step (the fixed one's leaves it), saved and restored through
-`state_dict` / `load_state_dict`.
+"""PPO's maths, each piece with a hand-worked test (tests/unit/test_ppo_math.py; the critic-free pieces
+in tests/unit/test_advantage_estimators.py). Every piece is a pure tensor function except the KL
+controllers: objects that hold the current kl_coef as `value`, which the adaptive one's `update` changes
+after each step (the fixed one's leaves it), saved and restored through `state_dict` / `load_state_dict`.
 
     response_mask       which sampled tokens count (up to and including the first EOS)
     kl_penalty          per-token KL estimate of the policy against the reference (k1, k3)
     per_token_rewards   the score at the last counted token, -kl_coef * KL on every token
     gae                 generalized advantage estimates and returns
+    grpo_advantages, dr_grpo_advantages, rloo_advantages, reinforce_pp_baseline_advantages
+                        critic-free advantages from outcome scores, k samples per prompt
+    broadcast_advantages  a per-response advantage on each of its counted tokens, as (advantages, returns)
     masked_whiten       advantages whitened over the counted tokens (of all ranks, given a reduce)
-    ppo_policy_loss     the clipped surrogate objective, as a token mean
+    aggregate_loss      a per-token loss reduced to a scalar: token mean or per-sequence means
+    ppo_policy_loss     the clipped surrogate objective (a token mean by default)
+    kl_loss             kl_coef * KL(policy || ref) as a loss term (GRPO)
     ppo_value_loss      the clipped value loss, as a token mean
     KL controllers      the fixed or adaptive kl_coef (stateful)
 
-Shapes: B = batch, R = response length. `mask` is a binary [B, R] tensor (bool or float), 1 for
-response tokens up to and including the first EOS, 0 after it and for padding. The experience maths runs
-without gradient and returns float32; the losses carry the gradient of their log-probs and values.
+Shapes: B = batch, R = response length, k = samples per prompt (B = n_prompts * k). `mask` is a binary
+[B, R] tensor (bool or float), 1 for response tokens up to and including the first EOS, 0 after it and
+for padding. The experience maths runs without gradient and returns float32; the losses carry the
+gradient of their log-probs and values.
 
 This module imports only torch (and the masked statistics of `rlhf.losses`, which imports only torch).
 """
@@ -30,6 +36,7 @@ from torch import Tensor
 from rlhf.losses import Stats, masked_mean, masked_sum, masked_var
 
 KLEstimator = Literal["k1", "k3"]  # `ppo.kl_estimator`
+LossAggregation = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"]  # see aggregate_loss
 
 
 # --------------------------------------------------------------------------------------------------
@@ -118,6 +125,86 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float)
     advantages = torch.stack(columns[::-1], dim=1)
     returns = torch.where(valid, advantages + values, 0.0)
     return advantages, returns
+
+
+# --------------------------------------------------------------------------------------------------
+# critic-free advantages from outcome scores, k samples per prompt (no gradient)
+# --------------------------------------------------------------------------------------------------
+
+
+def _centered_groups(scores: Tensor, k: int) -> Tensor:
+    """[n * k] scores, each prompt's k samples contiguous -> [n, k] float32 score - its group's mean.
+
+    A group whose scores are all equal gives exactly 0 (their float mean can miss them by an ulp).
+    """
+    if scores.dim() != 1:
+        raise ValueError(f"scores must be 1-D [n_prompts * k], got shape {tuple(scores.shape)}")
+    if k < 2:
+        raise ValueError(f"k (samples per prompt) must be >= 2 for a group baseline, got {k}")
+    if scores.shape[0] % k != 0:
+        raise ValueError(f"k = {k} samples per prompt does not divide the batch of {scores.shape[0]} scores")
+    groups = scores.float().reshape(-1, k)
+    flat = (groups == groups[:, :1]).all(dim=1, keepdim=True)
+    return torch.where(flat, 0.0, groups - groups.mean(dim=1, keepdim=True))
+
+
+@torch.no_grad()
+def grpo_advantages(scores: Tensor, k: int, eps: float = 1e-6) -> Tensor:
+    """GRPO (Shao et al. 2024, https://arxiv.org/abs/2402.03300): (r - group mean) / (group std + eps).
+
+    scores: [n * k], a prompt's k samples contiguous -> [n * k] float32. The std is the unbiased one
+    (divides by k - 1), as torch.std and GRPO's reference implementations use. A group with equal
+    scores gets exactly 0 (given eps > 0).
+    """
+    centered = _centered_groups(scores, k)
+    return (centered / (centered.std(dim=1, keepdim=True) + eps)).reshape(-1)
+
+
+@torch.no_grad()
+def dr_grpo_advantages(scores: Tensor, k: int) -> Tensor:
+    """Dr. GRPO (Liu et al. 2025, https://arxiv.org/abs/2503.20783): r - group mean, no std division.
+
+    scores: [n * k], a prompt's k samples contiguous -> [n * k] float32.
+    """
+    return _centered_groups(scores, k).reshape(-1)
+
+
+@torch.no_grad()
+def rloo_advantages(scores: Tensor, k: int) -> Tensor:
+    """RLOO (Ahmadian et al. 2024, https://arxiv.org/abs/2402.14740): r_i - mean of the other k - 1 scores.
+
+    scores: [n * k], a prompt's k samples contiguous -> [n * k] float32. The leave-one-out baseline is
+    (k * mean - r_i) / (k - 1), so the advantage is k / (k - 1) * (r_i - group mean).
+    """
+    return (_centered_groups(scores, k) * (k / (k - 1))).reshape(-1)
+
+
+@torch.no_grad()
+def broadcast_advantages(advantages: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """A per-response advantage on each of its counted tokens: [B], [B, R] -> (advantages, returns), [B, R].
+
+    Outcome estimators give every response token the same advantage; 0 outside the mask. There is no
+    critic, so the returns are the advantages themselves (GAE's advantages + values with values 0),
+    the same tensor: the pair has `gae`'s shapes, and the caller may ignore the returns.
+    """
+    advantages = torch.where(mask.bool(), advantages.float().unsqueeze(1), 0.0)
+    return advantages, advantages
+
+
+@torch.no_grad()
+def reinforce_pp_baseline_advantages(
+    scores: Tensor, k: int, mask: Tensor, reduce: Callable[[Tensor], Tensor] | None = None
+) -> tuple[Tensor, Tensor]:
+    """REINFORCE++-baseline (Hu et al. 2025, https://arxiv.org/abs/2501.03262): r - group mean on every
+    counted token, then whitened over the counted tokens of the batch.
+
+    scores: [n * k], a prompt's k samples contiguous; mask: [n * k, R]. Returns (advantages, returns),
+    both [n * k, R]: the whitened advantages, and the returns before whitening, as `gae` followed by
+    `masked_whiten` gives them. `reduce` (a sum over ranks) takes the whitening statistics over every
+    rank's tokens, as in `masked_whiten`; the group means never cross ranks (a group is on one rank).
+    """
+    advantages, returns = broadcast_advantages(dr_grpo_advantages(scores, k), mask)
+    return masked_whiten(advantages, mask, reduce=reduce), returns
 
 
 # --------------------------------------------------------------------------------------------------
@@ -230,6 +317,40 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float =
 # --------------------------------------------------------------------------------------------------
 
 
+def aggregate_loss(
+    per_token: Tensor,
+    mask: Tensor,
+    mode: LossAggregation = "token_mean",
+    norm_len: float | None = None,
+    divisor: Tensor | float | None = None,
+) -> Tensor:
+    """Reduce a per-token loss [B, R] over the counted tokens of `mask` [B, R] to a scalar.
+
+    token_mean: sum over all counted tokens / their number (a long response weighs more).
+    seq_mean_token_mean: each row's token mean, then the mean over rows (GRPO: each response weighs
+    the same, so a token of a short one weighs more). seq_mean_token_sum_norm: each row's token sum /
+    `norm_len`, a constant such as the largest response length, then the mean over rows (Dr. GRPO,
+    https://arxiv.org/abs/2503.20783: no length-dependent weight).
+
+    The rows are those with a counted token: a row with an empty mask adds 0 and is not counted, and
+    an empty batch gives 0, not NaN. `divisor` replaces that last count (tokens for token_mean, rows
+    otherwise), e.g. with the global count divided by the world size, as in `ppo_policy_loss`.
+    """
+    if mode == "token_mean":
+        total, count = masked_sum(per_token, mask), mask.sum()
+    elif mode == "seq_mean_token_mean":
+        total, count = masked_mean(per_token, mask, dim=1).sum(), mask.bool().any(dim=1).sum()
+    elif mode == "seq_mean_token_sum_norm":
+        if norm_len is None or norm_len <= 0:
+            raise ValueError(f"{mode} needs norm_len > 0 (e.g. the largest response length), got {norm_len}")
+        # the rows' sums / norm_len, summed over rows, is the sum over all their tokens / norm_len
+        total, count = masked_sum(per_token, mask) / norm_len, mask.bool().any(dim=1).sum()
+    else:
+        raise ValueError(f"unknown loss aggregation {mode!r}; expected one of {LossAggregation.__args__}")
+    denom = count.to(per_token.dtype).clamp_min(1.0) if divisor is None else divisor
+    return total / denom
+
+
 def ppo_policy_loss(
     logprobs: Tensor,
     old_logprobs: Tensor,
@@ -237,8 +358,11 @@ def ppo_policy_loss(
     mask: Tensor,
     clip_range: float,
     num_tokens: Tensor | float | None = None,
+    loss_agg: LossAggregation = "token_mean",
+    norm_len: float | None = None,
+    num_seqs: Tensor | float | None = None,
 ) -> tuple[Tensor, Stats]:
-    """Clipped surrogate loss: token mean of max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)).
+    """Clipped surrogate loss: max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)), a token mean by default.
 
     logprobs, old_logprobs, advantages, mask: [B, R]. Only `logprobs` carries gradient;
     `old_logprobs` and `advantages` are detached here. Tokens under mask 0 get exactly zero gradient.
@@ -247,6 +371,10 @@ def ppo_policy_loss(
     token mean over the whole global batch, which is what PPO optimises, pass the global count (divided
     by the world size when DDP/DeepSpeed averages gradients over ranks): averaging per-rank token means
     weights a token on a short-response rank more than one on a long-response rank.
+
+    `loss_agg` and `norm_len` choose another reduction over the tokens (see `aggregate_loss`); under
+    the seq_ modes `num_seqs` is the divisor in place of `num_tokens`: the count of rows with a counted
+    token (global / world size as above; default: this micro-batch's).
 
     Stats: policy/clipfrac (fraction of tokens where the clipped term is the larger, so the gradient
     is 0), policy/approx_kl (k3 estimate of KL(old || new) at tokens sampled from old: (r - 1) - log r
@@ -259,8 +387,7 @@ def ppo_policy_loss(
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
     per_token = torch.maximum(unclipped, clipped)
-    denom = mask.sum().to(per_token.dtype).clamp_min(1.0) if num_tokens is None else num_tokens
-    loss = masked_sum(per_token, mask) / denom
+    loss = aggregate_loss(per_token, mask, loss_agg, norm_len, num_tokens if loss_agg == "token_mean" else num_seqs)
 
     with torch.no_grad():
         stats = {
@@ -270,6 +397,33 @@ def ppo_policy_loss(
             "policy/ratio_max": torch.where(mask.bool(), ratio, torch.zeros_like(ratio)).max(),
         }
     return loss, stats
+
+
+def kl_loss(
+    logprobs: Tensor,
+    ref_logprobs: Tensor,
+    mask: Tensor,
+    kl_coef: float,
+    estimator: KLEstimator = "k3",
+    num_tokens: Tensor | float | None = None,
+    loss_agg: LossAggregation = "token_mean",
+    norm_len: float | None = None,
+    num_seqs: Tensor | float | None = None,
+) -> tuple[Tensor, Stats]:
+    """The KL penalty as a loss term (GRPO, https://arxiv.org/abs/2402.03300 eq. 3-4): kl_coef * KL per token.
+
+    logprobs, ref_logprobs, mask: [B, R]. The per-token estimate is `kl_penalty` (GRPO's k3 by
+    default: exp(ref - logp) - (ref - logp) - 1), reduced as in `ppo_policy_loss` with the same
+    `num_tokens`, `loss_agg`, `norm_len` and `num_seqs`, so the two losses add up token by token.
+    Only `logprobs` carries gradient (k3's is kl_coef * (1 - q / p) per token, q and p the reference's
+    and the policy's probabilities); `ref_logprobs` is detached. Use it instead of the KL in the rewards (`per_token_rewards` with kl_coef 0), not with it.
+
+    Stats: policy/ref_kl (token mean of the estimate, without kl_coef; 0 when the mask is empty).
+    """
+    kl = kl_penalty(logprobs, ref_logprobs.detach(), estimator)
+    divisor = num_tokens if loss_agg == "token_mean" else num_seqs
+    loss = kl_coef * aggregate_loss(kl, mask, loss_agg, norm_len, divisor)
+    return loss, {"policy/ref_kl": masked_mean(kl.detach(), mask)}
 
 
 def ppo_value_loss(
