@@ -17,6 +17,10 @@ at most `ppo.max_new_tokens` tokens. Then, per model:
   outcome on the length difference, read at zero difference), so a model that wins by writing longer
   (or shorter) replies than the baseline shows it as a gap between the two win rates.
 
+The prompts: `data.prompts_eval`, else the held-out split of the prompt data; at most `data.eval_max_rows`
+of them (a sample seeded by `run.seed` when there are more; eval.json records both counts), or the first N
+with `--prompts N`.
+
 Writes `<run>/eval/eval.json`, `responses.jsonl` and `eval.png` (reward versus KL per model, and bars of
 the judge/reward scores), and prints a table. Single process; models are loaded one at a time next to
 the reference and the reward model.
@@ -29,6 +33,7 @@ import json
 import logging
 import math
 import os
+import random
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,21 +103,41 @@ def load_judge(spec: str | None, flag: str = "--judge"):
         raise ConfigError(f"{flag} {spec}: cannot import it ({err})") from None
 
 
-def eval_prompts(cfg: PipelineConfig, limit: int | None) -> list[list[dict]]:
-    """Held-out prompts: data.prompts_eval, else the eval split of the prompt data (as PPO splits it)."""
+def eval_prompts(cfg: PipelineConfig, limit: int | None) -> tuple[list[list[dict]], int]:
+    """(the prompts to evaluate, how many there were to pick from): data.prompts_eval, else the eval split of
+    the prompt data (as PPO splits it).
+
+    `limit` (`--prompts N`) takes the first N. Without it at most `data.eval_max_rows` are evaluated (as
+    every stage's held-out check): when there are more, a sample seeded by `run.seed`, in file order; null
+    takes them all. One log line says how many of how many, and how they were picked."""
     from rlhf import data
     from rlhf.data import load_rows
 
+    what = "held-out prompts"
     if cfg.data.prompts_eval:
         rows = data.load(cfg.data.prompts_eval, "prompt", split=cfg.data.split, bad_rows=cfg.data.bad_rows).rows
+        where = data.label(cfg.data.prompts_eval)
     else:
-        train, rows, path = load_rows(cfg, "ppo", "prompt")
+        train, rows, where = load_rows(cfg, "ppo", "prompt")
         if not rows:
             log.warning("%s: no held-out prompts (data.eval_fraction is 0 and data.prompts_eval unset); "
-                        "evaluating on the training prompts", path)
-            rows = train
+                        "evaluating on the training prompts", where)
+            rows, what = train, "training prompts"
     prompts = [r["prompt"] for r in rows]
-    return prompts[:limit] if limit else prompts
+    if limit:
+        picked, how = prompts[:limit], f"the first ones (--prompts {limit})"
+    else:
+        bound = cfg.data.eval_max_rows
+        picked, how = prompts, f"all of them (data.eval_max_rows={bound})"
+        if bound is not None and len(prompts) > bound:
+            order = list(range(len(prompts)))
+            random.Random(cfg.run.seed).shuffle(order)
+            picked = [prompts[i] for i in sorted(order[:bound])]
+            how = (f"a sample seeded by run.seed (data.eval_max_rows={bound}; --prompts N takes the first N "
+                   "instead)")
+    if prompts:
+        log.info("eval: %d of %d %s of %s: %s", len(picked), len(prompts), what, where, how)
+    return picked, len(prompts)
 
 
 # ------------------------------------------------------------------------------------------- generation
@@ -238,7 +263,7 @@ def _compare(cfg: PipelineConfig, *, model_names: list[str] | None, n_prompts: i
     from tqdm.auto import tqdm
 
     judge_fn = load_judge(judge)
-    prompts = eval_prompts(cfg, n_prompts)
+    prompts, n_available = eval_prompts(cfg, n_prompts)
     if not prompts:
         raise ConfigError(f"{cfg.source}: no prompts to evaluate on")
     gen = GenSettings(max_new_tokens=max_new_tokens or cfg.ppo.max_new_tokens,
@@ -257,7 +282,7 @@ def _compare(cfg: PipelineConfig, *, model_names: list[str] | None, n_prompts: i
         log.info("eval: %s done (%d responses)", name, len(prompts))
     base = next(c for c in cands if c.name == ref_name)
     rows = summarize(cands, base)
-    result = {"prompts": len(prompts), "baseline": ref_name, "reference": ref_path,
+    result = {"prompts": len(prompts), "prompts_available": n_available, "baseline": ref_name, "reference": ref_path,
               "reward_model": scorer[2] if scorer else None, "judge": judge,
               "win_rate_by": "judge" if judge_fn else ("reward" if scorer else None),
               "generation": vars(gen), "models": rows, "devices": {c.name: c.device for c in cands}}

@@ -172,3 +172,51 @@ def test_cli_inspects_every_configured_source_and_the_mix(tmp_path, capsys):
             f"  {FORMATS / 'alpaca.jsonl'}: 2 rows x1 -> 2 (33%)") in out
     assert cli.main(["data", "inspect", str(FORMATS / "alpaca.jsonl"), "--columns", "prompt"]) == 2
     assert capsys.readouterr().err.strip() == "error: --columns: expected KEY=THEIRS, e.g. --columns prompt=question"
+
+
+class _CountingTokenizer:
+    """A tokenizer that records how many texts each call got."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.calls = tokenizer, []
+
+    def __call__(self, texts, **kwargs):
+        self.calls.append(len(texts) if isinstance(texts, list) else 1)
+        return self.tokenizer(texts, **kwargs)
+
+
+def test_token_lengths_come_from_batched_calls_and_equal_one_call_per_text(tmp_path, rlhf_cache, monkeypatch):
+    from rlhf import models, verbosity
+    from rlhf.data import LengthStats, load, report
+
+    tokenizer = models.load_tokenizer(models.resolve_model("tiny-random"))
+    turns = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Tell me a story."},
+             {"role": "assistant", "content": "Once upon a time."}, {"role": "user", "content": "Go on."}]
+    rows = [
+        {"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."},
+        {"prompt": turns, "chosen": [{"role": "assistant", "content": "and then a dragon came " * 150}],
+         "rejected": [{"role": "assistant", "content": "No."}]},
+        {"prompt": "naïve café 東京 🚀?", "chosen": "Ça va très bien, merci 🙂", "rejected": "?"},
+        {"prompt": "q", "chosen": None, "rejected": "no"},  # bad: counted, not measured
+        {"prompt": "tabs\tand\n\nnewlines", "chosen": "a\n\n  b\tc  ", "rejected": "x" * 3000},
+        {"prompt": "Why?", "chosen": "Because it is so.", "rejected": "Dunno", "score_chosen": 8, "score_rejected": 2},
+        {"prompt": "Where?", "chosen": "Here", "rejected": "Over there, far away", "score_chosen": 5,
+         "score_rejected": 4.5},
+        {"prompt": "When?", "chosen": "Now, " * 40, "rejected": "Later.", "score_chosen": 9, "score_rejected": 1},
+    ]
+    path = _write_jsonl(tmp_path / "p.jsonl", rows)
+    monkeypatch.setattr(report, "CHUNK_ROWS", 3)  # 7 good rows: chunks of 3, 3 and 1
+    counting = _CountingTokenizer(tokenizer)
+    got = inspect(path, tokenizer=counting)
+
+    good = load(path, "preference", bad_rows="skip").rows
+    per_row = {key: [sum(verbosity.response_length(m["content"], tokenizer) for m in row[key]) for row in good]
+               for key in ("prompt", "chosen", "rejected")}
+    assert len(set(per_row["chosen"])) > 4 and max(per_row["rejected"]) > 1000  # varied, and past any model limit
+    assert (got.n_rows, got.n_bad, got.length_unit) == (7, 1, "tokens")
+    assert got.lengths == {key: LengthStats.of(values) for key, values in per_row.items()}
+    assert got.length_bias == verbosity.length_bias(per_row["chosen"], per_row["rejected"],
+                                                    [row.get("margin") for row in good], unit="tokens")
+    assert got.length_bias.n_margins == 3
+    # one call per chunk, with every message of its rows (row 2's prompt has 4)
+    assert counting.calls == [3 + 3 + 6, 3 + 3 + 3, 3]

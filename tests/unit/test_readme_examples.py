@@ -26,3 +26,99 @@ def test_adapter_only_example_names_a_lora_stage_of_a_shipped_config():
         section = getattr(cfg, stage)
         saves = getattr(section, "save_steps", None)
         assert saves and step % saves == 0, f"{line}: {cfg.source} saves {stage} every {saves} steps"
+
+
+# The README's "Using it" to "Trying the result" examples, read statically: every config they name loads with
+# its --set overrides, every file they read is in the repository or written by an earlier example, and no
+# example re-trains a stage an earlier one trained under other values of its weights' keys (that exits 2).
+TRAIN_COMMANDS = ("sft", "reward", "ppo", "dpo", "orpo")
+NEEDS_AN_ACCOUNT = ("wandb login",)
+"""Examples that need an account or a server, not tried here (their config is the user's own)."""
+
+
+def _example_section() -> str:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    return text[text.index("\n## Using it\n"):text.index("\n## GPUs and air-gapped clusters\n")]
+
+
+def _blocks(section: str, lang: str) -> list[str]:
+    return re.findall(rf"^```{lang}\n(.*?)^```", section, flags=re.S | re.M)
+
+
+def _commands() -> list[list[str]]:
+    """Each shell command of the section's bash blocks, in order, as tokens (continuations joined, comments
+    and `&&` split off, the account examples left out)."""
+    import shlex
+
+    out = []
+    for block in _blocks(_example_section(), "bash"):
+        for line in block.replace("\\\n", " ").splitlines():
+            if line.strip().startswith(NEEDS_AN_ACCOUNT):
+                continue
+            tokens = shlex.split(line, comments=True)
+            while "&&" in tokens:
+                cut = tokens.index("&&")
+                out.append(tokens[:cut])
+                tokens = tokens[cut + 1:]
+            if tokens:
+                out.append(tokens)
+    return out
+
+
+def _rlhf_args(tokens: list[str]) -> list[str] | None:
+    """The arguments after `rlhf` (or the DeepSpeed launcher's `--module rlhf.cli`), None for other commands."""
+    for i, token in enumerate(tokens):
+        if token == "rlhf" or (token == "rlhf.cli" and tokens[i - 1] == "--module"):
+            return tokens[i + 1:]
+    return None
+
+
+def _option(args: list[str], name: str) -> list[str]:
+    return [args[i + 1] for i, token in enumerate(args[:-1]) if token == name]
+
+
+def test_the_examples_read_only_files_that_are_there():
+    written: set[str] = set()
+    for tokens in _commands():
+        read = [tokens[i + 1] for i, t in enumerate(tokens[:-1]) if t == "<"]
+        args = _rlhf_args(tokens)
+        if args is not None:
+            read += _option(args, "--config") + _option(args, "--data")
+            if args[:2] == ["data", "inspect"] and len(args) > 2 and not args[2].startswith("-"):
+                read.append(args[2])
+        elif tokens[:2] == ["bash", "stages/pipeline.sh"]:
+            read.append(tokens[2])
+        for path in read:
+            assert (ROOT / path).exists() or path in written, f"README example `{' '.join(tokens)}`: no {path} here"
+        written |= {tokens[i + 1] for i, t in enumerate(tokens[:-1]) if t == ">"}
+
+
+def test_the_examples_configs_load_and_no_example_retrains_a_stage_under_other_values():
+    from rlhf.config import changed_settings
+
+    trained: dict[Path, object] = {}  # stage dir -> the config of the example that trained it
+    for tokens in _commands():
+        args = _rlhf_args(tokens)
+        configs = _option(args, "--config") if args is not None else []
+        if not configs:
+            continue
+        example = " ".join(tokens)
+        cfg = load_config(ROOT / configs[0], _option(args, "--set"))  # unknown keys and bad values raise
+        stages = cfg.stages if args[0] == "pipeline" else [args[0]] if args[0] in TRAIN_COMMANDS else []
+        for stage in stages:
+            before = trained.setdefault(cfg.stage_dir(stage), cfg)
+            if "--restart" not in args:
+                assert not changed_settings(before, cfg, stage)[0], (
+                    f"README example `{example}` re-runs {cfg.stage_dir(stage)}, trained by an earlier example, under "
+                    f"other values of {changed_settings(before, cfg, stage)[0]}: it exits 2")
+
+
+def test_the_logging_section_shown_is_a_valid_config_section():
+    import yaml
+
+    from rlhf.config import config_from_dict
+
+    (block,) = _blocks(_example_section(), "yaml")
+    raw = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text(encoding="utf-8"))
+    raw.update(yaml.safe_load(block))
+    assert config_from_dict(raw, source="README.md").logging.report_to == ["tensorboard", "wandb", "mlflow", "trackio"]

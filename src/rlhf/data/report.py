@@ -12,7 +12,6 @@ opposite; with margins, the correlation between length difference and margin.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +20,7 @@ from rlhf.data.formats import FORMAT_KINDS, describe
 from rlhf.data.sources import n_taken, parts
 from rlhf.data.stage_rows import data_source
 from rlhf.data.validate import RowScanner
+from rlhf.encoding import CHUNK_ROWS
 from rlhf.errors import DataError
 from rlhf.verbosity import LengthBias
 
@@ -111,10 +111,16 @@ def _truncate(row: dict) -> dict:
     }
 
 
-def _measure(tokenizer: Any) -> Callable[[list[dict]], int]:
-    """A function from a message list to its length in tokens (content only) or words: the sum of
-    `verbosity.response_length` over its messages (chosen and rejected are one assistant message each)."""
-    return lambda msgs: sum(verbosity.response_length(m["content"], tokenizer) for m in msgs)
+def _lengths(texts: list[str], tokenizer: Any) -> list[int]:
+    """`verbosity.response_length` of each text (its tokens under `tokenizer`, content only, or its words
+    without one), the texts tokenized in one batched call: the fast tokenizers' batch path, where a call per
+    text costs most of a large file's inspect time. The counts equal a call per text."""
+    if tokenizer is None:
+        return [verbosity.response_length(text) for text in texts]
+    if not texts:
+        return []
+    ids = tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return [len(row) for row in ids]
 
 
 def policy_tokenizer(cfg: Any) -> Any:
@@ -149,9 +155,13 @@ def _warnings(report: InspectReport) -> list[str]:
 
 @dataclass
 class _Tally:
-    """Running counts while `inspect` reads a source."""
+    """Running counts while `inspect` reads a source.
 
-    measure: Callable[[list[dict]], int]
+    Lengths are measured `CHUNK_ROWS` rows at a time (`_lengths`: one batched tokenizer call per chunk): `add`
+    keeps each row's texts until then, and `finish` measures the rest. A field of several messages measures
+    as the sum of its messages' lengths (chosen and rejected are one assistant message each)."""
+
+    tokenizer: Any
     n_examples: int
     n_rows: int = 0
     n_bad: int = 0
@@ -163,6 +173,12 @@ class _Tally:
     margins: list[float | None] = field(default_factory=list)
     seen_rows: set[str] = field(default_factory=set)
     seen_prompts: set[str] = field(default_factory=set)
+    pending: list[tuple[str, int]] = field(default_factory=list)
+    """(field, message count) of each row's message lists not measured yet, in row order."""
+    texts: list[str] = field(default_factory=list)
+    """Their messages' contents, in the same order."""
+    n_pending: int = 0
+    """Rows those come from."""
 
     def add(self, row: dict | DataError) -> None:
         """Count one normalized row or one bad row."""
@@ -176,7 +192,8 @@ class _Tally:
             self.examples.append(_truncate(row))
         for key, msgs in row.items():
             if isinstance(msgs, list):  # not the pair's margin
-                self.lengths.setdefault(key, []).append(self.measure(msgs))
+                self.pending.append((key, len(msgs)))
+                self.texts += [m["content"] for m in msgs]
         if "chosen" in row:
             self.margins.append(row.get("margin"))
         row_key, prompt_key = json.dumps(row, sort_keys=True), json.dumps(row["prompt"])
@@ -184,6 +201,16 @@ class _Tally:
         self.n_duplicate_prompts += prompt_key in self.seen_prompts
         self.seen_rows.add(row_key)
         self.seen_prompts.add(prompt_key)
+        self.n_pending += 1
+        if self.n_pending == CHUNK_ROWS:
+            self.finish()
+
+    def finish(self) -> None:
+        """Measure the rows `add` kept, appending to `lengths` in row order."""
+        counts = iter(_lengths(self.texts, self.tokenizer))
+        for key, n_messages in self.pending:
+            self.lengths.setdefault(key, []).append(sum(next(counts) for _ in range(n_messages)))
+        self.pending, self.texts, self.n_pending = [], [], 0
 
 
 def inspect(
@@ -206,11 +233,12 @@ def inspect(
     if len(found) != 1:
         raise ValueError("inspect reads one source at a time; call it for each of `parts(source)`")
     scanner = RowScanner(found[0], kind, split, streaming=streaming)
-    tally = _Tally(measure=_measure(tokenizer), n_examples=n_examples)
+    tally = _Tally(tokenizer=tokenizer, n_examples=n_examples)
     for _location, row in scanner:
         tally.add(row)
         if limit is not None and scanner.n_read >= limit:
             break
+    tally.finish()
     fmt = scanner.format or "unknown"
     report = InspectReport(
         source=found[0].path,
