@@ -69,6 +69,14 @@ def worker(config: str, out: Path, whole: bool) -> None:
             return wrap(*args, **kwargs)
 
         engine.wrap = wrap_after_loading
+        # Code both ways import sooner or later, imported before the peak is taken: DeepSpeed's ZeRO-3 and
+        # transformers' DeepSpeed integration (a partitioned load needs them first, a whole one at `wrap`)
+        # and the model classes. What is left is the loading itself.
+        import deepspeed.runtime.zero.partition_parameters  # noqa: F401
+        import transformers.integrations.deepspeed  # noqa: F401
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification  # noqa: F401
+        from transformers.models.llama import modeling_llama  # noqa: F401
+
         engine.barrier()
         Path("/proc/self/clear_refs").write_text("5")  # the peak starts again from the current RSS
         before = _rss_kib("VmRSS")
@@ -108,7 +116,12 @@ def _setup(work: Path, args) -> Path:
 
 def _launch(config: Path, out: Path, ranks: int, whole: bool) -> list[int]:
     out.mkdir(parents=True)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    # glibc's malloc raises its mmap threshold to the size of each large block freed, after which blocks of
+    # that size come from the heap, whose freed holes it cannot give back: a partitioned load frees a whole
+    # tensor per parameter just built, so the peak would measure that fragmentation rather than the loading.
+    # A fixed threshold keeps large blocks mmapped (returned when freed), in both runs alike.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+           "MALLOC_MMAP_THRESHOLD_": "131072"}
     if not _cuda():
         env.update({"DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""})
     launcher = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")

@@ -18,6 +18,8 @@ The submodules, each importing only those listed before it:
 - `aliases`: built-in names, built once under a file lock into `cache_root()`;
 - `resolve`: name -> dir, and the checks that need no loading (`model_kind`, `check_weights`);
 - `lora`: the `model.lora` config -> peft LoraConfig, models wrapped with it;
+- `streaming`: under ZeRO-3, a local checkpoint copied into the partitioned model one module at a time
+  (rank 0 never holds the whole checkpoint);
 - `loading`: `load_tokenizer`, `load_causal_lm`, `load_scalar_model`, `load_reward_stats`;
 - `saving`: `save_pretrained_atomic`, `merge_adapter_dir`.
 

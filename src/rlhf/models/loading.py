@@ -18,6 +18,7 @@ from typing import Any
 
 from rlhf import templates
 from rlhf.errors import ModelError
+from rlhf.models import streaming
 from rlhf.models.aliases import ALIASES
 from rlhf.models.files import read_json
 from rlhf.models.lora import wrap_lora
@@ -153,6 +154,16 @@ def _load_kwargs(trust_remote_code: bool, allow_pickle: bool, dtype: str) -> dic
             "use_safetensors": None if allow_pickle else True, "output_loading_info": True}
 
 
+def _from_pretrained(auto_class, name: str, kwargs: dict, **extra):
+    """(model, loading report) from `auto_class.from_pretrained`; under a registered ZeRO-3 config, from a
+    local safetensors dir streamed one module at a time (`streaming`), so rank 0 never holds the whole
+    checkpoint."""
+    if streaming.streamable(name):
+        return streaming.load_streamed(auto_class, name, dtype=kwargs["dtype"],
+                                       trust_remote_code=kwargs["trust_remote_code"], **extra)
+    return auto_class.from_pretrained(name, **extra, **kwargs)
+
+
 def load_causal_lm(path: str, *, tokenizer=None, trust_remote_code: bool = False, allow_pickle: bool = False,
                    dtype: str = "float32", lora: dict | None = None):
     """AutoModelForCausalLM from an alias/dir/hub id, pad ids synced, embeddings resized, optional LoRA.
@@ -169,8 +180,8 @@ def load_causal_lm(path: str, *, tokenizer=None, trust_remote_code: bool = False
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(name, trust_remote_code=trust_remote_code)
     try:
         with _quiet_load_report():
-            model, info = AutoModelForCausalLM.from_pretrained(
-                name, **_load_kwargs(trust_remote_code, allow_pickle, dtype))
+            model, info = _from_pretrained(AutoModelForCausalLM, name,
+                                           _load_kwargs(trust_remote_code, allow_pickle, dtype))
     except (OSError, ValueError) as err:
         raise _load_error(name, "model", err) from err
     _check_loading_info(name, info, head_ok_missing=False)
@@ -196,9 +207,9 @@ def load_scalar_model(path: str, *, tokenizer=None, require_head: bool, trust_re
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(name, trust_remote_code=trust_remote_code)
     try:
         with _quiet_load_report():
-            model, info = AutoModelForSequenceClassification.from_pretrained(
-                name, num_labels=1, ignore_mismatched_sizes=not require_head,
-                **_load_kwargs(trust_remote_code, allow_pickle, dtype))
+            model, info = _from_pretrained(AutoModelForSequenceClassification, name,
+                                           _load_kwargs(trust_remote_code, allow_pickle, dtype),
+                                           num_labels=1, ignore_mismatched_sizes=not require_head)
     except (OSError, ValueError) as err:
         raise _load_error(name, "model", err) from err
     if info.get("mismatched_keys"):
