@@ -94,6 +94,21 @@ def test_run_only_keys_may_differ_with_one_line(trained, tmp_path, rlhf_cache, c
     assert again.keys() == weights.keys() and all((again[k] == weights[k]).all() for k in weights)
 
 
+def test_a_plain_checkpoint_is_not_resumed_under_deepspeed_and_the_record_stays(trained, tmp_path, rlhf_cache):
+    """A stage trained without DeepSpeed, re-run with it (as under the launcher): one line naming the
+    checkpoint, the way out and `--restart`, before anything in the stage dir changes (its stage.json
+    included). transformers alone fails with "Can't find a valid checkpoint" after the record is gone."""
+    raw = _copy(trained, tmp_path)
+    cfg = config_from_dict(raw, overrides=["deepspeed.enabled=true"])  # a run-only key: accepted by itself
+    before = _files(cfg.stage_dir("sft"))
+    with pytest.raises(ConfigError) as err:
+        run_stage("sft", cfg)
+    message = str(err.value)
+    assert err.value.exit_code == 2 and "\n" not in message
+    assert "checkpoint-1: written by a run without DeepSpeed" in message and "--restart" in message
+    assert _files(cfg.stage_dir("sft")) == before
+
+
 def test_the_pipeline_refuses_a_complete_stage_trained_under_other_values(trained, tmp_path, rlhf_cache, caplog,
                                                                           capsys):
     raw = _copy(trained, tmp_path)

@@ -89,6 +89,7 @@ class StageRun:
         self.claim = claims.claim(self.dir, cfg.run.claim_timeout_s)
         if not restart:  # still nothing written: resume or keep only weights this config trains
             self._check_trained_config()
+            self._check_checkpoint_engine()
         if engine.local_rank() == 0:  # the first rank of every node: its disk may be its own (rlhf.replicate)
             try:
                 if restart:
@@ -135,6 +136,18 @@ class StageRun:
         if accepted:
             log.info("%s: %s differ from the config its checkpoints were trained with, but the weights trained so "
                      "far are the same under both; resuming under the new values", self.stage, ", ".join(accepted))
+
+    def _check_checkpoint_engine(self) -> None:
+        """A Trainer checkpoint written without DeepSpeed holds no engine state for a DeepSpeed run to resume
+        (transformers fails deep inside its loader): refuse in one line while the stage's record is intact.
+        The other way round works (the Trainer reads the model and its own optimizer state)."""
+        latest = artifacts.latest_checkpoint(self.ckpt_dir)
+        plain = (latest is not None and (latest / "trainer_state.json").is_file()
+                 and not (latest / "latest").is_file())
+        if engine.any_rank(plain and engine.use_deepspeed(self.cfg.deepspeed)):
+            raise ConfigError(f"{latest or self.ckpt_dir}: written by a run without DeepSpeed, which saved no DeepSpeed "
+                              f"engine state to resume; run `rlhf {self.stage}` without DeepSpeed as it was trained, "
+                              "or pass --restart to train the stage again under DeepSpeed")
 
     def _trackers(self) -> list:
         """The open trackers of `logging.report_to`, one run each for this stage (`rlhf.trackers`)."""
