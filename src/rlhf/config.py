@@ -296,7 +296,24 @@ class PPOCfg:
     steps: int = 100
     """PPO iterations; each samples `rollout_batch_size` prompts per rank, then updates."""
     rollout_batch_size: int = 16
-    """Prompts per rollout per rank."""
+    """Prompts per rollout per rank; each is answered `samples_per_prompt` times, so a rollout has
+    rollout_batch_size x samples_per_prompt rows per rank."""
+    samples_per_prompt: int = 1
+    """Responses sampled per prompt (a group, kept on one rank); the critic-free estimators need >= 2."""
+    advantage: Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_baseline"] = "gae"
+    """How a response's advantage is estimated. `gae`: a critic's values and GAE (the classic four models).
+    Critic-free, from the scores of each prompt's group of responses (no critic is built, trained or saved):
+    `grpo` (score minus the group mean, over the group's std), `dr_grpo` (minus the group mean only),
+    `rloo` (minus the mean of the group's other responses), `reinforce_baseline` (minus the group mean,
+    then whitened over the global batch). `whiten_advantages` applies to `gae` only."""
+    kl_in: Literal["reward", "loss"] = "reward"
+    """Where the KL to the reference goes: into the per-token rewards (`kl_estimator`; what the advantage
+    estimator sees), or into the policy loss as kl_coef x the k3 estimate per token (as GRPO). The KL
+    controller (`adaptive_kl`) sets the coefficient either way."""
+    loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "token_mean"
+    """How the policy loss averages over tokens: over every token of the minibatch (`token_mean`), per
+    response then over responses (`seq_mean_token_mean`, GRPO), or per-response sums over max_new_tokens
+    then over responses (`seq_mean_token_sum_norm`, Dr. GRPO)."""
     mini_batch_size: int = 4
     """Rows per optimizer step per rank (with grad_accum micro-batches of mini_batch_size / grad_accum)."""
     grad_accum: int = 1
@@ -367,13 +384,18 @@ class PPOCfg:
     the same tokens for the same seed."""
 
     def __post_init__(self) -> None:
-        for key in ("steps", "rollout_batch_size", "mini_batch_size", "grad_accum", "ppo_epochs",
-                    "max_new_tokens", "save_steps", "sample_every"):
+        for key in ("steps", "rollout_batch_size", "samples_per_prompt", "mini_batch_size", "grad_accum",
+                    "ppo_epochs", "max_new_tokens", "save_steps", "sample_every"):
             require(getattr(self, key) > 0, key, "must be > 0")
         require(self.learning_rate > 0, "learning_rate", "must be > 0")
         require(self.critic_learning_rate > 0, "critic_learning_rate", "must be > 0")
-        require(self.rollout_batch_size % self.mini_batch_size == 0, "mini_batch_size",
-                 f"must divide rollout_batch_size ({self.rollout_batch_size})")
+        require(self.advantage == "gae" or self.samples_per_prompt >= 2, "samples_per_prompt",
+                f"must be >= 2 for advantage: {self.advantage} (its baseline is the other responses to the same "
+                "prompt); set it to 4 or more, or use advantage: gae")
+        require(self.rollout_rows % self.mini_batch_size == 0, "mini_batch_size",
+                 f"must divide the rollout's rows per rank ({self.rollout_rows}: rollout_batch_size "
+                 f"{self.rollout_batch_size} x samples_per_prompt {self.samples_per_prompt})"
+                 if self.samples_per_prompt > 1 else f"must divide rollout_batch_size ({self.rollout_batch_size})")
         require(self.mini_batch_size % self.grad_accum == 0, "grad_accum",
                  f"must divide mini_batch_size ({self.mini_batch_size})")
         require(self.temperature > 0, "temperature", "must be > 0")
@@ -392,6 +414,16 @@ class PPOCfg:
     @property
     def micro_batch_size(self) -> int:
         return self.mini_batch_size // self.grad_accum
+
+    @property
+    def rollout_rows(self) -> int:
+        """Rows (responses) per rollout per rank: every prompt's group."""
+        return self.rollout_batch_size * self.samples_per_prompt
+
+    @property
+    def uses_critic(self) -> bool:
+        """Whether the run builds, trains and saves a critic (GAE needs its values; the others do not)."""
+        return self.advantage == "gae"
 
 
 @dataclass

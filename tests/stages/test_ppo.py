@@ -122,7 +122,7 @@ def _rollout(tok, prompts, responses: list[list[int]]):
         r_ids[i, :len(r)] = torch.tensor(r)
     mask, has_eos = response_mask(r_ids, tok.eos_token_id, tok.pad_token_id)
     return Rollout(prompts=prompts, prompt_ids=p_ids, prompt_mask=p_mask, response_ids=r_ids, mask=mask,
-                   has_eos=has_eos, responses=["x"] * len(responses))
+                   has_eos=has_eos, responses=["x"] * len(responses), group=torch.arange(len(responses)))
 
 
 def test_post_eos_tokens_carry_no_loss(tiny_model_dir):

@@ -4,6 +4,8 @@ actor   <- SFT output, trained (own AdamW)           ref    <- SFT output, froze
 critic  <- reward model (default) or SFT, trained               with adapters disabled)
 reward  <- reward stage output, frozen (or `ppo.reward_fn`, a Python function)
 
+A critic-free `ppo.advantage` (grpo, dr_grpo, rloo, reinforce_baseline) builds no critic: three models.
+
 This module builds the models (the actor and critic by `rlhf.ppo_models`, as `rlhf export` rebuilds them)
 and the run's `context.PPOContext`, then hands over to `loop.train`. One step, top to bottom:
 `loop.train_step` -> `experience` (prompts to Experience) -> `update` (the optimizer steps); `checkpoint`
@@ -69,7 +71,8 @@ def _reward_fn(spec: str):
 
 
 def build_models(cfg: PipelineConfig, sft_dir: str, reward_dir: str | None, tokenizer, device) -> dict:
-    """actor, ref (None for a LoRA actor), critic (inside a `ScalarHead`) and the scorer's reward model, each
+    """actor, ref (None for a LoRA actor), critic (inside a `ScalarHead`; None for a critic-free
+    `ppo.advantage`) and the scorer's reward model, each
     wrapped by `engine.wrap` on `device` (the plain engine moves it there; DeepSpeed places it on this rank's
     accelerator); the scorer (that reward engine, or `ppo.reward_fn`) and the reward stats. The actor and
     critic as `ppo_models.load_trained` builds them. A role at ZeRO-3 loads already partitioned over the
@@ -98,17 +101,20 @@ def build_models(cfg: PipelineConfig, sft_dir: str, reward_dir: str | None, toke
         if ppo.normalize_reward and stats is None:
             log.warning("%s: no reward_stats.json; scores are used unnormalized", reward_dir)
     same = ppo.reward_fn is not None or same_tokenizer(tokenizer, reward_tok)
-    if ppo.critic_init == "reward" and not same:
+    if ppo.uses_critic and ppo.critic_init == "reward" and not same:
         raise ConfigError(f"{reward_dir}: the reward model's tokenizer differs from the policy's, so a critic "
                           "initialised from it cannot read policy tokens; set ppo.critic_init: sft")
-    with sharded("critic", True):
-        critic, _ = ppo_models.load_trained("critic", cfg, sft_dir, reward_dir, tokenizer, dtype=trained_dtype)
+    critic = None
+    if ppo.uses_critic:
+        with sharded("critic", True):
+            critic, _ = ppo_models.load_trained("critic", cfg, sft_dir, reward_dir, tokenizer, dtype=trained_dtype)
     for model in (actor, ref, critic, reward_model):
         if model is not None:
             disable_dropout(model)
     frozen = {"micro_batch": ppo.micro_batch_size, "dtype": dtype, "device": device}
     out = {"actor": _trained(actor, ds, "actor", ppo.learning_rate, ppo, dtype, device),
-           "critic": _trained(ScalarHead(critic), ds, "critic", ppo.critic_learning_rate, ppo, dtype, device),
+           "critic": None if critic is None else _trained(ScalarHead(critic), ds, "critic", ppo.critic_learning_rate,
+                                                          ppo, dtype, device),
            "ref": None if ref is None else engine.wrap(ref.eval(), ds, "ref", **frozen),
            "reward_stats": stats}
     if reward_model is None:
@@ -187,7 +193,7 @@ def run(cfg: PipelineConfig, *, restart: bool = False, on_step=None) -> StageRes
     sft_dir = str(artifacts.stage_output(cfg.stage_dir("sft"), "sft", needed_by="the ppo stage",
                                          config_path=cfg.source))
     reward_dir = None
-    if cfg.ppo.reward_fn is None or cfg.ppo.critic_init == "reward":
+    if cfg.ppo.reward_fn is None or (cfg.ppo.uses_critic and cfg.ppo.critic_init == "reward"):
         reward_dir = str(artifacts.stage_output(cfg.stage_dir("reward"), "reward", needed_by="the ppo stage",
                                                 config_path=cfg.source))
     stage = StageRun(cfg, "ppo", restart=restart)

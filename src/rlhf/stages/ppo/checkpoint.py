@@ -1,6 +1,6 @@
 """PPO checkpoints: what a killed or preempted run resumes from, exactly where it stopped.
 
-checkpoint-<step>/ holds actor/ and critic/ (weights, optimizer, scheduler, through the engines),
+checkpoint-<step>/ holds actor/ and critic/ (none for a critic-free run) (weights, optimizer, scheduler, through the engines),
 trainer_state.json (step, KL controller, reward stats, prompt sampler position) and each rank's random
 state; its completion marker is written last, and only the last KEEP_CHECKPOINTS are kept.
 """
@@ -67,7 +67,8 @@ def save_checkpoint(ctx: PPOContext) -> Path:
     engine.barrier()
     try:
         engine.save_engine(ctx.actor, path / "actor")
-        engine.save_engine(ctx.critic, path / "critic")
+        if ctx.critic is not None:  # a critic-free run has none
+            engine.save_engine(ctx.critic, path / "critic")
         plain, tensors = rng_state(ctx.device)
         rank = engine.rank()
         artifacts.write_json_atomic(path / f"rng-{rank}.json", plain)
@@ -96,7 +97,8 @@ def load_checkpoint(ctx: PPOContext, path: Path) -> None:
     from safetensors.torch import load_file
 
     engine.load_engine(ctx.actor, path / "actor")
-    engine.load_engine(ctx.critic, path / "critic")
+    if ctx.critic is not None:
+        engine.load_engine(ctx.critic, path / "critic")
     state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
     ctx.step = int(state["step"])
     ctx.kl_ctl.load_state_dict(state["kl_controller"])

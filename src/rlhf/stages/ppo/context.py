@@ -28,7 +28,7 @@ class PPOContext:
     stage: StageRun
     tokenizer: Any  # the policy's transformers tokenizer, left padding
     actor: Engine  # trained, with its optimizer
-    critic: Engine  # trained, with its optimizer
+    critic: Engine | None  # trained, with its optimizer; None for a critic-free `ppo.advantage`
     ref: Engine | None  # frozen; None for a LoRA actor, whose reference is itself with adapters disabled
     scorer: Scorer
     kl_ctl: KLController

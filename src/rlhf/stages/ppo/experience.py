@@ -1,8 +1,13 @@
 """PPO, phase 1: from prompts to the experience one update learns from.
 
     prompts --generate--> Rollout --forward_all--> Forwards --make_experience--> Experience
-            (actor samples)         (actor, ref, critic,          (shaped rewards, GAE advantages
-                                     reward: no grad)               and returns; `rlhf.ppo_math`)
+            (actor samples)         (actor, ref, critic,          (shaped rewards, advantages and
+                                     reward: no grad)               returns; `rlhf.ppo_math`)
+
+Advantages: GAE over the critic's values (`ppo.advantage: gae`), or critic-free from the scores of each
+prompt's group of `ppo.samples_per_prompt` responses (`grpo`, `dr_grpo`, `rloo`, `reinforce_baseline`;
+then there is no critic, and its values are zeros). A group's rows are on one rank, tagged by
+`Rollout.group`, in any order.
 
 Shapes: B = rows per rank, P = padded prompt length (<= data.max_prompt_length), R = response length
 (<= ppo.max_new_tokens; shorter when every row stopped at EOS), T = P + R, V = vocabulary.
@@ -29,7 +34,16 @@ from rlhf.batching import encode_prompts, position_ids
 from rlhf.engine import adapters_disabled
 from rlhf.forwards import policy_logits, response_logprobs, score_at_eos, values_of
 from rlhf.losses import entropy_from_logits, logprobs_from_logits, masked_mean
-from rlhf.ppo_math import gae, masked_whiten, per_token_rewards
+from rlhf.ppo_math import (
+    broadcast_advantages,
+    dr_grpo_advantages,
+    gae,
+    grpo_advantages,
+    masked_whiten,
+    per_token_rewards,
+    reinforce_pp_baseline_advantages,
+    rloo_advantages,
+)
 
 log = logging.getLogger("rlhf")
 Watch = Callable[[str], contextlib.AbstractContextManager]  # role -> context around that model's work
@@ -56,13 +70,15 @@ class Rollout:
     """[B] bool: the response emitted EOS within max_new_tokens."""
     responses: list[str]
     """B response texts: counted tokens decoded without special tokens (so without the EOS)."""
+    group: Tensor
+    """[B] long: which of this rank's prompts the row answers (its group: `ppo.samples_per_prompt` rows)."""
 
     def select(self, idx: Tensor) -> Rollout:
         """These rows, in this order."""
         rows = idx.tolist()
         return Rollout(prompts=[self.prompts[i] for i in rows], prompt_ids=self.prompt_ids[idx],
                        prompt_mask=self.prompt_mask[idx], response_ids=self.response_ids[idx], mask=self.mask[idx],
-                       has_eos=self.has_eos[idx], responses=[self.responses[i] for i in rows])
+                       has_eos=self.has_eos[idx], responses=[self.responses[i] for i in rows], group=self.group[idx])
 
     @property
     def input_ids(self) -> Tensor:
@@ -81,7 +97,7 @@ class KeptForward:
     (`ppo.reuse_rollout_forward`), for the update's first micro-batch to backpropagate through."""
 
     logprobs: Tensor  # [rows, R] actor log-probs (requires grad)
-    values: Tensor  # [rows, R] critic values (requires grad)
+    values: Tensor | None  # [rows, R] critic values (requires grad); None without a critic
 
 
 @dataclass
@@ -90,7 +106,7 @@ class Forwards:
 
     logprobs: Tensor  # [B, R] actor log-probs of the sampled tokens
     ref_logprobs: Tensor  # [B, R] reference log-probs
-    values: Tensor  # [B, R] critic values
+    values: Tensor  # [B, R] critic values (zeros without a critic)
     entropy: Tensor  # [B, R] actor entropy per position
     raw_scores: Tensor  # [B] reward before normalisation
     kept: KeptForward | None = None  # with `keep_first`: the first chunk's graphs
@@ -107,13 +123,13 @@ class Experience:
     mask: Tensor  # [B, R] float, 1 on counted response tokens
     logprobs: Tensor  # [B, R] actor log-probs at rollout time
     ref_logprobs: Tensor  # [B, R]
-    values: Tensor  # [B, R] critic values at rollout time
+    values: Tensor  # [B, R] critic values at rollout time (zeros without a critic)
     raw_scores: Tensor  # [B] reward before normalisation and EOS penalty
     scores: Tensor  # [B] reward after normalisation and EOS penalty
     kl: Tensor  # [B, R] per-token KL estimate, 0 outside the mask
     rewards: Tensor  # [B, R] shaped rewards
     advantages: Tensor  # [B, R] (whitened when configured)
-    returns: Tensor  # [B, R]
+    returns: Tensor  # [B, R] the critic's targets (unused without a critic)
 
     @property
     def prompt_len(self) -> int:
@@ -173,17 +189,21 @@ def make_decoder(ppo, max_prompt_length: int):
 
 def generate(model, tokenizer, prompts: list, ppo, max_prompt_length: int, *, synced_gpus: bool,
              device="cpu", decoder=None) -> Rollout:
-    """Sample one response per prompt on `device` (the run's) with `rlhf.generation.sample`. `model` is the
-    bare (unwrapped, gathered) actor module; `decoder` (from `make_decoder`) samples on its static cache
-    instead of HF generate; `synced_gpus` as in `sample` (the actor's forward is a collective under ZeRO-3)."""
+    """Sample `ppo.samples_per_prompt` responses per prompt on `device` (the run's) with
+    `rlhf.generation.sample`, a prompt's rows next to each other. `model` is the bare (unwrapped, gathered)
+    actor module; `decoder` (from `make_decoder`) samples on its static cache instead of HF generate;
+    `synced_gpus` as in `sample` (the actor's forward is a collective under ZeRO-3)."""
     from rlhf.generation import Sampling, hf_config, sample
 
+    k = ppo.samples_per_prompt
+    prompts = [prompt for prompt in prompts for _ in range(k)]
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, max_prompt_length, device)
     config = hf_config(tokenizer, Sampling(temperature=ppo.temperature, top_k=ppo.top_k, top_p=ppo.top_p),
                        ppo.max_new_tokens)
     out = sample(model, tokenizer, prompt_ids, prompt_mask, config, decoder=decoder, synced_gpus=synced_gpus)
-    return Rollout(prompts=list(prompts), prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=out.ids,
-                   mask=out.mask, has_eos=out.has_eos, responses=out.texts)
+    group = torch.arange(len(prompts) // k, device=device).repeat_interleave(k)
+    return Rollout(prompts=prompts, prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=out.ids,
+                   mask=out.mask, has_eos=out.has_eos, responses=out.texts, group=group)
 
 
 # ------------------------------------------------------------------------------------------ forwards
@@ -243,7 +263,8 @@ def forward_all(rollout: Rollout, actor, ref, critic, scorer: Scorer, *, micro_b
     `watch(role)` (optional) is a context manager around each model's work (the stage turns an
     out-of-memory error there into one line).
 
-    `ref=None` means a LoRA actor: the reference is the actor's engine with its adapters disabled.
+    `ref=None` means a LoRA actor: the reference is the actor's engine with its adapters disabled;
+    `critic=None` a critic-free run (values are zeros).
     """
     watch = watch or (lambda role: contextlib.nullcontext())
     ids, attn = rollout.input_ids, rollout.attention_mask
@@ -263,11 +284,14 @@ def forward_all(rollout: Rollout, actor, ref, critic, scorer: Scorer, *, micro_b
         out["logprobs"].append(logprobs.detach())
         out["entropy"].append(entropy_from_logits(logits.detach()))
         del logits
-        with watch("critic"), torch.set_grad_enabled(keep):
-            values = values_of(critic, *chunk[:3], prompt_len)
+        if critic is None:
+            values = torch.zeros_like(logprobs, dtype=torch.float32)
+        else:
+            with watch("critic"), torch.set_grad_enabled(keep):
+                values = values_of(critic, *chunk[:3], prompt_len)
         out["values"].append(values.detach())
         if keep:
-            kept = KeptForward(logprobs=logprobs, values=values)
+            kept = KeptForward(logprobs=logprobs, values=None if critic is None else values)
         with adapters_disabled(actor) if ref is None else contextlib.nullcontext(), watch("ref"):
             out["ref_logprobs"].append(response_logprobs(actor if ref is None else ref, *chunk[:3], labels,
                                                          temperature))
@@ -276,20 +300,44 @@ def forward_all(rollout: Rollout, actor, ref, critic, scorer: Scorer, *, micro_b
     return Forwards(**{k: torch.cat(v) for k, v in out.items()}, raw_scores=raw_scores, kept=kept)
 
 
+GROUP_ESTIMATORS = {"grpo": grpo_advantages, "dr_grpo": dr_grpo_advantages, "rloo": rloo_advantages}
+
+
+def group_advantages(returns: Tensor, group: Tensor, mask: Tensor, ppo, reduce=None) -> tuple[Tensor, Tensor]:
+    """A critic-free estimator's (advantages, returns) [B, R] from each row's scalar return [B]: the rows
+    sorted into their groups (contiguous, as the estimators take them), estimated, and put back in place.
+    `reinforce_baseline` whitens over the global batch with `reduce` (collective when given)."""
+    k = ppo.samples_per_prompt
+    order = torch.argsort(group, stable=True)  # a group's rows next to each other
+    if ppo.advantage == "reinforce_baseline":
+        adv_sorted, _ = reinforce_pp_baseline_advantages(returns[order], k, mask[order], reduce=reduce)
+    else:
+        adv_sorted, _ = broadcast_advantages(GROUP_ESTIMATORS[ppo.advantage](returns[order], k), mask[order])
+    advantages = torch.empty_like(adv_sorted)
+    advantages[order] = adv_sorted
+    return advantages, broadcast_advantages(returns.float(), mask)[0]
+
+
 @torch.no_grad()
 def make_experience(rollout: Rollout, fwd: Forwards, ppo, *, kl_coef: float,
                     reward_stats: dict | None, reduce=None) -> Experience:
-    """Scores -> shaped per-token rewards (score at EOS, -kl_coef * KL on every token) -> GAE.
+    """Scores -> shaped per-token rewards (score at EOS, -kl_coef * KL on every token, or no KL term with
+    `ppo.kl_in: loss`) -> advantages: GAE, or a critic-free estimator on each row's return (its score minus
+    its summed KL term) within its group.
 
     `reduce` (a sum over ranks) whitens advantages with the statistics of the whole global batch, so
     the result does not depend on how rows are split over ranks; collective when given."""
     mask = rollout.mask
     scores = normalize_scores(fwd.raw_scores, rollout.has_eos, reward_stats, ppo.missing_eos_penalty)
-    rewards, kl = per_token_rewards(scores, fwd.logprobs, fwd.ref_logprobs, mask, kl_coef, ppo.kl_estimator)
+    reward_kl_coef = kl_coef if ppo.kl_in == "reward" else 0.0
+    rewards, kl = per_token_rewards(scores, fwd.logprobs, fwd.ref_logprobs, mask, reward_kl_coef, ppo.kl_estimator)
     values = torch.where(mask.bool(), fwd.values, 0.0)
-    advantages, returns = gae(rewards, values, mask, ppo.gamma, ppo.lam)
-    if ppo.whiten_advantages:
-        advantages = masked_whiten(advantages, mask, reduce=reduce)
+    if ppo.advantage == "gae":
+        advantages, returns = gae(rewards, values, mask, ppo.gamma, ppo.lam)
+        if ppo.whiten_advantages:
+            advantages = masked_whiten(advantages, mask, reduce=reduce)
+    else:
+        advantages, returns = group_advantages(rewards.sum(dim=1), rollout.group, mask, ppo, reduce=reduce)
     attn = rollout.attention_mask
     return Experience(input_ids=rollout.input_ids, attention_mask=attn, position_ids=position_ids(attn),
                       response_ids=rollout.response_ids, mask=mask, logprobs=fwd.logprobs,

@@ -47,7 +47,8 @@ def train_step(ctx: PPOContext) -> tuple[dict[str, float], tuple[Rollout, Experi
     cfg, ppo = ctx.cfg, ctx.cfg.ppo
     start = time.perf_counter()
 
-    # 1. Rollout: every rank draws the same global prompt batch and the actor answers this rank's share.
+    # 1. Rollout: every rank draws the same global prompt batch and the actor answers this rank's share,
+    # each prompt ppo.samples_per_prompt times (a group, on this rank).
     b = ppo.rollout_batch_size
     picked = ctx.sampler.take(b * engine.world_size())[engine.rank() * b:(engine.rank() + 1) * b]
     ctx.actor.eval()
@@ -62,14 +63,16 @@ def train_step(ctx: PPOContext) -> tuple[dict[str, float], tuple[Rollout, Experi
         # the graph's memory pool for the experience and update phases
         ctx.decoder.release()
 
-    # 2. Experience: log-probs, reference log-probs, values and scores; shaped rewards, GAE advantages.
+    # 2. Experience: log-probs, reference log-probs, values and scores; shaped rewards, advantages (GAE, or
+    # within each prompt's group without a critic).
     # ppo.reuse_rollout_forward: the update's first micro-batch backpropagates through the first chunk's actor
     # and critic forwards (`fwd.kept`), so the rows go in the update's first-epoch order (its shuffle drawn
     # here: the random stream is the one without the reuse) and the two models in its (train) mode.
     if ppo.reuse_rollout_forward:
         rollout = rollout.select(torch.randperm(len(rollout.prompts), device=ctx.device))
         ctx.actor.train()
-        ctx.critic.train()
+        if ctx.critic is not None:
+            ctx.critic.train()
     fwd = forward_all(rollout, ctx.actor, ctx.ref, ctx.critic, ctx.scorer, micro_batch=ppo.micro_batch_size,
                       temperature=ppo.temperature, keep_first=ppo.reuse_rollout_forward, watch=ctx.watch)
     exp = make_experience(rollout, fwd, ppo, kl_coef=ctx.kl_ctl.value, reward_stats=ctx.reward_stats,
@@ -79,9 +82,10 @@ def train_step(ctx: PPOContext) -> tuple[dict[str, float], tuple[Rollout, Experi
     stats = experience_stats(exp, fwd.entropy, rollout.has_eos, ctx.kl_ctl.value)
     stats["perf/generate_time"] = generated - generating  # the texts are decoded on the host: the GPU is done
 
-    # 3. Update: clipped policy and value losses, ppo_epochs passes over minibatches.
+    # 3. Update: clipped policy (and value) losses, ppo_epochs passes over minibatches.
     update_start = time.perf_counter()
-    stats.update(ppo_update(ctx.actor, ctx.critic, exp, ppo, ctx.guard, ctx.step, watch=ctx.watch, kept=fwd.kept))
+    stats.update(ppo_update(ctx.actor, ctx.critic, exp, ppo, ctx.guard, ctx.step, watch=ctx.watch, kept=fwd.kept,
+                            kl_coef=ctx.kl_ctl.value))
     stats["perf/update_time"] = time.perf_counter() - update_start  # reading its stats waits for the GPU
 
     # 4. Statistics over ranks, the guard's count, the KL ceiling and the KL controller's next coefficient.
@@ -94,7 +98,7 @@ def train_step(ctx: PPOContext) -> tuple[dict[str, float], tuple[Rollout, Experi
         raise TrainingError(f"ppo: mean KL {stats['objective/kl']:.3f} exceeds ppo.kl_ceiling={ppo.kl_ceiling} at "
                             f"step {ctx.step}; the last good checkpoint in {ctx.stage.ckpt_dir} is kept; raise "
                             "kl_coef or lower the learning rate")
-    n_samples = b * engine.world_size()
+    n_samples = len(rollout.prompts) * engine.world_size()  # responses: b prompts x samples_per_prompt
     ctx.kl_ctl.update(stats["objective/kl"], n_samples)
     elapsed = time.perf_counter() - start
     tokens = float(exp.mask.sum()) * engine.world_size()
