@@ -291,6 +291,26 @@ class ZeroRoleCfg:
         require(self.zero_stage is None or self.zero_stage in (0, 1, 2, 3), "zero_stage", "must be 0, 1, 2 or 3")
 
 
+REWARD_MODEL = "reward_model"
+
+
+@dataclass
+class RewardSourceCfg:
+    """One source of the final stage's reward; a response's reward is the weighted sum of its sources."""
+
+    source: str = REWARD_MODEL
+    """`reward_model` (the reward stage's output, its scores normalised by `ppo.normalize_reward`) or
+    `module:function`, a program: called with the prompts (message lists) and the responses (texts), and
+    with each field of the prompt rows that it names as a parameter (all of them with `**kwargs`) as a list;
+    returns one float per response."""
+    weight: float = 1.0
+    """This source's factor in the sum."""
+
+    def __post_init__(self) -> None:
+        require(self.source == REWARD_MODEL or ":" in self.source, "source",
+                f"must be {REWARD_MODEL} or look like 'module:function', got {self.source!r}")
+
+
 @dataclass
 class PPOCfg:
     steps: int = 100
@@ -364,7 +384,11 @@ class PPOCfg:
     """Train the critic as LoRA adapters plus its value head; None: as `model.lora.enabled` (a LoRA run
     then skips the full critic's weight gradients and optimizer state)."""
     reward_fn: str | None = None
-    """`module:function(prompts, responses) -> scores` used instead of the reward model."""
+    """`module:function(prompts, responses) -> scores` used instead of the reward model (shorthand for
+    `rewards: [{source: module:function}]`)."""
+    rewards: list[RewardSourceCfg] | None = None
+    """The reward's sources, summed by weight: the reward model and/or programs (`RewardSourceCfg`); null:
+    the reward model alone (or `reward_fn`). Without a `reward_model` source no reward model is loaded."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm for actor and critic (0 disables)."""
     reuse_rollout_forward: bool = True
@@ -410,6 +434,12 @@ class PPOCfg:
         require(self.kl_horizon > 0, "kl_horizon", "must be > 0")
         require(self.kl_ceiling is None or self.kl_ceiling > 0, "kl_ceiling", "must be > 0 or null")
         require(self.reward_fn is None or ":" in self.reward_fn, "reward_fn", "must look like 'module:function'")
+        require(self.rewards is None or self.reward_fn is None, "rewards",
+                "and ppo.reward_fn are two ways to say the same: set one (reward_fn: F is rewards: [{source: F}])")
+        require(self.rewards is None or len(self.rewards) > 0, "rewards", "is empty: list at least one source or "
+                "set it to null (the reward model)")
+        sources = [r.source for r in self.rewards or ()]
+        require(len(set(sources)) == len(sources), "rewards", f"names a source twice ({sources})")
 
     @property
     def micro_batch_size(self) -> int:
@@ -419,6 +449,18 @@ class PPOCfg:
     def rollout_rows(self) -> int:
         """Rows (responses) per rollout per rank: every prompt's group."""
         return self.rollout_batch_size * self.samples_per_prompt
+
+    @property
+    def reward_sources(self) -> list[RewardSourceCfg]:
+        """What the reward is made of: `rewards`, else `reward_fn` alone, else the reward model alone."""
+        if self.rewards is not None:
+            return list(self.rewards)
+        return [RewardSourceCfg(source=self.reward_fn or REWARD_MODEL)]
+
+    @property
+    def needs_reward_model(self) -> bool:
+        """Whether a reward model scores (and is loaded): one of the reward's sources is the reward stage's."""
+        return any(r.source == REWARD_MODEL for r in self.reward_sources)
 
     @property
     def uses_critic(self) -> bool:

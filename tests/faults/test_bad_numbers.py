@@ -119,7 +119,8 @@ def test_ppo_kl_ceiling_stops_and_keeps_the_last_checkpoint(tmp_path, rlhf_cache
 def test_ppo_nan_reward_mid_run_keeps_the_last_checkpoint(tmp_path, rlhf_cache, tiny_model_dir):
     cfg = _ppo_cfg(tmp_path, tiny_model_dir, reward_fn="test_bad_numbers:nan_after_two_steps")
     _CALLS["n"] = 0
-    with pytest.raises(TrainingError, match=r"^ppo: the reward score is nan at step 3; stopped before saving: the last "
+    with pytest.raises(TrainingError, match=r"^ppo: the reward score of test_bad_numbers:nan_after_two_steps for "
+                       r"prompt row .* is nan at step 3; stopped before saving: the last "
                        r"good checkpoint .*checkpoint-2 is kept\. Lower ppo\.learning_rate"):
         run_stage("ppo", cfg)
     ckpts = cfg.stage_dir("ppo") / "checkpoints"

@@ -24,3 +24,12 @@ def target_share(prompts: list, responses: list[str]) -> list[float]:
 def nan_reward(prompts: list, responses: list[str]) -> list[float]:
     """A broken reward function: NaN for every response (the stage must stop with a TrainingError)."""
     return [float("nan")] * len(responses)
+
+
+CALLS: list[dict] = []
+
+
+def answer_seen(prompts: list, responses: list[str], answer: list) -> list[float]:
+    """1 when the row's `answer` field (a string) occurs in the response, else 0; records what it got."""
+    CALLS.append({"prompts": prompts, "answer": answer})
+    return [float(str(a) in text) for a, text in zip(answer, responses, strict=True)]

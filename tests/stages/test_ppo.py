@@ -121,7 +121,7 @@ def _rollout(tok, prompts, responses: list[list[int]]):
     for i, r in enumerate(responses):
         r_ids[i, :len(r)] = torch.tensor(r)
     mask, has_eos = response_mask(r_ids, tok.eos_token_id, tok.pad_token_id)
-    return Rollout(prompts=prompts, prompt_ids=p_ids, prompt_mask=p_mask, response_ids=r_ids, mask=mask,
+    return Rollout(rows=[{"prompt": p} for p in prompts], prompt_ids=p_ids, prompt_mask=p_mask, response_ids=r_ids, mask=mask,
                    has_eos=has_eos, responses=["x"] * len(responses), group=torch.arange(len(responses)))
 
 
@@ -130,6 +130,7 @@ def test_post_eos_tokens_carry_no_loss(tiny_model_dir):
     from rlhf.config import PPOCfg
     from rlhf.losses import logprobs_from_logits
     from rlhf.ppo_math import ppo_policy_loss
+    from rlhf.programs import Program
     from rlhf.stages.ppo.experience import Scorer, forward_all, make_experience, policy_logits
 
     m = _models(tiny_model_dir)
@@ -141,11 +142,12 @@ def test_post_eos_tokens_carry_no_loss(tiny_model_dir):
     junk_b = _rollout(tok, prompts, [[10, 11, eos, 80, 90, 99], [20, 21, 22, 23, 24, 25]])
     assert junk_a.mask[0].tolist() == [1, 1, 1, 0, 0, 0] and junk_a.mask[1].sum() == 6
     critic = engine.wrap(_models_critic(tiny_model_dir, tok), _no_ds(), "critic")
-    ppo = PPOCfg(missing_eos_penalty=1.0, kl_coef=0.1)
+    ppo = PPOCfg(missing_eos_penalty=1.0, kl_coef=0.1, reward_fn="test:ones")
+    scorer = Scorer(programs=[Program("test:ones", lambda p, r: [1.0] * len(r))])
     exps, grads = [], []
     for rollout in (junk_a, junk_b):
-        fwd = forward_all(rollout, actor, actor, critic,
-                          Scorer(fn=lambda p, r: [1.0] * len(r)), micro_batch=2, temperature=1.0)
+        fwd = forward_all(rollout, actor, actor, critic, scorer, micro_batch=2, temperature=1.0,
+                          sources=ppo.reward_sources)
         exp = make_experience(rollout, fwd, ppo, kl_coef=0.1, reward_stats=None)
         logits = policy_logits(actor, exp.input_ids, exp.attention_mask, exp.position_ids, exp.prompt_len, 1.0)
         logprobs = logprobs_from_logits(logits, exp.response_ids).detach().requires_grad_(True)
@@ -310,7 +312,8 @@ def test_lora_actor_uses_disabled_adapters_as_reference(tmp_path, tiny_model_dir
 
 def test_non_finite_reward_stops_with_training_error(tmp_path, tiny_model_dir):
     cfg = make_cfg(tmp_path, tiny_model_dir, None, reward_fn="ppo_reward:nan_reward", critic_init="sft")
-    with pytest.raises(TrainingError, match="the reward score is nan at step 1"):
+    with pytest.raises(TrainingError, match=r"^ppo: the reward score of ppo_reward:nan_reward for prompt row '.*' is "
+                       r"nan at step 1"):
         run_ppo(cfg)
 
 

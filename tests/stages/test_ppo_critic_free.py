@@ -74,12 +74,13 @@ def _rollout_and_forwards(scores: list[float], group: list[int], kl_per_token: f
     """Rows of 3 counted response tokens each, whose actor and reference log-probs differ by `kl_per_token`."""
     n, r = len(scores), 3
     mask = torch.ones(n, r)
-    rollout = Rollout(prompts=["p"] * n, prompt_ids=torch.ones(n, 2, dtype=torch.long),
+    rollout = Rollout(rows=[{"prompt": "p"}] * n, prompt_ids=torch.ones(n, 2, dtype=torch.long),
                       prompt_mask=torch.ones(n, 2, dtype=torch.long), response_ids=torch.ones(n, r, dtype=torch.long),
                       mask=mask, has_eos=torch.ones(n, dtype=torch.bool), responses=["x"] * n,
                       group=torch.tensor(group))
     fwd = Forwards(logprobs=torch.full((n, r), -1.0), ref_logprobs=torch.full((n, r), -1.0 - kl_per_token),
-                   values=torch.zeros(n, r), entropy=torch.zeros(n, r), raw_scores=torch.tensor(scores))
+                   values=torch.zeros(n, r), entropy=torch.zeros(n, r), raw_scores=torch.tensor(scores),
+                   source_scores={"reward_model": torch.tensor(scores)})
     return rollout, fwd
 
 

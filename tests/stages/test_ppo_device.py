@@ -17,6 +17,7 @@ from test_ppo import make_cfg, run_ppo
 from torch.overrides import TorchFunctionMode
 
 import rlhf
+from rlhf.config import RewardSourceCfg
 
 PACKAGE = str(Path(rlhf.__file__).parent)
 FACTORIES = {"tensor", "full", "zeros", "ones", "empty", "arange", "randperm", "rand", "randn", "randint",
@@ -72,8 +73,8 @@ def test_the_watch_catches_a_deviceless_factory():
             assert not watch.calls
             from rlhf.stages.ppo import experience
 
-            experience.normalize_scores(torch.ones(2, device="cpu"), torch.ones(2, dtype=torch.bool, device="cpu"),
-                                        None, None)
+            experience.normalize_scores({"reward_model": torch.ones(2, device="cpu")},
+                                        [RewardSourceCfg()], torch.ones(2, dtype=torch.bool, device="cpu"), None, None)
             assert not watch.calls
             from rlhf import losses
 

@@ -150,12 +150,16 @@ def test_preference_formats_serve_sft_and_prompt(name):
     prompts = load(str(FORMATS_DIR / f"{name}.jsonl"), "prompt").rows
     assert [r["completion"] for r in sft] == [r["chosen"] for r in pref]
     assert [r["prompt"] for r in prompts] == [r["prompt"] for r in pref]
-    assert set(prompts[0]) == {"prompt"}
+    # the replies and scores are the layout's, not the row's own fields (ultrafeedback's prompt_id is)
+    assert prompts[0].get("fields", {}) == ({"prompt_id": "3f1c"} if name == "ultrafeedback" else {})
 
 
 def test_messages_and_prompt_completion_serve_prompt_kind():
-    rows = load(str(FORMATS_DIR / "messages.jsonl"), "prompt").rows
-    assert rows[1] == {"prompt": [U("Name a color.")]}
+    """A prompt row keeps the raw row's other fields (for a program reward) and where it was read."""
+    path = str(FORMATS_DIR / "messages.jsonl")
+    rows = load(path, "prompt").rows
+    assert rows[1] == {"prompt": [U("Name a color.")], "fields": {"source": "extra keys are ignored"},
+                       "where": f"{path}:2"}
 
 
 @pytest.mark.parametrize("name", ["prompt_completion", "messages", "prompt_only"])

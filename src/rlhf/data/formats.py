@@ -4,7 +4,8 @@ The internal schema is TRL's conversational format. A message is `{"role", "cont
 - kind "sft":        `{"prompt": [msg, ...], "completion": [assistant_msg]}`
 - kind "preference": `{"prompt": [msg, ...], "chosen": [assistant_msg], "rejected": [assistant_msg]}`,
                      plus `"margin": float` when the row gives one (or two scores)
-- kind "prompt":     `{"prompt": [msg, ...]}`
+- kind "prompt":     `{"prompt": [msg, ...]}`, plus `fields` (the raw row's other keys) and `where`
+                      (`file:line`) when the raw row has keys besides the prompt
 
 A multi-turn SFT row keeps its earlier assistant turns in `prompt`, with their roles; the SFT stage
 trains on every assistant turn. Every function here is pure and raises
@@ -425,6 +426,18 @@ def _parse_sft(row: dict, fmt: str, location: str) -> tuple[list[Message], Messa
     return prompt(field(row, "prompt", location, fmt), location), reply
 
 
+# The keys some layout reads a conversation or a score from: not a row's own fields.
+LAYOUT_KEYS = frozenset({"prompt", "messages", "conversations", "history", "instruction", "input", "output",
+                         "completion", "response", "chosen", "rejected", "margin", "score_chosen", "score_rejected"})
+
+
+def _prompt_row(turns: list[dict], raw: dict, location: str) -> dict:
+    """A prompt row; with the raw row's other fields (an `answer` for a program reward to check) under
+    `fields`, and where it was read under `where`, when the raw row has any besides its layout's keys."""
+    fields = {key: value for key, value in raw.items() if key not in LAYOUT_KEYS}
+    return {"prompt": turns, "fields": fields, "where": location} if fields else {"prompt": turns}
+
+
 def normalize_row(row: dict, fmt: str, kind: str, location: str) -> dict:
     """Convert one raw row of format `fmt` into the internal schema for `kind`.
 
@@ -442,7 +455,7 @@ def normalize_row(row: dict, fmt: str, kind: str, location: str) -> dict:
             if fmt == "alpaca"
             else prompt(field(row, "prompt", location, fmt), location)
         )
-        return {"prompt": turns}
+        return _prompt_row(turns, row, location)
     if fmt in PREFERENCE_FORMATS:
         turns, chosen, rejected = parse_preference(row, fmt, location)
         if kind == "preference":
@@ -459,7 +472,7 @@ def normalize_row(row: dict, fmt: str, kind: str, location: str) -> dict:
             raise DataError(
                 f"{location}: the prompt is empty (no shared prefix); PPO needs a prompt for every row"
             )
-        return {"prompt": turns}
+        return _prompt_row(turns, row, location)
     return {"prompt": turns, "completion": [completion]}
 
 

@@ -2,7 +2,7 @@
 
 actor   <- SFT output, trained (own AdamW)           ref    <- SFT output, frozen (or the LoRA actor
 critic  <- reward model (default) or SFT, trained               with adapters disabled)
-reward  <- reward stage output, frozen (or `ppo.reward_fn`, a Python function)
+reward  <- reward stage output, frozen; and/or programs (`ppo.rewards`, `ppo.reward_fn`: Python functions)
 
 A critic-free `ppo.advantage` (grpo, dr_grpo, rloo, reinforce_baseline) builds no critic: three models.
 
@@ -14,7 +14,6 @@ saves and resumes. docs/ARCHITECTURE.md traces one step through them.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import random
@@ -22,10 +21,11 @@ import shutil
 from pathlib import Path
 
 from rlhf import artifacts, engine, models, ppo_models
-from rlhf.config import PipelineConfig, save_resolved
+from rlhf.config import REWARD_MODEL, PipelineConfig, save_resolved
 from rlhf.encoding import same_tokenizer
 from rlhf.errors import ConfigError
 from rlhf.forwards import ScalarHead
+from rlhf.programs import Program, load_program
 from rlhf.stages.common import StageResult, StageRun
 from rlhf.stages.ppo.checkpoint import load_checkpoint, save_checkpoint
 from rlhf.stages.ppo.context import PPOContext, make_guard
@@ -62,19 +62,12 @@ def _trained(model, ds, role: str, lr: float, ppo, dtype: str, device):
                        grad_accum=ppo.grad_accum, max_grad_norm=ppo.max_grad_norm, dtype=dtype, device=device)
 
 
-def _reward_fn(spec: str):
-    module, _, name = spec.partition(":")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as err:
-        raise ConfigError(f"ppo.reward_fn: cannot import '{spec}' ({err})") from None
-
-
 def build_models(cfg: PipelineConfig, sft_dir: str, reward_dir: str | None, tokenizer, device) -> dict:
     """actor, ref (None for a LoRA actor), critic (inside a `ScalarHead`; None for a critic-free
     `ppo.advantage`) and the scorer's reward model, each
     wrapped by `engine.wrap` on `device` (the plain engine moves it there; DeepSpeed places it on this rank's
-    accelerator); the scorer (that reward engine, or `ppo.reward_fn`) and the reward stats. The actor and
+    accelerator); the scorer (that reward engine and/or the programs of `ppo.reward_sources`) and the
+    reward stats. The actor and
     critic as `ppo_models.load_trained` builds them. A role at ZeRO-3 loads already partitioned over the
     ranks (`engine.partitioned_loading`)."""
     m, ppo, ds = cfg.model, cfg.ppo, cfg.deepspeed
@@ -93,14 +86,14 @@ def build_models(cfg: PipelineConfig, sft_dir: str, reward_dir: str | None, toke
         with sharded("ref", False):
             ref = models.load_causal_lm(sft_dir, tokenizer=tokenizer, **common).requires_grad_(False)
     reward_tok, reward_model, stats = tokenizer, None, None
-    if ppo.reward_fn is None:
+    if ppo.needs_reward_model:
         reward_tok = models.load_tokenizer(reward_dir, trust_remote_code=m.trust_remote_code)
         with sharded("reward", False):
             reward_model = models.load_scalar_model(reward_dir, tokenizer=reward_tok, require_head=True, **common)
         stats = models.load_reward_stats(reward_dir) if ppo.normalize_reward else None
         if ppo.normalize_reward and stats is None:
             log.warning("%s: no reward_stats.json; scores are used unnormalized", reward_dir)
-    same = ppo.reward_fn is not None or same_tokenizer(tokenizer, reward_tok)
+    same = not ppo.needs_reward_model or same_tokenizer(tokenizer, reward_tok)
     if ppo.uses_critic and ppo.critic_init == "reward" and not same:
         raise ConfigError(f"{reward_dir}: the reward model's tokenizer differs from the policy's, so a critic "
                           "initialised from it cannot read policy tokens; set ppo.critic_init: sft")
@@ -117,12 +110,14 @@ def build_models(cfg: PipelineConfig, sft_dir: str, reward_dir: str | None, toke
                                                           ppo, dtype, device),
            "ref": None if ref is None else engine.wrap(ref.eval(), ds, "ref", **frozen),
            "reward_stats": stats}
-    if reward_model is None:
-        out["scorer"] = Scorer(fn=_reward_fn(ppo.reward_fn), device=device)
-    else:
+    key = "ppo.reward_fn" if ppo.reward_fn else "ppo.rewards"
+    programs = [Program(r.source, load_program(r.source, key), key) for r in ppo.reward_sources
+                if r.source != REWARD_MODEL]
+    reward = None
+    if reward_model is not None:
         reward = engine.wrap(ScalarHead(reward_model.requires_grad_(False)).eval(), ds, "reward", **frozen)
-        out["scorer"] = Scorer(engine=reward, tokenizer=reward_tok, same_tokenizer=same,
-                               batch_size=ppo.micro_batch_size, device=device)
+    out["scorer"] = Scorer(engine=reward, tokenizer=reward_tok, same_tokenizer=same, programs=programs,
+                           batch_size=ppo.micro_batch_size, device=device)
     return out
 
 
@@ -193,7 +188,7 @@ def run(cfg: PipelineConfig, *, restart: bool = False, on_step=None) -> StageRes
     sft_dir = str(artifacts.stage_output(cfg.stage_dir("sft"), "sft", needed_by="the ppo stage",
                                          config_path=cfg.source))
     reward_dir = None
-    if cfg.ppo.reward_fn is None or (cfg.ppo.uses_critic and cfg.ppo.critic_init == "reward"):
+    if cfg.ppo.needs_reward_model or (cfg.ppo.uses_critic and cfg.ppo.critic_init == "reward"):
         reward_dir = str(artifacts.stage_output(cfg.stage_dir("reward"), "reward", needed_by="the ppo stage",
                                                 config_path=cfg.source))
     stage = StageRun(cfg, "ppo", restart=restart)
@@ -229,5 +224,6 @@ def run(cfg: PipelineConfig, *, restart: bool = False, on_step=None) -> StageRes
     last = ctx.history[-1] if ctx.history else {}
     metrics = {"global_step": ctx.step, "prompts": len(rows), **{k: v for k, v in last.items()
                                                                   if k.startswith("objective/")}}
-    inputs = {"sft": sft_dir, "data": str(data_path), "reward": reward_dir or f"fn:{ppo.reward_fn}"}
+    programs = [f"fn:{r.source}" for r in ppo.reward_sources if r.source != REWARD_MODEL]
+    inputs = {"sft": sft_dir, "data": str(data_path), "reward": ", ".join(([reward_dir] if reward_dir else []) + programs)}
     return stage.complete(metrics, inputs, ctx.step, devices=devices(ctx))

@@ -25,12 +25,13 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import Tensor
 
 from rlhf.batching import encode_prompts, position_ids
+from rlhf.config import REWARD_MODEL
 from rlhf.engine import adapters_disabled
 from rlhf.forwards import policy_logits, response_logprobs, score_at_eos, values_of
 from rlhf.losses import entropy_from_logits, logprobs_from_logits, masked_mean
@@ -56,8 +57,8 @@ Watch = Callable[[str], contextlib.AbstractContextManager]  # role -> context ar
 class Rollout:
     """One batch of prompts and the responses the actor sampled for them."""
 
-    prompts: list
-    """B prompts in the internal schema (message lists), as given to a reward function."""
+    rows: list[dict]
+    """B prompt rows in the internal schema (`prompt`, and `fields` a program reward may read)."""
     prompt_ids: Tensor
     """[B, P] long: prompt tokens, left-padded with the pad id."""
     prompt_mask: Tensor
@@ -76,9 +77,14 @@ class Rollout:
     def select(self, idx: Tensor) -> Rollout:
         """These rows, in this order."""
         rows = idx.tolist()
-        return Rollout(prompts=[self.prompts[i] for i in rows], prompt_ids=self.prompt_ids[idx],
+        return Rollout(rows=[self.rows[i] for i in rows], prompt_ids=self.prompt_ids[idx],
                        prompt_mask=self.prompt_mask[idx], response_ids=self.response_ids[idx], mask=self.mask[idx],
                        has_eos=self.has_eos[idx], responses=[self.responses[i] for i in rows], group=self.group[idx])
+
+    @property
+    def prompts(self) -> list:
+        """B prompts (message lists)."""
+        return [row["prompt"] for row in self.rows]
 
     @property
     def input_ids(self) -> Tensor:
@@ -108,7 +114,8 @@ class Forwards:
     ref_logprobs: Tensor  # [B, R] reference log-probs
     values: Tensor  # [B, R] critic values (zeros without a critic)
     entropy: Tensor  # [B, R] actor entropy per position
-    raw_scores: Tensor  # [B] reward before normalisation
+    raw_scores: Tensor  # [B] reward before normalisation: the sources' raw scores summed by weight
+    source_scores: dict[str, Tensor] = field(default_factory=dict)  # [B] raw scores per source (`Scorer`)
     kept: KeptForward | None = None  # with `keep_first`: the first chunk's graphs
 
 
@@ -187,22 +194,22 @@ def make_decoder(ppo, max_prompt_length: int):
     return StaticDecoder(max_prompt_length + ppo.max_new_tokens, use_graph=ppo.generation == "graph")
 
 
-def generate(model, tokenizer, prompts: list, ppo, max_prompt_length: int, *, synced_gpus: bool,
+def generate(model, tokenizer, rows: list[dict], ppo, max_prompt_length: int, *, synced_gpus: bool,
              device="cpu", decoder=None) -> Rollout:
-    """Sample `ppo.samples_per_prompt` responses per prompt on `device` (the run's) with
+    """Sample `ppo.samples_per_prompt` responses per prompt row on `device` (the run's) with
     `rlhf.generation.sample`, a prompt's rows next to each other. `model` is the bare (unwrapped, gathered)
     actor module; `decoder` (from `make_decoder`) samples on its static cache instead of HF generate;
     `synced_gpus` as in `sample` (the actor's forward is a collective under ZeRO-3)."""
     from rlhf.generation import Sampling, hf_config, sample
 
     k = ppo.samples_per_prompt
-    prompts = [prompt for prompt in prompts for _ in range(k)]
-    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, max_prompt_length, device)
+    rows = [row for row in rows for _ in range(k)]
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, [row["prompt"] for row in rows], max_prompt_length, device)
     config = hf_config(tokenizer, Sampling(temperature=ppo.temperature, top_k=ppo.top_k, top_p=ppo.top_p),
                        ppo.max_new_tokens)
     out = sample(model, tokenizer, prompt_ids, prompt_mask, config, decoder=decoder, synced_gpus=synced_gpus)
-    group = torch.arange(len(prompts) // k, device=device).repeat_interleave(k)
-    return Rollout(prompts=prompts, prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=out.ids,
+    group = torch.arange(len(rows) // k, device=device).repeat_interleave(k)
+    return Rollout(rows=rows, prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=out.ids,
                    mask=out.mask, has_eos=out.has_eos, responses=out.texts, group=group)
 
 
@@ -210,24 +217,28 @@ def generate(model, tokenizer, prompts: list, ppo, max_prompt_length: int, *, sy
 
 
 class Scorer:
-    """Raw scores [B] for a rollout from one of three sources:
+    """Raw scores [B] of a rollout from each of the reward's sources (`ppo.reward_sources`):
 
-    - a reward engine sharing the policy's tokenizer: scored on the rollout's own ids at the EOS;
-    - a reward engine with another tokenizer: responses are decoded and re-tokenized the canonical way
-      (`rlhf.encoding`, as the reward stage trained it) and scored by `rlhf.scoring.score`;
-    - a Python function `fn(prompts, responses) -> list[float]`.
+    - the reward model's engine, sharing the policy's tokenizer: scored on the rollout's own ids at the EOS;
+    - the reward model's engine with another tokenizer: responses are decoded and re-tokenized the canonical
+      way (`rlhf.encoding`, as the reward stage trained it) and scored by `rlhf.scoring.score`;
+    - programs (`rlhf.programs.Program`), given the prompt rows and the response texts.
     """
 
-    def __init__(self, *, engine=None, tokenizer=None, same_tokenizer: bool = True, fn=None, batch_size: int = 8,
+    def __init__(self, *, engine=None, tokenizer=None, same_tokenizer: bool = True, programs=(), batch_size: int = 8,
                  device="cpu"):
         self.engine, self.tokenizer, self.same_tokenizer = engine, tokenizer, same_tokenizer
-        self.fn, self.batch_size, self.device = fn, batch_size, device
+        self.programs, self.batch_size, self.device = list(programs), batch_size, device
 
     @torch.no_grad()
-    def __call__(self, rollout: Rollout, chunks: list[tuple[Tensor, Tensor, Tensor, Tensor]]) -> Tensor:
-        if self.fn is not None:
-            values = self.fn(rollout.prompts, rollout.responses)
-            return torch.tensor([float(v) for v in values], dtype=torch.float32, device=self.device)
+    def __call__(self, rollout: Rollout, chunks: list[tuple[Tensor, Tensor, Tensor, Tensor]]) -> dict[str, Tensor]:
+        out = {REWARD_MODEL: self._model_scores(rollout, chunks)} if self.engine is not None else {}
+        for program in self.programs:
+            values = program(rollout.rows, rollout.responses)
+            out[program.spec] = torch.tensor(values, dtype=torch.float32, device=self.device)
+        return out
+
+    def _model_scores(self, rollout: Rollout, chunks) -> Tensor:
         if self.same_tokenizer:
             return torch.cat([score_at_eos(self.engine, ids, attn, pos, m) for ids, attn, pos, m in chunks])
         from rlhf.scoring import encoded_batches
@@ -240,15 +251,39 @@ class Scorer:
         return torch.cat(scores)
 
 
+def blame_scores(source_scores: dict[str, Tensor], rows: list[dict]) -> str | None:
+    """Which source gave the first non-finite score, and for which prompt row; None when all are finite."""
+    from rlhf.programs import row_name
+
+    for source, scores in source_scores.items():
+        bad = (~torch.isfinite(scores)).nonzero()
+        if bad.numel():
+            i = int(bad[0, 0])
+            who = "the reward model" if source == REWARD_MODEL else source
+            return f"the reward score of {who} for prompt row {row_name(rows[i])}"
+    return None
+
+
+def weighted_sum(source_scores: dict[str, Tensor], sources, stats: dict | None = None) -> Tensor:
+    """The reward [B]: each source's scores times its weight, summed in `sources`' order; with `stats` the
+    reward model's are standardised first ((raw - mean) / std, its stored statistics)."""
+    total = None
+    for src in sources:
+        scores = source_scores[src.source].float()
+        if src.source == REWARD_MODEL and stats is not None:
+            scores = (scores - stats["mean"]) / max(stats["std"], 1e-6)
+        total = src.weight * scores if total is None else total + src.weight * scores
+    return total
+
+
 # ------------------------------------------------------------------------------------------ experience
 
 
-def normalize_scores(raw: Tensor, has_eos: Tensor, stats: dict | None, missing_eos_penalty: float | None) -> Tensor:
-    """(raw - mean) / std with the reward model's stored stats (when given), minus the penalty for
-    responses that never emitted EOS."""
-    scores = raw.float()
-    if stats is not None:
-        scores = (scores - stats["mean"]) / max(stats["std"], 1e-6)
+def normalize_scores(source_scores: dict[str, Tensor], sources, has_eos: Tensor, stats: dict | None,
+                     missing_eos_penalty: float | None) -> Tensor:
+    """The reward of each response: `weighted_sum` of its sources (the reward model's standardised with its
+    stored stats, when given), minus the penalty for responses that never emitted EOS."""
+    scores = weighted_sum(source_scores, sources, stats)
     if missing_eos_penalty is not None:
         scores = torch.where(has_eos, scores, scores - missing_eos_penalty)
     return scores
@@ -256,7 +291,7 @@ def normalize_scores(raw: Tensor, has_eos: Tensor, stats: dict | None, missing_e
 
 @torch.no_grad()
 def forward_all(rollout: Rollout, actor, ref, critic, scorer: Scorer, *, micro_batch: int,
-                temperature: float, keep_first: bool = False, watch: Watch | None = None) -> Forwards:
+                temperature: float, sources, keep_first: bool = False, watch: Watch | None = None) -> Forwards:
     """One pass of each model over the rollout, in micro-batch chunks, without gradient but, with
     `keep_first`, for the first chunk's actor and critic forwards: `Forwards.kept` holds those with their
     graphs (run through the engines as the update runs them, so the update can use them as its own).
@@ -264,7 +299,8 @@ def forward_all(rollout: Rollout, actor, ref, critic, scorer: Scorer, *, micro_b
     out-of-memory error there into one line).
 
     `ref=None` means a LoRA actor: the reference is the actor's engine with its adapters disabled;
-    `critic=None` a critic-free run (values are zeros).
+    `critic=None` a critic-free run (values are zeros). `sources` (`ppo.reward_sources`) weigh the
+    scorer's raw scores into `raw_scores`.
     """
     watch = watch or (lambda role: contextlib.nullcontext())
     ids, attn = rollout.input_ids, rollout.attention_mask
@@ -296,8 +332,9 @@ def forward_all(rollout: Rollout, actor, ref, critic, scorer: Scorer, *, micro_b
             out["ref_logprobs"].append(response_logprobs(actor if ref is None else ref, *chunk[:3], labels,
                                                          temperature))
     with watch("reward"):
-        raw_scores = scorer(rollout, chunks)
-    return Forwards(**{k: torch.cat(v) for k, v in out.items()}, raw_scores=raw_scores, kept=kept)
+        source_scores = scorer(rollout, chunks)
+    return Forwards(**{k: torch.cat(v) for k, v in out.items()}, raw_scores=weighted_sum(source_scores, sources),
+                    source_scores=source_scores, kept=kept)
 
 
 GROUP_ESTIMATORS = {"grpo": grpo_advantages, "dr_grpo": dr_grpo_advantages, "rloo": rloo_advantages}
@@ -328,7 +365,8 @@ def make_experience(rollout: Rollout, fwd: Forwards, ppo, *, kl_coef: float,
     `reduce` (a sum over ranks) whitens advantages with the statistics of the whole global batch, so
     the result does not depend on how rows are split over ranks; collective when given."""
     mask = rollout.mask
-    scores = normalize_scores(fwd.raw_scores, rollout.has_eos, reward_stats, ppo.missing_eos_penalty)
+    scores = normalize_scores(fwd.source_scores, ppo.reward_sources, rollout.has_eos, reward_stats,
+                              ppo.missing_eos_penalty)
     reward_kl_coef = kl_coef if ppo.kl_in == "reward" else 0.0
     rewards, kl = per_token_rewards(scores, fwd.logprobs, fwd.ref_logprobs, mask, reward_kl_coef, ppo.kl_estimator)
     values = torch.where(mask.bool(), fwd.values, 0.0)

@@ -27,6 +27,7 @@ from rlhf.stages.ppo.experience import (
     Experience,
     Forwards,
     Rollout,
+    blame_scores,
     experience_stats,
     forward_all,
     generate,
@@ -54,7 +55,7 @@ def train_step(ctx: PPOContext) -> tuple[dict[str, float], tuple[Rollout, Experi
     ctx.actor.eval()
     generating = time.perf_counter()
     with ctx.watch("actor"), engine.gathered_for_generation(ctx.actor) as module:
-        rollout = generate(module, ctx.tokenizer, [ctx.rows[i]["prompt"] for i in picked], ppo,
+        rollout = generate(module, ctx.tokenizer, [ctx.rows[i] for i in picked], ppo,
                            cfg.data.max_prompt_length, device=ctx.device, decoder=ctx.decoder,
                            synced_gpus=engine.world_size() > 1 and engine.is_zero3(ctx.actor))
     generated = time.perf_counter()
@@ -74,10 +75,11 @@ def train_step(ctx: PPOContext) -> tuple[dict[str, float], tuple[Rollout, Experi
         if ctx.critic is not None:
             ctx.critic.train()
     fwd = forward_all(rollout, ctx.actor, ctx.ref, ctx.critic, ctx.scorer, micro_batch=ppo.micro_batch_size,
-                      temperature=ppo.temperature, keep_first=ppo.reuse_rollout_forward, watch=ctx.watch)
+                      temperature=ppo.temperature, sources=ppo.reward_sources, keep_first=ppo.reuse_rollout_forward,
+                      watch=ctx.watch)
     exp = make_experience(rollout, fwd, ppo, kl_coef=ctx.kl_ctl.value, reward_stats=ctx.reward_stats,
                           reduce=engine.all_reduce_sum)
-    if _skip_rollout(ctx, fwd, exp):  # no update; the KL controller keeps its value, the prompts stay used
+    if _skip_rollout(ctx, rollout, fwd, exp):  # no update; the KL controller keeps its value, the prompts stay used
         return {"guard/skipped_rollouts": 1.0, "perf/step_time": time.perf_counter() - start}, None
     stats = experience_stats(exp, fwd.entropy, rollout.has_eos, ctx.kl_ctl.value)
     stats["perf/generate_time"] = generated - generating  # the texts are decoded on the host: the GPU is done
@@ -107,11 +109,12 @@ def train_step(ctx: PPOContext) -> tuple[dict[str, float], tuple[Rollout, Experi
     return stats, (rollout, exp)
 
 
-def _skip_rollout(ctx: PPOContext, fwd: Forwards, exp: Experience) -> bool:
+def _skip_rollout(ctx: PPOContext, rollout: Rollout, fwd: Forwards, exp: Experience) -> bool:
     """Whether a reward score or the KL is non-finite on any rank (one collective: every rank agrees).
-    With `run.on_nonfinite: stop` that ends the run; with `skip` the rollout is dropped and counted."""
-    bad = [(what, value) for what, value in (("the reward score", fwd.raw_scores), ("the KL", exp.kl))
-           if not is_finite(value)]
+    With `run.on_nonfinite: stop` that ends the run; with `skip` the rollout is dropped and counted. A
+    score is blamed on its source and prompt row."""
+    score = blame_scores(fwd.source_scores, rollout.rows) or "the reward score"
+    bad = [(what, value) for what, value in ((score, fwd.raw_scores), ("the KL", exp.kl)) if not is_finite(value)]
     if not engine.any_rank(bool(bad)):
         return False
     what, value = bad[0] if bad else ("the reward score or the KL (on another rank)", float("nan"))
