@@ -378,6 +378,11 @@ class PPOCfg:
     """Standardise scores with the reward model's stored mean and std."""
     missing_eos_penalty: float | None = 1.0
     """Subtracted from the score of responses that never emit EOS (None disables)."""
+    overlong_penalty: float | None = None
+    """Subtracted in full from the score of a response of max_new_tokens tokens, and linearly less from one
+    within `overlong_buffer` tokens of it (DAPO's soft overlong punishment); None disables."""
+    overlong_buffer: int | None = None
+    """How many tokens before max_new_tokens the overlong penalty starts; None: a quarter of max_new_tokens."""
     critic_init: Literal["reward", "sft"] = "reward"
     """Initialise the critic from the reward model or from the SFT model."""
     critic_lora: bool | None = None
@@ -434,6 +439,9 @@ class PPOCfg:
         require(self.kl_horizon > 0, "kl_horizon", "must be > 0")
         require(self.kl_ceiling is None or self.kl_ceiling > 0, "kl_ceiling", "must be > 0 or null")
         require(self.reward_fn is None or ":" in self.reward_fn, "reward_fn", "must look like 'module:function'")
+        require(self.overlong_penalty is None or self.overlong_penalty >= 0, "overlong_penalty", "must be >= 0 or null")
+        require(self.overlong_buffer is None or 0 < self.overlong_buffer <= self.max_new_tokens, "overlong_buffer",
+                f"must be in [1, max_new_tokens ({self.max_new_tokens})] or null")
         require(self.rewards is None or self.reward_fn is None, "rewards",
                 "and ppo.reward_fn are two ways to say the same: set one (reward_fn: F is rewards: [{source: F}])")
         require(self.rewards is None or len(self.rewards) > 0, "rewards", "is empty: list at least one source or "

@@ -78,6 +78,17 @@ def response_mask(
 
 
 @torch.no_grad()
+def overlong_penalty(lengths: Tensor, max_len: int, buffer: int, penalty: float) -> Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, https://arxiv.org/abs/2503.14476, eq. 13), subtracted
+    from a score: 0 for a response of at most `max_len - buffer` tokens, then growing linearly with each
+    token to `penalty` at `max_len` (and beyond). lengths: [B] counted response tokens -> [B], >= 0."""
+    if buffer <= 0:
+        raise ValueError(f"buffer must be > 0, got {buffer}")
+    over = (lengths.float() - (max_len - buffer)) / buffer
+    return penalty * over.clamp(0.0, 1.0)
+
+
+@torch.no_grad()
 def per_token_rewards(
     scores: Tensor,
     logprobs: Tensor,

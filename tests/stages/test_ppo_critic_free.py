@@ -131,3 +131,15 @@ def test_a_group_estimator_needs_a_group(advantage):
         make_cfg_ppo(advantage=advantage)
     with pytest.raises(ConfigError, match=r"ppo.mini_batch_size: must divide the rollout's rows per rank \(12"):
         make_cfg_ppo(advantage=advantage, samples_per_prompt=3, rollout_batch_size=4, mini_batch_size=8)
+
+
+def test_the_overlong_penalty_comes_off_the_score():
+    """Rows of 3 counted tokens with max_new_tokens 4 and a buffer of 2: one token into the buffer, so half
+    the penalty of 1.0 comes off each score (and the EOS penalty would too: none here)."""
+    ppo = make_cfg_ppo(advantage="rloo", samples_per_prompt=2, missing_eos_penalty=None, max_new_tokens=4,
+                       overlong_penalty=1.0, overlong_buffer=2)
+    rollout, fwd = _rollout_and_forwards([1.0, 3.0, 2.0, 2.0], [0, 0, 1, 1], kl_per_token=0.0)
+    exp = make_experience(rollout, fwd, ppo, kl_coef=0.0, reward_stats=None)
+    assert torch.allclose(exp.scores, torch.tensor([0.5, 2.5, 1.5, 1.5]))
+    with pytest.raises(ConfigError, match=r"ppo.overlong_buffer: must be in \[1, max_new_tokens \(4\)\]"):
+        make_cfg_ppo(max_new_tokens=4, overlong_penalty=1.0, overlong_buffer=5)

@@ -392,3 +392,14 @@ def test_every_tensor_the_new_pieces_make_names_its_device():
             ppo_policy_loss(logp, logp - 0.1, logp, mask, 0.2, loss_agg=mode, norm_len=3)
             kl_loss(logp, logp - 0.2, mask, 0.1, loss_agg=mode, norm_len=3)
     assert not watch.calls, "tensors made without the input's device:\n" + "\n".join(watch.calls)
+
+
+def test_overlong_penalty_is_zero_then_linear_to_the_full_penalty():
+    from rlhf.ppo_math import overlong_penalty
+
+    # max_len 16, buffer 4: free up to 12 tokens, then 1/4 of the penalty per token, all of it at 16
+    lengths = torch.tensor([0, 12, 13, 14, 16, 20])
+    got = overlong_penalty(lengths, 16, 4, 2.0)
+    assert torch.equal(got, torch.tensor([0.0, 0.0, 0.5, 1.0, 2.0, 2.0]))
+    with pytest.raises(ValueError, match="buffer must be > 0"):
+        overlong_penalty(lengths, 16, 0, 1.0)

@@ -41,6 +41,7 @@ from rlhf.ppo_math import (
     gae,
     grpo_advantages,
     masked_whiten,
+    overlong_penalty,
     per_token_rewards,
     reinforce_pp_baseline_advantages,
     rloo_advantages,
@@ -367,6 +368,9 @@ def make_experience(rollout: Rollout, fwd: Forwards, ppo, *, kl_coef: float,
     mask = rollout.mask
     scores = normalize_scores(fwd.source_scores, ppo.reward_sources, rollout.has_eos, reward_stats,
                               ppo.missing_eos_penalty)
+    if ppo.overlong_penalty is not None:
+        buffer = ppo.overlong_buffer or max(1, ppo.max_new_tokens // 4)
+        scores = scores - overlong_penalty(mask.sum(dim=1), ppo.max_new_tokens, buffer, ppo.overlong_penalty)
     reward_kl_coef = kl_coef if ppo.kl_in == "reward" else 0.0
     rewards, kl = per_token_rewards(scores, fwd.logprobs, fwd.ref_logprobs, mask, reward_kl_coef, ppo.kl_estimator)
     values = torch.where(mask.bool(), fwd.values, 0.0)
