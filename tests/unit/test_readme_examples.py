@@ -113,12 +113,18 @@ def test_the_examples_configs_load_and_no_example_retrains_a_stage_under_other_v
                     f"other values of {changed_settings(before, cfg, stage)[0]}: it exits 2")
 
 
-def test_the_logging_section_shown_is_a_valid_config_section():
+def test_the_config_sections_shown_are_valid():
+    """Each YAML block of these sections (the final stage's keys, the logging section), merged into
+    configs/tiny.yaml, is a config that loads."""
     import yaml
 
     from rlhf.config import config_from_dict
 
-    (block,) = _blocks(_example_section(), "yaml")
-    raw = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text(encoding="utf-8"))
-    raw.update(yaml.safe_load(block))
-    assert config_from_dict(raw, source="README.md").logging.report_to == ["tensorboard", "wandb", "mlflow", "trackio"]
+    loaded = []
+    for block in _blocks(_example_section(), "yaml"):
+        raw = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text(encoding="utf-8"))
+        for section, keys in yaml.safe_load(block).items():
+            raw[section] = {**raw.get(section, {}), **keys} if isinstance(keys, dict) else keys
+        loaded.append(config_from_dict(raw, source="README.md"))
+    assert [c.ppo.advantage for c in loaded] == ["grpo", "gae"]
+    assert loaded[1].logging.report_to == ["tensorboard", "wandb", "mlflow", "trackio"]
