@@ -6,4 +6,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 CONFIG=${1:?usage: $0 CONFIG [--set key=value ...]}; shift
 source stages/lib.sh
+rlhf_preflight sft --config "$CONFIG" "$@"
 rlhf_run sft --config "$CONFIG" "$@"

@@ -215,6 +215,17 @@ rlhf_agree() {  # STAGES PENDING: the stages to run, the same on every node (PEN
   "$PY" -c "$RLHF_AGREE" "$1" "$2"
 }
 
+rlhf_preflight() {  # STAGE --config CONFIG ARGS...: that stage's preflight on this node before it launches
+  # (config, data, models, and with a launcher the master port, the hostfile's hosts and MASTER_ADDR), so a
+  # busy port or an unresolvable host is one line, not a launcher hanging or dying. --restart is the stage's.
+  # PREFLIGHT=0 skips it (the stage still checks itself once started).
+  local stage=$1 args=() arg; shift
+  if [ "${PREFLIGHT:-1}" = 0 ]; then return; fi
+  for arg in "$@"; do [ "$arg" = --restart ] || args+=("$arg"); done
+  if [ "${DRY_RUN:-0}" != 0 ]; then echo "[dry-run] preflight: $PY -m rlhf.cli preflight --stage $stage ${args[*]}"
+  else "$PY" -m rlhf.cli preflight --stage "$stage" "${args[@]}"; fi
+}
+
 rlhf_run() {
   local cmd=$1; shift
   if ! command -v nvidia-smi >/dev/null 2>&1; then export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}; fi

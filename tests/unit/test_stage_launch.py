@@ -86,7 +86,9 @@ def test_dry_run_prints_each_nodes_command_and_starts_nothing(mode, tmp_path):
                      "hostfile": ("03_orpo.sh", "orpo")}[mode]
     proc = _bash([f"stages/{script}", *args], _env(tmp_path, DRY_RUN="1", **launch))
     assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.splitlines()
+    preflight, *lines = proc.stdout.splitlines()
+    assert preflight == f"[dry-run] preflight: py -m rlhf.cli preflight --stage {stage} " \
+        f"--config configs/tiny.yaml --set run.output_dir={out_dir}"
     assert all(line.startswith("[dry-run] ") for line in lines), lines
     tail = tail.format(stage)
     if mode == "plain":
@@ -200,7 +202,8 @@ def test_hostfile_mode_passes_master_addr_and_forwards_the_runs_environment(tmp_
     env = _env(tmp_path, PY=sys.executable, HOSTFILE=str(_hostfile(tmp_path)), MASTER_ADDR="10.0.0.1",
                MASTER_PORT="23456", NUM_GPUS="1", LOG_DIR=str(tmp_path / "logs"), CALLS=str(tmp_path / "calls"),
                HF_HUB_OFFLINE="1", HF_HOME="/data/hf", HF_TOKEN="hf_secret", TORCH_NCCL_ASYNC_ERROR_HANDLING="1",
-               NET_IFNAME="eth1", RLHF_JOB_ID="77", CUDA_HOME="/usr/local/cuda", OMP_NUM_THREADS="4")
+               NET_IFNAME="eth1", RLHF_JOB_ID="77", CUDA_HOME="/usr/local/cuda", OMP_NUM_THREADS="4",
+               PREFLIGHT="0")  # hostA and hostB resolve nowhere: preflight would stop the launch (as it should)
     for name, body in STAND_INS.items():
         (tmp_path / "bin" / name).write_text(body)
         (tmp_path / "bin" / name).chmod(0o755)
@@ -268,3 +271,24 @@ def test_pipeline_nodes_with_different_run_dirs_run_the_same_stages(complete, tm
     for out in outs:
         assert all(f"[pipeline] {s}: starting" in out for s in expected)
         assert all(f"[pipeline] {s}: complete, skipping" in out for s in {"sft", "reward", "ppo"} - set(expected))
+
+
+def test_a_single_stage_script_runs_its_preflight_before_launching(tmp_path, rlhf_cache):
+    """A busy master port stops `stages/0*.sh` in one line, exit 2, before the launcher starts (it would die
+    with a bind error on every rank, or hang); DRY_RUN shows the preflight, --restart left to the stage."""
+    env = _env(tmp_path, PY=sys.executable, NUM_GPUS="2", RLHF_CACHE=str(rlhf_cache))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = _bash(["stages/02_reward.sh", "configs/reward_only.yaml", "--set", f"run.output_dir={tmp_path}/runs"],
+                     {**env, "MASTER_PORT": str(port)})
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"MASTER_PORT={port} is in use on this (master) node" in proc.stdout + proc.stderr
+    run_dir = tmp_path / "runs" / "reward-only"
+    assert "deepspeed.launcher" not in proc.stdout + proc.stderr and not (run_dir / "logs").exists()
+    assert not (run_dir / "reward").exists()
+    dry = _bash(["stages/03_ppo.sh", "configs/tiny.yaml", "--restart"], {**env, "DRY_RUN": "1"})
+    lines = dry.stdout.splitlines()
+    assert lines[0] == f"[dry-run] preflight: {sys.executable} -m rlhf.cli preflight --stage ppo --config configs/tiny.yaml"
+    assert "--restart" in lines[1]
