@@ -104,23 +104,23 @@ def map_rows(rows: list, fn: Callable[[list], list], batch_size: int, *, desc: s
     return results
 
 
-def load_saved(path: str | Path, loader: Callable, cfg: PipelineConfig, tokenizer, **kwargs):
+def load_saved(path: str | Path, loader: Callable, cfg: PipelineConfig, tokenizer, *, device, **kwargs):
     """A saved model as a user loads it (`loader`: models.load_causal_lm or load_scalar_model), whole on
-    every rank (ZeRO-3's load-time partitioning is off meanwhile), on the run's device in `model.dtype`,
-    in eval mode."""
+    every rank (ZeRO-3's load-time partitioning is off meanwhile), on `device` (the stage's) in
+    `model.dtype`, in eval mode."""
     with engine.single_process_loading():
         model = loader(str(path), tokenizer=tokenizer, trust_remote_code=cfg.model.trust_remote_code,
                        dtype=engine.run_dtype(cfg), **kwargs)
-    return model.to(engine.device(cfg.run.device)).eval()
+    return model.to(device).eval()
 
 
 def saved_pair_logps(path: str | Path, cfg: PipelineConfig, tokenizer, rows: list[dict], *, mean: bool,
-                     batch_size: int, desc: str = "held-out log-probs") -> list[list[float]]:
+                     batch_size: int, device, desc: str = "held-out log-probs") -> list[list[float]]:
     """Per preference row, [chosen, rejected] response log-probs (`forwards.pair_logps`) of the causal LM
-    saved at `path`, under a progress bar named `desc`. Collective."""
+    saved at `path`, on `device`, under a progress bar named `desc`. Collective."""
     from rlhf import models
     from rlhf.forwards import pair_logps
 
-    model = load_saved(path, models.load_causal_lm, cfg, tokenizer)
+    model = load_saved(path, models.load_causal_lm, cfg, tokenizer, device=device)
     return map_rows(rows, lambda part: pair_logps(model, tokenizer, part, mean=mean, batch_size=batch_size),
                     batch_size, desc=desc, progress=cfg.logging.progress)

@@ -105,7 +105,7 @@ def run(cfg: PipelineConfig, *, restart: bool = False) -> StageResult:
             ev = trainer.evaluate()
         report.update({f"trl_{k}": v for k, v in ev.items() if k.startswith("eval_rewards/")})
     final = stage.save_final(trainer, tokenizer, merge_base=sft_dir if peft_config is not None else None)
-    report.update(heldout_report(final, sft_dir, held_rows, cfg, stage.ckpt_dir))
+    report.update(heldout_report(final, sft_dir, held_rows, cfg, stage.ckpt_dir, stage.device))
     if engine.is_main():
         stage.metrics.log(trainer.state.global_step, {f"eval/{k}": v for k, v in report.items()
                                                       if isinstance(v, float)})
@@ -139,14 +139,14 @@ def rewards_report(policy_logps: list[list[float]], ref_logps: list[list[float]]
 
 
 def heldout_report(final_dir: Path, ref_dir: str, rows: list[dict], cfg: PipelineConfig,
-                   ckpt_dir: Path) -> dict[str, float]:
+                   ckpt_dir: Path, device) -> dict[str, float]:
     """Reload the saved model and the SFT reference as a user would, one after the other; implicit-reward
-    stats on `rows`. Collective: every rank scores its share on the run's device (`rlhf.heldout`)."""
+    stats on `rows`. Collective: every rank scores its share on `device`, the stage's (`rlhf.heldout`)."""
     tokenizer = models.load_tokenizer(str(final_dir))
     logps = {}
     for role, path in (("policy", final_dir), ("ref", ref_dir)):  # one model in memory at a time
         with catch_oom("dpo", role, ckpt_dir, cfg.source, batch_key="dpo.eval_batch_size"):
-            logps[role] = heldout.saved_pair_logps(path, cfg, tokenizer, rows, mean=False,
+            logps[role] = heldout.saved_pair_logps(path, cfg, tokenizer, rows, mean=False, device=device,
                                                    batch_size=cfg.dpo.eval_batch_size,
                                                    desc=f"dpo: held-out check ({role})")
     stats = rewards_report(logps["policy"], logps["ref"], cfg.dpo.beta, cfg.dpo.loss_type)

@@ -123,7 +123,8 @@ def run(cfg: PipelineConfig, *, restart: bool = False) -> StageResult:
     with catch_oom("orpo", "policy", stage.ckpt_dir, cfg.source, batch_key="orpo.eval_batch_size"):
         # new LoRA adapters start at zero, so before training the model is the base model
         before = log_odds_report(heldout.saved_pair_logps(base, cfg, tokenizer, check_rows, mean=True,
-                                                          batch_size=size, desc="orpo: held-out check before"))
+                                                          batch_size=size, device=stage.device,
+                                                          desc="orpo: held-out check before"))
     # The arguments before the model: under ZeRO-3 the model then loads partitioned over the ranks (zero.Init).
     args = TrainingArguments(**stage.trainer_args(cfg.orpo), remove_unused_columns=False)
     lora = models.lora_dict(cfg.model.lora)
@@ -143,7 +144,8 @@ def run(cfg: PipelineConfig, *, restart: bool = False) -> StageResult:
     final = stage.save_final(trainer, tokenizer, merge_base=base if lora else None)
     with catch_oom("orpo", "policy", stage.ckpt_dir, cfg.source, batch_key="orpo.eval_batch_size"):
         after = log_odds_report(heldout.saved_pair_logps(final, cfg, tokenizer, check_rows, mean=True,
-                                                         batch_size=size, desc="orpo: held-out check after"))
+                                                         batch_size=size, device=stage.device,
+                                                         desc="orpo: held-out check after"))
     report.update({f"heldout_{k}_after": v for k, v in after.items()})
     if engine.is_main():
         log.info("orpo: held-out log odds ratio %.3f -> %.3f, accuracy %.3f -> %.3f (%d pairs)",

@@ -88,7 +88,7 @@ def run(cfg: PipelineConfig, *, restart: bool = False) -> StageResult:
     report = {"train_pairs": len(train_ds), "eval_pairs": len(held_rows) if eval_rows else 0,
               "global_step": trainer.state.global_step}
     with catch_oom("reward", "reward", stage.ckpt_dir, cfg.source, batch_key="reward.eval_batch_size"):
-        report.update(evaluate_reward_model(final, held_rows, cfg, live=(check_rows, live)))
+        report.update(evaluate_reward_model(final, held_rows, cfg, device=stage.device, live=(check_rows, live)))
     if engine.is_main():
         stage.metrics.log(trainer.state.global_step, {f"eval/{k}": v for k, v in report.items()})
         _plot(cfg, stage)
@@ -111,17 +111,17 @@ def pair_scores(model, tokenizer, rows: list[dict], batch_size: int) -> list[tup
     return list(zip(*scoring.score_preferences(model, tokenizer, rows, batch_size=batch_size), strict=True))
 
 
-def evaluate_reward_model(final_dir: Path, rows: list[dict], cfg: PipelineConfig,
+def evaluate_reward_model(final_dir: Path, rows: list[dict], cfg: PipelineConfig, *, device,
                           live: tuple[list[dict], list[float]] | None = None) -> dict[str, float]:
     """Reload the saved model as any user would, score the pairs, and store reward stats with it (main rank).
 
-    Collective: every rank scores its share of the rows on the run's device (`rlhf.heldout`) and gets the
+    Collective: every rank scores its share of the rows on `device` (the stage's; `rlhf.heldout`) and gets the
     same report. With `live` (rows and the scores the trained model gave them before saving), also reports
     the largest difference between live and reloaded scores: a check that saving (e.g. gathering ZeRO-3
     shards) lost nothing.
     """
     tokenizer = models.load_tokenizer(str(final_dir))
-    model = heldout.load_saved(final_dir, models.load_scalar_model, cfg, tokenizer, require_head=True)
+    model = heldout.load_saved(final_dir, models.load_scalar_model, cfg, tokenizer, device=device, require_head=True)
     size = cfg.reward.eval_batch_size
     pairs = heldout.map_rows(rows, lambda part: pair_scores(model, tokenizer, part, size), size,
                              desc="reward: held-out check", progress=cfg.logging.progress)
