@@ -6,10 +6,11 @@ What the stages write under `<run>/<stage>/checkpoints/checkpoint-<step>/`, and 
   base is the stage's input). Under DeepSpeed the Trainer also writes `global_step<N>/` shards; they are
   read only when the weights were not gathered at save time (a DeepSpeed file with
   `stage3_gather_16bit_weights_on_model_save: false`).
-- PPO: `actor/` and `critic/`, each `model.safetensors` (plain engine) or DeepSpeed's layout under the tag
-  `state` (ZeRO 0-3), holding the whole module (a LoRA actor: base and adapters). The model is rebuilt
-  from the stage's inputs (the sft stage's `final/`, and the reward stage's for a critic initialised from
-  it) with the settings in the stage dir's `config.resolved.yaml`, then given the checkpoint's weights.
+- PPO: `actor/` and `critic/` (`actor/` alone for a critic-free `ppo.advantage`), each `model.safetensors`
+  (plain engine) or DeepSpeed's layout under the tag `state` (ZeRO 0-3), holding the whole module (a LoRA
+  actor: base and adapters). The model is rebuilt from the stage's inputs (the sft stage's `final/`, and
+  the reward stage's for a critic initialised from it) with the settings in the stage dir's
+  `config.resolved.yaml`, then given the checkpoint's weights.
 
 LoRA is merged by default; `adapter_only` keeps the adapter (with an absolute base path). The output holds
 safetensors, JSON and tokenizer files only, written as `<out>.tmp-<pid>` and renamed into place.
@@ -70,12 +71,12 @@ def find_checkpoint(path: str | Path, role: str | None = None) -> Checkpoint:
     """The checkpoint at `path` (`checkpoint-N`, or its `actor`/`critic` dir), checked complete; `role`
     picks PPO's actor (default) or critic. Every refusal is one line."""
     ckpt = Path(path).expanduser()
-    if not ckpt.is_dir():
-        raise ArtifactError(f"{ckpt}: no such checkpoint dir; point to <run>/<stage>/checkpoints/checkpoint-<step>")
-    if ckpt.name in ROLES and artifacts.checkpoint_step(ckpt.parent) is not None:
+    if ckpt.name in ROLES and artifacts.checkpoint_step(ckpt.parent) is not None:  # also a role never saved
         if role not in (None, ckpt.name):
             raise ConfigError(f"--role {role}: {ckpt} is the PPO {ckpt.name}'s dir; drop --role or point to its parent")
         ckpt, role = ckpt.parent, ckpt.name
+    if not ckpt.is_dir():
+        raise ArtifactError(f"{ckpt}: no such checkpoint dir; point to <run>/<stage>/checkpoints/checkpoint-<step>")
     if artifacts.checkpoint_step(ckpt) is None or ckpt.parent.name != "checkpoints":
         raise _not_a_checkpoint(ckpt)
     if not (ckpt / artifacts.COMPLETE_MARKER).is_file():
@@ -182,6 +183,9 @@ def load_ppo(ckpt: Checkpoint, cfg: PipelineConfig | None):
         raise ConfigError(f"{ckpt.stage_dir}: no config.resolved.yaml, so the actor's and critic's settings (LoRA, "
                           f"critic_init) are unknown; pass the run's config: rlhf export --checkpoint {ckpt.path} "
                           "--config FILE --out DIR")
+    if ckpt.role == "critic" and not cfg.ppo.uses_critic:
+        raise ConfigError(f"{ckpt.path}: no critic to export: the run trained none (ppo.advantage: "
+                          f"{cfg.ppo.advantage}); --role actor exports the policy")
     sft_dir = _input_dir(ckpt, "sft")
     tokenizer = models.load_tokenizer(sft_dir, trust_remote_code=cfg.model.trust_remote_code)
     reward_dir = _input_dir(ckpt, "reward") if ckpt.role == "critic" and cfg.ppo.critic_init == "reward" else None

@@ -28,9 +28,9 @@ with gradient checkpointing (`gradient_checkpointing` of the Trainer stages; PPO
 input per layer plus one full layer. LoRA keeps the same activations (the adapters need every adapted
 layer's input, and the backward still runs through the frozen layers) plus rank-r ones, left out. LM
 logits cost mb*T*V*4*2 (fp32 logits and their log-softmax). Inference keeps one layer's working set.
-PPO rollouts add the KV cache (2*L*kv_heads*head_dim*B*T*b) and, under ZeRO-3, the actor's full
-gathered weights (the rollout gathers them once, `engine.gathered_for_generation`). ZeRO-3 models also
-hold about two gathered layers (prefetch).
+PPO rollouts add the KV cache (2*L*kv_heads*head_dim*B*T*b, B = `ppo.rollout_rows`: every prompt's
+`samples_per_prompt` responses) and, under ZeRO-3, the actor's full gathered weights (the rollout gathers
+them once, `engine.gathered_for_generation`). ZeRO-3 models also hold about two gathered layers (prefetch).
 
 DeepSpeed's buffers, sized from each model's hidden size H as the package sets them (`engine.bucket_sizes`)
 and allocated in the weights' dtype: a trained model at ZeRO >= 1 keeps a gradient reduce bucket of H^2
@@ -43,6 +43,9 @@ CUDA context, NCCL's own buffers, cuBLAS workspaces and fragmentation, none of w
 Phases of PPO do not overlap, so the peak is the model states of all four models plus the largest of:
 rollout (gathered actor + KV cache), experience (the largest inference forward of the four models at
 micro-batch), update (the actor's or the critic's training activations, each on its own architecture).
+A critic-free `ppo.advantage` (grpo, dr_grpo, rloo, reinforce_baseline) has no critic, and a reward made
+of programs alone (`ppo.reward_fn`, or `ppo.rewards` without a reward_model source) no reward model:
+neither is counted anywhere then.
 With `ppo.reuse_rollout_forward` the first micro-batch's actor and critic forwards keep their graphs
 from the experience forwards to the update: both graphs are added to the experience phase, and the
 update holds them together (the critic's graph waits through the actor's backward). With
@@ -57,7 +60,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from rlhf import engine
-from rlhf.config import DeepSpeedCfg, LoraCfg, PipelineConfig, ZeroRoleCfg
+from rlhf.config import DeepSpeedCfg, LoraCfg, PipelineConfig, PPOCfg, ZeroRoleCfg
 
 GIB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -200,10 +203,17 @@ def reward_source(cfg: PipelineConfig) -> str | None:
     return str(final) if (final / "config.json").is_file() else cfg.reward.base_model
 
 
+def ppo_needs_reward_stage(ppo: PPOCfg) -> bool:
+    """Whether the ppo stage reads the reward stage's output: for its reward model (`ppo.needs_reward_model`)
+    or to initialise its critic (`ppo.critic_init: reward`; a critic-free `ppo.advantage` has none), as
+    `rlhf.stages.ppo.run` decides."""
+    return ppo.needs_reward_model or (ppo.uses_critic and ppo.critic_init == "reward")
+
+
 def _lora_roles(cfg: PipelineConfig, stage: str) -> tuple[bool, bool]:
     """(the stage's trained model trains LoRA adapters (policy, actor or reward model), the PPO critic does)."""
     critic = cfg.model.lora.enabled if cfg.ppo.critic_lora is None else cfg.ppo.critic_lora
-    return cfg.model.lora.enabled, stage == "ppo" and critic
+    return cfg.model.lora.enabled, stage == "ppo" and cfg.ppo.uses_critic and critic
 
 
 def architectures(cfg: PipelineConfig, stage: str | None = None) -> tuple[Arch, Arch]:
@@ -211,7 +221,8 @@ def architectures(cfg: PipelineConfig, stage: str | None = None) -> tuple[Arch, 
     stage = stage or cfg.stages[-1]
     lora = cfg.model.lora if any(_lora_roles(cfg, stage)) else None
     policy = architecture(cfg.model.name_or_path, lora)
-    source = reward_source(cfg) if stage in ("reward", "ppo") else None
+    reads_reward = stage == "reward" or (stage == "ppo" and ppo_needs_reward_stage(cfg.ppo))
+    source = reward_source(cfg) if reads_reward else None
     return policy, (policy if source is None else architecture(source, lora))
 
 
@@ -399,27 +410,32 @@ def estimate(cfg: PipelineConfig, *, gpus: int = 1, nodes: int = 1, arch: Arch |
 
 
 def _ppo(cfg: PipelineConfig, plan: Plan, archs: tuple[Arch, Arch], b: int, add, lora: tuple[bool, bool]) -> None:
-    """Actor, critic, reference and reward model, and the phases, each model on its own architecture."""
+    """Actor, critic (none for a critic-free `ppo.advantage`), reference and reward model (none when programs
+    alone score), and the phases, each model on its own architecture. The rollout holds `ppo.rollout_rows`
+    rows per rank; the forwards and the update go by micro-batch."""
     ppo = cfg.ppo
     arch, reward_arch = archs
     critic_arch = reward_arch if ppo.critic_init == "reward" else arch
     add("actor", arch, True, True, lora[0], "actor")
-    add("critic", critic_arch, False, True, lora[1], "critic")
+    if ppo.uses_critic:
+        add("critic", critic_arch, False, True, lora[1], "critic")
     if not lora[0]:  # a LoRA actor is its own reference (adapters disabled)
         add("ref", arch, True, False, False, "ref")
-    if ppo.reward_fn is None:
+    if ppo.needs_reward_model:
         add("reward", reward_arch, False, False, False, "reward")
     prompt, seq, mb = cfg.data.max_prompt_length, cfg.data.max_prompt_length + ppo.max_new_tokens, ppo.micro_batch_size
-    kv = 2 * arch.layers * arch.kv_heads * arch.head_dim * ppo.rollout_batch_size * seq * b
+    rows = ppo.rollout_rows
+    kv = 2 * arch.layers * arch.kv_heads * arch.head_dim * rows * seq * b
     actor = plan.models[0]
     gathered = actor.params * b - actor.weights if actor.zero_stage == 3 else 0.0
-    prefill = infer_activations(arch, ppo.rollout_batch_size, prompt, b, lm=False)
-    plan.phases["rollout"] = gathered + kv + prefill + ppo.rollout_batch_size * arch.vocab * 4
-    scalar_archs = [critic_arch] + ([reward_arch] if ppo.reward_fn is None else [])
+    prefill = infer_activations(arch, rows, prompt, b, lm=False)
+    plan.phases["rollout"] = gathered + kv + prefill + rows * arch.vocab * 4
+    scalar_archs = [critic_arch] if ppo.uses_critic else []
+    scalar_archs += [reward_arch] if ppo.needs_reward_model else []
     plan.phases["experience"] = max([infer_activations(arch, mb, seq, b, lm=True)]
                                     + [infer_activations(a, mb, seq, b, lm=False) for a in scalar_archs])
     actor_graph = train_activations(arch, mb, seq, b, lm=True)
-    critic_graph = train_activations(critic_arch, mb, seq, b, lm=False)
+    critic_graph = train_activations(critic_arch, mb, seq, b, lm=False) if ppo.uses_critic else 0.0
     if ppo.reuse_rollout_forward:  # the first micro-batch's graphs, kept from the experience forwards
         plan.phases["experience"] += actor_graph + critic_graph
         plan.phases["update"] = actor_graph + critic_graph
@@ -429,7 +445,7 @@ def _ppo(cfg: PipelineConfig, plan: Plan, archs: tuple[Arch, Arch], b: int, add,
     # The static decoder keeps its cache between rollouts, except under ZeRO-3, where the actor's gathered
     # weights move every rollout (the graph is captured anew anyway) and the loop releases it after each.
     if ppo.generation in ("static", "graph") and actor.zero_stage != 3:
-        kept = kv + (ppo.rollout_batch_size * arch.vocab * b if ppo.generation == "graph" else 0.0)
+        kept = kv + (rows * arch.vocab * b if ppo.generation == "graph" else 0.0)
         plan.phases["experience"] += kept
         plan.phases["update"] += kept
 

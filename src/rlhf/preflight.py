@@ -56,7 +56,7 @@ def check(cfg: PipelineConfig, stages: list[str] | None = None, *, standalone: b
     """
     from rlhf import engine
 
-    stages = cfg.stages if stages is None else stages
+    stages = needed_stages(cfg, cfg.stages if stages is None else stages, say=True)
     blockers: list[Blocker] = []
     if not stages:
         blockers.append(Blocker("config.no_stages", f"{cfg.source}: nothing to run; set final_stage (ppo, dpo or "
@@ -77,6 +77,22 @@ def check(cfg: PipelineConfig, stages: list[str] | None = None, *, standalone: b
     if launch_env(os.environ) and "LOCAL_RANK" not in os.environ:  # before a launch, not inside one
         blockers += check_launch(os.environ, run_dir=cfg.run.dir, max_age_s=cfg.run.collective_timeout_s)
     return blockers
+
+
+def needed_stages(cfg: PipelineConfig, stages: list[str], *, say: bool = False) -> list[str]:
+    """`stages` less the reward stage when it is there only for a ppo stage that reads no reward stage output
+    (`plan.ppo_needs_reward_stage`: programs alone score, and no critic starts from the reward model). With
+    `say`, one INFO line tells why it is left out."""
+    from rlhf import plan
+
+    if "ppo" not in stages or "reward" not in stages or plan.ppo_needs_reward_stage(cfg.ppo):
+        return list(stages)
+    if say:
+        scores = "ppo.reward_fn scores" if cfg.ppo.reward_fn else "ppo.rewards has no reward_model source"
+        critic = (f"ppo.advantage: {cfg.ppo.advantage} has no critic" if not cfg.ppo.uses_critic
+                  else "the critic starts from the SFT model (ppo.critic_init: sft)")
+        log.info("%s: reward stage not needed: %s and %s; the pipeline skips it", cfg.source, scores, critic)
+    return [s for s in stages if s != "reward"]
 
 
 def _check_data(cfg: PipelineConfig, stage: str) -> list[Blocker]:
@@ -139,12 +155,14 @@ def _eval_source(cfg: PipelineConfig, key: str) -> str | None:
 
 
 def _check_inputs(cfg: PipelineConfig, stage: str, planned: list[str]) -> list[Blocker]:
+    from rlhf import plan
+
     out = []
     needed = list(STAGE_INPUTS[stage])
     if stage == "reward" and cfg.reward.base_model is None and "sft" in cfg.present:
         needed.append("sft")
-    if stage == "ppo" and cfg.ppo.reward_fn and cfg.ppo.critic_init == "sft":
-        needed.remove("reward")  # a Python reward and an SFT-initialised critic need no reward model
+    if stage == "ppo" and not plan.ppo_needs_reward_stage(cfg.ppo):
+        needed.remove("reward")  # a Python reward, and no critic or an SFT-initialised one
     for earlier in needed:
         if earlier in planned:
             continue

@@ -1,7 +1,8 @@
 """rlhf export: a LoRA DPO checkpoint (merged, and kept as an adapter), a plain PPO checkpoint (actor and
 critic), a full-weights Trainer checkpoint; each loads with `from_pretrained` and computes what the live
-model computes. Refusals: incomplete checkpoints, a non-empty --out, a reward model or critic where a causal
-LM is asked for, --adapter-only without LoRA. (ZeRO-3 PPO: tests/distributed/test_ppo_zero3.py.)"""
+model computes; a critic-free PPO run's actor. Refusals: incomplete checkpoints, a non-empty --out, a reward
+model or critic where a causal LM is asked for, --adapter-only without LoRA, the critic of a critic-free run.
+(ZeRO-3 PPO: tests/distributed/test_ppo_zero3.py.)"""
 
 from __future__ import annotations
 
@@ -135,6 +136,26 @@ def test_lora_ppo_checkpoint_exports_merged_and_as_adapter(tmp_path, rlhf_cache,
     critic = export(ckpt, tmp_path / "critic", role="critic")  # SEQ_CLS LoRA, merged with its score head
     torch.testing.assert_close(_logits(critic, AutoModelForSequenceClassification),
                                _logits(live["critic"], tokenizer_dir=critic), rtol=0, atol=1e-5)
+
+
+def test_a_critic_free_ppo_checkpoint_exports_its_actor_and_refuses_a_critic(tmp_path, tiny_model_dir):
+    # one step of grpo with a program for the reward: checkpoint-1 holds actor/ alone, which exports as the
+    # final policy; --role critic (or the critic/ path) is one line naming the estimator, exit 2
+    from test_ppo import make_cfg, run_ppo
+
+    cfg = make_cfg(tmp_path, tiny_model_dir, None, steps=1, ppo_epochs=1, grad_accum=1, rollout_batch_size=2,
+                   mini_batch_size=4, advantage="grpo", samples_per_prompt=2,
+                   reward_fn="ppo_reward:target_share")
+    result, _ = run_ppo(cfg)
+    ckpt = cfg.stage_dir("ppo") / "checkpoints" / "checkpoint-1"
+    assert (ckpt / "actor").is_dir() and not (ckpt / "critic").exists()
+    actor = export(ckpt, tmp_path / "actor")
+    torch.testing.assert_close(_logits(actor), _logits(result.final_dir), rtol=0, atol=0)
+    for path, role in ((ckpt, "critic"), (ckpt / "critic", None)):
+        with pytest.raises(ConfigError) as err:
+            export(path, tmp_path / "critic", role=role)
+        assert str(err.value) == (f"{ckpt}: no critic to export: the run trained none (ppo.advantage: grpo); "
+                                  "--role actor exports the policy")
 
 
 def test_trainer_checkpoint_and_refusals(tmp_path, tiny_model_dir, tiny_reward_dir):

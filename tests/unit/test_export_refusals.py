@@ -1,17 +1,21 @@
 """`rlhf export` refusals that say what the dir is: a stage's final/ (already a plain model dir), a stage
-dir, and a checkpoint that the running stage's rotation removed, before or during the export. No model
-is loaded."""
+dir, a checkpoint that the running stage's rotation removed, before or during the export, and the critic
+of a critic-free PPO run, which trained none. No model is loaded."""
 
 from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
 from rlhf import artifacts, export
 from rlhf.cli import main
+from rlhf.config import load_config, save_resolved
 from rlhf.errors import ArtifactError
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _checkpoint(stage_dir, step: int, complete: bool = True):
@@ -73,3 +77,32 @@ def test_a_checkpoint_removed_while_it_is_read_is_reported_as_rotated_away(tmp_p
     monkeypatch.setattr(export, "load_trainer", damaged)
     with pytest.raises(ArtifactError, match="^damaged$"):
         export.export(newest, tmp_path / "out")
+
+
+@pytest.mark.parametrize("advantage", ["grpo", "rloo"])
+def test_the_critic_of_a_critic_free_run_is_refused_naming_its_estimator(tmp_path, capsys, advantage):
+    # what a critic-free PPO run leaves: config.resolved.yaml, and checkpoints with actor/ but no critic/
+    stage_dir = tmp_path / "run" / "ppo"
+    cfg = load_config(ROOT / "configs/tiny.yaml", [f"ppo.advantage={advantage}", "ppo.samples_per_prompt=4"])
+    save_resolved(cfg, stage_dir / "config.resolved.yaml")
+    ckpt = stage_dir / "checkpoints" / "checkpoint-2"
+    (ckpt / "actor").mkdir(parents=True)
+    artifacts.mark_checkpoint_complete(ckpt, 2)
+    expected = (f"error: {ckpt}: no critic to export: the run trained none (ppo.advantage: {advantage}); "
+                "--role actor exports the policy")
+    for args in (["--checkpoint", str(ckpt), "--role", "critic"], ["--checkpoint", str(ckpt / "critic")]):
+        code = main(["export", *args, "--out", str(tmp_path / "out")])
+        assert (code, capsys.readouterr().err.strip()) == (2, expected)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_critic_of_a_gae_run_is_not_refused_as_critic_free(tmp_path, capsys):
+    # the same layout under GAE gets past that check, to the stage inputs the critic is rebuilt from
+    stage_dir = tmp_path / "run" / "ppo"
+    save_resolved(load_config(ROOT / "configs/tiny.yaml"), stage_dir / "config.resolved.yaml")
+    ckpt = stage_dir / "checkpoints" / "checkpoint-2"
+    (ckpt / "critic").mkdir(parents=True)
+    artifacts.mark_checkpoint_complete(ckpt, 2)
+    assert main(["export", "--checkpoint", str(ckpt / "critic"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "no critic to export" not in err and "sft" in err, err

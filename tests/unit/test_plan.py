@@ -15,6 +15,7 @@ import pytest
 from rlhf import plan, preflight
 from rlhf.cli import main
 from rlhf.config import LoraCfg, ZeroRoleCfg, load_config
+from rlhf.errors import ModelError
 
 ROOT = Path(__file__).resolve().parents[2]
 LLAMA3_8B = "configs/llama3-8b/ppo_1x8.yaml"
@@ -325,3 +326,30 @@ def test_static_kv_cache_stays_through_experience_and_update(rlhf_cache):
     released = plan.estimate(zero3, gpus=1, arch=arch).phases
     zero3.ppo.generation = "hf"
     assert released == plan.estimate(zero3, gpus=1, arch=arch).phases
+
+
+def test_a_critic_free_plan_has_no_critic_and_a_rollout_of_every_sample(rlhf_cache):
+    # tiny, float32, one rank (ZeRO-3 on one rank gathers nothing): a rollout row of 64 prompt + 16 new
+    # tokens holds K and V 2 * 2 layers * 2 heads * 16 * 80 * 4 = 40,960 bytes, the prefill's layer
+    # 64 * (4 * 64 + 2 * 128) * 4 = 131,072 and a row of logits 1000 * 4 = 4000: 176,032 a row.
+    # GAE samples 8 rows (rollout_batch_size 8); grpo with 4 samples per prompt 8 x 4 = 32.
+    gae = plan.estimate(load_config(ROOT / "configs/tiny.yaml"), gpus=1)
+    grpo_cfg = load_config(ROOT / "configs/tiny.yaml", ["ppo.advantage=grpo", "ppo.samples_per_prompt=4"])
+    grpo = plan.estimate(grpo_cfg, gpus=1)
+    assert [m.role for m in grpo.models] == ["actor", "ref", "reward"]
+    assert gae.phases["rollout"] == 8 * 176_032 and grpo.phases["rollout"] == 32 * 176_032
+    # the micro-batch forwards and the update are the same but for the critic's training graph (kept from the
+    # experience forwards: ppo.reuse_rollout_forward), 2 layers x 4 rows x 80 tokens x 64 x 34 x 4/2 bytes =
+    # 2,785,280, so the peak loses the critic's state and that graph
+    critic = next(m for m in gae.models if m.role == "critic")
+    critic_graph = gae.phases["update"] - grpo.phases["update"]
+    assert critic_graph == 2_785_280
+    assert max(grpo.phases.values()) == grpo.phases["experience"] == gae.phases["experience"] - critic_graph
+    assert gae.peak - grpo.peak == critic.state + critic_graph >= critic.state
+    # with a program for the reward the reward model goes too, and its architecture is not looked up (a
+    # reward.base_model that resolves nowhere is no matter); a GAE critic initialised from it still needs it
+    sets = ["ppo.reward_fn=m:f", "reward.base_model=no-such-org/no-such-model"]
+    fn = load_config(ROOT / "configs/tiny.yaml", ["ppo.advantage=rloo", "ppo.samples_per_prompt=4", *sets])
+    assert [m.role for m in plan.estimate(fn, gpus=1).models] == ["actor", "ref"]
+    with pytest.raises(ModelError, match="no-such-org/no-such-model: no config.json"):
+        plan.estimate(load_config(ROOT / "configs/tiny.yaml", sets), gpus=1)

@@ -1,10 +1,11 @@
 """Stages: each module exposes `run(cfg, restart=False) -> StageResult`.
 
 `run_stage` checks preflight blockers for one stage started on its own; `run_pipeline` runs the stages
-the config needs in order, skipping complete ones (their `stage.json` exists) and resuming the rest
-from their last checkpoint. A stage whose weights were trained under other values of keys they depend on
-is neither skipped nor resumed (`common.check_trained_config`). A stage claims its dir before it writes
-there (`rlhf.claims`): a second start on a live run is refused, a dead run's claim is taken over.
+the config needs in order (`preflight.needed_stages`: no reward stage for a ppo stage that reads none),
+skipping complete ones (their `stage.json` exists) and resuming the rest from their last checkpoint. A
+stage whose weights were trained under other values of keys they depend on is neither skipped nor resumed
+(`common.check_trained_config`). A stage claims its dir before it writes there (`rlhf.claims`): a second
+start on a live run is refused, a dead run's claim is taken over.
 """
 
 from __future__ import annotations
@@ -62,14 +63,15 @@ def _materialize_aliases(cfg: PipelineConfig) -> None:
 
 
 def pending_stages(cfg: PipelineConfig) -> list[str]:
-    """The config's stages that are not complete, in order. First every stage holding trained weights is
-    checked against `cfg` (`common.check_trained_config`), so one trained under other values of keys its
-    weights depend on stops the pipeline before anything runs, instead of being skipped."""
+    """The config's needed stages (`preflight.needed_stages`) that are not complete, in order. First every
+    stage holding trained weights is checked against `cfg` (`common.check_trained_config`), so one trained
+    under other values of keys its weights depend on stops the pipeline before anything runs, instead of
+    being skipped."""
     from rlhf.config import GROWING_STEPS
     from rlhf.stages.common import check_trained_config
 
     pending = []
-    for stage in cfg.stages:
+    for stage in preflight.needed_stages(cfg, cfg.stages):
         accepted = check_trained_config(cfg, stage)
         # A complete stage whose step count was raised has steps left to train.
         if not artifacts.is_complete(cfg.stage_dir(stage)) or GROWING_STEPS.get(stage) in accepted:
@@ -81,11 +83,12 @@ def pending_stages(cfg: PipelineConfig) -> list[str]:
 
 
 def run_pipeline(cfg: PipelineConfig, *, restart: bool = False) -> list:
-    """All stages of the file, in order; complete ones are skipped unless restart is set."""
-    pending = cfg.stages if restart else pending_stages(cfg)
-    preflight.check_or_raise(cfg, cfg.stages, standalone=False)
+    """All needed stages of the file, in order; complete ones are skipped unless restart is set."""
+    stages = preflight.needed_stages(cfg, cfg.stages)
+    pending = stages if restart else pending_stages(cfg)
+    preflight.check_or_raise(cfg, cfg.stages, standalone=False)  # says why a stage is left out
     results = []
-    for stage in cfg.stages:
+    for stage in stages:
         if stage not in pending:
             log.info("%s: complete (%s exists), skipping", stage, cfg.stage_dir(stage) / artifacts.MANIFEST)
             continue
