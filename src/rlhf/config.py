@@ -471,6 +471,12 @@ class PPOCfg:
         return any(r.source == REWARD_MODEL for r in self.reward_sources)
 
     @property
+    def needs_reward_stage(self) -> bool:
+        """Whether the ppo stage reads the reward stage's output: for its reward model, or to initialise its
+        critic (`critic_init: reward`; a critic-free `advantage` has none)."""
+        return self.needs_reward_model or (self.uses_critic and self.critic_init == "reward")
+
+    @property
     def uses_critic(self) -> bool:
         """Whether the run builds, trains and saves a critic (GAE needs its values; the others do not)."""
         return self.advantage == "gae"
@@ -599,12 +605,13 @@ class PipelineConfig:
     def stages(self) -> list[str]:
         """Stages this file runs, in order.
 
-        `final_stage: ppo` runs sft, reward, ppo; `dpo` runs sft, dpo; `orpo` runs orpo alone (it trains
-        from the base model). Without `final_stage`, the `sft` and `reward` sections present run, which is
-        how a reward-model-only file says what it wants.
+        `final_stage: ppo` runs sft, reward, ppo (sft, ppo when the ppo stage reads nothing of the reward
+        stage: `PPOCfg.needs_reward_stage`); `dpo` runs sft, dpo; `orpo` runs orpo alone (it trains from
+        the base model). Without `final_stage`, the `sft` and `reward` sections present run, which is how a
+        reward-model-only file says what it wants.
         """
         if self.final_stage == "ppo":
-            return ["sft", "reward", "ppo"]
+            return ["sft", "reward", "ppo"] if self.ppo.needs_reward_stage else ["sft", "ppo"]
         if self.final_stage == "dpo":
             return ["sft", "dpo"]
         if self.final_stage == "orpo":

@@ -60,7 +60,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from rlhf import engine
-from rlhf.config import DeepSpeedCfg, LoraCfg, PipelineConfig, PPOCfg, ZeroRoleCfg
+from rlhf.config import DeepSpeedCfg, LoraCfg, PipelineConfig, ZeroRoleCfg
 
 GIB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -203,13 +203,6 @@ def reward_source(cfg: PipelineConfig) -> str | None:
     return str(final) if (final / "config.json").is_file() else cfg.reward.base_model
 
 
-def ppo_needs_reward_stage(ppo: PPOCfg) -> bool:
-    """Whether the ppo stage reads the reward stage's output: for its reward model (`ppo.needs_reward_model`)
-    or to initialise its critic (`ppo.critic_init: reward`; a critic-free `ppo.advantage` has none), as
-    `rlhf.stages.ppo.run` decides."""
-    return ppo.needs_reward_model or (ppo.uses_critic and ppo.critic_init == "reward")
-
-
 def _lora_roles(cfg: PipelineConfig, stage: str) -> tuple[bool, bool]:
     """(the stage's trained model trains LoRA adapters (policy, actor or reward model), the PPO critic does)."""
     critic = cfg.model.lora.enabled if cfg.ppo.critic_lora is None else cfg.ppo.critic_lora
@@ -221,7 +214,7 @@ def architectures(cfg: PipelineConfig, stage: str | None = None) -> tuple[Arch, 
     stage = stage or cfg.stages[-1]
     lora = cfg.model.lora if any(_lora_roles(cfg, stage)) else None
     policy = architecture(cfg.model.name_or_path, lora)
-    reads_reward = stage == "reward" or (stage == "ppo" and ppo_needs_reward_stage(cfg.ppo))
+    reads_reward = stage == "reward" or (stage == "ppo" and cfg.ppo.needs_reward_stage)
     source = reward_source(cfg) if reads_reward else None
     return policy, (policy if source is None else architecture(source, lora))
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from rlhf import artifacts, trackers
 from rlhf.config import PipelineConfig, RunCfg
 from rlhf.data.stage_rows import data_source
-from rlhf.errors import RlhfError
+from rlhf.errors import ConfigError, RlhfError
 
 if TYPE_CHECKING:
     import torch
@@ -56,7 +56,9 @@ def check(cfg: PipelineConfig, stages: list[str] | None = None, *, standalone: b
     """
     from rlhf import engine
 
-    stages = needed_stages(cfg, cfg.stages if stages is None else stages, say=True)
+    stages = cfg.stages if stages is None else stages
+    if "ppo" in stages and not cfg.ppo.needs_reward_stage:
+        _say_no_reward_stage(cfg)
     blockers: list[Blocker] = []
     if not stages:
         blockers.append(Blocker("config.no_stages", f"{cfg.source}: nothing to run; set final_stage (ppo, dpo or "
@@ -79,20 +81,12 @@ def check(cfg: PipelineConfig, stages: list[str] | None = None, *, standalone: b
     return blockers
 
 
-def needed_stages(cfg: PipelineConfig, stages: list[str], *, say: bool = False) -> list[str]:
-    """`stages` less the reward stage when it is there only for a ppo stage that reads no reward stage output
-    (`plan.ppo_needs_reward_stage`: programs alone score, and no critic starts from the reward model). With
-    `say`, one INFO line tells why it is left out."""
-    from rlhf import plan
-
-    if "ppo" not in stages or "reward" not in stages or plan.ppo_needs_reward_stage(cfg.ppo):
-        return list(stages)
-    if say:
-        scores = "ppo.reward_fn scores" if cfg.ppo.reward_fn else "ppo.rewards has no reward_model source"
-        critic = (f"ppo.advantage: {cfg.ppo.advantage} has no critic" if not cfg.ppo.uses_critic
-                  else "the critic starts from the SFT model (ppo.critic_init: sft)")
-        log.info("%s: reward stage not needed: %s and %s; the pipeline skips it", cfg.source, scores, critic)
-    return [s for s in stages if s != "reward"]
+def _say_no_reward_stage(cfg: PipelineConfig) -> None:
+    """One INFO line: why a ppo pipeline has no reward stage (`PPOCfg.needs_reward_stage`)."""
+    scores = "ppo.reward_fn scores" if cfg.ppo.reward_fn else "ppo.rewards has no reward_model source"
+    critic = (f"ppo.advantage: {cfg.ppo.advantage} has no critic" if not cfg.ppo.uses_critic
+              else "the critic starts from the SFT model (ppo.critic_init: sft)")
+    log.info("%s: reward stage not needed: %s and %s; the pipeline skips it", cfg.source, scores, critic)
 
 
 def _check_data(cfg: PipelineConfig, stage: str) -> list[Blocker]:
@@ -155,13 +149,11 @@ def _eval_source(cfg: PipelineConfig, key: str) -> str | None:
 
 
 def _check_inputs(cfg: PipelineConfig, stage: str, planned: list[str]) -> list[Blocker]:
-    from rlhf import plan
-
     out = []
     needed = list(STAGE_INPUTS[stage])
     if stage == "reward" and cfg.reward.base_model is None and "sft" in cfg.present:
         needed.append("sft")
-    if stage == "ppo" and not plan.ppo_needs_reward_stage(cfg.ppo):
+    if stage == "ppo" and not cfg.ppo.needs_reward_stage:
         needed.remove("reward")  # a Python reward, and no critic or an SFT-initialised one
     for earlier in needed:
         if earlier in planned:
@@ -233,8 +225,8 @@ def _check_packages(cfg: PipelineConfig, stages: list[str]) -> list[Blocker]:
         if problem:
             out.append(Blocker(TRACKER_CODES[name], f"{cfg.source}: logging.report_to has {name}, but {problem}"))
     out += check_torch_version()
-    if "ppo" in stages and cfg.ppo.reward_fn:
-        out += _check_reward_fn(cfg)
+    if "ppo" in stages:
+        out += _check_programs(cfg)
     return out
 
 
@@ -334,15 +326,21 @@ def op_problem(builder, *, gpu_op: bool) -> str | None:
     return f"it is not prebuilt and building it needs {' and '.join(missing)}" if missing else None
 
 
-def _check_reward_fn(cfg: PipelineConfig) -> list[Blocker]:
-    module, _, name = cfg.ppo.reward_fn.partition(":")
-    try:
-        fn = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as err:
-        return [Blocker("ppo.reward_fn", f"{cfg.source}: ppo.reward_fn: cannot import '{cfg.ppo.reward_fn}' ({err})")]
-    if not callable(fn):
-        return [Blocker("ppo.reward_fn", f"{cfg.source}: ppo.reward_fn: '{cfg.ppo.reward_fn}' is not callable")]
-    return []
+def _check_programs(cfg: PipelineConfig) -> list[Blocker]:
+    """Every program among the reward's sources imports and is callable (`programs.load_program`)."""
+    from rlhf.config import REWARD_MODEL
+    from rlhf.programs import load_program
+
+    key = "ppo.reward_fn" if cfg.ppo.reward_fn else "ppo.rewards"
+    out = []
+    for source in cfg.ppo.reward_sources:
+        if source.source == REWARD_MODEL:
+            continue
+        try:
+            load_program(source.source, key)
+        except ConfigError as err:
+            out.append(Blocker(key, f"{cfg.source}: {err}"))
+    return out
 
 
 def _check_output(cfg: PipelineConfig) -> list[Blocker]:

@@ -1,8 +1,8 @@
 """Which pipelines train a reward stage: the ppo stage reads its output for the reward model (a
 `reward_model` source of the reward: no `ppo.reward_fn`, and `ppo.rewards` unset or naming it) or a critic
 initialised from it (`ppo.critic_init: reward` under `ppo.advantage: gae`), and for nothing else.
-`rlhf plan`, preflight, `pending_stages` and `run_pipeline` follow the rule `rlhf.stages.ppo.run` loads
-by: without it there is no reward stage to train, check or require, and preflight says so in one line.
+The rule is `PPOCfg.needs_reward_stage`; `PipelineConfig.stages`, and so `rlhf plan`, preflight,
+`pending_stages`, `run_pipeline` and `rlhf pipeline --stages`, and `rlhf.stages.ppo.run` all follow it: without it there is no reward stage to train, check or require, and preflight says so in one line.
 No model is trained."""
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def _raw(tmp_path: Path, **ppo) -> dict:
     for key in ("sft", "preference", "prompts"):
         raw["data"][key] = str(ROOT / raw["data"][key])
     raw["ppo"].update(ppo)
-    if not plan.ppo_needs_reward_stage(config_from_dict(raw).ppo):
+    if not config_from_dict(raw).ppo.needs_reward_stage:
         del raw["data"]["preference"]
     return raw
 
@@ -55,13 +55,12 @@ def _raw(tmp_path: Path, **ppo) -> dict:
 ])
 def test_the_pipeline_has_a_reward_stage_only_when_ppo_reads_it(tmp_path, ppo, reward_stage):
     cfg = config_from_dict(_raw(tmp_path, **ppo))
-    assert plan.ppo_needs_reward_stage(cfg.ppo) is reward_stage
+    assert cfg.ppo.needs_reward_stage is reward_stage
     roles = [m.role for m in plan.estimate(cfg, gpus=1, arch=ARCH).models]
     assert ("reward" in roles) is cfg.ppo.needs_reward_model and ("critic" in roles) is cfg.ppo.uses_critic
     expected = ["sft", "reward", "ppo"] if reward_stage else ["sft", "ppo"]
-    assert preflight.needed_stages(cfg, cfg.stages) == expected
+    assert cfg.stages == expected
     assert stages.pending_stages(cfg) == expected  # nothing trained yet
-    assert preflight.needed_stages(cfg, ["reward"]) == ["reward"]  # asked for by itself, it runs
 
 
 def test_preflight_says_why_and_checks_no_reward_stage(tmp_path, caplog, capsys, rlhf_cache):
@@ -74,7 +73,7 @@ def test_preflight_says_why_and_checks_no_reward_stage(tmp_path, caplog, capsys,
                      "critic; the pipeline skips it"]
     programs = config_from_dict(_raw(tmp_path, advantage="rloo", samples_per_prompt=2, rewards=[{"source": FN}]),
                                 source="programs.yaml")
-    assert preflight.needed_stages(programs, programs.stages, say=True) == ["sft", "ppo"]
+    assert programs.stages == ["sft", "ppo"] and preflight.check(programs) == []
     assert ("programs.yaml: reward stage not needed: ppo.rewards has no reward_model source and ppo.advantage: "
             "rloo has no critic; the pipeline skips it") in caplog.text
     # the ppo stage started on its own needs the sft output only
@@ -131,3 +130,11 @@ def test_a_reward_stage_the_pipeline_does_not_need_is_neither_run_nor_checked(tm
     gae = config_from_dict(_raw(tmp_path), source="cfg.yaml")  # GAE reads it: refused as trained otherwise
     with pytest.raises(ConfigError, match=r"reward\.learning_rate 0\.5 -> 0\.001"):
         stages.pending_stages(gae)
+
+
+def test_preflight_imports_every_program_of_the_reward(tmp_path, rlhf_cache):
+    raw = _raw(tmp_path, advantage="grpo", samples_per_prompt=4,
+               rewards=[{"source": FN}, {"source": "no_such_module:score"}, {"source": "math:pi"}])
+    blockers = preflight.check(config_from_dict(raw, source="cfg.yaml"))
+    assert [b.message.split(" (")[0] for b in blockers] == [
+        "cfg.yaml: ppo.rewards: cannot import 'no_such_module:score'", "cfg.yaml: ppo.rewards: 'math:pi' is not callable"]

@@ -1,7 +1,7 @@
 """Stages: each module exposes `run(cfg, restart=False) -> StageResult`.
 
 `run_stage` checks preflight blockers for one stage started on its own; `run_pipeline` runs the stages
-the config needs in order (`preflight.needed_stages`: no reward stage for a ppo stage that reads none),
+the config needs in order (`PipelineConfig.stages`: no reward stage for a ppo stage that reads none),
 skipping complete ones (their `stage.json` exists) and resuming the rest from their last checkpoint. A
 stage whose weights were trained under other values of keys they depend on is neither skipped nor resumed
 (`common.check_trained_config`). A stage claims its dir before it writes there (`rlhf.claims`): a second
@@ -63,7 +63,7 @@ def _materialize_aliases(cfg: PipelineConfig) -> None:
 
 
 def pending_stages(cfg: PipelineConfig) -> list[str]:
-    """The config's needed stages (`preflight.needed_stages`) that are not complete, in order. First every
+    """The config's stages that are not complete, in order. First every
     stage holding trained weights is checked against `cfg` (`common.check_trained_config`), so one trained
     under other values of keys its weights depend on stops the pipeline before anything runs, instead of
     being skipped."""
@@ -71,7 +71,7 @@ def pending_stages(cfg: PipelineConfig) -> list[str]:
     from rlhf.stages.common import check_trained_config
 
     pending = []
-    for stage in preflight.needed_stages(cfg, cfg.stages):
+    for stage in cfg.stages:
         accepted = check_trained_config(cfg, stage)
         # A complete stage whose step count was raised has steps left to train.
         if not artifacts.is_complete(cfg.stage_dir(stage)) or GROWING_STEPS.get(stage) in accepted:
@@ -83,10 +83,10 @@ def pending_stages(cfg: PipelineConfig) -> list[str]:
 
 
 def run_pipeline(cfg: PipelineConfig, *, restart: bool = False) -> list:
-    """All needed stages of the file, in order; complete ones are skipped unless restart is set."""
-    stages = preflight.needed_stages(cfg, cfg.stages)
+    """All stages of the file, in order; complete ones are skipped unless restart is set."""
+    stages = cfg.stages
     pending = stages if restart else pending_stages(cfg)
-    preflight.check_or_raise(cfg, cfg.stages, standalone=False)  # says why a stage is left out
+    preflight.check_or_raise(cfg, stages, standalone=False)  # says why a stage is left out
     results = []
     for stage in stages:
         if stage not in pending:

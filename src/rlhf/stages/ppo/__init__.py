@@ -188,7 +188,7 @@ def run(cfg: PipelineConfig, *, restart: bool = False, on_step=None) -> StageRes
     sft_dir = str(artifacts.stage_output(cfg.stage_dir("sft"), "sft", needed_by="the ppo stage",
                                          config_path=cfg.source))
     reward_dir = None
-    if cfg.ppo.needs_reward_model or (cfg.ppo.uses_critic and cfg.ppo.critic_init == "reward"):
+    if cfg.ppo.needs_reward_stage:
         reward_dir = str(artifacts.stage_output(cfg.stage_dir("reward"), "reward", needed_by="the ppo stage",
                                                 config_path=cfg.source))
     stage = StageRun(cfg, "ppo", restart=restart)
