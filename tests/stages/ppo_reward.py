@@ -33,3 +33,16 @@ def answer_seen(prompts: list, responses: list[str], answer: list) -> list[float
     """1 when the row's `answer` field (a string) occurs in the response, else 0; records what it got."""
     CALLS.append({"prompts": prompts, "answer": answer})
     return [float(str(a) in text) for a, text in zip(answer, responses, strict=True)]
+
+
+def recorded_zero(prompts: list, responses: list[str]) -> list[float]:
+    """0 for every response; appends this rank's prompts (their last message) as one JSON line to
+    $RLHF_TEST_CALLS/rank<RANK>.jsonl, so a launched run shows which prompts each rank scored together."""
+    import json
+    import os
+    from pathlib import Path
+
+    path = Path(os.environ["RLHF_TEST_CALLS"]) / f"rank{os.environ.get('RANK', '0')}.jsonl"
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps([p[-1]["content"] for p in prompts]) + "\n")
+    return [0.0] * len(responses)
