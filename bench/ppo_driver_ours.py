@@ -27,6 +27,8 @@ def parse_args():
                  "--seed"):
         p.add_argument(name, type=int, required=True)
     p.add_argument("--generation", default="auto", help="ppo.generation: auto, hf, static or graph")
+    p.add_argument("--advantage", default="gae", help="ppo.advantage: gae, grpo, dr_grpo, rloo, reinforce_baseline")
+    p.add_argument("--samples-per-prompt", type=int, default=1, help="ppo.samples_per_prompt; must divide --batch")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     return p.parse_args()
@@ -42,7 +44,8 @@ def make_config(args, work: Path, run_dir: Path):
         shutil.copytree(src, run_dir / "b" / stage / "final")
         artifacts.write_manifest(run_dir / "b" / stage, stage, inputs={}, config_hash="bench", metrics={})
     mini = args.batch // args.mini_batches
-    settings = {"steps": args.steps, "rollout_batch_size": args.batch, "mini_batch_size": mini,
+    settings = {"steps": args.steps, "rollout_batch_size": args.batch // args.samples_per_prompt,
+                "samples_per_prompt": args.samples_per_prompt, "advantage": args.advantage, "mini_batch_size": mini,
                 "grad_accum": mini // args.micro_batch, "ppo_epochs": args.ppo_epochs,
                 "max_new_tokens": args.response_length, "temperature": 1.0, "top_p": 1.0, "top_k": 0,
                 "learning_rate": 1e-6, "critic_learning_rate": 1e-6, "kl_coef": 0.05, "kl_estimator": "k1",
@@ -100,6 +103,8 @@ def fix_response_length(work: Path) -> list[int]:
 def main() -> None:
     args = parse_args()
 
+    import resource
+
     import torch
 
     from rlhf.stages import ppo
@@ -116,8 +121,8 @@ def main() -> None:
         stamps.append(time.perf_counter())
         stats_seen.append(stats)
         if not trained:
-            trained.append(sum(p.numel() for eng in (ctx.actor, ctx.critic) for p in eng.module.parameters()
-                               if p.requires_grad))
+            trained.append(sum(p.numel() for eng in (ctx.actor, ctx.critic) if eng is not None
+                               for p in eng.module.parameters() if p.requires_grad))
 
     prompt_len = json.loads((work / ".ready").read_text())["prompt_len"]
     start = time.perf_counter()
@@ -126,7 +131,8 @@ def main() -> None:
     if any(n != args.response_length for n in lengths):
         raise SystemExit(f"response lengths {lengths} != {args.response_length}")
     Path(args.out).write_text(json.dumps({
-        "impl": "rlhf (own PPO loop, plain torch engines)",
+        "impl": f"rlhf (own PPO loop, plain torch engines, advantage {args.advantage}, "
+                f"{args.samples_per_prompt} samples per prompt)",
         "step_times": times, "response_lengths": lengths,
         "response_tokens": [args.batch * n for n in lengths],
         "counted_tokens": [s["rollout/response_length"] * args.batch for s in stats_seen],
@@ -134,10 +140,11 @@ def main() -> None:
         "ratio_first": [s.get("policy/ratio_first") for s in stats_seen],
         "generate_times": [s["perf/generate_time"] for s in stats_seen],
         "update_times": [s["perf/update_time"] for s in stats_seen],
-        # 6 x trained parameters (actor + critic) x tokens through them in the update: every row's whole
-        # sequence (prompt + response), once per PPO epoch
+        # 6 x trained parameters (actor, and the critic where there is one) x tokens through them in the
+        # update: every row's whole sequence (prompt + response), once per PPO epoch
         "update_flops": [6 * trained[0] * args.batch * (prompt_len + n) * args.ppo_epochs for n in lengths],
         "peak_bytes": torch.cuda.max_memory_allocated() if args.device == "cuda" else 0,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux: KiB
     }))
     shutil.rmtree(run_dir, ignore_errors=True)
 

@@ -4,6 +4,7 @@
     python bench/ppo_throughput.py --model tiny|smollm2 [--rounds 3] [--steps 4] [--batch 8]
         [--response-length 32] [--ppo-epochs 2] [--mini-batches 1] [--micro-batch B]
     python bench/ppo_throughput.py --device cuda --model 0.8b|1.7b [--peer-site DIR]   # on a GPU
+    python bench/ppo_throughput.py --advantage rloo|grpo|dr_grpo|reinforce_baseline [--samples-per-prompt 4] ...
 
 On a GPU, `--model 0.8b` or `1.7b` builds random-init Llamas of those shapes (0.8b: hidden 2048, 16 layers,
 32/8 heads, intermediate 5632; 1.7b: SmolLM2-1.7B's shape; both vocab 49152, tied) with a word-level
@@ -30,6 +31,13 @@ Each implementation runs in its own subprocess (ours with this venv's python, TR
 own at bench/.venv-trl112, created on first use), alternating ours/TRL for --rounds rounds. A driver times
 the PPO iterations only (the interval between consecutive step-end callbacks; step 1 is warm-up and is
 excluded, as is loading). The last line is `ratio ours/trl: X.XX` (median ours / median TRL samples/s).
+
+`--advantage A` (a critic-free `ppo.advantage`) runs no TRL: it alternates two runs of ours on the same rows
+per step, GAE (rollout_batch_size = batch, one response per prompt: actor, critic, reference, reward model)
+and A (rollout_batch_size = batch / k, samples_per_prompt = k = `--samples-per-prompt`: no critic), and
+prints each one's samples/s (responses per second) and peak memory (peak allocated on CUDA, the driver
+process's peak RSS on CPU, loading included), then `mem ratio A/gae: X.XX` and last
+`ratio A/gae samples/s: X.XX`.
 """
 
 from __future__ import annotations
@@ -55,6 +63,7 @@ SHAPES = {  # hidden, layers, heads, kv heads, intermediate; vocab 49152, tied e
     "1.7b": (2048, 24, 32, 32, 8192),
 }
 SHAPE_VOCAB = 49152
+CRITIC_FREE = ("grpo", "dr_grpo", "rloo", "reinforce_baseline")
 GPU_DEFAULTS = {"batch": 64, "response_length": 128, "ppo_epochs": 2, "mini_batches": 2, "micro_batch": 16}
 
 _ADJ = ("bright", "heavy", "gentle", "strange", "ancient", "modern", "fragile", "golden", "hollow", "narrow",
@@ -240,19 +249,24 @@ def prepare(model: str, n_prompts: int, device: str = "cpu", dtype: str = "float
 
 
 def run_driver(which: str, python: Path, work: Path, args, round_no: int) -> dict:
+    """One driver subprocess. `which`: "ours", "trl", or an advantage estimator of ours ("gae", "rloo", ...,
+    the critic-free ones with `--samples-per-prompt` responses per prompt)."""
     out = work / f"result-{which}-{round_no}.json"
     out.unlink(missing_ok=True)
-    script = BENCH / ("ppo_driver_ours.py" if which == "ours" else "ppo_driver_trl.py")
+    ours = which != "trl"
+    script = BENCH / ("ppo_driver_ours.py" if ours else "ppo_driver_trl.py")
     cmd = [str(python), str(script), "--work", str(work), "--out", str(out), "--steps", str(args.steps),
            "--batch", str(args.batch), "--response-length", str(args.response_length),
            "--ppo-epochs", str(args.ppo_epochs), "--mini-batches", str(args.mini_batches),
            "--micro-batch", str(args.micro_batch), "--seed", str(SEED + round_no),
            "--device", args.device, "--dtype", args.dtype]
-    if which == "ours":
+    if ours:
         cmd += ["--generation", args.generation]
+    if which in CRITIC_FREE:
+        cmd += ["--advantage", which, "--samples-per-prompt", str(args.samples_per_prompt)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRL_EXPERIMENTAL_SILENCE="1", TOKENIZERS_PARALLELISM="false",
                PYTHONUNBUFFERED="1")
-    if which == "ours":
+    if ours:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "src"), env.get("PYTHONPATH")) if p)
     elif args.peer_site:  # TRL 1.12 ahead of this environment's own trl; everything else shared
         env["PYTHONPATH"] = os.pathsep.join(p for p in (args.peer_site, env.get("PYTHONPATH")) if p)
@@ -317,13 +331,18 @@ def parse_args():
                    help="default: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=4, help="PPO iterations per run; the first is warm-up")
-    p.add_argument("--batch", type=int, default=None, help="prompts (rollout rows) per PPO iteration (8; GPU 64)")
+    p.add_argument("--batch", type=int, default=None, help="rollout rows (responses) per PPO iteration (8; GPU 64); "
+                   "with --advantage the critic-free run samples batch / --samples-per-prompt prompts")
     p.add_argument("--response-length", type=int, default=None, help="32; GPU 128")
     p.add_argument("--ppo-epochs", type=int, default=None, help="2")
     p.add_argument("--mini-batches", type=int, default=None, help="1; GPU 2")
     p.add_argument("--micro-batch", type=int, default=None, help="rows per forward/backward (the minibatch; GPU 16)")
     p.add_argument("--generation", default="auto", help="our ppo.generation: auto, hf, static or graph")
     p.add_argument("--peer-site", default=None, help="a --target dir holding trl 1.12.0 (no virtualenv is made)")
+    p.add_argument("--advantage", choices=CRITIC_FREE, default=None,
+                   help="compare ours with this critic-free ppo.advantage against ours with GAE (no TRL run)")
+    p.add_argument("--samples-per-prompt", type=int, default=4,
+                   help="with --advantage: responses per prompt (ppo.samples_per_prompt); must divide --batch")
     args = p.parse_args()
     cpu_defaults = {"batch": 8, "response_length": 32, "ppo_epochs": 2, "mini_batches": 1, "micro_batch": 0}
     for key, value in (GPU_DEFAULTS if args.device == "cuda" else cpu_defaults).items():
@@ -334,6 +353,8 @@ def parse_args():
         p.error(f"--model {args.model} is a GPU benchmark: add --device cuda")
     if args.steps < 2:
         p.error("--steps must be >= 2 (the first step is warm-up)")
+    if args.advantage and (args.samples_per_prompt < 2 or args.batch % args.samples_per_prompt):
+        p.error("--samples-per-prompt must be >= 2 and divide --batch (rows per step on both sides)")
     if args.batch % args.mini_batches:
         p.error("--mini-batches must divide --batch")
     mini = args.batch // args.mini_batches
@@ -367,14 +388,47 @@ def report(args, work: Path, rows: list, peak_rate: float | None) -> None:
     print(f"ratio ours/trl: {med['ours'][0] / med['trl'][0]:.2f}")
 
 
+def peak_memory(res: dict) -> int:
+    """Peak allocated GPU memory where the run had one, else the driver process's peak RSS."""
+    return res.get("peak_bytes") or res.get("peak_rss_bytes", 0)
+
+
+def report_advantage(args, work: Path, rows: list, peak_rate: float | None) -> None:
+    """--advantage: the settings, every round, the medians, `mem ratio` and `ratio <advantage>/gae` last."""
+    prompt_len = json.loads((work / ".ready").read_text())["prompt_len"]
+    adv, k = args.advantage, args.samples_per_prompt
+    mem_kind = "peak allocated" if args.device == "cuda" else "peak RSS"
+    print(f"PPO throughput, ours: {adv} vs gae, model={args.model} device={args.device} dtype={args.dtype} "
+          f"prompt_len={prompt_len} response_length={args.response_length} rows per step={args.batch} "
+          f"(gae: {args.batch} prompts x 1; {adv}: {args.batch // k} prompts x {k}) ppo_epochs={args.ppo_epochs} "
+          f"mini_batches={args.mini_batches} micro_batch={args.micro_batch} steps={args.steps} (first excluded) "
+          f"rounds={args.rounds}")
+    print(f"{'round':>5} {'impl':>18} {'samples/s':>10} {'tokens/s':>10} {mem_kind + ' MiB':>16}")
+    for r, which, sps, tps, res in rows:
+        print(f"{r + 1:>5} {which:>18} {sps:>10.3f} {tps:>10.1f} {peak_memory(res) / 2**20:>16.0f}")
+    med = {}
+    for w in ("gae", adv):
+        mine = [x for x in rows if x[1] == w]
+        med[w] = (statistics.median(x[2] for x in mine), statistics.median(x[3] for x in mine),
+                  statistics.median(peak_memory(x[4]) for x in mine))
+        figures = extra_figures(mine[-1][4], peak_rate)
+        print(f"median {w:>18}: {med[w][0]:.3f} samples/s, {med[w][1]:.1f} tokens/s, {mem_kind} "
+              f"{med[w][2] / 2**20:.0f} MiB" + (f" ({figures})" if figures else ""))
+    print(f"mem ratio {adv}/gae ({mem_kind}): {med[adv][2] / med['gae'][2]:.2f}")
+    print(f"ratio {adv}/gae samples/s: {med[adv][0] / med['gae'][0]:.2f}")
+
+
 def main() -> None:
     args = parse_args()
-    peer = OURS_PY if args.peer_site else ensure_peer_venv()
+    if args.advantage:  # ours against ours: GAE and the critic-free estimator, no TRL
+        pair = (("gae", OURS_PY), (args.advantage, OURS_PY))
+    else:
+        pair = (("ours", OURS_PY), ("trl", OURS_PY if args.peer_site else ensure_peer_venv()))
     work = prepare(args.model, n_prompts=args.batch * args.steps * 2, device=args.device, dtype=args.dtype)
     peak_rate = matmul_rate(args.device, args.dtype) if args.device == "cuda" else None
     rows = []
     for r in range(args.rounds):
-        for which, py in (("ours", OURS_PY), ("trl", peer)) if r % 2 == 0 else (("trl", peer), ("ours", OURS_PY)):
+        for which, py in pair if r % 2 == 0 else pair[::-1]:
             res = run_driver(which, py, work, args, r)
             sps, tps = summarize(res, args.batch)
             rows.append((r, which, sps, tps, res))
@@ -383,7 +437,7 @@ def main() -> None:
             figures = extra_figures(res, peak_rate)
             if figures:
                 log(f"  {which}: {figures}")
-    report(args, work, rows, peak_rate)
+    (report_advantage if args.advantage else report)(args, work, rows, peak_rate)
 
 
 if __name__ == "__main__":
