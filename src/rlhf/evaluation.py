@@ -5,7 +5,10 @@ response per prompt is generated, greedy by default (`--sample` samples with the
 at most `ppo.max_new_tokens` tokens. Then, per model:
 
 - reward: mean score of the run's reward model (`<run>/reward/final`), when that stage is complete;
-- judge: mean score of an optional programmatic judge, `--judge module:function(prompts, responses) -> scores`;
+- judge: mean score of an optional programmatic judge, `--judge module:function(prompts, responses) -> scores`,
+  called as the final stage calls a program reward (`rlhf.programs.Program`): with each field of the prompt
+  rows that it names as a parameter (`answer` for `rlhf.tasks.arithmetic:exact_number`, whose mean is then
+  exact-match accuracy), as lists aligned with the responses;
 - kl: mean over responses of sum_t [log pi(y_t) - log ref(y_t)] on the model's own responses, with the
   SFT model (or the base model when the run has none) as reference. On sampled responses this is the usual
   Monte-Carlo KL(pi || ref) estimate; on greedy responses it is the log-ratio at the policy's mode, a
@@ -104,8 +107,14 @@ def load_judge(spec: str | None, flag: str = "--judge"):
 
 
 def eval_prompts(cfg: PipelineConfig, limit: int | None) -> tuple[list[list[dict]], int]:
-    """(the prompts to evaluate, how many there were to pick from): data.prompts_eval, else the eval split of
-    the prompt data (as PPO splits it).
+    """(the prompts of `eval_rows`, how many there were to pick from)."""
+    rows, n_available = eval_rows(cfg, limit)
+    return [r["prompt"] for r in rows], n_available
+
+
+def eval_rows(cfg: PipelineConfig, limit: int | None) -> tuple[list[dict], int]:
+    """(the prompt rows to evaluate, with their `fields` where they have any; how many there were to pick
+    from): data.prompts_eval, else the eval split of the prompt data (as PPO splits it).
 
     `limit` (`--prompts N`) takes the first N. Without it at most `data.eval_max_rows` are evaluated (as
     every stage's held-out check): when there are more, a sample seeded by `run.seed`, in file order; null
@@ -123,21 +132,20 @@ def eval_prompts(cfg: PipelineConfig, limit: int | None) -> tuple[list[list[dict
             log.warning("%s: no held-out prompts (data.eval_fraction is 0 and data.prompts_eval unset); "
                         "evaluating on the training prompts", where)
             rows, what = train, "training prompts"
-    prompts = [r["prompt"] for r in rows]
     if limit:
-        picked, how = prompts[:limit], f"the first ones (--prompts {limit})"
+        picked, how = rows[:limit], f"the first ones (--prompts {limit})"
     else:
         bound = cfg.data.eval_max_rows
-        picked, how = prompts, f"all of them (data.eval_max_rows={bound})"
-        if bound is not None and len(prompts) > bound:
-            order = list(range(len(prompts)))
+        picked, how = rows, f"all of them (data.eval_max_rows={bound})"
+        if bound is not None and len(rows) > bound:
+            order = list(range(len(rows)))
             random.Random(cfg.run.seed).shuffle(order)
-            picked = [prompts[i] for i in sorted(order[:bound])]
+            picked = [rows[i] for i in sorted(order[:bound])]
             how = (f"a sample seeded by run.seed (data.eval_max_rows={bound}; --prompts N takes the first N "
                    "instead)")
-    if prompts:
-        log.info("eval: %d of %d %s of %s: %s", len(picked), len(prompts), what, where, how)
-    return picked, len(prompts)
+    if rows:
+        log.info("eval: %d of %d %s of %s: %s", len(picked), len(rows), what, where, how)
+    return picked, len(rows)
 
 
 # ------------------------------------------------------------------------------------------- generation
@@ -262,8 +270,13 @@ def _compare(cfg: PipelineConfig, *, model_names: list[str] | None, n_prompts: i
              sample: bool, max_new_tokens: int | None) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
+    from rlhf.programs import Program
+
     judge_fn = load_judge(judge)
-    prompts, n_available = eval_prompts(cfg, n_prompts)
+    if judge_fn is not None:  # called as a program reward: with the row fields it names (an `answer`)
+        judge_fn = Program(judge, judge_fn, "--judge")
+    rows, n_available = eval_rows(cfg, n_prompts)
+    prompts = [r["prompt"] for r in rows]
     if not prompts:
         raise ConfigError(f"{cfg.source}: no prompts to evaluate on")
     gen = GenSettings(max_new_tokens=max_new_tokens or cfg.ppo.max_new_tokens,
@@ -278,7 +291,7 @@ def _compare(cfg: PipelineConfig, *, model_names: list[str] | None, n_prompts: i
     scorer = _reward_model(cfg)
     cands = []
     for name, path in tqdm(specs, desc="eval", unit="model", disable=not cfg.logging.progress):
-        cands.append(_evaluate_one(cfg, name, path, prompts, gen, ref, ref_tok, scorer, judge_fn))
+        cands.append(_evaluate_one(cfg, name, path, rows, gen, ref, ref_tok, scorer, judge_fn))
         log.info("eval: %s done (%d responses)", name, len(prompts))
     base = next(c for c in cands if c.name == ref_name)
     rows = summarize(cands, base)
@@ -308,10 +321,12 @@ def _load(cfg: PipelineConfig, loader, path: str, tokenizer, **kwargs):
     return loader(path, tokenizer=tokenizer, dtype=engine.run_dtype(cfg), **kwargs).to(device).eval()
 
 
-def _evaluate_one(cfg: PipelineConfig, name, path, prompts, gen: GenSettings, ref, ref_tok, scorer,
+def _evaluate_one(cfg: PipelineConfig, name, path, rows, gen: GenSettings, ref, ref_tok, scorer,
                   judge_fn) -> Candidate:
     from rlhf.encoding import same_tokenizer
     from rlhf.scoring import score
+
+    prompts = [r["prompt"] for r in rows]
 
     # Every model is prompted with the config's template (the base model's own may differ, e.g. inject a
     # system prompt), so all rows of the table answer the same token sequences.
@@ -326,7 +341,7 @@ def _evaluate_one(cfg: PipelineConfig, name, path, prompts, gen: GenSettings, re
     if scorer is not None:
         cand.rewards = score(scorer[0], scorer[1], prompts, cand.responses)
     if judge_fn is not None:
-        cand.judge = [float(v) for v in judge_fn(prompts, cand.responses)]
+        cand.judge = judge_fn(rows, cand.responses)
     del model
     return cand
 
