@@ -2,8 +2,8 @@
 does on rank 0 (here in one process, where the gathering is a no-op), gives exactly what `from_pretrained`
 gives, maps a causal LM's weights into a scalar-head model, and refuses or reports a head of another shape.
 
-The 2-rank ZeRO-3 runs (tests/distributed/test_ppo_zero3_models.py) check that rank 0 never reads the
-whole checkpoint there and that every rank ends with the checkpoint's values."""
+Under a real ZeRO-3 config (one rank in a gloo group) no whole checkpoint is read and the gathered weights
+are the file's; the 2-rank PPO runs under ZeRO-3 (tests/distributed/) load every model this way."""
 
 from __future__ import annotations
 
@@ -92,3 +92,38 @@ def test_tied_embeddings_load_once_and_stay_tied(tiny_model_dir, tmp_path):
     assert info == {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": []}
     expected = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
     assert _same_state(model, expected) == [] and model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_under_zero3_no_rank_reads_the_whole_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
+    """A ZeRO-3 load (`engine.partitioned_loading`, one rank in a gloo group) builds the model partitioned
+    and streams the weights in: transformers' whole-checkpoint reader (`load_state_dict`, which rank 0 of
+    its own ZeRO-3 loading runs over every file) is never called, and the gathered weights are the file's."""
+    import torch.distributed as dist
+    import transformers.modeling_utils as modeling_utils
+    from safetensors.torch import load_file
+
+    from rlhf import engine, models
+    from rlhf.config import DeepSpeedCfg
+
+    def whole_read(*args, **kwargs):
+        raise AssertionError("the whole checkpoint was read at once")
+
+    monkeypatch.setattr(modeling_utils, "load_state_dict", whole_read)
+    for key, value in {"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(key, value)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        import deepspeed
+
+        deepspeed.comm.init_distributed(dist_backend="gloo")
+        ds = DeepSpeedCfg(enabled=True, zero_stage=3)
+        with engine.partitioned_loading(ds, "ref", train=False, micro_batch=1, grad_accum=1, dtype="float32"):
+            model = models.load_causal_lm(str(tiny_model_dir))
+        params = list(model.parameters())
+        assert all(hasattr(p, "ds_id") for p in params)  # partitioned by zero.Init
+        with deepspeed.zero.GatheredParameters(params):
+            state = {k: v.clone() for k, v in model.state_dict().items()}
+    finally:
+        dist.destroy_process_group()
+    saved = load_file(str(tiny_model_dir / "model.safetensors"))
+    assert all(torch.equal(state[k], saved[k]) for k in saved)
