@@ -140,10 +140,11 @@ class StageRun:
     def _check_checkpoint_engine(self) -> None:
         """A Trainer checkpoint written without DeepSpeed holds no engine state for a DeepSpeed run to resume
         (transformers fails deep inside its loader): refuse in one line while the stage's record is intact.
-        The other way round works (the Trainer reads the model and its own optimizer state)."""
+        The other way round works (the Trainer reads the model and its own optimizer state). A PPO
+        checkpoint is not a Trainer's: its engines keep their own state under actor/ (and critic/)."""
         latest = artifacts.latest_checkpoint(self.ckpt_dir)
         plain = (latest is not None and (latest / "trainer_state.json").is_file()
-                 and not (latest / "latest").is_file())
+                 and not (latest / "latest").is_file() and not (latest / "actor").is_dir())
         if engine.any_rank(plain and engine.use_deepspeed(self.cfg.deepspeed)):
             raise ConfigError(f"{latest or self.ckpt_dir}: written by a run without DeepSpeed, which saved no DeepSpeed "
                               f"engine state to resume; run `rlhf {self.stage}` without DeepSpeed as it was trained, "
