@@ -1,11 +1,14 @@
-"""Run under the deepspeed launcher (CPU ranks) by test_ppo_zero3_models.py; each rank writes OUT/rank<r>.json.
+"""The rlhf CLI with PPO watched, run under the deepspeed launcher (CPU ranks) by test_ppo_zero3.py in place of
+`--module rlhf.cli`, so one launch both trains (what that test checks on disk) and reports what the ranks saw:
 
-  ppo_zero3_probe.py trace CONFIG OUT        PPO for the config's steps; after each step, for the critic and
-                                             the reward model: how often DeepSpeed's ZeRO-3 parameter
-                                             coordinator started a forward (`reset_step`, called from its hook
-                                             on the engine's top-level module) and whether its trace is
-                                             complete; and per role whether the model came to `engine.wrap`
-                                             already partitioned (loaded under zero.Init)
+  ppo_zero3_probe.py OUT <rlhf arguments>    `rlhf <arguments>` (e.g. `ppo --config CONFIG`); each rank writes
+                                             OUT/rank<r>.json when PPO returns: for each step after the run's
+                                             first, for the critic and the reward model, how often DeepSpeed's
+                                             ZeRO-3 parameter coordinator started a forward in that step
+                                             (`reset_step`, called from its hook on the engine's top-level
+                                             module) and whether its trace is complete, and whether the static
+                                             decoder kept its KV cache; and per role whether the model came to
+                                             `engine.wrap` already partitioned (loaded under zero.Init)
 """
 
 from __future__ import annotations
@@ -22,13 +25,10 @@ def _coordinator(eng):
     return holder.get_param_coordinator()
 
 
-def trace(config: str, out: Path) -> None:
-    from rlhf import engine
-    from rlhf.config import load_config
+def watched_cli(out: Path, argv: list[str]) -> int:
+    from rlhf import cli, engine
     from rlhf.stages import ppo
 
-    cfg = load_config(config)
-    engine.init_distributed()
     records, counts, partitioned = [], {}, {}
     wrap = engine.wrap
 
@@ -49,23 +49,29 @@ def trace(config: str, out: Path) -> None:
 
         coordinator.reset_step = reset_step
 
-    def on_step(ctx, stats) -> None:
-        if ctx.step == 1 and not counts:  # from step 2 on: the forwards of one whole step
+    def watch(ctx, stats) -> None:
+        if not counts:  # after the run's first step: from then on, the forwards of one whole step
             count_resets("critic", ctx.critic)
             count_resets("reward", ctx.scorer.engine)
             return
         records.append({"step": ctx.step, "resets": dict(counts), "kv_cache_kept": ctx.decoder.cache is not None,
                         "complete": {"critic": _coordinator(ctx.critic).is_complete_trace(),
                                      "reward": _coordinator(ctx.scorer.engine).is_complete_trace()}})
+        counts.update(dict.fromkeys(counts, 0))  # the next record counts its own step only
 
-    try:
-        ppo.run(cfg, on_step=on_step)
+    run = ppo.run
+
+    def run_watched(cfg, *, restart: bool = False, on_step=None):
+        assert on_step is None, "the CLI passes no on_step of its own"
+        result = run(cfg, restart=restart, on_step=watch)
         (out / f"rank{engine.rank()}.json").write_text(json.dumps({"steps": records, "loaded_partitioned":
                                                                    partitioned}))
-    finally:
-        engine.cleanup()
+        return result
+
+    ppo.run = run_watched  # `rlhf.stages.run_stage` looks the stage's `run` up when it starts it
+    return cli.main(argv)
 
 
 if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the launcher adds --local_rank=N
-    trace(args[1], Path(args[2]))
+    sys.exit(watched_cli(Path(args[0]), args[1:]))
