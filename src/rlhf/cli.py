@@ -117,7 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", nargs="+", metavar="MODEL",
                    help="base, sft, ppo, dpo, orpo or model dirs (default: base + every completed stage)")
     p.add_argument("--prompts", type=int, metavar="N", help="evaluate on the first N held-out prompts")
-    p.add_argument("--judge", metavar="MODULE:FUNCTION", help="gold judge fn(prompts, responses) -> scores")
+    p.add_argument("--judge", metavar="MODULE:FUNCTION",
+                   help="gold judge fn(prompts, responses) -> scores; it also gets the fields of the eval prompt "
+                   "rows that it names as parameters (e.g. answer), as lists")
     p.add_argument("--sample", action="store_true", help="sample with the ppo section's settings (default greedy)")
     p.add_argument("--max-new-tokens", type=int, help="response length limit (default ppo.max_new_tokens)")
     p.set_defaults(func=_cmd_eval)
