@@ -240,7 +240,8 @@ def test_stage_script_relays_stop_signals_and_keeps_the_log(how, tmp_path):
                     f'{tmp_path / "rank.py"}; fi\nexec {sys.executable} "$@"\n')
     fake.chmod(0o755)
     ready = tmp_path / "ready"
-    env = {**os.environ, "PY": str(fake), "FAKE_READY": str(ready), "LOG_DIR": str(tmp_path / "logs")}
+    env = {**os.environ, "PY": str(fake), "FAKE_READY": str(ready), "LOG_DIR": str(tmp_path / "logs"),
+           "PREFLIGHT": "0"}  # the stand-in answers every `-m rlhf.cli`: it is the rank here, not a preflight
     for key in LAUNCH_VARS[:-1]:
         env.pop(key, None)
     proc = subprocess.Popen(["bash", "stages/01_sft.sh", "configs/tiny.yaml"], cwd=ROOT, env=env,

@@ -103,11 +103,12 @@ def stream_into(model, model_dir: Path, *, ignore_mismatched_sizes: bool = False
     process, no ZeRO-3) are simply copied into."""
     import deepspeed
     import torch
-    import torch.distributed as dist
+    from deepspeed import comm
 
     index = checkpoint_index(model_dir)
     plan, report = _assign(model, index, model_dir, ignore_mismatched_sizes)
-    reader = not dist.is_initialized() or dist.get_rank() == 0
+    # DeepSpeed's own rank, as its gathering uses (zero.Init has started its comm); none in one process
+    reader = not comm.is_initialized() or comm.get_rank() == 0
     with torch.no_grad():
         for todo, buffers in plan:
             if todo:
