@@ -23,7 +23,7 @@ def test_grpo_keeps_each_group_on_one_rank_under_zero3(tmp_path, tiny_model_dir,
     calls = tmp_path / "calls"
     calls.mkdir()
     config = ppo_config(tmp_path, tiny_model_dir, tiny_reward_dir, zero_stage=3, ppo={
-        "steps": 2, "advantage": "grpo", "samples_per_prompt": 4, "rollout_batch_size": 2, "mini_batch_size": 4,
+        "steps": 1, "advantage": "grpo", "samples_per_prompt": 4, "rollout_batch_size": 2, "mini_batch_size": 4,
         "grad_accum": 2, "save_steps": 1,
         "rewards": [{"source": "reward_model"}, {"source": "ppo_reward:recorded_zero", "weight": 0.0}]})
     env = {"RLHF_TEST_CALLS": str(calls), "PYTHONPATH": os.pathsep.join([str(STAGES), os.environ.get("PYTHONPATH", "")])}
@@ -31,14 +31,13 @@ def test_grpo_keeps_each_group_on_one_rank_under_zero3(tmp_path, tiny_model_dir,
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     steps = {rank: [json.loads(line) for line in (calls / f"rank{rank}.jsonl").read_text().splitlines()]
              for rank in (0, 1)}
-    assert [len(s) for s in steps.values()] == [2, 2]  # one scoring per step on each rank
-    for step in range(2):
-        mine = [Counter(steps[rank][step]) for rank in (0, 1)]
-        for counts in mine:  # 2 prompts x 4 samples, every group whole on this rank
-            assert sorted(counts.values()) == [4, 4], counts
-        assert not set(mine[0]) & set(mine[1])  # each rank its own share of the global batch
+    assert [len(s) for s in steps.values()] == [1, 1]  # the step's one scoring on each rank
+    mine = [Counter(steps[rank][0]) for rank in (0, 1)]
+    for counts in mine:  # 2 prompts x 4 samples, every group whole on this rank
+        assert sorted(counts.values()) == [4, 4], counts
+    assert not set(mine[0]) & set(mine[1])  # each rank its own share of the global batch
     stage = tmp_path / "runs" / "t" / "ppo"
     assert (stage / "stage.json").is_file()
     assert set(json.loads((stage / "memory.json").read_text())["roles"]) == {"actor", "ref", "reward"}
-    ckpt = stage / "checkpoints" / "checkpoint-2"
+    ckpt = stage / "checkpoints" / "checkpoint-1"
     assert (ckpt / "actor").is_dir() and not (ckpt / "critic").exists()

@@ -55,8 +55,10 @@ def _two_nodes(script: str, config: Path, timeout: int = 240, node_args=None) ->
     port = free_port()
     procs = []
     for node in (0, 1):
+        # the stage script's own preflight (port, hosts, versions) is tested in tests/unit/test_stage_launch.py
+        # and test_preflight.py; the stage checks itself again once started
         env = cpu_rank_env(NNODES="2", NODE_RANK=str(node), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                           NUM_GPUS="1", PY=sys.executable)
+                           NUM_GPUS="1", PY=sys.executable, PREFLIGHT="0")
         extra = node_args(node) if node_args else []
         procs.append(subprocess.Popen(["bash", str(ROOT / "stages" / script), str(config), *extra], env=env, cwd=ROOT,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))

@@ -133,7 +133,7 @@ def test_stage_script_sigterm_and_sigusr1_save_and_resume(tmp_path, rlhf_cache):
     config = write_cfg(tmp_path / "cfg.yaml", raw)
     stage_dir = cfg_of(raw).stage_dir("sft")
     ckpts, log = stage_dir / "checkpoints", cfg_of(raw).run.dir / "logs" / "sft.log"
-    env = cpu_rank_env(**cli_env(rlhf_cache), NUM_GPUS="2", PY=sys.executable,
+    env = cpu_rank_env(**cli_env(rlhf_cache), NUM_GPUS="2", PY=sys.executable, PREFLIGHT="0",  # tested elsewhere
                        PYTHONPATH=os.pathsep.join([str(ROOT / "tests" / "faults" / "ranksite"),
                                                    os.environ.get("PYTHONPATH", "")]))
     for key in LAUNCH_VARS[1:]:
