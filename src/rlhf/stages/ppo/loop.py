@@ -113,8 +113,10 @@ def _skip_rollout(ctx: PPOContext, rollout: Rollout, fwd: Forwards, exp: Experie
     """Whether a reward score or the KL is non-finite on any rank (one collective: every rank agrees).
     With `run.on_nonfinite: stop` that ends the run; with `skip` the rollout is dropped and counted. A
     score is blamed on its source and prompt row."""
-    score = blame_scores(fwd.source_scores, rollout.rows) or "the reward score"
-    bad = [(what, value) for what, value in ((score, fwd.raw_scores), ("the KL", exp.kl)) if not is_finite(value)]
+    bad = [(what, value) for what, value in (("the reward score", fwd.raw_scores), ("the KL", exp.kl))
+           if not is_finite(value)]
+    if bad and bad[0][0] == "the reward score":  # only then: which source, which row (a host sync per source)
+        bad[0] = (blame_scores(fwd.source_scores, rollout.rows) or "the reward score", bad[0][1])
     if not engine.any_rank(bool(bad)):
         return False
     what, value = bad[0] if bad else ("the reward score or the KL (on another rank)", float("nan"))
