@@ -279,12 +279,12 @@ def _check_synth_args(args) -> None:
 
 
 def _cmd_data_synth(args) -> int:
-    from rlhf.synth import SynthSettings, run_synth
+    from rlhf.commands.synth import SynthSettings, run_synth
 
     _check_synth_args(args)
     cfg = _load(args)
     from rlhf import engine
-    from rlhf.evaluation import load_judge
+    from rlhf.commands.evaluation import load_judge
 
     load_judge(args.gold_judge, "--gold-judge")  # both fail before any model loads
     if args.from_samples is None:
@@ -297,13 +297,13 @@ def _cmd_data_synth(args) -> int:
     prompts = {"n_prompts": args.n_prompts, "n_eval_prompts": args.n_eval_prompts, "prompts_file": args.prompts,
                "command": _synth_command(args, settings)}
     if args.method == "constitutional":
-        from rlhf.constitutional import run_constitutional
+        from rlhf.commands.constitutional import run_constitutional
 
         run_constitutional(cfg, args.out, principles_file=args.principles, critic_model=args.critic_model,
                            settings=settings, critique_tokens=args.critique_tokens, gold_judge=args.gold_judge,
                            **prompts)
     elif args.method == "judge":
-        from rlhf.llm_judge import run_judge
+        from rlhf.commands.llm_judge import run_judge
 
         run_judge(cfg, args.out, judge_model=args.judge_model, template_file=args.judge_template,
                   settings=settings, gold_judge=args.gold_judge, **prompts)
@@ -349,7 +349,7 @@ def _cmd_score(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from rlhf.evaluation import run_eval
+    from rlhf.commands.evaluation import run_eval
 
     run_eval(_load(args), model_names=args.models, n_prompts=args.prompts, judge=args.judge, sample=args.sample,
              max_new_tokens=args.max_new_tokens)
@@ -376,7 +376,7 @@ def _cmd_plan(args) -> int:
 
 
 def _cmd_chat(args) -> int:
-    from rlhf.chat import Sampling, run_chat
+    from rlhf.commands.chat import Sampling, run_chat
 
     sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                         top_k=args.top_k, greedy=args.greedy, seed=args.seed)
@@ -386,7 +386,7 @@ def _cmd_chat(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from rlhf.export import export
+    from rlhf.commands.export import export
 
     out = export(args.checkpoint, args.out, role=args.role, adapter_only=args.adapter_only, config_path=args.config)
     print(f"exported to {out}")

@@ -93,7 +93,7 @@ def _check_export_from_shards(stage_dir: Path, tmp_path: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlhf.export import export
+    from rlhf.commands.export import export
 
     ckpt = tmp_path / "copy" / "t" / "orpo" / "checkpoints" / "checkpoint-2"
     shutil.copytree(stage_dir / "checkpoints" / "checkpoint-2", ckpt)

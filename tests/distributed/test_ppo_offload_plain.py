@@ -64,7 +64,7 @@ def _check_export(stage_dir: Path, tmp_path: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    from rlhf.export import export
+    from rlhf.commands.export import export
 
     ckpt = stage_dir / "checkpoints" / "checkpoint-2"
     actor, critic = (export(ckpt, tmp_path / role, role=role) for role in ("actor", "critic"))

@@ -70,7 +70,7 @@ def _check_export(stage_dir: Path, tmp_path: Path, step: int) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    from rlhf.export import export
+    from rlhf.commands.export import export
 
     ckpt = stage_dir / "checkpoints" / f"checkpoint-{step}"
     assert len(list((ckpt / "actor" / "state").glob("zero_pp_rank_*_optim_states.pt"))) == 2  # one shard per rank

@@ -12,8 +12,9 @@ import shutil
 
 import yaml
 
-from rlhf import artifacts, synth
+from rlhf import artifacts
 from rlhf.cli import main
+from rlhf.commands import synth
 
 
 def test_dpo_trains_on_constitutional_pairs(tmp_path, tiny_model_dir, monkeypatch):

@@ -38,7 +38,7 @@ def fake_run(tmp_path: Path, policy: Path, reward: Path) -> dict:
 
 
 def test_eval_compares_every_final_model_against_sft(tmp_path, tiny_model_dir, tiny_reward_dir, monkeypatch, capsys):
-    from rlhf.evaluation import run_eval
+    from rlhf.commands.evaluation import run_eval
 
     monkeypatch.syspath_prepend(str(HERE))  # the judge: ppo_reward:target_share
     cfg = config_from_dict(fake_run(tmp_path, tiny_model_dir, tiny_reward_dir), source="test")
@@ -63,7 +63,7 @@ def test_eval_compares_every_final_model_against_sft(tmp_path, tiny_model_dir, t
 
 
 def test_eval_without_reward_model_or_sft_uses_the_base_model(tmp_path, tiny_model_dir):
-    from rlhf.evaluation import run_eval
+    from rlhf.commands.evaluation import run_eval
 
     raw = fake_run(tmp_path, tiny_model_dir, tiny_model_dir)
     run_dir = tmp_path / "runs" / "t"

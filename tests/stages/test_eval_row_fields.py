@@ -24,7 +24,7 @@ def _cfg(tmp_path: Path, model_dir) -> dict:
 
 
 def test_judge_gets_the_answer_field(tmp_path, tiny_model_dir, monkeypatch):
-    from rlhf.evaluation import run_eval
+    from rlhf.commands.evaluation import run_eval
 
     monkeypatch.syspath_prepend(str(HERE))  # the judge: answer_judge:the_answer
     result = run_eval(config_from_dict(_cfg(tmp_path, tiny_model_dir), source="test"), judge="answer_judge:the_answer")
@@ -36,7 +36,7 @@ def test_judge_gets_the_answer_field(tmp_path, tiny_model_dir, monkeypatch):
 
 
 def test_exact_number_is_accuracy(tmp_path, tiny_model_dir):
-    from rlhf.evaluation import run_eval
+    from rlhf.commands.evaluation import run_eval
     from rlhf.tasks.arithmetic import exact_number
 
     result = run_eval(config_from_dict(_cfg(tmp_path, tiny_model_dir), source="test"),

@@ -15,9 +15,9 @@ from helpers import cli_env, run_cli, tiny_cfg
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from rlhf import artifacts, engine, models
+from rlhf.commands.export import export
 from rlhf.config import save_resolved
 from rlhf.errors import ArtifactError, ConfigError, ModelError
-from rlhf.export import export
 from rlhf.stages import run_stage
 from rlhf.stages.common import StageRun
 

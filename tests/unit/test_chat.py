@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from rlhf import artifacts, encoding
-from rlhf.chat import (
+from rlhf.commands.chat import (
     Sampling,
     Session,
     Speaker,

@@ -292,7 +292,7 @@ def test_run_stage_releases_the_claim_when_the_stage_fails(tmp_path, monkeypatch
 
 
 def test_eval_claims_its_dir(tmp_path, monkeypatch):
-    from rlhf import evaluation
+    from rlhf.commands import evaluation
 
     cfg = _cfg(tmp_path)
     path = _foreign(cfg.run.dir / "eval", heartbeat_age=0)

@@ -14,8 +14,9 @@ import struct
 import pytest
 import torch
 
-from rlhf import artifacts, chat, cli, models
-from rlhf.chat import Sampling, Session, Speaker
+from rlhf import artifacts, cli, models
+from rlhf.commands import chat
+from rlhf.commands.chat import Sampling, Session, Speaker
 
 
 @pytest.fixture

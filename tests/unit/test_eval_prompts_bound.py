@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 import logging
 
+from rlhf.commands.evaluation import eval_prompts
 from rlhf.config import config_from_dict
-from rlhf.evaluation import eval_prompts
 
 
 def _config(tmp_path, n_prompts: int, **data):

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from rlhf import artifacts, export
+from rlhf import artifacts
 from rlhf.cli import main
+from rlhf.commands import export
 from rlhf.config import load_config, save_resolved
 from rlhf.errors import ArtifactError
 

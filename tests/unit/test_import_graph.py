@@ -210,6 +210,24 @@ def private_names_used_elsewhere(root: Path) -> list[str]:
             for name, line in sorted(private_uses(module, path, modules), key=lambda item: item[1])]
 
 
+ENTRY_POINTS = ("rlhf.cli", "rlhf.stages", "rlhf.commands")
+"""The three kinds of entry point: the CLI, the training stages and the other verbs. The library below them
+(data, models, forwards, generation, the maths, the plan, the engine) imports none of them."""
+
+
+def _is_entry_point(module: str) -> bool:
+    return any(module == top or module.startswith(top + ".") for top in ENTRY_POINTS)
+
+
+def library_imports_of_entry_points(root: Path) -> list[str]:
+    """"rlhf/a.py:3 imports rlhf.commands.b" for each library module that imports an entry point."""
+    modules = package_modules(root)
+    graph = import_graph(modules)
+    return [f"{modules[module].relative_to(root)}:{line} imports {target}"
+            for module, targets in sorted(graph.items()) if not _is_entry_point(module)
+            for target, line in targets.items() if _is_entry_point(target) and target != "rlhf"]
+
+
 def test_no_import_cycles():
     modules = package_modules(SRC)
     graph = import_graph(modules)
@@ -217,6 +235,11 @@ def test_no_import_cycles():
     report = [f"{describe(graph, modules, shortest_cycle(graph, group), SRC)}\n    (all of this group: "
               f"{', '.join(group)})" for group in groups]
     assert not groups, "import cycles between rlhf modules, one shortest cycle per group:\n" + "\n".join(report)
+
+
+def test_the_library_imports_no_entry_point():
+    found = library_imports_of_entry_points(SRC)
+    assert not found, "library modules importing the CLI, a stage or a command (move the shared code down):\n" + "\n".join(found)
 
 
 def test_no_module_uses_another_modules_private_names():
@@ -288,3 +311,11 @@ def test_private_names_used_outside_their_module(tmp_path: Path):
     assert private_names_used_elsewhere(root) == [
         "rlhf/c.py:1 uses rlhf.pkg.a._helper", "rlhf/c.py:5 uses rlhf.pkg.a._helper",
         "rlhf/c.py:5 uses rlhf.pkg.a._helper", "rlhf/pkg/b.py:5 uses rlhf.pkg.a._helper"]
+
+
+def test_a_library_module_importing_a_command_is_reported(tmp_path: Path):
+    root = _tree(tmp_path, {"rlhf/commands/__init__.py": "", "rlhf/commands/chat.py": "from rlhf import lib\n",
+                            "rlhf/lib.py": "def f():\n    from rlhf.commands.chat import g\n",
+                            "rlhf/stages/__init__.py": "from rlhf import lib\nimport rlhf.commands.chat\n"})
+    assert library_imports_of_entry_points(root) == ["rlhf/lib.py:2 imports rlhf.commands.chat",
+                                                     "rlhf/lib.py:2 imports rlhf.commands"]

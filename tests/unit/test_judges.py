@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from rlhf import judges
-from rlhf.evaluation import load_judge
+from rlhf.commands.evaluation import load_judge
 
 CHAT = [{"role": "user", "content": "Write one short sentence about rainy weather."}]
 

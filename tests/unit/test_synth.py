@@ -1,4 +1,4 @@
-"""rlhf.synth: prompt split, best/worst-of-k selection, and an end-to-end run on the tiny model."""
+"""rlhf.commands.synth: prompt split, best/worst-of-k selection, and an end-to-end run on the tiny model."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from rlhf import synth
 from rlhf.cli import main
+from rlhf.commands import synth
+from rlhf.commands.synth import Sample, SynthSettings, quickstart_prompts, select
 from rlhf.config import config_from_dict
-from rlhf.synth import Sample, SynthSettings, quickstart_prompts, select
 
 
 def _read(path: Path) -> list[dict]:

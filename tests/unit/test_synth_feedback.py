@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from rlhf import constitutional, encoding, llm_judge, synth
+from rlhf import encoding
 from rlhf.cli import main
+from rlhf.commands import constitutional, llm_judge, synth
+from rlhf.commands.synth import SynthSettings
 from rlhf.config import config_from_dict
 from rlhf.errors import ConfigError, DataError
-from rlhf.synth import SynthSettings
 
 CRITIQUE, REVISION = "Point out anything gloomy.", "Rewrite it upbeat, in one sentence."
 

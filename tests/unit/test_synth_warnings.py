@@ -9,10 +9,10 @@ import logging
 
 import pytest
 
-from rlhf import synth
 from rlhf.cli import main
+from rlhf.commands import synth
+from rlhf.commands.synth import SynthSettings
 from rlhf.config import config_from_dict
-from rlhf.synth import SynthSettings
 
 
 @pytest.fixture

@@ -9,9 +9,9 @@ import logging
 import pytest
 
 from rlhf import preflight, verbosity
+from rlhf.commands.evaluation import Candidate, format_table, summarize
 from rlhf.config import config_from_dict
 from rlhf.data import format_report, inspect
-from rlhf.evaluation import Candidate, format_table, summarize
 from rlhf.verbosity import length_bias, length_controlled_win_rate, pearson
 
 

@@ -1,7 +1,7 @@
 """`rlhf chat`: talk to a trained model in the terminal, or answer prompts for a script.
 
 A model is any stage's `final/` (or the stage dir), a checkpoint (exported into a temporary dir first,
-through `rlhf.export`), a local HF dir, a hub id or an alias. Each turn renders the conversation with the
+through `rlhf.commands.export`), a local HF dir, a hub id or an alias. Each turn renders the conversation with the
 model's chat template exactly as training did (`rlhf.encoding.prompt_ids`), and the reply is streamed as
 it is generated (transformers' TextIteratorStreamer, generation in a worker thread). With two models
 (`--compare`) each keeps its own conversation, and both answer every message, one after the other.
@@ -107,7 +107,7 @@ def model_dir(name: str, workdir: Path) -> str:
     if final is not None:
         return str(final)
     if path.is_dir() and _checkpoint_of(path):
-        from rlhf.export import export
+        from rlhf.commands.export import export
 
         out = workdir / f"model-{len(list(workdir.iterdir()))}"
         print(f"exporting {path} to a temporary dir ...", file=sys.stderr, flush=True)

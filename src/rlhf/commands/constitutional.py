@@ -38,11 +38,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from rlhf import synth
+from rlhf.commands import synth
+from rlhf.commands.evaluation import load_judge
+from rlhf.commands.synth import ModelPair, SynthSettings, user
 from rlhf.errors import ConfigError
-from rlhf.evaluation import load_judge
 from rlhf.resumable import run_chunks
-from rlhf.synth import ModelPair, SynthSettings, user
 
 log = logging.getLogger("rlhf")
 DROP_REASONS = ("no_finished_original", "revision_empty", "revision_identical", "revision_cut_off")

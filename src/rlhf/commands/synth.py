@@ -1,7 +1,7 @@
 """`rlhf data synth`: SFT and preference sets from the base model's own samples, labeled by a judge.
 
 Three methods: `program` (below: k samples ranked by a program), `constitutional` (critique-and-revise
-pairs, `rlhf.constitutional`) and `judge` (pairs labeled by a local model, `rlhf.llm_judge`). This module
+pairs, `rlhf.commands.constitutional`) and `judge` (pairs labeled by a local model, `rlhf.commands.llm_judge`). This module
 holds the program method and what the three share: prompts, batched generation, the output files.
 
 For every prompt the base model samples k responses; a judge (`module:function(prompts, responses)`,
@@ -380,7 +380,7 @@ def length_report(pairs: list[dict]) -> dict | None:
 def gold_report(spec: str | None, pairs: list[dict]) -> dict | None:
     """How often the program judge `spec` (`--gold-judge`) scores chosen above rejected over `pairs` (with
     the ties)."""
-    from rlhf.evaluation import load_judge
+    from rlhf.commands.evaluation import load_judge
 
     judge_fn = load_judge(spec, "--gold-judge")
     if judge_fn is None or not pairs:
@@ -412,7 +412,7 @@ def run_synth(cfg, out_dir: str | Path, *, settings: SynthSettings | None = None
               samples_file: str | None = None, command: str = "") -> dict[str, Any]:
     """Sample, judge, select and write the sets (see the module docstring). Returns the manifest."""
     from rlhf import engine
-    from rlhf.evaluation import load_judge
+    from rlhf.commands.evaluation import load_judge
 
     s = settings or SynthSettings()
     judge_fn = load_judge(judge)

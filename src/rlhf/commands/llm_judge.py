@@ -34,11 +34,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from rlhf import synth
+from rlhf.commands import synth
+from rlhf.commands.evaluation import load_judge
+from rlhf.commands.synth import ModelPair, SynthSettings, user
 from rlhf.errors import ConfigError, ModelError
-from rlhf.evaluation import load_judge
 from rlhf.resumable import run_chunks
-from rlhf.synth import ModelPair, SynthSettings, user
 
 log = logging.getLogger("rlhf")
 LABELS = ("A", "B")
