@@ -110,7 +110,7 @@ def load_saved(path: str | Path, loader: Callable, cfg: PipelineConfig, tokenize
     `model.dtype`, in eval mode."""
     with engine.single_process_loading():
         model = loader(str(path), tokenizer=tokenizer, trust_remote_code=cfg.model.trust_remote_code,
-                       dtype=engine.run_dtype(cfg), **kwargs)
+                       dtype=engine.run_dtype(cfg, device), **kwargs)
     return model.to(device).eval()
 
 

@@ -257,15 +257,15 @@ def test_auto_dtype_is_bf16_on_a_gpu_that_has_it_else_fp32(monkeypatch):
 
     cfg = config_from_dict({"model": {"dtype": "auto"}}, source="t")
     monkeypatch.setattr(engine.ranks, "cuda_available", lambda: False)
-    assert engine.run_dtype(cfg) == "float32"
+    assert engine.run_dtype(cfg, engine.device(cfg.run.device)) == "float32"
     monkeypatch.setattr(engine.ranks, "cuda_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert engine.run_dtype(cfg) == "bfloat16"
+    assert engine.run_dtype(cfg, engine.device(cfg.run.device)) == "bfloat16"
     cfg.run.device = "cpu"
-    assert engine.run_dtype(cfg) == "float32"  # a CPU run on a GPU machine stays in float32
+    assert engine.run_dtype(cfg, engine.device(cfg.run.device)) == "float32"  # a CPU run on a GPU machine stays in float32
     cfg.run.device = "auto"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    assert engine.run_dtype(cfg) == "float32"
+    assert engine.run_dtype(cfg, engine.device(cfg.run.device)) == "float32"
     cfg.model.dtype = "float16"
-    assert engine.run_dtype(cfg) == "float16"  # an explicit dtype is kept
+    assert engine.run_dtype(cfg, engine.device(cfg.run.device)) == "float16"  # an explicit dtype is kept

@@ -16,6 +16,8 @@ from rlhf import engine
 from rlhf.config import DeepSpeedCfg, ZeroRoleCfg, config_from_dict
 from rlhf.errors import ModelError
 
+CPU = torch.device("cpu")
+
 ROOT = Path(__file__).resolve().parents[2]
 TIMER_OFF = {"throughput": {"enabled": False}}
 
@@ -53,7 +55,7 @@ def test_bucket_sizes_stay_even_for_deepspeed_s_alignment():
 @pytest.mark.parametrize("stage", [0, 2, 3])
 def test_trainer_stage_configs_leave_buckets_to_the_trainer_and_turn_the_timer_off(tmp_path, stage):
     # "auto": the HF Trainer fills the three keys from model.config.hidden_size as it starts
-    conf = engine.trainer_ds_config(_cfg(tmp_path, zero_stage=stage))
+    conf = engine.trainer_ds_config(_cfg(tmp_path, zero_stage=stage), CPU)
     assert conf["timers"] == TIMER_OFF
     zero = conf["zero_optimization"]
     assert zero["reduce_bucket_size"] == "auto"
@@ -64,7 +66,7 @@ def test_trainer_stage_configs_leave_buckets_to_the_trainer_and_turn_the_timer_o
 def test_the_trainer_fills_the_auto_buckets_from_the_model(tmp_path):
     from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
 
-    conf = HfTrainerDeepSpeedConfig(engine.trainer_ds_config(_cfg(tmp_path, zero_stage=3)))
+    conf = HfTrainerDeepSpeedConfig(engine.trainer_ds_config(_cfg(tmp_path, zero_stage=3), CPU))
     model = SimpleNamespace(config=SimpleNamespace(hidden_size=64))
     args = SimpleNamespace(get_warmup_steps=lambda steps: 0)
     conf.trainer_config_finalize(args, model, 10)
@@ -75,14 +77,14 @@ def test_the_trainer_fills_the_auto_buckets_from_the_model(tmp_path):
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs" / "deepspeed").glob("*.json")))
 def test_shipped_and_user_json_files_get_the_timer_off_unless_they_set_it(tmp_path, name):
-    shipped = engine.trainer_ds_config(_cfg(tmp_path, config_file=str(ROOT / "configs" / "deepspeed" / name)))
+    shipped = engine.trainer_ds_config(_cfg(tmp_path, config_file=str(ROOT / "configs" / "deepspeed" / name)), CPU)
     assert shipped["timers"] == TIMER_OFF
     user = tmp_path / "mine.json"
     user.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
-    assert engine.trainer_ds_config(_cfg(tmp_path, config_file=str(user)))["timers"] == TIMER_OFF
+    assert engine.trainer_ds_config(_cfg(tmp_path, config_file=str(user)), CPU)["timers"] == TIMER_OFF
     own = {"throughput": {"enabled": True, "synchronized": False}}
     user.write_text(json.dumps({"zero_optimization": {"stage": 2}, "timers": own}))
-    assert engine.trainer_ds_config(_cfg(tmp_path, config_file=str(user)))["timers"] == own
+    assert engine.trainer_ds_config(_cfg(tmp_path, config_file=str(user)), CPU)["timers"] == own
 
 
 def test_hidden_size_follows_transformers_auto_rule():
@@ -130,8 +132,8 @@ def test_torch_adamw_is_the_default_on_cuda_and_fused_where_its_states_are_on_th
     def params(conf: dict) -> dict:
         return conf["optimizer"]["params"]
 
-    assert params(engine.trainer_ds_config(_cfg(tmp_path)))["torch_adam"] is True
-    shipped = engine.trainer_ds_config(_cfg(tmp_path, config_file=str(ROOT / "configs/deepspeed/zero3.json")))
+    assert params(engine.trainer_ds_config(_cfg(tmp_path), CPU))["torch_adam"] is True
+    shipped = engine.trainer_ds_config(_cfg(tmp_path, config_file=str(ROOT / "configs/deepspeed/zero3.json")), CPU)
     assert params(shipped)["torch_adam"] is True and params(shipped)["fused"] is True
     engine.wrap(_Head(8), DeepSpeedCfg(enabled=True, zero_stage=2, offload_optimizer=True), "actor",
                 adamw=engine.AdamW(lr=1e-3))
@@ -147,7 +149,7 @@ def test_torch_adamw_is_the_default_on_cuda_and_fused_where_its_states_are_on_th
                                 micro_batch=1, grad_accum=1, hidden_size=64)
     assert params(compiled)["torch_adam"] is False and "fused" not in params(compiled)
     shipped = engine.trainer_ds_config(_cfg(tmp_path, torch_adam=False,
-                                            config_file=str(ROOT / "configs/deepspeed/zero3.json")))
+                                            config_file=str(ROOT / "configs/deepspeed/zero3.json")), CPU)
     assert "torch_adam" not in params(shipped) and "fused" not in params(shipped)
 
 

@@ -318,7 +318,7 @@ def _load(cfg: PipelineConfig, loader, path: str, tokenizer, **kwargs):
     from rlhf import engine
 
     device = engine.usable_device(cfg.run.device, source=cfg.source)
-    return loader(path, tokenizer=tokenizer, dtype=engine.run_dtype(cfg), **kwargs).to(device).eval()
+    return loader(path, tokenizer=tokenizer, dtype=engine.run_dtype(cfg, device), **kwargs).to(device).eval()
 
 
 def _evaluate_one(cfg: PipelineConfig, name, path, rows, gen: GenSettings, ref, ref_tok, scorer,

@@ -146,7 +146,7 @@ def _common(cfg: PipelineConfig | None) -> dict:
     from rlhf import engine
 
     return {"trust_remote_code": cfg.model.trust_remote_code, "allow_pickle": cfg.model.allow_pickle,
-            "dtype": engine.run_dtype(cfg)}
+            "dtype": engine.run_dtype(cfg, engine.device(cfg.run.device))}
 
 
 def _load_weights(model, ckpt: Checkpoint) -> None:

@@ -140,7 +140,7 @@ def ds_config(ds: DeepSpeedCfg, role: ZeroRoleCfg, *, train: bool, micro_batch: 
     return cfg
 
 
-def trainer_ds_config(cfg: PipelineConfig, torch_device: torch.device | None = None) -> dict[str, Any]:
+def trainer_ds_config(cfg: PipelineConfig, torch_device: torch.device) -> dict[str, Any]:
     """DeepSpeed config for a Trainer-based stage: the user's JSON file, or one built from `deepspeed`
     (bucket sizes "auto": the HF Trainer fills them from its model's hidden size). `torch_device`: the run's
     device, as in `ranks.run_dtype`."""

@@ -138,19 +138,18 @@ def usable_device(run_device: str, where: str = "run.device", source: str | None
     return device(run_device)
 
 
-def run_dtype(cfg: PipelineConfig, torch_device: torch.device | None = None) -> str:
+def run_dtype(cfg: PipelineConfig, torch_device: torch.device) -> str:
     """`model.dtype` with `auto` resolved: bfloat16 on a GPU that has it, else float32. `torch_device`: the
-    run's device as the caller decided it (`device(cfg.run.device)`); for a caller without one it is
-    decided here, when `auto` needs it."""
+    run's device as the process decided it once (`device(cfg.run.device)`, e.g. `StageRun.device`)."""
     import torch
 
     if cfg.model.dtype != "auto":
         return cfg.model.dtype
-    on_gpu = (device(cfg.run.device) if torch_device is None else torch_device).type == "cuda"
+    on_gpu = torch_device.type == "cuda"
     return "bfloat16" if on_gpu and torch.cuda.is_bf16_supported() else "float32"
 
 
-def trained_load_dtype(cfg: PipelineConfig, torch_device: torch.device | None = None) -> str:
+def trained_load_dtype(cfg: PipelineConfig, torch_device: torch.device) -> str:
     """The dtype a model that will be trained is loaded in. DeepSpeed's bf16 and fp16 modes keep fp32 master
     weights of what it trains, so there the run's dtype; without DeepSpeed, float32: the fp32 weights become
     the masters (`MasterWeights` in PPO's plain engine; the HF Trainer computes under autocast). Frozen

@@ -92,7 +92,7 @@ def run(cfg: PipelineConfig, *, restart: bool = False) -> StageResult:
                      precompute_ref_log_probs=cfg.dpo.precompute_ref_log_probs, disable_dropout=True,
                      dataset_num_proc=None)
     model = models.load_causal_lm(sft_dir, tokenizer=tokenizer, trust_remote_code=cfg.model.trust_remote_code,
-                                  allow_pickle=cfg.model.allow_pickle, dtype=engine.trained_load_dtype(cfg))
+                                  allow_pickle=cfg.model.allow_pickle, dtype=engine.trained_load_dtype(cfg, stage.device))
     peft_config = models.lora_config(cfg.model.lora, task_type="CAUSAL_LM")
     trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, callbacks=stage.callbacks(), peft_config=peft_config)

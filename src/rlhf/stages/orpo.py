@@ -130,7 +130,7 @@ def run(cfg: PipelineConfig, *, restart: bool = False) -> StageResult:
     lora = models.lora_dict(cfg.model.lora)
     set_seed(cfg.run.seed)  # the adapters' other half is initialised randomly: make it follow run.seed
     model = models.load_causal_lm(base, tokenizer=tokenizer, trust_remote_code=cfg.model.trust_remote_code,
-                                  allow_pickle=cfg.model.allow_pickle, dtype=engine.trained_load_dtype(cfg), lora=lora)
+                                  allow_pickle=cfg.model.allow_pickle, dtype=engine.trained_load_dtype(cfg, stage.device), lora=lora)
     trainer = make_trainer(cfg.orpo.beta, model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                            data_collator=collate_pairs(tokenizer.pad_token_id), processing_class=tokenizer,
                            callbacks=stage.callbacks())

@@ -71,14 +71,14 @@ def build_models(cfg: PipelineConfig, sft_dir: str, reward_dir: str | None, toke
     critic as `ppo_models.load_trained` builds them. A role at ZeRO-3 loads already partitioned over the
     ranks (`engine.partitioned_loading`)."""
     m, ppo, ds = cfg.model, cfg.ppo, cfg.deepspeed
-    dtype = engine.run_dtype(cfg)
+    dtype = engine.run_dtype(cfg, device)
     common = {"trust_remote_code": m.trust_remote_code, "allow_pickle": m.allow_pickle, "dtype": dtype}
 
     def sharded(role: str, train: bool):
         return engine.partitioned_loading(ds, role, train=train, micro_batch=ppo.micro_batch_size,
                                           grad_accum=ppo.grad_accum if train else 1, dtype=dtype, device=device)
 
-    trained_dtype = engine.trained_load_dtype(cfg)  # float32 where the engine keeps no masters
+    trained_dtype = engine.trained_load_dtype(cfg, device)  # float32 where the engine keeps no masters
     with sharded("actor", True):
         actor, _ = ppo_models.load_trained("actor", cfg, sft_dir, reward_dir, tokenizer, dtype=trained_dtype)
     ref = None
@@ -155,7 +155,7 @@ def save_final(ctx: PPOContext, sft_dir: str) -> Path:
     if engine.is_main():
         model = ctx.actor.module
         if state is not None:  # rebuild unsharded, then load the gathered weights
-            model, _ = ppo_models.load_trained("actor", cfg, sft_dir, None, ctx.tokenizer, dtype=engine.run_dtype(cfg))
+            model, _ = ppo_models.load_trained("actor", cfg, sft_dir, None, ctx.tokenizer, dtype=engine.run_dtype(cfg, ctx.device))
             model.load_state_dict(state)
         tmp = stage.dir / "final.tmp"
         with engine.full_precision(ctx.actor):  # the plain engine's fp32 masters, not their bf16 rounding
