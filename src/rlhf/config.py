@@ -383,8 +383,12 @@ class PPOCfg:
     within `overlong_buffer` tokens of it (DAPO's soft overlong punishment); None disables."""
     overlong_buffer: int | None = None
     """How many tokens before max_new_tokens the overlong penalty starts; None: a quarter of max_new_tokens."""
+    policy_init: Literal["sft", "base"] = "sft"
+    """Where the actor and its reference start: the SFT stage's output, or `base`: `model.name_or_path` itself,
+    with no SFT stage (a program-reward task on an instruct model, say)."""
     critic_init: Literal["reward", "sft"] = "reward"
-    """Initialise the critic from the reward model or from the SFT model."""
+    """Initialise the critic from the reward model or from the policy's start (`sft`: the SFT output, or the
+    base model under `policy_init: base`)."""
     critic_lora: bool | None = None
     """Train the critic as LoRA adapters plus its value head; None: as `model.lora.enabled` (a LoRA run
     then skips the full critic's weight gradients and optimizer state)."""
@@ -605,13 +609,14 @@ class PipelineConfig:
     def stages(self) -> list[str]:
         """Stages this file runs, in order.
 
-        `final_stage: ppo` runs sft, reward, ppo (sft, ppo when the ppo stage reads nothing of the reward
-        stage: `PPOCfg.needs_reward_stage`); `dpo` runs sft, dpo; `orpo` runs orpo alone (it trains from
+        `final_stage: ppo` runs sft, reward, ppo (no reward stage when the ppo stage reads nothing of it:
+        `PPOCfg.needs_reward_stage`; no sft stage with `ppo.policy_init: base`); `dpo` runs sft, dpo; `orpo` runs orpo alone (it trains from
         the base model). Without `final_stage`, the `sft` and `reward` sections present run, which is how a
         reward-model-only file says what it wants.
         """
         if self.final_stage == "ppo":
-            return ["sft", "reward", "ppo"] if self.ppo.needs_reward_stage else ["sft", "ppo"]
+            return ([*(["sft"] if self.ppo.policy_init == "sft" else []),
+                     *(["reward"] if self.ppo.needs_reward_stage else []), "ppo"])
         if self.final_stage == "dpo":
             return ["sft", "dpo"]
         if self.final_stage == "orpo":

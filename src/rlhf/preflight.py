@@ -155,6 +155,8 @@ def _check_inputs(cfg: PipelineConfig, stage: str, planned: list[str]) -> list[B
         needed.append("sft")
     if stage == "ppo" and not cfg.ppo.needs_reward_stage:
         needed.remove("reward")  # a Python reward, and no critic or an SFT-initialised one
+    if stage == "ppo" and cfg.ppo.policy_init == "base":
+        needed.remove("sft")  # the actor starts from model.name_or_path
     for earlier in needed:
         if earlier in planned:
             continue

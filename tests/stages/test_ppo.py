@@ -32,9 +32,10 @@ def _reward_module_on_path(monkeypatch):
 
 
 def make_cfg(tmp_path: Path, policy: Path, reward: Path | None, **ppo) -> object:
-    """A pipeline config whose sft (and reward) stages are already complete under tmp_path/runs/t."""
+    """A pipeline config whose sft (and reward) stages are already complete under tmp_path/runs/t (no sft
+    stage with `policy_init="base"`: `policy` is then the base model)."""
     run_dir = tmp_path / "runs" / "t"
-    for stage, src in (("sft", policy), ("reward", reward)):
+    for stage, src in (("sft", None if ppo.get("policy_init") == "base" else policy), ("reward", reward)):
         if src is not None and not (run_dir / stage / artifacts.MANIFEST).exists():
             shutil.copytree(src, run_dir / stage / "final")
             artifacts.write_manifest(run_dir / stage, stage, inputs={}, config_hash="test", metrics={})

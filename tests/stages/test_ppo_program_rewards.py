@@ -1,6 +1,6 @@
 """The final stage scored by programs (`ppo.rewards`): each prompt row's fields reach the function aligned
 with its responses, the sources are summed by weight, and with programs alone and no critic nothing of the
-reward stage is needed."""
+reward stage is needed, and with `ppo.policy_init: base` nothing of the SFT stage either."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ import json
 
 import pytest
 from test_ppo import HERE, make_cfg, run_ppo
+
+from rlhf import preflight
+from rlhf.commands.export import export
 
 pytestmark = pytest.mark.slow
 
@@ -27,9 +30,12 @@ def test_programs_get_their_rows_fields_and_are_summed_by_weight(tmp_path, tiny_
     sources = [{"source": "ppo_reward:answer_seen", "weight": 2.0}, {"source": "ppo_reward:target_share", "weight": 0.5}]
     cfg = make_cfg(tmp_path, tiny_model_dir, None, steps=2, advantage="rloo", samples_per_prompt=2,
                    rollout_batch_size=4, mini_batch_size=4, grad_accum=1, ppo_epochs=1, rewards=sources,
-                   missing_eos_penalty=None, normalize_reward=False)
+                   missing_eos_penalty=None, normalize_reward=False, policy_init="base")
+    assert cfg.stages == ["ppo"] and preflight.check(cfg, ["ppo"]) == []
     ppo_reward.CALLS.clear()
-    result, _ = run_ppo(cfg)  # no reward/ stage exists under the run: none is loaded
+    result, seen = run_ppo(cfg)  # no sft/ or reward/ stage exists under the run: the actor starts from the base
+    assert not (cfg.run.dir / "sft").exists() and not (cfg.run.dir / "reward").exists()
+    assert seen[0]["objective/kl"] == 0.0  # actor == reference == the base model before the first update
     assert len(ppo_reward.CALLS) == 2
     for call in ppo_reward.CALLS:  # 4 prompts x 2 samples, each row's answer next to its own prompt
         assert len(call["answer"]) == 8
@@ -44,3 +50,6 @@ def test_programs_get_their_rows_fields_and_are_summed_by_weight(tmp_path, tiny_
     stage = json.loads((result.final_dir.parent / "stage.json").read_text())
     assert set(stage["devices"]) == {"actor", "ref"}  # no critic, no reward model
     assert stage["inputs"]["reward"] == "fn:ppo_reward:answer_seen, fn:ppo_reward:target_share"
+    assert stage["inputs"]["model"] == str(tiny_model_dir)
+    exported = export(result.final_dir.parent / "checkpoints" / "checkpoint-2", tmp_path / "exported")
+    assert (exported / "model.safetensors").is_file()  # rebuilt from the base model, as the stage built it

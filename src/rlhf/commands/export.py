@@ -186,8 +186,8 @@ def load_ppo(ckpt: Checkpoint, cfg: PipelineConfig | None):
     if ckpt.role == "critic" and not cfg.ppo.uses_critic:
         raise ConfigError(f"{ckpt.path}: no critic to export: the run trained none (ppo.advantage: "
                           f"{cfg.ppo.advantage}); --role actor exports the policy")
-    sft_dir = _input_dir(ckpt, "sft")
-    tokenizer = models.load_tokenizer(sft_dir, trust_remote_code=cfg.model.trust_remote_code)
+    sft_dir = ppo_models.policy_start(cfg, ckpt.run_dir, needed_by=f"exporting {ckpt.path}")
+    tokenizer = ppo_models.policy_tokenizer(cfg, sft_dir)
     reward_dir = _input_dir(ckpt, "reward") if ckpt.role == "critic" and cfg.ppo.critic_init == "reward" else None
     model, base = ppo_models.load_trained(ckpt.role, cfg, sft_dir, reward_dir, tokenizer, dtype=_common(cfg)["dtype"])
     if ckpt.role == "critic":

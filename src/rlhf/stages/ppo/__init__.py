@@ -178,22 +178,22 @@ def _seed(seed: int) -> None:
 
 
 def run(cfg: PipelineConfig, *, restart: bool = False, on_step=None) -> StageResult:
-    """`rlhf ppo`: PPO from the SFT (and reward) stage outputs to <run>/ppo/final.
+    """`rlhf ppo`: PPO from the SFT output (or the base model: `ppo.policy_init`) and the reward stage's
+    (when a reward source or the critic reads it) to <run>/ppo/final.
 
     `on_step(ctx, stats)` is called after every step (tests use it to watch or interrupt a run).
     """
     from rlhf.data import load_rows
     from rlhf.ppo_math import AdaptiveKLController, FixedKLController
 
-    sft_dir = str(artifacts.stage_output(cfg.stage_dir("sft"), "sft", needed_by="the ppo stage",
-                                         config_path=cfg.source))
+    sft_dir = ppo_models.policy_start(cfg, cfg.run.dir, needed_by="the ppo stage")
     reward_dir = None
     if cfg.ppo.needs_reward_stage:
         reward_dir = str(artifacts.stage_output(cfg.stage_dir("reward"), "reward", needed_by="the ppo stage",
                                                 config_path=cfg.source))
     stage = StageRun(cfg, "ppo", restart=restart)
     _seed(cfg.run.seed + engine.rank())
-    tokenizer = models.load_tokenizer(sft_dir, trust_remote_code=cfg.model.trust_remote_code, padding_side="left")
+    tokenizer = ppo_models.policy_tokenizer(cfg, sft_dir, padding_side="left")
     rows, _, data_path = load_rows(cfg, "ppo", "prompt")
     device = stage.device  # decided once, when the stage started
     built = build_models(cfg, sft_dir, reward_dir, tokenizer, device)
@@ -225,5 +225,5 @@ def run(cfg: PipelineConfig, *, restart: bool = False, on_step=None) -> StageRes
     metrics = {"global_step": ctx.step, "prompts": len(rows), **{k: v for k, v in last.items()
                                                                   if k.startswith("objective/")}}
     programs = [f"fn:{r.source}" for r in ppo.reward_sources if r.source != REWARD_MODEL]
-    inputs = {"sft": sft_dir, "data": str(data_path), "reward": ", ".join(([reward_dir] if reward_dir else []) + programs)}
+    inputs = {"model": sft_dir, "data": str(data_path), "reward": ", ".join(([reward_dir] if reward_dir else []) + programs)}
     return stage.complete(metrics, inputs, ctx.step, devices=devices(ctx))
