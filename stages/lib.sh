@@ -8,6 +8,8 @@
 #   LAUNCHER=torchrun        torchrun --nproc_per_node NUM_GPUS (NNODES>1 needs NODE_RANK and MASTER_ADDR)
 # With NNODES or torchrun and NUM_GPUS unset, NUM_GPUS is this node's GPU count (1 without a GPU).
 # DRY_RUN=1 prints the command each node would run, with the variables it depends on, and starts nothing.
+# Before a launch each node checks the stage (`rlhf preflight`) and fetches its models (`rlhf fetch`, below);
+#   PREFLIGHT=0 skips both (in pipeline.sh the fetch only: its own preflight always runs).
 # LAUNCH_ARGS="..." adds options to the launcher's own (before the module), e.g. DeepSpeed's
 #   --include/--exclude, --enable_each_rank_log DIR, --bind_cores_to_rank; torchrun's --log-dir, --tee.
 # Without a GPU, OMP_WAIT_POLICY defaults to PASSIVE (see below).
@@ -20,7 +22,10 @@
 PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 # Without a GPU, idle OpenMP threads sleep instead of spinning: on a shared CPU machine spinning threads made
 # the CPU work of a run up to 7x slower (OMP_WAIT_POLICY set by the caller wins).
-if ! command -v nvidia-smi >/dev/null 2>&1; then export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}; fi
+# DeepSpeed's launcher and ranks then take the CPU accelerator instead of probing for GPUs.
+if ! command -v nvidia-smi >/dev/null 2>&1; then
+  export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE} DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
+fi
 # Ranks talk over two transports: gloo's TCP (host-side collectives: flags, step numbers, file copies) and
 # NCCL (GPU tensors). Each picks its own interface and may pick one the other nodes cannot reach (docker0,
 # a management NIC), so one knob sets both; GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME set by the caller win.
@@ -119,6 +124,10 @@ rlhf_tmp() {  # VAR NAME TEXT: a new file holding TEXT, its path put in VAR (DRY
   printf -v "$1" '%s' "$path"
 }
 
+rlhf_hostfile_mode() {  # true in the hostfile (pdsh) mode: one script, on the launch host, starts every host
+  [ -n "${HOSTFILE:-}" ] && [ -z "${NNODES:-}" ] && [ "${LAUNCHER:-}" != torchrun ]
+}
+
 rlhf_launcher() {
   local port=${MASTER_PORT:-29500} hosts env_file i extra=()
   RLHF_TMP=() RLHF_TMP_TEXT=()
@@ -173,7 +182,7 @@ rlhf_dry_run() {  # CMD ARGS...: print what each node would run, with the variab
   for i in "${!RLHF_TMP[@]}"; do  # the same on every node
     echo "[dry-run] ${RLHF_TMP[$i]} (written at launch): $(printf '%s' "${RLHF_TMP_TEXT[$i]}" | tr '\n' ' ')"
   done
-  if [ -n "${HOSTFILE:-}" ] && [ -z "${NNODES:-}" ]; then  # pdsh starts DeepSpeed's launch on every host
+  if rlhf_hostfile_mode; then  # pdsh starts DeepSpeed's launch on every host
     node=0
     while read -r host; do
       echo "[dry-run] node $node (host $host, through pdsh): $(printf '%s' "${RLHF_TMP_TEXT[0]}" | tr '\n' ' ')" \
@@ -215,20 +224,63 @@ rlhf_agree() {  # STAGES PENDING: the stages to run, the same on every node (PEN
   "$PY" -c "$RLHF_AGREE" "$1" "$2"
 }
 
+# The hostfile mode runs pipeline.sh on one host, which decides the stages for every host from its own run
+# dir. With node-local run dirs that must be the disk global rank 0 writes, the first host of the file:
+# every other host's copy of a stage comes from there (rlhf/replicate.py). Elsewhere this prints a note.
+rlhf_first_host_note() {
+  rlhf_hostfile_mode || return 0
+  local first names
+  first=$(sed 's/#.*//' "$HOSTFILE" | awk 'NF { print $1; exit }')
+  names=" localhost 127.0.0.1 $(hostname 2>/dev/null) $(hostname -s 2>/dev/null) $(hostname -I 2>/dev/null) "
+  case $names in
+    *" $first "*) ;;
+    *) echo "[pipeline] note: the stages to run are read from this host's run dir ($(hostname)), while global" \
+         "rank 0 writes on $first (HOSTFILE's first host); with run dirs on node-local disks, start" \
+         "pipeline.sh on $first" >&2 ;;
+  esac
+}
+
 rlhf_preflight() {  # STAGE --config CONFIG ARGS...: that stage's preflight on this node before it launches
   # (config, data, models, and with a launcher the master port, the hostfile's hosts and MASTER_ADDR), so a
   # busy port or an unresolvable host is one line, not a launcher hanging or dying. --restart is the stage's.
-  # PREFLIGHT=0 skips it (the stage still checks itself once started).
+  # Then the models the stage reads are fetched (rlhf_fetch). PREFLIGHT=0 skips both: the stage still checks
+  # itself and fetches its models once started.
   local stage=$1 args=() arg; shift
   if [ "${PREFLIGHT:-1}" = 0 ]; then return; fi
   for arg in "$@"; do [ "$arg" = --restart ] || args+=("$arg"); done
   if [ "${DRY_RUN:-0}" != 0 ]; then echo "[dry-run] preflight: $PY -m rlhf.cli preflight --stage $stage ${args[*]}"
   else "$PY" -m rlhf.cli preflight --stage "$stage" "${args[@]}"; fi
+  rlhf_fetch "$stage" "${args[@]}"
+}
+
+# Models are fetched once per node before a launch: `rlhf fetch` builds the aliases the stages read into the
+# cache and downloads their hub ids (the cached copy must exist with HF_HUB_OFFLINE=1), so the ranks find
+# them in place instead of each building or downloading them at once. Each node's script runs it (NNODES,
+# torchrun, Slurm); in the hostfile mode DeepSpeed's runner starts it on every host of the file, one process
+# per host, through pdsh as it starts the ranks. PREFLIGHT=0 skips it: each rank then fetches for itself, an
+# alias built once per cache under its lock (src/rlhf/models/cachelock.py).
+rlhf_fetch() {  # "STAGES" --config CONFIG ARGS...: fetch what STAGES read, on every node of the launch
+  local words=() where="this node"; read -r -a words <<< "$1"; shift
+  if [ "${PREFLIGHT:-1}" = 0 ] || [ ${#words[@]} -eq 0 ]; then return; fi
+  LAUNCH=("$PY" -m rlhf.cli) RLHF_TMP=() RLHF_TMP_TEXT=()
+  if rlhf_hostfile_mode; then
+    NUM_GPUS=1 LAUNCH_ARGS="" rlhf_launcher  # one process per host; the stage's launcher options stay its own
+    where="every host of $HOSTFILE"
+  elif [ "${NNODES:-1}" -gt 1 ]; then
+    where="each of the $NNODES nodes, by its own script"
+  fi
+  if [ "${DRY_RUN:-0}" != 0 ]; then
+    echo "[dry-run] fetch ($where): $(printf '%q ' "${LAUNCH[@]}" fetch "$@" --stages "${words[@]}" | sed 's/ $//')"
+    return
+  fi
+  local rc=0
+  "${LAUNCH[@]}" fetch "$@" --stages "${words[@]}" || rc=$?
+  rm -f "${RLHF_TMP[@]}"
+  return "$rc"
 }
 
 rlhf_run() {
   local cmd=$1; shift
-  if ! command -v nvidia-smi >/dev/null 2>&1; then export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}; fi
   if [ "${DRY_RUN:-0}" != 0 ]; then rlhf_dry_run "$cmd" "$@"; return; fi
   rlhf_launcher
   local log_dir; log_dir=$(rlhf_log_dir "$@")

