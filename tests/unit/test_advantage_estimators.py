@@ -403,3 +403,5 @@ def test_overlong_penalty_is_zero_then_linear_to_the_full_penalty():
     assert torch.equal(got, torch.tensor([0.0, 0.0, 0.5, 1.0, 2.0, 2.0]))
     with pytest.raises(ValueError, match="buffer must be > 0"):
         overlong_penalty(lengths, 16, 0, 1.0)
+    # the smallest buffer: only a response of max_len tokens (or more) pays, and all of the penalty
+    assert torch.equal(overlong_penalty(torch.tensor([15, 16, 17]), 16, 1, 3.0), torch.tensor([0.0, 3.0, 3.0]))
