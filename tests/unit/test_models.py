@@ -351,6 +351,7 @@ def test_save_atomic_writes_only_safetensors(tiny_model_dir: Path, tmp_path: Pat
 
 
 def _lora_model(tiny: Path):
+    torch.manual_seed(0)  # lora_A draws from the global stream: the same adapters whatever ran before
     tok = models.load_tokenizer(str(tiny))
     lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}
     model = models.load_causal_lm(str(tiny), tokenizer=tok, lora=lora)
