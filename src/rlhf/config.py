@@ -298,17 +298,55 @@ REWARD_MODEL = "reward_model"
 class RewardSourceCfg:
     """One source of the final stage's reward; a response's reward is the weighted sum of its sources."""
 
-    source: str = REWARD_MODEL
+    source: str | None = None
     """`reward_model` (the reward stage's output, its scores normalised by `ppo.normalize_reward`) or
     `module:function`, a program: called with the prompts (message lists) and the responses (texts), and
     with each field of the prompt rows that it names as a parameter (all of them with `**kwargs`) as a list;
-    returns one float per response."""
+    returns one float per response. Unset: `reward_model`, or the server at `url` when that is set."""
     weight: float = 1.0
     """This source's factor in the sum."""
+    url: str | None = None
+    """A reward server, `http://host:port` (`rlhf serve`, or OpenRLHF's serve_rm with `protocol: openrlhf`),
+    instead of `source`: each rank posts its own responses and uses the scores as the server returns them
+    (`ppo.normalize_reward` standardises the local reward model's only); no reward model is loaded here."""
+    token_env: str | None = None
+    """With `url`: the environment variable holding the server's token, sent as `Authorization: Bearer`."""
+    timeout_s: float = 60.0
+    """With `url`: seconds to wait for one answer before retrying."""
+    retries: int = 3
+    """With `url`: tries after the first, with doubling waits from 0.5 s, before the run stops (its last
+    checkpoint kept)."""
+    protocol: Literal["rlhf", "openrlhf"] = "rlhf"
+    """With `url`: `rlhf` posts prompts and responses to /score (the server renders them); `openrlhf` posts
+    whole texts rendered with the policy's chat template to /get_reward, as OpenRLHF does."""
 
     def __post_init__(self) -> None:
-        require(self.source == REWARD_MODEL or ":" in self.source, "source",
+        require(self.url is None or self.source is None, "url",
+                f"and source ({self.source!r}) are two sources: give each its own entry in ppo.rewards")
+        if self.url is None and self.source is None:
+            self.source = REWARD_MODEL  # the default source; a url source keeps source unset
+        require(self.source is None or self.source == REWARD_MODEL or ":" in self.source, "source",
                 f"must be {REWARD_MODEL} or look like 'module:function', got {self.source!r}")
+        if self.url is not None:
+            from urllib.parse import urlsplit
+
+            parts = urlsplit(self.url)
+            require(parts.scheme in ("http", "https") and bool(parts.hostname), "url",
+                    "must look like http://host:port")
+        require(self.token_env is None or self.url is not None, "token_env", "is read only with url")
+        require(self.token_env is None or self.token_env.isidentifier(), "token_env",
+                "must be an environment variable's name")
+        require(self.timeout_s > 0, "timeout_s", "must be > 0")
+        require(self.retries >= 0, "retries", "must be >= 0")
+
+    @property
+    def name(self) -> str:
+        """How scores, stats and messages name this source: its url, else its `source`."""
+        return self.url or self.source
+
+    @property
+    def is_program(self) -> bool:
+        return self.url is None and self.source != REWARD_MODEL
 
 
 @dataclass
@@ -396,8 +434,9 @@ class PPOCfg:
     """`module:function(prompts, responses) -> scores` used instead of the reward model (shorthand for
     `rewards: [{source: module:function}]`)."""
     rewards: list[RewardSourceCfg] | None = None
-    """The reward's sources, summed by weight: the reward model and/or programs (`RewardSourceCfg`); null:
-    the reward model alone (or `reward_fn`). Without a `reward_model` source no reward model is loaded."""
+    """The reward's sources, summed by weight: the reward model, programs and/or reward servers (`url`;
+    `RewardSourceCfg`); null: the reward model alone (or `reward_fn`). Without a `reward_model` source no
+    reward model is loaded."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm for actor and critic (0 disables)."""
     reuse_rollout_forward: bool = True
@@ -450,7 +489,7 @@ class PPOCfg:
                 "and ppo.reward_fn are two ways to say the same: set one (reward_fn: F is rewards: [{source: F}])")
         require(self.rewards is None or len(self.rewards) > 0, "rewards", "is empty: list at least one source or "
                 "set it to null (the reward model)")
-        sources = [r.source for r in self.rewards or ()]
+        sources = [r.name for r in self.rewards or ()]
         require(len(set(sources)) == len(sources), "rewards", f"names a source twice ({sources})")
 
     @property

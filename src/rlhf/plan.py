@@ -529,6 +529,10 @@ def report(cfg: PipelineConfig, *, gpus: int, nodes: int, gpu_mem_gib: float | N
     arch, reward_arch = architectures(cfg, stage)
     plan = estimate(cfg, gpus=gpus, nodes=nodes, arch=arch, stage=stage, reward_arch=reward_arch)
     out = [format_table(plan)]
+    servers = [r.url for r in cfg.ppo.reward_sources if r.url is not None] if plan.stage == "ppo" else []
+    if servers:  # their models live elsewhere: not in the table
+        here = "" if cfg.ppo.needs_reward_model else "; no reward model is loaded here"
+        out.append(f"reward scored over HTTP by {', '.join(servers)}{here}")
     if gpu_mem_gib is None:
         out.append("no GPU memory given (--gpu-mem or RLHF_GPU_MEM_GIB): no fit check")
         return "\n".join(out), True

@@ -329,20 +329,56 @@ def op_problem(builder, *, gpu_op: bool) -> str | None:
 
 
 def _check_programs(cfg: PipelineConfig) -> list[Blocker]:
-    """Every program among the reward's sources imports and is callable (`programs.load_program`)."""
-    from rlhf.config import REWARD_MODEL
+    """Every program among the reward's sources imports and is callable (`programs.load_program`), and every
+    reward server answers `/health` (`_check_server`), before any weights load."""
     from rlhf.programs import load_program
 
     key = "ppo.reward_fn" if cfg.ppo.reward_fn else "ppo.rewards"
     out = []
     for source in cfg.ppo.reward_sources:
-        if source.source == REWARD_MODEL:
-            continue
-        try:
-            load_program(source.source, key)
-        except ConfigError as err:
-            out.append(Blocker(key, f"{cfg.source}: {err}"))
-    return out
+        if source.url is not None:
+            out += _check_server(cfg, source)
+        elif source.is_program:
+            try:
+                load_program(source.source, key)
+            except ConfigError as err:
+                out.append(Blocker(key, f"{cfg.source}: {err}"))
+    return out + _check_remote_critic(cfg)
+
+
+def _check_server(cfg: PipelineConfig, source) -> list[Blocker]:
+    """The reward server of a `url` source answers `GET /health` within its `timeout_s`, with its token."""
+    from rlhf.remote_reward import RemoteRewardError, RemoteScorer
+
+    try:
+        RemoteScorer(source.url, token_env=source.token_env, timeout_s=source.timeout_s,
+                     protocol=source.protocol).health()
+    except RemoteRewardError as err:
+        return [Blocker("reward.server", f"{cfg.source}: ppo.rewards: the reward server at {source.url} failed its /health "
+                        f"check ({err.reason}); start it (rlhf serve --model ...), fix the url or its token_env")]
+    except RlhfError as err:
+        return [Blocker("reward.server", f"{cfg.source}: {err}")]
+    return []
+
+
+def _check_remote_critic(cfg: PipelineConfig) -> list[Blocker]:
+    """A critic initialised from the reward model (`ppo.critic_init: reward`) reads that model's weights from
+    the reward stage's output, which a run scored by a reward server alone may not have here."""
+    ppo = cfg.ppo
+    servers = [r.url for r in ppo.reward_sources if r.url is not None]
+    if not servers or ppo.needs_reward_model or not (ppo.uses_critic and ppo.critic_init == "reward"):
+        return []
+    try:
+        artifacts.stage_output(cfg.stage_dir("reward"), "reward", needed_by="the ppo stage's critic",
+                               config_path=cfg.source)
+    except RlhfError:
+        return [Blocker("reward.critic_init", f"{cfg.source}: ppo.critic_init: reward starts the critic from the "
+                        f"reward model's weights, but the reward model is served at {servers[0]} and its weights are "
+                        f"not under {cfg.stage_dir('reward')}; set ppo.critic_init: sft, use a critic-free "
+                        "ppo.advantage (grpo, rloo, ...), or copy the reward stage's output there")]
+    log.info("%s: the critic starts from %s (ppo.critic_init: reward); the scores come from %s", cfg.source,
+             cfg.stage_dir("reward"), ", ".join(servers))
+    return []
 
 
 def _check_output(cfg: PipelineConfig) -> list[Blocker]:

@@ -21,26 +21,45 @@ def encoded_batches(tokenizer, prompts: list, responses: list[str], batch_size: 
     """(input_ids, attention_mask) batches of (prompt, response) sequences as the reward stage trained on
     them, right-padded, so each row's score is read at its last attended token. Over-long sequences keep
     their end (the EOS the score is read at)."""
+    sequences = (encoding.encode(tokenizer, p, r)[0] for p, r in zip(prompts, responses, strict=True))
+    yield from padded_batches(tokenizer, sequences, batch_size, device, max_length)
+
+
+def padded_batches(tokenizer, sequences, batch_size: int, device, max_length: int | None = None):
+    """(input_ids, attention_mask) batches of whole token-id sequences, right-padded; over-long ones keep
+    their end (the EOS the score is read at)."""
     from rlhf.batching import right_padded
 
-    for start in range(0, len(prompts), batch_size):
-        batch = []
-        for prompt, response in zip(prompts[start:start + batch_size], responses[start:start + batch_size], strict=True):
-            ids, _ = encoding.encode(tokenizer, prompt, response)
-            if max_length is not None and len(ids) > max_length:
-                ids = ids[-max_length:]
-            batch.append(ids)
+    batch = []
+    for ids in sequences:
+        batch.append(ids[-max_length:] if max_length is not None and len(ids) > max_length else ids)
+        if len(batch) == batch_size:
+            yield right_padded(batch, tokenizer.pad_token_id, device)
+            batch = []
+    if batch:
         yield right_padded(batch, tokenizer.pad_token_id, device)
 
 
 def score(model, tokenizer, prompts: list[list[dict]], responses: list[str], *, batch_size: int = 8,
           max_length: int | None = None) -> list[float]:
     """One scalar reward per (prompt, response). Over-long prompts keep their end so every row gets a score."""
+    device = next(model.parameters()).device
+    return _scores(model, encoded_batches(tokenizer, prompts, responses, batch_size, device, max_length))
+
+
+def score_sequences(model, tokenizer, sequences: list[list[int]], *, batch_size: int = 8,
+                    max_length: int | None = None) -> list[float]:
+    """One scalar reward per token-id sequence already rendered as the reward stage trained on them
+    (prompt for generation + response + EOS; `rlhf serve` scores OpenRLHF's whole-text queries this way)."""
+    device = next(model.parameters()).device
+    return _scores(model, padded_batches(tokenizer, sequences, batch_size, device, max_length))
+
+
+def _scores(model, batches) -> list[float]:
     import torch
 
-    device = next(model.parameters()).device
     scores: list[float] = []
-    for input_ids, attention in encoded_batches(tokenizer, prompts, responses, batch_size, device, max_length):
+    for input_ids, attention in batches:
         with torch.no_grad():
             logits = model(input_ids=input_ids, attention_mask=attention).logits
         scores.extend(logits[:, 0].float().tolist())

@@ -30,7 +30,8 @@ def test_installs_the_pyproject_dependency_set_with_the_constraints():
     wanted = {_name(r) for r in project["dependencies"] + project["optional-dependencies"]["gpu"]}
     installs = _pip_installs()
     assert installs and all("-c requirements/constraints.txt" in args for args in installs)
-    assert any('".[gpu,trackers]"' in args for args in installs), "the project itself, with the gpu and trackers extras"
+    assert any('".[gpu,trackers,serve]"' in args for args in installs), \
+        "the project itself, with the gpu, trackers and serve extras"
     named = {_name(tok) for args in installs for tok in re.findall(r"(?<![-\w/.])([A-Za-z][\w.-]*)(?=\s|$)", args)}
     assert named <= wanted, f"installs packages outside pyproject: {named - wanted}"
     pins = {_name(line): line.split("==")[1].strip() for line in (ROOT / "requirements/constraints.txt").read_text()

@@ -3,6 +3,7 @@
 actor   <- SFT output, trained (own AdamW)           ref    <- SFT output, frozen (or the LoRA actor
 critic  <- reward model (default) or SFT, trained               with adapters disabled)
 reward  <- reward stage output, frozen; and/or programs (`ppo.rewards`, `ppo.reward_fn`: Python functions)
+           and/or reward servers (`ppo.rewards` with `url`: `rlhf serve` elsewhere; no weights here)
 
 A critic-free `ppo.advantage` (grpo, dr_grpo, rloo, reinforce_baseline) builds no critic: three models.
 
@@ -26,6 +27,7 @@ from rlhf.encoding import same_tokenizer
 from rlhf.errors import ConfigError
 from rlhf.forwards import ScalarHead
 from rlhf.programs import Program, load_program
+from rlhf.remote_reward import RemoteScorer, render_text
 from rlhf.stages.common import StageResult, StageRun
 from rlhf.stages.ppo.checkpoint import load_checkpoint, save_checkpoint
 from rlhf.stages.ppo.context import PPOContext, make_guard
@@ -66,7 +68,7 @@ def build_models(cfg: PipelineConfig, sft_dir: str, reward_dir: str | None, toke
     """actor, ref (None for a LoRA actor), critic (inside a `ScalarHead`; None for a critic-free
     `ppo.advantage`) and the scorer's reward model, each
     wrapped by `engine.wrap` on `device` (the plain engine moves it there; DeepSpeed places it on this rank's
-    accelerator); the scorer (that reward engine and/or the programs of `ppo.reward_sources`) and the
+    accelerator); the scorer (that reward engine and/or the programs and servers of `ppo.reward_sources`) and the
     reward stats. The actor and
     critic as `ppo_models.load_trained` builds them. A role at ZeRO-3 loads already partitioned over the
     ranks (`engine.partitioned_loading`)."""
@@ -111,14 +113,23 @@ def build_models(cfg: PipelineConfig, sft_dir: str, reward_dir: str | None, toke
            "ref": None if ref is None else engine.wrap(ref.eval(), ds, "ref", **frozen),
            "reward_stats": stats}
     key = "ppo.reward_fn" if ppo.reward_fn else "ppo.rewards"
-    programs = [Program(r.source, load_program(r.source, key), key) for r in ppo.reward_sources
-                if r.source != REWARD_MODEL]
+    programs = [Program(r.source, load_program(r.source, key), key) for r in ppo.reward_sources if r.is_program]
+    programs += [remote_scorer(r, tokenizer) for r in ppo.reward_sources if r.url is not None]
     reward = None
     if reward_model is not None:
         reward = engine.wrap(ScalarHead(reward_model.requires_grad_(False)).eval(), ds, "reward", **frozen)
     out["scorer"] = Scorer(engine=reward, tokenizer=reward_tok, same_tokenizer=same, programs=programs,
                            batch_size=ppo.micro_batch_size, device=device)
     return out
+
+
+def remote_scorer(src, tokenizer) -> RemoteScorer:
+    """The client of a `url` source; `protocol: openrlhf` renders pairs with the policy's chat template."""
+    render = render_text(tokenizer) if src.protocol == "openrlhf" else None
+    log.info("ppo.rewards: scoring with the reward server at %s (protocol %s); its scores are used as it returns "
+             "them", src.url, src.protocol)
+    return RemoteScorer(src.url, token_env=src.token_env, timeout_s=src.timeout_s, retries=src.retries,
+                        protocol=src.protocol, render=render)
 
 
 def _roles(ctx: PPOContext) -> dict:
@@ -224,6 +235,7 @@ def run(cfg: PipelineConfig, *, restart: bool = False, on_step=None) -> StageRes
     last = ctx.history[-1] if ctx.history else {}
     metrics = {"global_step": ctx.step, "prompts": len(rows), **{k: v for k, v in last.items()
                                                                   if k.startswith("objective/")}}
-    programs = [f"fn:{r.source}" for r in ppo.reward_sources if r.source != REWARD_MODEL]
+    programs = [f"fn:{r.source}" if r.is_program else f"url:{r.url}" for r in ppo.reward_sources
+                if r.source != REWARD_MODEL]
     inputs = {"model": sft_dir, "data": str(data_path), "reward": ", ".join(([reward_dir] if reward_dir else []) + programs)}
     return stage.complete(metrics, inputs, ctx.step, devices=devices(ctx))

@@ -223,7 +223,8 @@ class Scorer:
     - the reward model's engine, sharing the policy's tokenizer: scored on the rollout's own ids at the EOS;
     - the reward model's engine with another tokenizer: responses are decoded and re-tokenized the canonical
       way (`rlhf.encoding`, as the reward stage trained it) and scored by `rlhf.scoring.score`;
-    - programs (`rlhf.programs.Program`), given the prompt rows and the response texts.
+    - programs (`rlhf.programs.Program`) and reward servers (`rlhf.remote_reward.RemoteScorer`), each given
+      the prompt rows and the response texts, and named by its `spec` (the function, or the url).
     """
 
     def __init__(self, *, engine=None, tokenizer=None, same_tokenizer: bool = True, programs=(), batch_size: int = 8,
@@ -270,7 +271,7 @@ def weighted_sum(source_scores: dict[str, Tensor], sources, stats: dict | None =
     reward model's are standardised first ((raw - mean) / std, its stored statistics)."""
     total = None
     for src in sources:
-        scores = source_scores[src.source].float()
+        scores = source_scores[src.name].float()
         if src.source == REWARD_MODEL and stats is not None:
             scores = (scores - stats["mean"]) / max(stats["std"], 1e-6)
         total = src.weight * scores if total is None else total + src.weight * scores
