@@ -307,8 +307,8 @@ class RewardSourceCfg:
     """This source's factor in the sum."""
     url: str | None = None
     """A reward server, `http://host:port` (`rlhf serve`, or OpenRLHF's serve_rm with `protocol: openrlhf`),
-    instead of `source`: each rank posts its own responses and uses the scores as the server returns them
-    (`ppo.normalize_reward` standardises the local reward model's only); no reward model is loaded here."""
+    instead of `source`: each rank posts its own responses; `ppo.normalize_reward` standardises the scores by
+    the reward stats the server reports (`/health`), as a local reward model's; no reward model is loaded here."""
     token_env: str | None = None
     """With `url`: the environment variable holding the server's token, sent as `Authorization: Bearer`."""
     timeout_s: float = 60.0
@@ -413,7 +413,7 @@ class PPOCfg:
     whiten_advantages: bool = True
     """Normalise advantages to mean 0, std 1 over the rollout (over all ranks' rows together)."""
     normalize_reward: bool = True
-    """Standardise scores with the reward model's stored mean and std."""
+    """Standardise scores with the reward model's stored mean and std (a served one's as its server reports them)."""
     missing_eos_penalty: float | None = 1.0
     """Subtracted from the score of responses that never emit EOS (None disables)."""
     overlong_penalty: float | None = None

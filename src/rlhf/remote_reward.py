@@ -76,6 +76,7 @@ class RemoteScorer:
         self.url, self.timeout_s, self.retries, self.protocol = url.rstrip("/"), timeout_s, retries, protocol
         self.render, self.key, self.backoff_s = render, key, backoff_s
         self.token = read_token(token_env, key)
+        self.stats: dict | None = None  # {"mean", "std"}: scores are returned standardised by them when set
 
     def __call__(self, rows: Sequence[dict], responses: Sequence[str]) -> list[float]:
         """`rows` are the prompt rows (internal schema: `prompt`, `fields`) the responses answer, one each."""
@@ -86,8 +87,11 @@ class RemoteScorer:
             raise ConfigError(f"{self.key}: protocol openrlhf needs a chat template to render each pair as text")
         else:
             body = {"query": [self.render(row["prompt"], text) for row, text in zip(rows, responses, strict=True)]}
-        answer = self._request(PATHS[self.protocol], body)
-        return self._values(answer, len(responses))
+        values = self._values(self._request(PATHS[self.protocol], body), len(responses))
+        if self.stats is None:
+            return values
+        mean, std = float(self.stats["mean"]), max(float(self.stats["std"]), 1e-6)
+        return [(v - mean) / std for v in values]
 
     def health(self) -> dict:
         """`GET /health` once (no retries): the server's description; RemoteRewardError when it does not answer.

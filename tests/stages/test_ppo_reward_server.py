@@ -1,6 +1,6 @@
 """`rlhf serve` on loopback with the tiny reward model, and the final stage scored through it (`ppo.rewards:
 [{url: ...}]`): OpenRLHF's `/get_reward` agrees with `/score` and with in-process scoring, also through
-the stage's client in both protocols; every kind of bad request gets its 4xx and the
+the stage's client in both protocols, standardised by the reward stats the server reports; every kind of bad request gets its 4xx and the
 server carries on; a served program gets the rows' fields; a token-guarded server on a non-loopback bind refuses a request without it; a PPO run
 gets the in-process scores at every step with no reward model loaded; a stop answers the requests in
 flight first; a server killed mid-run stops the stage with one line, and the stage resumes from its
@@ -25,8 +25,10 @@ from test_ppo import make_cfg, run_ppo
 
 from rlhf import artifacts, preflight, scoring
 from rlhf.commands.serve import build_app, load_scorer, serve_in_thread
+from rlhf.config import RewardSourceCfg
 from rlhf.errors import TrainingError
 from rlhf.remote_reward import RemoteScorer, render_text
+from rlhf.stages.ppo import remote_scorer
 from rlhf.stages.ppo.experience import Scorer
 
 pytestmark = pytest.mark.slow
@@ -90,6 +92,19 @@ def test_openrlhf_shape_gets_the_scores_of_score_and_of_in_process_scoring(serve
     for client in (RemoteScorer(url), RemoteScorer(url, protocol="openrlhf", render=render)):
         assert client(rows, RESPONSES) == pytest.approx(in_process, rel=1e-5, abs=1e-6)
         assert client.health()["kind"] == "reward_model"
+
+
+def test_a_served_reward_models_scores_are_standardised_by_the_stats_it_reports(served, monkeypatch):
+    """With ppo.normalize_reward, as a local reward model's: (score - mean) / std, from the server's /health."""
+    url, scorer = served
+    monkeypatch.setattr(scorer, "stats", {"mean": 0.5, "std": 2.0})
+    messages = [p if isinstance(p, list) else [{"role": "user", "content": p}] for p in PROMPTS]
+    raw = scoring.score(scorer.model, scorer.tokenizer, messages, RESPONSES)
+    rows = [{"prompt": m} for m in messages]
+    source = RewardSourceCfg(url=url)
+    assert remote_scorer(source, None, True)(rows, RESPONSES) == pytest.approx([(r - 0.5) / 2.0 for r in raw],
+                                                                               rel=1e-5, abs=1e-6)
+    assert remote_scorer(source, None, False)(rows, RESPONSES) == pytest.approx(raw, rel=1e-5, abs=1e-6)
 
 
 def test_bad_requests_get_their_4xx_and_the_server_keeps_serving(served):

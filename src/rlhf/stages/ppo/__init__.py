@@ -114,7 +114,7 @@ def build_models(cfg: PipelineConfig, sft_dir: str, reward_dir: str | None, toke
            "reward_stats": stats}
     key = "ppo.reward_fn" if ppo.reward_fn else "ppo.rewards"
     programs = [Program(r.source, load_program(r.source, key), key) for r in ppo.reward_sources if r.is_program]
-    programs += [remote_scorer(r, tokenizer) for r in ppo.reward_sources if r.url is not None]
+    programs += [remote_scorer(r, tokenizer, ppo.normalize_reward) for r in ppo.reward_sources if r.url is not None]
     reward = None
     if reward_model is not None:
         reward = engine.wrap(ScalarHead(reward_model.requires_grad_(False)).eval(), ds, "reward", **frozen)
@@ -123,13 +123,21 @@ def build_models(cfg: PipelineConfig, sft_dir: str, reward_dir: str | None, toke
     return out
 
 
-def remote_scorer(src, tokenizer) -> RemoteScorer:
-    """The client of a `url` source; `protocol: openrlhf` renders pairs with the policy's chat template."""
+def remote_scorer(src, tokenizer, normalize: bool) -> RemoteScorer:
+    """The client of a `url` source; `protocol: openrlhf` renders pairs with the policy's chat template. With
+    `normalize` (`ppo.normalize_reward`) its scores are standardised by the statistics the server reports
+    (`rlhf serve` of a reward stage's output: its reward_stats.json), as a local reward model's are."""
     render = render_text(tokenizer) if src.protocol == "openrlhf" else None
-    log.info("ppo.rewards: scoring with the reward server at %s (protocol %s); its scores are used as it returns "
-             "them", src.url, src.protocol)
-    return RemoteScorer(src.url, token_env=src.token_env, timeout_s=src.timeout_s, retries=src.retries,
-                        protocol=src.protocol, render=render)
+    scorer = RemoteScorer(src.url, token_env=src.token_env, timeout_s=src.timeout_s, retries=src.retries,
+                          protocol=src.protocol, render=render)
+    stats = scorer.health().get("reward_stats") if normalize else None
+    if normalize and not stats:
+        log.warning("ppo.rewards: the reward server at %s reports no reward_stats; its scores are used unnormalized",
+                    src.url)
+    scorer.stats = stats or None
+    log.info("ppo.rewards: scoring with the reward server at %s (protocol %s)%s", src.url, src.protocol,
+             f"; scores standardised by its mean {stats['mean']:.4g} and std {stats['std']:.4g}" if stats else "")
+    return scorer
 
 
 def _roles(ctx: PPOContext) -> dict:
