@@ -692,6 +692,8 @@ RUN_ONLY_KEYS = (
     # Logging, checkpoint and evaluation cadence; the evaluation batch.
     "logging.*", "*.logging_steps", "*.save_steps", "*.save_total_limit", "*.eval_steps", "*.eval_batch_size",
     "ppo.sample_every",
+    # How a reward server is reached and waited for, not what it scores (its url is what it scores).
+    "ppo.rewards.*.token_env", "ppo.rewards.*.timeout_s", "ppo.rewards.*.retries",
     # The same maths with other kernels, memory trades or placement: results equal up to rounding.
     "*.gradient_checkpointing", "ppo.generation", "ppo.reuse_rollout_forward",
     "deepspeed.enabled", "deepspeed.zero_stage", "deepspeed.offload_optimizer", "deepspeed.offload_param",
@@ -747,10 +749,14 @@ _UNSET = object()  # a key only one of two configs has
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`a.b.c: value` for a nested mapping; a list of mappings (`ppo.rewards`) by position (`ppo.rewards.0.url`)."""
     out: dict[str, Any] = {}
     for key, value in tree.items():
         if isinstance(value, dict) and value:
             out.update(_flatten(value, f"{prefix}{key}."))
+        elif isinstance(value, list) and value and all(isinstance(item, dict) for item in value):
+            for i, item in enumerate(value):
+                out.update(_flatten(item, f"{prefix}{key}.{i}."))
         else:
             out[f"{prefix}{key}"] = value
     return out

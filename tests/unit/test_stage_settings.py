@@ -49,8 +49,23 @@ def test_a_stage_depends_on_the_data_it_reads_and_not_on_other_stages_sections()
     assert _changed("reward", "data.columns.prompt=question") == (["data.preference"], [])
 
 
+def test_how_a_reward_server_is_reached_may_change_and_what_scores_may_not():
+    def cfg(**server):
+        return config_from_dict({**BASE, "ppo": {"rewards": [{"source": "reward_model"},
+                                                             {"url": "http://rm:8000", **server}]}})
+
+    assert changed_settings(cfg(), cfg(timeout_s=5, retries=9, token_env="RM_TOKEN"), "ppo") == (
+        [], ["ppo.rewards.1.retries", "ppo.rewards.1.timeout_s", "ppo.rewards.1.token_env"])
+    assert changed_settings(cfg(), cfg(url="http://other:8000", weight=2.0), "ppo") == (
+        ["ppo.rewards.1.url", "ppo.rewards.1.weight"], [])
+    fewer = config_from_dict({**BASE, "ppo": {"rewards": [{"source": "reward_model"}]}})
+    assert "ppo.rewards.1.url" in changed_settings(cfg(), fewer, "ppo")[0]  # a source dropped
+
+
 def test_every_run_only_pattern_names_a_key():
+    served = config_from_dict({**BASE, "ppo": {"rewards": [{"url": "http://rm:8000"}]}})
     keys = {key for stage in ("sft", "ppo", "dpo") for key in stage_settings(config_from_dict(BASE), stage)}
+    keys |= set(stage_settings(served, "ppo"))
     assert [p for p in RUN_ONLY_KEYS if not any(fnmatch.fnmatchcase(k, p) for k in keys)] == []
 
 
