@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import json
 import logging
 import os
 import shlex
@@ -40,7 +39,7 @@ import time
 import uuid
 from pathlib import Path
 
-from rlhf import engine, failwatch
+from rlhf import engine, failwatch, ownerfile
 from rlhf.errors import ClaimError
 
 log = logging.getLogger("rlhf")
@@ -50,7 +49,6 @@ CLAIM = "claim.json"
 # minute) before it could look dead.
 BEATS_PER_TIMEOUT = 10
 _ATTEMPTS = 20  # create, or take over a dead claim and create again; other starts may race for each step
-_TAKEOVER_LOCK_S = 60.0  # a takeover takes milliseconds: a lock this old was left by a killed start
 
 
 class Claim:
@@ -68,7 +66,7 @@ class Claim:
     def _beat(self, interval_s: float) -> None:
         while not self._stop.wait(interval_s):
             try:
-                held = _read(self.path)
+                held = ownerfile.read(self.path)
                 if held is not None and held[0].get("token") == self.token:
                     os.utime(self.path)
                     continue
@@ -84,7 +82,7 @@ class Claim:
         if self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
         try:
-            held = _read(self.path)
+            held = ownerfile.read(self.path)
             if held is not None and held[0].get("token") == self.token:
                 self.path.unlink(missing_ok=True)
         except OSError as err:  # left behind: the next start takes it over (its process will be gone)
@@ -138,7 +136,7 @@ def _acquire(directory: Path, token: str, timeout_s: float) -> tuple[Claim | Non
         for _ in range(_ATTEMPTS):
             if _create(path, token):
                 return Claim(path, token, max(timeout_s / BEATS_PER_TIMEOUT, 0.05)), None
-            held = _read(path)
+            held = ownerfile.read(path)
             if held is None:
                 continue  # released between our create and our read
             info, stat = held
@@ -147,7 +145,7 @@ def _acquire(directory: Path, token: str, timeout_s: float) -> tuple[Claim | Non
             reason = _dead_because(info, stat, timeout_s)
             if reason is None:
                 return None, _in_use(directory, info, stat, timeout_s)
-            if _take_over(path, held) and reason != _OURS:
+            if ownerfile.take_over(path, held, lambda info: info.get("token")) and reason != _OURS:
                 log.warning("%s: taking over the claim of pid %s on %s (since %s): %s", directory,
                             info.get("pid", "?"), info.get("host", "?"), _clock(info.get("started")), reason)
     except OSError as err:
@@ -159,33 +157,10 @@ def _create(path: Path, token: str) -> bool:
     """Create the claim file, or return False when one exists."""
     now = time.time()
     info = {"token": token, "host": socket.gethostname(), "pid": os.getpid(), "pid_start": _process_start(os.getpid()),
-            "machine": _machine(), "started": now, "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z",
+            "machine": ownerfile.machine_id(), "started": now, "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z",
                                                                                time.localtime(now)),
             "command": shlex.join(sys.argv), "job": _job()}
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-        return False
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        json.dump(info, fh, indent=2)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    return True
-
-
-def _read(path: Path) -> tuple[dict, os.stat_result] | None:
-    """The claim's content ({} while it is being written, or when damaged) and its stat; None when none."""
-    try:
-        stat = os.stat(path)
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except FileNotFoundError:
-        return None
-    try:
-        info = json.loads(text)
-    except ValueError:
-        info = {}
-    return (info if isinstance(info, dict) else {}), stat
+    return ownerfile.create(path, info)
 
 
 _OURS = "held by this process"  # an earlier stage run in this process that did not release it (tests)
@@ -195,7 +170,7 @@ def _dead_because(info: dict, stat: os.stat_result, timeout_s: float) -> str | N
     """Why a claim can be taken over, or None while its run lives. A claim of an earlier run of this job
     is dead wherever it was made; otherwise, on the same machine the pid decides (a stopped but live
     process keeps its claim), elsewhere the heartbeat does."""
-    same_machine = info.get("machine") == _machine()
+    same_machine = info.get("machine") == ownerfile.machine_id()
     if same_machine and info.get("pid") == os.getpid():
         return _OURS
     earlier = _earlier_run(info.get("job"))
@@ -271,50 +246,11 @@ def _process_start(pid: int) -> str | None:
     return None if len(fields) < 20 or fields[0] == "Z" else fields[19]
 
 
-def _machine() -> str:
-    """Host name, kernel boot and pid namespace: pids compare only between processes that share all three
-    (containers on one host may share a host name but not a pid namespace)."""
-    parts = [socket.gethostname()]
-    for read in (lambda: Path("/proc/sys/kernel/random/boot_id").read_text(encoding="utf-8").strip(),
-                 lambda: os.readlink("/proc/self/ns/pid")):
-        try:
-            parts.append(read())
-        except OSError:
-            parts.append("")
-    return "|".join(parts)
-
-
-def _take_over(path: Path, held: tuple[dict, os.stat_result]) -> bool:
-    """Remove a dead claim so that the caller can create its own (O_EXCL, as always). One start at a time
-    does this, under `claim.json.takeover` (O_EXCL too), and only while the file is still the claim it
-    judged dead: a live claim is never moved or removed. False when another start is at it."""
-    lock = path.with_name(path.name + ".takeover")
-    try:
-        os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-    except FileExistsError:
-        try:
-            if time.time() - os.stat(lock).st_mtime > _TAKEOVER_LOCK_S:
-                lock.unlink(missing_ok=True)  # left by a start killed in the middle of a takeover
-        except FileNotFoundError:
-            pass
-        time.sleep(0.05)
-        return False
-    try:
-        now = _read(path)
-        if now is None or now[0].get("token") != held[0].get("token") or \
-                (now[1].st_ino, now[1].st_mtime_ns) != (held[1].st_ino, held[1].st_mtime_ns):
-            return False
-        path.unlink()
-        return True
-    finally:
-        lock.unlink(missing_ok=True)
-
-
 def _in_use(directory: Path, info: dict, stat: os.stat_result, timeout_s: float) -> str:
     if not info:
         return f"{directory} is in use by another start (its {CLAIM} is being written); wait for it, or stop it"
     heartbeat = ""
-    if info.get("machine") != _machine():
+    if info.get("machine") != ownerfile.machine_id():
         heartbeat = (f" (last heartbeat {time.time() - stat.st_mtime:.0f} s ago; taken over after "
                      f"run.claim_timeout_s={timeout_s:g} s without one)")
     return (f"{directory} is in use by pid {info.get('pid', '?')} on {info.get('host', '?')} since "

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch.multiprocessing as mp
 
-from rlhf import claims
+from rlhf import claims, ownerfile
 from rlhf.errors import ClaimError
 
 HOLDER = """
@@ -194,7 +194,7 @@ def test_of_simultaneous_starts_exactly_one_claims(tmp_path, dead_claim):
         gone = subprocess.Popen([sys.executable, "-c", "pass"])
         gone.wait()
         (tmp_path / claims.CLAIM).write_text(json.dumps({"token": "gone", "pid": gone.pid, "host": "here",
-                                                         "machine": claims._machine(), "started": 0}))
+                                                         "machine": ownerfile.machine_id(), "started": 0}))
     ctx = multiprocessing.get_context("fork")
     start, done, results = ctx.Barrier(6), ctx.Event(), ctx.Queue()
     procs = [ctx.Process(target=_race, args=(str(tmp_path), start, results, done)) for _ in range(6)]

@@ -2,8 +2,8 @@
 
 `cache_lock(path)` takes `flock` on `path` where the filesystem supports it. Where it does not (Lustre
 mounted without `-o flock`, NFS without a lock daemon: flock fails with ENOSYS, ENOLCK or EOPNOTSUPP; no
-`fcntl` at all off POSIX) it falls back to a lock *file*, `<path>.owner`, created with O_CREAT|O_EXCL
-(atomic on local disks, NFS and Lustre) and holding who builds: host, machine, pid and time. The holder
+`fcntl` at all off POSIX) it falls back to a lock *file*, `<path>.owner` (`rlhf.ownerfile`), created with
+O_CREAT|O_EXCL (atomic on local disks, NFS and Lustre) and holding who builds: host, machine, pid and time. The holder
 removes it when done. A waiter takes over a lock file whose holder is gone: at once on the same machine
 (same host name, kernel boot and pid namespace) when its pid no longer runs; on any machine once the file is
 older than `RLHF_CACHE_LOCK_STALE_S` (default 600 s; an alias build takes about 30 s), which is all a waiter
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import logging
 import os
 import socket
@@ -27,13 +26,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from rlhf import ownerfile
+
 log = logging.getLogger(__name__)
 
 # What flock raises where the filesystem has no locks (Lustre's default mount: ENOSYS; NFS: ENOLCK).
 NO_FLOCK = {errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)}
 STALE_S = 600.0
 POLL_S = 0.5
-_TAKEOVER_LOCK_S = 60.0  # a takeover takes milliseconds: a takeover lock this old was left by a killed waiter
 
 
 @contextlib.contextmanager
@@ -65,15 +65,15 @@ def cache_lock(path: Path, *, stale_s: float | None = None, poll_s: float = POLL
 
 @contextlib.contextmanager
 def _owner_file(path: Path, stale_s: float, poll_s: float) -> Iterator[None]:
-    mine = {"host": socket.gethostname(), "machine": _machine(), "pid": os.getpid(), "time": time.time()}
+    mine = {"host": socket.gethostname(), "machine": ownerfile.machine_id(), "pid": os.getpid(), "time": time.time()}
     told = False
-    while not _create(path, mine):
-        held = _read(path)
+    while not ownerfile.create(path, mine):
+        held = ownerfile.read(path)
         if held is None:
             continue  # released between our create and our read
         reason = _stale_because(held[0], held[1], stale_s)
         if reason is not None:
-            if _take_over(path, held):
+            if ownerfile.take_over(path, held):
                 log.warning("%s: taking over the lock of pid %s on %s: %s", path, held[0].get("pid", "?"),
                             held[0].get("host", "?"), reason)
             continue
@@ -85,40 +85,16 @@ def _owner_file(path: Path, stale_s: float, poll_s: float) -> Iterator[None]:
     try:
         yield
     finally:
-        held = _read(path)
+        held = ownerfile.read(path)
         if held is not None and held[0] == mine:  # taken over (judged stale) meanwhile: the file is theirs
             path.unlink(missing_ok=True)
-
-
-def _create(path: Path, info: dict) -> bool:
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-        return False
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        json.dump(info, fh)
-    return True
-
-
-def _read(path: Path) -> tuple[dict, os.stat_result] | None:
-    """The lock file's record ({} while it is being written, or when damaged) and its stat; None when none."""
-    try:
-        stat = os.stat(path)
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except FileNotFoundError:
-        return None
-    try:
-        info = json.loads(text)
-    except ValueError:
-        info = {}
-    return (info if isinstance(info, dict) else {}), stat
 
 
 def _stale_because(info: dict, stat: os.stat_result, stale_s: float) -> str | None:
     """Why a lock file can be taken over, or None while its holder may live. The age bound holds on this
     machine too: a pid reused by another process would otherwise keep a dead builder's lock forever."""
     pid = info.get("pid")
-    if info.get("machine") == _machine() and isinstance(pid, int) and pid > 0 and os.name == "posix":
+    if info.get("machine") == ownerfile.machine_id() and isinstance(pid, int) and pid > 0 and os.name == "posix":
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
@@ -129,39 +105,3 @@ def _stale_because(info: dict, stat: os.stat_result, stale_s: float) -> str | No
     if age > stale_s:
         return f"it is {age:.0f} s old (RLHF_CACHE_LOCK_STALE_S={stale_s:g})"
     return None
-
-
-def _machine() -> str:
-    """Host name, kernel boot and pid namespace: pids compare only between processes that share all three
-    (containers on one host may share a host name, not a pid namespace)."""
-    parts = [socket.gethostname()]
-    for read in (lambda: Path("/proc/sys/kernel/random/boot_id").read_text(encoding="utf-8").strip(),
-                 lambda: os.readlink("/proc/self/ns/pid")):
-        try:
-            parts.append(read())
-        except OSError:
-            parts.append("")
-    return "|".join(parts)
-
-
-def _take_over(path: Path, held: tuple[dict, os.stat_result]) -> bool:
-    """Remove a stale lock file, under `<path>.takeover` (O_EXCL), and only while it is still the file judged
-    stale (same record, inode and mtime). False when another waiter is at it or the file changed."""
-    guard = path.with_name(path.name + ".takeover")
-    try:
-        os.close(os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-    except FileExistsError:
-        with contextlib.suppress(FileNotFoundError):
-            if time.time() - os.stat(guard).st_mtime > _TAKEOVER_LOCK_S:
-                guard.unlink(missing_ok=True)
-        time.sleep(0.05)
-        return False
-    try:
-        now = _read(path)
-        if now is None or now[0] != held[0] or \
-                (now[1].st_ino, now[1].st_mtime_ns) != (held[1].st_ino, held[1].st_mtime_ns):
-            return False
-        path.unlink()
-        return True
-    finally:
-        guard.unlink(missing_ok=True)
