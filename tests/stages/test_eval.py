@@ -63,12 +63,17 @@ def test_eval_compares_every_final_model_against_sft(tmp_path, tiny_model_dir, t
 
 
 def test_eval_without_reward_model_or_sft_uses_the_base_model(tmp_path, tiny_model_dir):
+    """As after `ppo.policy_init: base`: the base model is the reference, its own chat template is not the
+    config's (`model.chat_template: chatml`, which the trained model saved), and the KL is still computed."""
     from rlhf.commands.evaluation import run_eval
 
     raw = fake_run(tmp_path, tiny_model_dir, tiny_model_dir)
     run_dir = tmp_path / "runs" / "t"
     for stage in ("sft", "reward", "dpo"):
         shutil.rmtree(run_dir / stage)
+    base = shutil.copytree(tiny_model_dir, tmp_path / "base")
+    (base / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}\n{% endfor %}")
+    raw["model"] = {"name_or_path": str(base), "chat_template": "chatml"}
     result = run_eval(config_from_dict(raw, source="test"), n_prompts=2)
     rows = {r["model"]: r for r in result["models"]}
     assert list(rows) == ["base", "orpo"] and result["baseline"] == "base"

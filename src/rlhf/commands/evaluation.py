@@ -286,7 +286,9 @@ def _compare(cfg: PipelineConfig, *, model_names: list[str] | None, n_prompts: i
     specs = [resolve(cfg, n) for n in (model_names or default_models(cfg))]
     if ref_name not in [n for n, _ in specs]:
         specs.append((ref_name, ref_path))  # win rates need the baseline's responses
-    ref_tok = models.load_tokenizer(ref_path)
+    # The reference's tokenizer as every candidate's (below): a base model as the reference (no SFT stage)
+    # gets the config's template too, so it is the same tokenizer as the trained models' and KL is computed.
+    ref_tok = models.load_tokenizer(ref_path, chat_template=cfg.model.chat_template)
     ref = _load(cfg, models.load_causal_lm, ref_path, ref_tok)
     scorer = _reward_model(cfg)
     cands = []
