@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlhf import artifacts, claims, plan, replicate
+from rlhf import artifacts, claims, ownerfile, plan, replicate
 from rlhf.config import load_config
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -180,7 +180,7 @@ def test_nodes_with_their_own_disks_each_get_every_artifact_and_resume(tmp_path,
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
     (dirs[1] / "reward" / claims.CLAIM).write_text(json.dumps({"token": "gone", "host": "node1", "pid": gone.pid,
-                                                               "machine": claims._machine(), "started": 0}))
+                                                               "machine": ownerfile.machine_id(), "started": 0}))
     _two_nodes("02_reward.sh", config, node_args=own_disk)
     for run_dir in dirs:
         assert json.loads((run_dir / "reward" / artifacts.MANIFEST).read_text())["global_step"] == 3, run_dir
