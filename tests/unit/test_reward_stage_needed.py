@@ -132,6 +132,22 @@ def test_a_reward_stage_the_pipeline_does_not_need_is_neither_run_nor_checked(tm
         stages.pending_stages(gae)
 
 
+def test_under_a_launcher_the_pipeline_runs_a_stage_pending_on_any_rank(tmp_path, monkeypatch, rlhf_cache):
+    # node-local run dirs: this rank holds sft complete, another rank's node lacks it; every rank runs it
+    from rlhf import engine
+
+    cfg = config_from_dict(_raw(tmp_path, advantage="grpo", samples_per_prompt=4, reward_fn=FN), source="cfg.yaml")
+    sft = cfg.stage_dir("sft")
+    (sft / "final").mkdir(parents=True)
+    save_resolved(cfg, sft / artifacts.RESOLVED_CONFIG)
+    artifacts.write_manifest(sft, "sft", inputs={}, config_hash="t", metrics={})
+    assert stages.pending_stages(cfg) == ["ppo"]
+    monkeypatch.setattr(engine, "all_gather_object", lambda mine: [mine, ["sft", "ppo"]])  # rank 1's list
+    ran = []
+    monkeypatch.setattr(stages, "run_stage", lambda stage, cfg, **kw: ran.append(stage) or stage)
+    assert stages.run_pipeline(cfg) == ["sft", "ppo"] and ran == ["sft", "ppo"]
+
+
 def test_preflight_imports_every_program_of_the_reward(tmp_path, rlhf_cache):
     raw = _raw(tmp_path, advantage="grpo", samples_per_prompt=4,
                rewards=[{"source": FN}, {"source": "no_such_module:score"}, {"source": "math:pi"}])

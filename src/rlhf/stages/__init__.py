@@ -82,11 +82,23 @@ def pending_stages(cfg: PipelineConfig) -> list[str]:
     return pending
 
 
+def agreed_pending(cfg: PipelineConfig, pending: list[str]) -> list[str]:
+    """The stages pending on any rank, in the config's order: under a launcher every rank runs the same
+    stages, also where node-local run dirs differ (a stage one node lacks runs on all of them, as
+    `stages/pipeline.sh` decides it). Collective; in one process, `pending` itself."""
+    anywhere = {stage for mine in engine.all_gather_object(pending) for stage in mine}
+    return [stage for stage in cfg.stages if stage in anywhere]
+
+
 def run_pipeline(cfg: PipelineConfig, *, restart: bool = False) -> list:
-    """All stages of the file, in order; complete ones are skipped unless restart is set."""
+    """All stages of the file, in order; complete ones are skipped unless restart is set. Which stages run
+    is agreed over the ranks (`agreed_pending`)."""
     stages = cfg.stages
-    pending = stages if restart else pending_stages(cfg)
+    mine = stages if restart else pending_stages(cfg)
     preflight.check_or_raise(cfg, stages, standalone=False)  # says why a stage is left out
+    _materialize_aliases(cfg)  # before the process group, as in run_stage
+    engine.init_distributed(cfg.run.collective_timeout_s)  # under a launcher; run_stage finds it made
+    pending = agreed_pending(cfg, mine)
     results = []
     for stage in stages:
         if stage not in pending:
