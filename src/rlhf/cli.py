@@ -195,6 +195,8 @@ def _add_serve_parser(sub) -> None:
                    help="bearer token checked on every request (default: $RLHF_SERVE_TOKEN)")
     p.add_argument("--max-batch", type=int, default=64, help="pairs scored together, over concurrent requests")
     p.add_argument("--max-wait-ms", type=float, default=2.0, help="how long a batch waits for more requests")
+    p.add_argument("--max-queue", type=int, default=4096,
+                   help="pairs that may wait; a request past that gets 503 (busy), which clients retry")
     p.add_argument("--max-length", type=int, default=1024, help="longer sequences keep their end (the EOS)")
     p.add_argument("--max-body-mb", type=float, default=8.0, help="larger request bodies are refused (413)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: CUDA when available")
@@ -208,7 +210,7 @@ def _cmd_serve(args) -> int:
 
     return serve(args.model, args.program, host=args.host, port=args.port, token=args.token,
                  max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, device=args.device, dtype=args.dtype,
-                 max_length=args.max_length, max_body_mb=args.max_body_mb)
+                 max_length=args.max_length, max_body_mb=args.max_body_mb, max_queue=args.max_queue)
 
 
 def _load(args):

@@ -182,3 +182,32 @@ def test_the_batcher_groups_waiting_requests_up_to_max_batch_and_survives_a_fail
     assert batches == [[1, 2], [2], [6], [1], [1]]
     assert isinstance(failed[0], BadRequest) and failed[0].status == 500
     assert failed[0].reason == "scoring failed (RuntimeError: model fell over)"
+
+
+def test_a_full_queue_answers_busy_and_takes_requests_again_once_it_drains():
+    import asyncio
+
+    from rlhf.commands.serve import Batcher, Job
+
+    async def main():
+        batcher = Batcher(lambda jobs: [1.0] * sum(job.size for job in jobs), max_batch=4, max_wait_s=0.0,
+                          max_queue=5)
+        loop = asyncio.get_running_loop()
+
+        def job(n):
+            return Job(loop.create_future(), ["p"] * n, ["r"] * n, [{}] * n)
+
+        waiting = asyncio.create_task(batcher.submit(job(4)))  # no worker yet: it waits
+        await asyncio.sleep(0)
+        with pytest.raises(BadRequest) as busy:
+            await batcher.submit(job(2))  # 4 + 2 > 5
+        worker = asyncio.create_task(batcher.run())
+        first = await waiting
+        again = await batcher.submit(job(2))  # the queue drained
+        alone = await batcher.submit(job(9))  # over the bound, but nothing waits: a request alone gets in
+        worker.cancel()
+        return busy.value, first, again, alone
+
+    busy, first, again, alone = asyncio.run(main())
+    assert busy.status == 503 and busy.reason.startswith("busy: 4 pairs are waiting (--max-queue 5)")
+    assert first == [1.0] * 4 and again == [1.0] * 2 and alone == [1.0] * 9

@@ -191,15 +191,22 @@ class ProgramScorer:
 class Batcher:
     """The queue of jobs and the worker that scores them: whatever is waiting, up to `max_batch` pairs (a
     larger request alone), in a thread. It waits up to `max_wait_s` for more only when the batch before
-    held several requests: a lone client would only lose the wait (bench/serve_reward.py measures both)."""
+    held several requests: a lone client would only lose the wait (bench/serve_reward.py measures both).
+    At most `max_queue` pairs wait: a request past that is refused with a 503 (busy), which clients retry."""
 
-    def __init__(self, scorer: Callable[[list[Job]], list[float]], max_batch: int, max_wait_s: float):
-        self.scorer, self.max_batch, self.max_wait_s = scorer, max_batch, max_wait_s
+    def __init__(self, scorer: Callable[[list[Job]], list[float]], max_batch: int, max_wait_s: float,
+                 max_queue: int = 4096):
+        self.scorer, self.max_batch, self.max_wait_s, self.max_queue = scorer, max_batch, max_wait_s, max_queue
         self.queue: asyncio.Queue[Job] = asyncio.Queue()
+        self.waiting = 0  # pairs queued (or held) and not yet taken into a batch
         self.held: Job | None = None  # taken from the queue, but past the last batch's size
         self.last_jobs = 1  # requests in the batch before
 
     async def submit(self, job: Job) -> list[float]:
+        if self.waiting and self.waiting + job.size > self.max_queue:  # one request alone always gets in
+            raise BadRequest(503, f"busy: {self.waiting} pairs are waiting (--max-queue {self.max_queue}); "
+                                  "retry shortly")
+        self.waiting += job.size
         await self.queue.put(job)
         return await job.future
 
@@ -218,6 +225,11 @@ class Batcher:
             return await asyncio.wait_for(self.queue.get(), timeout)
 
     async def _batch(self) -> list[Job]:
+        jobs = await self._gather()
+        self.waiting -= sum(job.size for job in jobs)
+        return jobs
+
+    async def _gather(self) -> list[Job]:
         jobs = [await self._next(None)]
         total, deadline = jobs[0].size, time.monotonic() + (self.max_wait_s if self.last_jobs > 1 else 0.0)
         while total < self.max_batch:
@@ -268,7 +280,7 @@ async def read_body(request, limit: int) -> dict:
 
 
 def build_app(scorer, *, name: str, max_batch: int = 64, max_wait_s: float = 0.002, token: str | None = None,
-              max_body_bytes: int = 8 << 20):
+              max_body_bytes: int = 8 << 20, max_queue: int = 4096):
     """The FastAPI app serving `scorer` (a `ModelScorer` or `ProgramScorer`) under `name`."""
     from fastapi import Depends, FastAPI, Request
     from fastapi.responses import JSONResponse
@@ -277,7 +289,7 @@ def build_app(scorer, *, name: str, max_batch: int = 64, max_wait_s: float = 0.0
 
     @asynccontextmanager
     async def lifespan(app):
-        batcher = Batcher(scorer, max_batch, max_wait_s)
+        batcher = Batcher(scorer, max_batch, max_wait_s, max_queue)
         worker = asyncio.create_task(batcher.run())
         app.state.batcher = batcher
         yield
@@ -383,19 +395,19 @@ def serve_in_thread(app, host: str = "127.0.0.1", port: int = 0):
 
 def serve(model: str | None = None, program: str | None = None, *, host: str = "127.0.0.1", port: int = 8000,
           token: str | None = None, max_batch: int = 64, max_wait_ms: float = 2.0, device: str = "auto",
-          dtype: str = "auto", max_length: int = 1024, max_body_mb: float = 8.0) -> int:
+          dtype: str = "auto", max_length: int = 1024, max_body_mb: float = 8.0, max_queue: int = 4096) -> int:
     """`rlhf serve`: load, then serve until Ctrl-C or SIGTERM (requests in flight are answered first)."""
     import uvicorn
 
     check_bind(host, token)
-    if max_batch < 1 or max_length < 1 or max_body_mb <= 0 or max_wait_ms < 0:
-        raise ConfigError("rlhf serve: --max-batch and --max-length must be >= 1, --max-body-mb > 0, "
+    if max_batch < 1 or max_length < 1 or max_queue < 1 or max_body_mb <= 0 or max_wait_ms < 0:
+        raise ConfigError("rlhf serve: --max-batch, --max-length and --max-queue must be >= 1, --max-body-mb > 0, "
                           "--max-wait-ms >= 0")
     sock = bound_socket(host, port)  # before loading: a port in use is known at once
     scorer, name = load_scorer(model, program, device=device, dtype=dtype, max_batch=max_batch,
                                max_length=max_length)
     app = build_app(scorer, name=name, max_batch=max_batch, max_wait_s=max_wait_ms / 1000, token=token,
-                    max_body_bytes=int(max_body_mb * (1 << 20)))
+                    max_body_bytes=int(max_body_mb * (1 << 20)), max_queue=max_queue)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
     log.info("serving %s (%s) on http://%s:%d%s", name, scorer.kind, host, port, " (token required)" if token else "")
     # uvicorn catches SIGINT/SIGTERM while it serves and re-raises the signal once it has drained; quiet
